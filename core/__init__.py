@@ -1,0 +1,1 @@
+"""medhpc core: spec -> plan -> submit -> runtime -> workload (one module each)."""

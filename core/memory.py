@@ -1,0 +1,83 @@
+"""Per-device memory estimate for a DeepSpeed run, printed by the plan before anything is submitted.
+
+Model states come from DeepSpeed's own ZeRO estimators (stage 2 and 3 functions, `*_model_states_mem_needs`);
+frozen weights use the stage-3 estimator with parameters kept on the device and no optimizer, and we add an
+activation term (Korthikanti et al. 2022: s*b*h*(34 + 5*a*s/h) bytes per layer without recomputation; with
+activation checkpointing one layer's input per layer plus one layer's full working set) and the logits.
+deepspeed (and so torch) is imported only here and only for specs with a `deepspeed:` section.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from core.model_sizes import ModelSize
+
+GiB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    model_states: float   # bytes per device: trainable params + grads + optimizer (DeepSpeed estimator)
+    frozen: float         # bytes per device: frozen weights (sharded under ZeRO-3)
+    activations: float    # bytes per device
+    cpu_per_node: float   # bytes of host memory per node (DeepSpeed estimator)
+    device_gib: float | None
+
+    @property
+    def total(self) -> float:
+        return self.model_states + self.frozen + self.activations
+
+    @property
+    def fits(self) -> bool:
+        return self.device_gib is None or self.total <= self.device_gib * GiB
+
+    def describe(self) -> str:
+        of = f" of {self.device_gib:g} GiB" if self.device_gib else ""
+        return (f"est. {self.total / GiB:.1f} GiB/device{of} (model states {self.model_states / GiB:.1f}, "
+                f"frozen weights {self.frozen / GiB:.1f}, activations {self.activations / GiB:.1f}); "
+                f"host {self.cpu_per_node / GiB:.1f} GiB/node")
+
+
+def activation_bytes(size: ModelSize, seq: int, micro_batch: int, checkpointing: bool, half: bool) -> float:
+    s, b, h, a = seq, micro_batch, size.hidden, size.heads
+    full_layer = s * b * h * (34 + 5 * a * s / h)
+    per_layer = 2 * s * b * h if checkpointing else full_layer
+    acts = size.layers * per_layer + (full_layer if checkpointing else 0)
+    if not half:
+        acts *= 2
+    logits = s * b * size.vocab * 6  # 16-bit logits + their fp32 copy in the loss
+    return acts + logits
+
+
+def estimate(size: ModelSize, trainable: int, *, stage: int, precision: str, offload_optimizer: bool,
+             offload_param: bool, devices_per_node: int, nodes: int, seq: int, micro_batch: int,
+             checkpointing: bool, device_gib: float | None) -> MemoryEstimate:
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    frozen_params = max(size.total - trainable, 0)
+    n_dev = max(devices_per_node, 1)
+    bytes_per_weight = 4 if precision == "fp32" else 2
+    cpu = 0.0
+    if stage == 3:
+        largest_trainable = min(size.largest_module, trainable)
+        if trainable:
+            cpu, states, _ = estimate_zero3_model_states_mem_needs(
+                trainable, largest_trainable, n_dev, nodes, cpu_offload=offload_optimizer,
+                cpu_offload_params=offload_param)
+        else:
+            states = 0
+        if frozen_params:
+            # parameters only: the "optimizer offloaded, params on device" branch is 2*P/N + gathered largest layer
+            fcpu, frozen, _ = estimate_zero3_model_states_mem_needs(
+                frozen_params, size.largest_module, n_dev, nodes, cpu_offload=True, cpu_offload_params=offload_param)
+            frozen = frozen * bytes_per_weight / 2
+        else:
+            frozen = 0
+    else:
+        shards = n_dev if stage in (1, 2) else 1
+        cpu, states = (estimate_zero2_model_states_mem_needs(trainable, shards, nodes if stage else 1,
+                                                             cpu_offload=offload_optimizer) if trainable else (0, 0))
+        frozen = frozen_params * bytes_per_weight
+    acts = activation_bytes(size, seq, micro_batch, checkpointing, precision != "fp32")
+    return MemoryEstimate(float(states), float(frozen), float(acts), float(cpu), device_gib)

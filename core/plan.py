@@ -1,0 +1,181 @@
+"""JobSpec + Cluster -> Plan: what will run where, before anything is submitted.
+
+A plan is a list of steps. A step is a single task (possibly multi-node: nodes x tasks per node) or an array
+(one task per item, or several items per task), split into several Slurm arrays when it has more tasks than
+the cluster's MaxArraySize allows. A merge step waits for every array chunk with `afterok`. DeepSpeed specs
+also get a per-device memory estimate, and a plan that cannot fit the device is refused unless forced.
+"""
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from core.spec import Cluster, JobSpec, SpecError
+
+
+@dataclass
+class Step:
+    name: str                     # "main" or "merge"
+    entry: str                    # workload function: "run" or "merge"
+    nodes: int
+    tasks_per_node: int
+    cpus_per_task: int
+    mem_gb: Optional[float]
+    minutes: int
+    task_items: Optional[list[list[Any]]] = None   # arrays: the items of each task; None for a single task
+    chunks: list[tuple[int, int]] = field(default_factory=list)  # [start, stop) task ranges, one Slurm array each
+    parallelism: Optional[int] = None
+    after: list[str] = field(default_factory=list)  # steps that must succeed first (afterok)
+
+    @property
+    def is_array(self) -> bool:
+        return self.task_items is not None
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.task_items) if self.task_items is not None else 1
+
+    def describe(self) -> str:
+        shape = f"{self.nodes} node{'s' if self.nodes > 1 else ''} x {self.tasks_per_node} task{'s' if self.tasks_per_node > 1 else ''}"
+        res = f"{shape}, {self.cpus_per_task} cpu/task" + (f", {self.mem_gb:g} GB" if self.mem_gb else "") + \
+              f", {self.minutes} min"
+        if not self.is_array:
+            head = f"step {self.name}: 1 job ({res})"
+        else:
+            n_items = sum(len(t) for t in self.task_items)
+            per = f"{len(self.task_items[0])} item{'s' if len(self.task_items[0]) > 1 else ''}/task"
+            ranges = " ".join(f"[{a}-{b - 1}]" for a, b in self.chunks)
+            throttle = f", at most {self.parallelism} at once" if self.parallelism else ""
+            head = (f"step {self.name}: array of {self.n_tasks} tasks for {n_items} items ({per}) in "
+                    f"{len(self.chunks)} Slurm array{'s' if len(self.chunks) > 1 else ''} {ranges}{throttle}; each {res}")
+        if self.after:
+            head += f"; afterok: {', '.join(self.after)}"
+        return head
+
+
+@dataclass
+class Plan:
+    spec: JobSpec
+    cluster: Cluster
+    steps: list[Step]
+    max_array_size: int
+    memory: Any = None            # core.memory.MemoryEstimate for DeepSpeed specs
+    notes: list[str] = field(default_factory=list)
+
+    def step(self, name: str) -> Step:
+        return next(s for s in self.steps if s.name == name)
+
+    def describe(self) -> str:
+        c = self.cluster
+        lines = [f"plan for {self.spec.name} (workload {self.spec.workload}) on {c.name} "
+                 f"[{c.executor}, {c.accelerator}]"]
+        lines += [f"  {s.describe()}" for s in self.steps]
+        if self.memory is not None:
+            lines.append(f"  memory: {self.memory.describe()}")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def slurm_limits() -> dict[str, int]:
+    """MaxArraySize and MaxJobCount from `scontrol show config` (empty when no Slurm answers)."""
+    if shutil.which("scontrol") is None:
+        return {}
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    limits = {}
+    for key in ("MaxArraySize", "MaxJobCount"):
+        m = re.search(rf"^{key}\s*=\s*(\d+)", out, re.M)
+        if m:
+            limits[key] = int(m.group(1))
+    return limits
+
+
+def chunk_ranges(n_tasks: int, max_array_size: int) -> list[tuple[int, int]]:
+    """Split task indices 0..n-1 into runs that each fit one Slurm array (indices 0..MaxArraySize-1)."""
+    return [(a, min(a + max_array_size, n_tasks)) for a in range(0, n_tasks, max_array_size)]
+
+
+def _memory(spec: JobSpec, cluster: Cluster, tasks_per_node: int):
+    from core.model_sizes import count_decoder, model_config
+
+    cfg = model_config(spec.model.path, spec.model.preset)
+    if cfg is None:
+        return None
+    size = count_decoder(cfg)
+    t = spec.model.trainable
+    trainable = size.total if t == "all" else 0 if t == "none" else int(t)
+    from core.memory import estimate
+
+    ds = spec.deepspeed
+    return estimate(size, trainable, stage=ds.stage, precision=ds.precision, offload_optimizer=ds.offload_optimizer,
+                    offload_param=ds.offload_param, devices_per_node=tasks_per_node, nodes=spec.resources.nodes,
+                    seq=spec.model.seq_len, micro_batch=ds.micro_batch, checkpointing=ds.activation_checkpointing,
+                    device_gib=cluster.device_mem_gb if cluster.accelerator != "cpu" else None)
+
+
+def make_plan(spec: JobSpec, cluster: Cluster, source: str = "spec", force: bool = False,
+              limits: Optional[dict[str, int]] = None) -> Plan:
+    res = spec.resources
+    notes: list[str] = []
+    nodes = res.nodes
+    tasks_per_node = res.tasks_per_node or (cluster.devices_per_node if cluster.accelerator != "cpu" else 0) or 1
+    if cluster.accelerator != "cpu" and cluster.devices_per_node and tasks_per_node > cluster.devices_per_node:
+        raise SpecError(source, [("resources.tasks_per_node",
+                                  f"{tasks_per_node} tasks per node but {cluster.name} has {cluster.devices_per_node} "
+                                  f"{cluster.accelerator} devices per node; use at most {cluster.devices_per_node}")])
+    if cluster.executor == "local" and nodes > 1:
+        notes.append(f"local executor: {nodes} nodes x {tasks_per_node} tasks run as {nodes * tasks_per_node} "
+                     f"processes on this machine")
+        tasks_per_node, nodes = nodes * tasks_per_node, 1
+    cpus = res.cpus_per_task or cluster.cpus_per_task
+    common = dict(nodes=nodes, tasks_per_node=tasks_per_node, cpus_per_task=cpus, mem_gb=res.mem_gb,
+                  minutes=res.minutes)
+
+    if limits is None:
+        limits = slurm_limits() if cluster.executor == "slurm" and res.array else {}
+    max_array = limits.get("MaxArraySize", cluster.max_array_size)
+    steps: list[Step] = []
+    if res.array is None:
+        steps.append(Step("main", "run", **common))
+    else:
+        arr = res.array
+        items = arr.item_list()
+        per = arr.items_per_task
+        task_items = [items[i:i + per] for i in range(0, len(items), per)]
+        job_limit = min(x for x in (cluster.max_jobs_per_user, limits.get("MaxJobCount")) if x) \
+            if (cluster.max_jobs_per_user or limits.get("MaxJobCount")) else None
+        if job_limit and len(task_items) > job_limit:
+            need = math.ceil(len(items) / job_limit)
+            raise SpecError(source, [("resources.array",
+                                      f"{len(task_items)} tasks exceed {cluster.name}'s limit of {job_limit} queued jobs "
+                                      f"per user, which splitting into several arrays cannot get around; "
+                                      f"set resources.array.items_per_task to at least {need}")])
+        chunks = chunk_ranges(len(task_items), max_array)
+        parallelism = arr.parallelism
+        if len(chunks) > 1:
+            notes.append(f"{len(task_items)} tasks exceed MaxArraySize={max_array}: submitted as {len(chunks)} arrays")
+            if parallelism:  # Slurm throttles each array on its own: share the limit between the chunks
+                parallelism = max(1, parallelism // len(chunks))
+                notes.append(f"throttle {arr.parallelism} shared by {len(chunks)} arrays: %{parallelism} each")
+        steps.append(Step("main", "run", task_items=task_items, chunks=chunks, parallelism=parallelism, **common))
+        if arr.merge:
+            steps.append(Step("merge", "merge", nodes=1, tasks_per_node=1, cpus_per_task=cpus, mem_gb=res.mem_gb,
+                              minutes=res.minutes, after=["main"]))
+
+    plan = Plan(spec, cluster, steps, max_array, notes=notes)
+    if spec.deepspeed is not None:
+        plan.memory = _memory(spec, cluster, tasks_per_node)
+        if plan.memory is not None and not plan.memory.fits:
+            msg = (f"{plan.memory.describe()}: does not fit one {cluster.accelerator} device; raise deepspeed.stage, "
+                   f"enable deepspeed.offload_optimizer/offload_param, lower model.seq_len or deepspeed.micro_batch, "
+                   f"add nodes, or pass --force to submit anyway")
+            if not force:
+                raise SpecError(source, [("deepspeed", msg)])
+            notes.append("--force: " + msg)
+    return plan

@@ -1,0 +1,351 @@
+"""Job specs and cluster profiles: YAML -> validated pydantic models.
+
+One schema for every workload. Loading applies defaults and `--set a.b=value` overrides (typed by the
+schema), rejects unknown keys with the closest valid key suggested, and refuses literal secrets.
+Every failure is a `SpecError` that names the file, the field path and the fix; nothing here submits
+anything and nothing here imports torch.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+
+from core.workloads import WORKLOADS
+
+ENV_REF = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
+_SECRET_WORDS = {"token", "key", "apikey", "password", "passwd", "secret", "credential", "credentials"}
+
+
+class SpecError(Exception):
+    """A bad spec or profile: the message names the file, the field and the fix."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]):
+        self.source = source
+        self.problems = problems  # (field path, message incl. fix)
+        lines = [f"{source}: {field}: {msg}" if field else f"{source}: {msg}" for field, msg in problems]
+        super().__init__("\n".join(lines))
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------- job spec
+def parse_minutes(value: Union[int, float, str]) -> int:
+    """Slurm time formats -> minutes: 90, "90", "01:30:00", "1-00:00:00", "30:00" (MM:SS)."""
+    if isinstance(value, (int, float)):
+        return int(value)
+    text = str(value).strip()
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
+    if not m:
+        raise ValueError(f"'{value}' is not a Slurm time; write minutes (90) or HH:MM:SS (01:30:00) or D-HH:MM:SS")
+    days, a, b, c = m.groups()
+    parts = [int(x) for x in (a, b, c) if x is not None]
+    if days is None and len(parts) == 1:
+        minutes = parts[0]
+    elif len(parts) == 3:
+        minutes = parts[0] * 60 + parts[1] + (1 if parts[2] else 0)
+    elif len(parts) == 2:
+        minutes = parts[0] * 60 + parts[1] if days is not None else parts[0] + (1 if parts[1] else 0)
+    else:
+        minutes = parts[0] * 60
+    return int(days or 0) * 1440 + minutes
+
+
+class ArraySpec(Strict):
+    items: Union[PositiveInt, list[Any]] = Field(description="a count n (items 0..n-1) or an explicit list")
+    items_per_task: PositiveInt = 1
+    parallelism: Optional[PositiveInt] = Field(None, description="throttle: at most this many tasks at once (%N)")
+    merge: bool = Field(False, description="add a merge step that runs after every task succeeded (afterok)")
+
+    @field_validator("items")
+    @classmethod
+    def _non_empty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("the item list is empty; give a count or at least one item")
+        return v
+
+    def item_list(self) -> list[Any]:
+        return list(range(self.items)) if isinstance(self.items, int) else list(self.items)
+
+
+class Resources(Strict):
+    nodes: PositiveInt = 1
+    tasks_per_node: Optional[PositiveInt] = Field(None, description="default: the profile's devices_per_node, or 1")
+    cpus_per_task: Optional[PositiveInt] = None
+    mem_gb: Optional[float] = Field(None, gt=0)
+    time: Union[int, str] = Field("00:30:00", description="minutes or HH:MM:SS or D-HH:MM:SS")
+    array: Optional[ArraySpec] = None
+
+    @field_validator("time")
+    @classmethod
+    def _time(cls, v):
+        if parse_minutes(v) <= 0:
+            raise ValueError("time must be at least one minute")
+        return v
+
+    @property
+    def minutes(self) -> int:
+        return parse_minutes(self.time)
+
+
+class DeepSpeedSpec(Strict):
+    stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    micro_batch: PositiveInt = 1
+    grad_accum: PositiveInt = 1
+    grad_clip: float = Field(1.0, ge=0)
+    activation_checkpointing: bool = True
+
+
+class ModelSpec(Strict):
+    path: Optional[str] = Field(None, description="local folder with config.json (+ safetensors)")
+    preset: Optional[str] = Field(None, description="a built-in size, e.g. openpangu-7b (see core/model_sizes.py)")
+    trainable: Literal["all", "none"] | float = Field(
+        "all", description="'all', 'none' (frozen) or the trainable parameter count (e.g. adapters)")
+    seq_len: PositiveInt = 2048
+
+
+class DataSpec(Strict):
+    path: Optional[str] = Field(None, description="dataset folder or file")
+    seed: int = 0
+
+
+class SmokeSection(Strict):
+    message: str = "hello from the smoke workload"
+    sleep_s: float = Field(0.0, ge=0)
+    fail_items: list[Any] = Field(default_factory=list, description="array items that raise (to test afterok)")
+
+
+class Outputs(Strict):
+    logs_dir: str = Field("logs", description="run folders go to <logs_dir>/<name>/<jobid>/ (relative to the repo)")
+
+
+class JobSpec(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    workload: str
+    description: str = ""
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    smoke: Optional[SmokeSection] = None
+    resources: Resources = Field(default_factory=Resources)
+    deepspeed: Optional[DeepSpeedSpec] = None
+    outputs: Outputs = Field(default_factory=Outputs)
+    env: dict[str, str] = Field(default_factory=dict, description="variables exported in the job; ${env:VAR} allowed")
+
+    @field_validator("workload")
+    @classmethod
+    def _known_workload(cls, v):
+        if v not in WORKLOADS:
+            near = difflib.get_close_matches(v, list(WORKLOADS), n=1)
+            hint = f"did you mean '{near[0]}'? " if near else ""
+            raise ValueError(f"unknown workload '{v}'; {hint}known workloads: {', '.join(sorted(WORKLOADS))}")
+        return v
+
+    @model_validator(mode="after")
+    def _sections_match_workload(self):
+        info = WORKLOADS[self.workload]
+        if self.resources.array and self.resources.array.merge and not info.has_merge:
+            raise ValueError(f"resources.array.merge: workload '{self.workload}' has no merge step; remove 'merge'")
+        return self
+
+
+# ---------------------------------------------------------------- cluster profile
+class Cluster(Strict):
+    name: str
+    executor: Literal["slurm", "local"]
+    description: str = ""
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    accelerator: Literal["cuda", "npu", "cpu"] = "cpu"
+    devices_per_node: int = Field(0, ge=0)
+    device_mem_gb: Optional[float] = Field(None, gt=0, description="memory of one device, for the plan's estimate")
+    gres: Optional[str] = Field(None, description="e.g. gpu:{devices} ({devices} = devices_per_node)")
+    cpus_per_task: PositiveInt = 1
+    mem_gb_per_node: Optional[float] = Field(None, gt=0)
+    constraint: Optional[str] = None
+    exclude: Optional[str] = None
+    setup: list[str] = Field(default_factory=list, description="shell lines run before the job (module load ...)")
+    env: dict[str, str] = Field(default_factory=dict)
+    max_array_size: PositiveInt = Field(1001, description="Slurm MaxArraySize fallback (read from scontrol when possible)")
+    max_jobs_per_user: Optional[PositiveInt] = Field(None, description="queue limit that chunking cannot get around")
+    signal_s_before_timeout: PositiveInt = 120
+    max_requeues: int = Field(3, ge=0)
+    python: Optional[str] = Field(None, description="python command on the nodes; default: this interpreter")
+
+
+# ---------------------------------------------------------------- loading
+def _read_yaml(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise SpecError(str(path), [("", f"{what} file not found; check the path (cwd: {os.getcwd()})")])
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise SpecError(str(path), [("", f"malformed YAML at {where}{problem}; fix the indentation or quoting there")])
+    if not isinstance(data, dict):
+        raise SpecError(str(path), [("", f"a {what} must be a YAML mapping of keys to values, got {type(data).__name__}")])
+    return data
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> Optional[type[BaseModel]]:
+    """The pydantic model class that owns the field at `loc` (for 'did you mean' suggestions)."""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nxt is None:
+            return None
+        model = nxt
+    return model
+
+
+def _explain(model: type[BaseModel], err: dict) -> tuple[str, str]:
+    loc = err["loc"]
+    field = ".".join(str(p) for p in loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent = _model_at(model, loc[:-1])
+        valid = sorted(parent.model_fields) if parent else []
+        near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        hint = f"did you mean '{near[0]}'? " if near else ""
+        return field, f"unknown key. {hint}Valid keys here: {', '.join(valid)}"
+    if kind == "missing":
+        return field, "required key is missing; add it"
+    msg = err["msg"]
+    if kind.startswith(("int_", "float_", "bool_", "string_", "list_", "dict_", "literal_")) or "greater" in kind:
+        got = err.get("input")
+        msg = f"{msg} (got {got!r}); fix the value"
+    return field, msg
+
+
+def _clean_loc(err: dict) -> dict:
+    # drop pydantic's union-branch markers ('int', 'list[any]', 'function-after[...]') from the location
+    parts = [p for p in err["loc"] if not (isinstance(p, str) and (p in {"int", "str", "float", "bool"} or "[" in p))]
+    return {**err, "loc": tuple(parts)}
+
+
+def validate(model: type[BaseModel], data: dict, source: str):
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        seen, problems = set(), []
+        for err in e.errors():
+            item = _explain(model, _clean_loc(err))
+            if item not in seen:
+                seen.add(item)
+                problems.append(item)
+        raise SpecError(source, problems) from None
+
+
+def find_secrets(data: Any, path: str = "") -> list[str]:
+    """Paths of literal values stored under secret-looking keys (use ${env:VAR} instead)."""
+    found = []
+    if isinstance(data, dict):
+        for k, v in data.items():
+            sub = f"{path}.{k}" if path else str(k)
+            words = set(re.split(r"[_\-.\s]+", str(k).lower()))
+            if words & _SECRET_WORDS and isinstance(v, (str, int, float)) and str(v) and not ENV_REF.fullmatch(str(v)):
+                found.append(sub)
+            found += find_secrets(v, sub)
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            found += find_secrets(v, f"{path}[{i}]")
+    return found
+
+
+def apply_override(data: dict, assignment: str, model: type[BaseModel]) -> None:
+    """`a.b=value` into the raw dict; the value is parsed as YAML and typed later by the schema."""
+    if "=" not in assignment:
+        raise SpecError("--set", [(assignment, "expected KEY=VALUE, e.g. --set resources.nodes=2")])
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node, cls = data, model
+    for i, part in enumerate(parts):
+        owner = cls
+        if owner is not None and part not in owner.model_fields:
+            near = difflib.get_close_matches(part, list(owner.model_fields), n=1, cutoff=0.5)
+            hint = f"did you mean '{'.'.join(parts[:i] + [near[0]])}'? " if near else ""
+            raise SpecError("--set", [(key, f"unknown key. {hint}Valid keys here: {', '.join(sorted(owner.model_fields))}")])
+        cls = _model_at(owner, (part,)) if owner is not None else None
+        if i == len(parts) - 1:
+            node[part] = value
+        else:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+
+
+def load_spec(path: Union[str, Path], overrides: tuple[str, ...] = ()) -> tuple[JobSpec, dict]:
+    """-> (validated spec, raw dict after overrides). Raises SpecError."""
+    path = Path(path)
+    data = _read_yaml(path, "job spec")
+    for assignment in overrides:
+        apply_override(data, assignment, JobSpec)
+    secrets = find_secrets(data)
+    if secrets:
+        raise SpecError(str(path), [(s, "looks like a secret written literally; put it in an environment variable "
+                                        "and write '${env:VAR_NAME}' here (resolved only inside the job)") for s in secrets])
+    spec = validate(JobSpec, data, str(path) + (" (with --set overrides)" if overrides else ""))
+    return spec, data
+
+
+CLUSTER_DIR = Path(__file__).resolve().parent.parent / "cluster_configs"
+
+
+def resolve_cluster_path(name_or_path: Optional[str]) -> Path:
+    """A profile is a path, or a bare name looked up in cluster_configs/ (default: local)."""
+    if not name_or_path:
+        return CLUSTER_DIR / "local.yaml"
+    p = Path(name_or_path)
+    if p.suffix in {".yaml", ".yml"} or p.exists() or "/" in name_or_path:
+        return p
+    return CLUSTER_DIR / f"{name_or_path}.yaml"
+
+
+def load_cluster(name_or_path: Optional[str]) -> Cluster:
+    path = resolve_cluster_path(name_or_path)
+    if not path.is_file():
+        known = sorted(p.stem for p in CLUSTER_DIR.glob("*.yaml"))
+        raise SpecError(str(path), [("", f"cluster profile not found; use one of {', '.join(known)} "
+                                         f"or a path to a profile YAML (--cluster)")])
+    data = _read_yaml(path, "cluster profile")
+    secrets = find_secrets(data)
+    if secrets:
+        raise SpecError(str(path), [(s, "literal secret in a cluster profile; use '${env:VAR_NAME}'") for s in secrets])
+    return validate(Cluster, data, str(path))
+
+
+def resolve_env_refs(value: str, environ: Optional[dict] = None) -> str:
+    """Replace ${env:VAR} with its value. Called only inside the running job."""
+    environ = os.environ if environ is None else environ
+
+    def sub(m):
+        var = m.group(1)
+        if var not in environ:
+            raise KeyError(f"environment variable {var} is not set in the job (referenced as ${{env:{var}}})")
+        return environ[var]
+
+    return ENV_REF.sub(sub, value)

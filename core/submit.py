@@ -1,0 +1,229 @@
+"""Plan -> submitit -> Slurm (or the local executor), plus the run record.
+
+Only submitit executors submit (SlurmExecutor for Slurm profiles, LocalExecutor for `local`): arrays through
+`map_array` (one call per chunk under MaxArraySize), dependencies through submitit's `dependency` parameter.
+`sbatch_texts` renders the exact scripts submitit would write, for `--dry-run`.
+
+Everything a run produces lives in one run folder, `<logs_dir>/<name>/<root id>/`: `run.json` (the record),
+`submitit/` (scripts, pickles, logs) and whatever the workload writes. On Slurm the root id is the first job's
+id (the array job id for arrays), so the first step's folder is written with Slurm's `%A` and later steps use
+the concrete id. Local runs get a `local-<time>-<pid>` id.
+"""
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import submitit
+from submitit.slurm.slurm import _make_sbatch_string
+
+from core.plan import Plan, Step
+from core.runtime import TaskEntry
+from core.workloads import WORKLOADS
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Submission:
+    run_dir: Path
+    record: dict
+    jobs: dict[str, list[Any]] = field(default_factory=dict)  # step name -> submitit jobs (one per task)
+
+    @property
+    def root_id(self) -> str:
+        return self.run_dir.name
+
+
+def logs_root(plan: Plan) -> Path:
+    p = Path(plan.spec.outputs.logs_dir)
+    return (p if p.is_absolute() else REPO / p) / plan.spec.name
+
+
+def _slurm_parameters(plan: Plan, step: Step, dependency: Optional[str], run_dir: str) -> dict:
+    c, spec = plan.cluster, plan.spec
+    params: dict[str, Any] = {
+        "job_name": spec.name if step.name == "main" else f"{spec.name}-{step.name}",
+        "time": step.minutes, "nodes": step.nodes, "ntasks_per_node": step.tasks_per_node,
+        "cpus_per_task": step.cpus_per_task, "signal_delay_s": c.signal_s_before_timeout,
+        "stderr_to_stdout": True, "comment": f"run={run_dir}",
+    }
+    mem = step.mem_gb or c.mem_gb_per_node
+    if mem:
+        params["mem"] = f"{int(mem)}GB" if float(mem).is_integer() else f"{int(mem * 1024)}MB"
+    for key in ("partition", "account", "qos", "constraint", "exclude"):
+        if getattr(c, key):
+            params[key] = getattr(c, key)
+    if c.gres and c.accelerator != "cpu":
+        params["gres"] = c.gres.format(devices=step.tasks_per_node)
+    if c.setup:
+        params["setup"] = list(c.setup)
+    if step.parallelism:
+        params["array_parallelism"] = step.parallelism
+    if dependency:
+        params["dependency"] = dependency
+    return params
+
+
+def _executor(plan: Plan, step: Step, folder: Path, dependency: Optional[str], run_dir: str):
+    c = plan.cluster
+    if c.executor == "local":
+        ex = submitit.LocalExecutor(folder=folder, max_num_timeout=c.max_requeues, python=c.python)
+        ex.update_parameters(timeout_min=step.minutes, tasks_per_node=step.tasks_per_node, nodes=1,
+                             signal_delay_s=c.signal_s_before_timeout, stderr_to_stdout=True)
+        return ex
+    ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=c.max_requeues, python=c.python)
+    ex.update_parameters(**_slurm_parameters(plan, step, dependency, run_dir))
+    return ex
+
+
+def _entry(plan: Plan, raw_spec: dict, step: Step, run_dir_template: str) -> TaskEntry:
+    return TaskEntry(spec_data=raw_spec, cluster_data=plan.cluster.model_dump(),
+                     workload_module=WORKLOADS[plan.spec.workload].module, entry=step.entry, step=step.name,
+                     run_dir_template=run_dir_template)
+
+
+def sbatch_texts(plan: Plan) -> dict[str, list[str]]:
+    """The sbatch scripts submitit would write for each step (one per Slurm array chunk), nothing submitted.
+
+    Steps after the first depend on job ids that do not exist yet: their scripts show `%A` for the run's
+    root id and `afterok:<step>` for the dependency.
+    """
+    if plan.cluster.executor != "slurm":
+        return {}
+    run_dir = str(logs_root(plan) / "%A")
+    out: dict[str, list[str]] = {}
+    for step in plan.steps:
+        dependency = ":".join(["afterok"] + [f"<{a}>" for a in step.after]) if step.after else None
+        ex = _executor(plan, step, Path(run_dir) / "submitit", dependency, run_dir)
+        sizes = [b - a for a, b in step.chunks] if step.is_array else [None]
+        out[step.name] = [
+            _make_sbatch_string(command=ex._submitit_command_str, folder=ex.folder,
+                                **{**ex.parameters, **({"map_count": n} if n else {})})
+            for n in sizes]
+    return out
+
+
+def git_commit() -> dict:
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return {"commit": head or None, "dirty": bool(dirty)}
+    except (OSError, subprocess.TimeoutExpired):
+        return {"commit": None, "dirty": None}
+
+
+def _submit_step(plan: Plan, raw_spec: dict, step: Step, root: Optional[str], deps: list[str]) -> tuple[list, str]:
+    """Submit one step; returns (jobs, run folder template used)."""
+    run_dir = str(logs_root(plan) / (root or "%A"))
+    dependency = "afterok:" + ":".join(deps) if deps else None
+    ex = _executor(plan, step, Path(run_dir) / "submitit", dependency, run_dir)
+    entry = _entry(plan, raw_spec, step, run_dir)
+    if not step.is_array:
+        return [ex.submit(entry)], run_dir
+    jobs: list = []
+    for a, b in step.chunks:
+        idx = list(range(a, b))
+        if plan.cluster.executor == "slurm":
+            jobs += ex.map_array(entry, idx, [step.task_items[i] for i in idx])
+        else:  # local: no scheduler to throttle, so run `parallelism` tasks at a time
+            width = step.parallelism or os.cpu_count() or 1
+            for s in range(0, len(idx), width):
+                batch = ex.map_array(entry, idx[s:s + width], [step.task_items[i] for i in idx[s:s + width]])
+                for j in batch:
+                    j.wait()
+                jobs += batch
+        if root is None and plan.cluster.executor == "slurm":
+            root = jobs[0].job_id.split("_")[0]
+            run_dir = str(logs_root(plan) / root)
+            ex = _executor(plan, step, Path(run_dir) / "submitit", dependency, run_dir)
+            entry = _entry(plan, raw_spec, step, run_dir)
+    return jobs, run_dir
+
+
+def _local_failed(jobs: list) -> bool:
+    for j in jobs:
+        j.wait()
+    return any(j.state not in ("DONE", "FINISHED", "COMPLETED") or j.exception() is not None for j in jobs)
+
+
+def submit(plan: Plan, raw_spec: dict, spec_file: str) -> Submission:
+    """Submit every step of the plan in order and write the run record; returns the submitit jobs."""
+    local = plan.cluster.executor == "local"
+    root = f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}" if local else None
+    jobs: dict[str, list] = {}
+    steps_record = []
+    for step in plan.steps:
+        if local and any(_local_failed(jobs[a]) for a in step.after):
+            steps_record.append({"name": step.name, "skipped": "a step it depends on failed (afterok)"})
+            continue
+        deps = [] if local else [j.split("_")[0] for a in step.after for j in _chunk_ids(jobs[a])]
+        step_jobs, run_dir = _submit_step(plan, raw_spec, step, root, deps)
+        if root is None:
+            root = step_jobs[0].job_id.split("_")[0]
+        jobs[step.name] = step_jobs
+        steps_record.append(_step_record(step, step_jobs, deps))
+    run_dir = logs_root(plan) / root
+    record = {
+        "name": plan.spec.name, "workload": plan.spec.workload, "spec_file": str(spec_file),
+        "spec": raw_spec, "cluster": plan.cluster.model_dump(), "executor": plan.cluster.executor,
+        "git": git_commit(), "user": getpass.getuser(), "submit_host": socket.gethostname(),
+        "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_dir": str(run_dir), "root_id": root,
+        "plan": plan.describe(), "steps": steps_record, "python": sys.executable,
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / ".run.json.tmp"
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    os.replace(tmp, run_dir / "run.json")
+    return Submission(run_dir, record, jobs)
+
+
+def _chunk_ids(jobs: list) -> list[str]:
+    """One id per Slurm job: '12' for a single job, the array ids of each chunk ('12', '24', ...)."""
+    seen: list[str] = []
+    for j in jobs:
+        base = j.job_id.split("_")[0]
+        if base not in seen:
+            seen.append(base)
+    return seen
+
+
+def _step_record(step: Step, jobs: list, deps: list[str]) -> dict:
+    rec: dict[str, Any] = {"name": step.name, "entry": step.entry, "after": step.after, "dependency": deps,
+                           "job_ids": _chunk_ids(jobs), "n_tasks": step.n_tasks}
+    if step.is_array:
+        rec["chunks"] = [{"job_id": jid, "tasks": [a, b]} for jid, (a, b) in zip(_chunk_ids(jobs), step.chunks)]
+    scripts = []
+    for jid in rec["job_ids"]:
+        first = next(j for j in jobs if j.job_id.split("_")[0] == jid)
+        path = first.paths.submission_file
+        scripts.append(path.read_text() if path.is_file() else None)
+    rec["sbatch"] = scripts
+    rec["logs"] = [str(j.paths.stdout) for j in jobs[:1]]
+    return rec
+
+
+def report_results(submission: Submission, out=None) -> int:
+    """Wait for every job of a submission, print one line per task result; exit code 1 if any failed."""
+    out = out or sys.stdout
+    failed = 0
+    for step, jobs in submission.jobs.items():
+        for j in jobs:
+            try:
+                results = j.results()
+                out.write(f"{step} {j.job_id}: {json.dumps(results[0], default=str)[:300]}\n")
+            except Exception as e:  # the job's own traceback is in its log
+                failed += 1
+                out.write(f"{step} {j.job_id}: FAILED ({type(e).__name__}); log: {j.paths.stdout}\n")
+    out.write(f"results and logs under {submission.run_dir}\n")
+    return 1 if failed else 0

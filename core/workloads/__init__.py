@@ -1,0 +1,20 @@
+"""The workload registry: names a spec may use, without importing the workloads (they may import torch).
+
+A workload is a module with `run(spec, ctx) -> dict` (and `merge(spec, ctx) -> dict` when it has a merge step).
+Nothing Slurm-specific lives in a workload; the runtime hands it a context.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WorkloadInfo:
+    module: str
+    section: str | None = None  # the spec section this workload reads (e.g. "smoke")
+    has_merge: bool = False
+
+
+WORKLOADS: dict[str, WorkloadInfo] = {
+    "smoke": WorkloadInfo("core.workloads.smoke", section="smoke", has_merge=True),
+}

@@ -1,0 +1,78 @@
+#!/usr/bin/env python
+"""Validate a job spec, plan it on a cluster profile and submit it with submitit.
+
+  python launchers/submit.py jobs/tiny/smoke.yaml                                  # local executor (default)
+  python launchers/submit.py jobs/tiny/smoke.yaml --cluster cluster_configs/local_slurm.yaml
+  python launchers/submit.py jobs/tiny/smoke.yaml --dry-run    # plan + exact sbatch text, submits nothing
+  python launchers/submit.py jobs/tiny/smoke.yaml --set resources.nodes=2 --set name=try2
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import _common  # noqa: F401  (puts the repo on sys.path)
+from _common import fail
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("spec", help="job spec YAML (jobs/...)")
+    p.add_argument("--cluster", "-c", default=None,
+                   help="cluster profile: a name in cluster_configs/ or a YAML path (default: local)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec field, e.g. --set resources.nodes=2 (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the sbatch script(s); submit nothing")
+    p.add_argument("--force", action="store_true", help="submit even when the memory estimate does not fit")
+    p.add_argument("--wait", action="store_true", help="wait for the jobs and print their results (always on locally)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from core.plan import make_plan
+    from core.spec import SpecError, load_cluster, load_spec
+
+    try:
+        spec, raw = load_spec(args.spec, tuple(args.overrides))
+        cluster = load_cluster(args.cluster)
+        plan = make_plan(spec, cluster, source=args.spec, force=args.force)
+    except SpecError as e:
+        fail(f"{e}\nnothing was submitted")
+    shape = f"{plan.steps[0].nodes} node(s) x {plan.steps[0].tasks_per_node} task(s)"
+    print(f"validated {args.spec}  ({spec.name}, {shape}, {cluster.accelerator} on {cluster.name})")
+    print(plan.describe())
+
+    from core import submit as sub
+
+    if args.dry_run:
+        texts = sub.sbatch_texts(plan)
+        if not texts:
+            print("dry run: local executor, no sbatch script; nothing submitted")
+        for step, scripts in texts.items():
+            for i, text in enumerate(scripts):
+                label = f"step {step}" + (f", array chunk {i + 1}/{len(scripts)}" if len(scripts) > 1 else "")
+                print(f"\n# ---- sbatch script: {label} ----\n{text}")
+        print("dry run: nothing submitted")
+        return 0
+
+    try:
+        submission = sub.submit(plan, raw, args.spec)
+    except Exception as e:  # submitit raises FailedJobError/RuntimeError with sbatch's own message
+        fail(f"submission failed: {e}", 1)
+    for rec in submission.record["steps"]:
+        if rec.get("skipped"):
+            print(f"skipped {rec['name']}: {rec['skipped']}")
+            continue
+        ids = ",".join(rec["job_ids"])
+        kind = f"array of {rec['n_tasks']}" if "chunks" in rec else "job"
+        dep = f" (afterok:{':'.join(rec['dependency'])})" if rec["dependency"] else ""
+        print(f"submitted {rec['name']}: {kind} {ids}{dep}")
+    print(f"run folder: {submission.run_dir}")
+    if cluster.executor == "local" or args.wait:
+        return sub.report_results(submission)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
