@@ -69,6 +69,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 MailProg=/bin/true
 SchedulerParameters=sched_interval=2,bf_interval=2
+DependencyParameters=kill_invalid_depend
 SlurmdParameters=config_overrides
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=30

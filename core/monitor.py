@@ -1,0 +1,250 @@
+"""Job status and cancellation from Slurm's own tools.
+
+One refresh = ONE `squeue` call (live states, array tasks expanded) + ONE `sacct` call (finished states),
+however many jobs and array tasks there are: the controller load stays flat. Rows are Slurm jobs (an
+array chunk is one row with its progress: done / running / pending / failed); the run folder comes from the
+job comment (`run=...`) that core.submit writes, so a person can go from `squeue` to the logs.
+"""
+from __future__ import annotations
+
+import getpass
+import re
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+DONE = {"COMPLETED"}
+RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING", "RESIZING"}
+PENDING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED", "RESV_DEL_HOLD", "SPECIAL_EXIT"}
+# anything else that is terminal counts as failed: FAILED, CANCELLED, TIMEOUT, NODE_FAIL, OUT_OF_MEMORY, ...
+
+SQUEUE_FMT = "%i|%j|%T|%M|%D|%R|%k"
+SACCT_FIELDS = "JobID,JobName,State,ExitCode,Elapsed,NNodes,NodeList,Comment"
+
+
+class SlurmUnavailable(RuntimeError):
+    pass
+
+
+def _run(cmd: list[str]) -> str:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise SlurmUnavailable(f"'{cmd[0]}' not found: is this a Slurm login node? "
+                               f"(for the local cluster: bash slurm/local_cluster.sh up)") from None
+    if proc.returncode != 0:
+        raise SlurmUnavailable(f"{' '.join(cmd[:2])} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout
+
+
+def expand_task_ids(job_id: str) -> list[str]:
+    """'12_[3-5,9%2]' -> ['12_3', '12_4', '12_5', '12_9']; plain ids come back unchanged."""
+    m = re.fullmatch(r"(\d+)_\[([^\]]+)\]", job_id)
+    if not m:
+        return [job_id]
+    base, spec = m.group(1), m.group(2).split("%")[0]
+    out = []
+    for part in spec.split(","):
+        a, _, b = part.partition("-")
+        out += [f"{base}_{i}" for i in range(int(a), int(b or a) + 1)]
+    return out
+
+
+def _category(state: str) -> str:
+    state = state.split()[0].rstrip("+") if state else "UNKNOWN"
+    if state in DONE:
+        return "done"
+    if state in RUNNING:
+        return "running"
+    if state in PENDING:
+        return "pending"
+    return "failed"
+
+
+@dataclass
+class JobRow:
+    job_id: str                  # the Slurm job id (array job id for arrays)
+    name: str = ""
+    states: dict[str, str] = field(default_factory=dict)  # task id -> state ('12' -> state for a plain job)
+    seconds: int = 0             # longest elapsed time of its tasks
+    nodes: str = ""
+    reason: str = ""
+    run_dir: str = ""
+
+    @property
+    def is_array(self) -> bool:
+        return any("_" in t for t in self.states)
+
+    @property
+    def progress(self) -> dict[str, int]:
+        counts = {"done": 0, "running": 0, "pending": 0, "failed": 0}
+        for s in self.states.values():
+            counts[_category(s)] += 1
+        return counts
+
+    @property
+    def state(self) -> str:
+        if not self.is_array:
+            return next(iter(self.states.values()), "UNKNOWN").split()[0].rstrip("+")
+        p = self.progress
+        if p["running"]:
+            return "RUNNING"
+        if p["pending"]:
+            return "PENDING"
+        if p["failed"]:
+            bad = sorted({s.split()[0] for s in self.states.values() if _category(s) == "failed"})
+            return bad[0] if len(bad) == 1 else "FAILED"
+        return "COMPLETED"
+
+    @property
+    def active(self) -> bool:
+        p = self.progress
+        return bool(p["running"] or p["pending"])
+
+
+def _seconds(text: str) -> int:
+    """Slurm durations ('5:03', '1:02:03', '2-01:02:03', 'INVALID') -> seconds."""
+    days, _, rest = text.rpartition("-") if "-" in text else ("", "", text)
+    try:
+        parts = [int(x) for x in rest.split(":")]
+    except ValueError:
+        return 0
+    secs = 0
+    for p in parts:
+        secs = secs * 60 + p
+    return secs + int(days or 0) * 86400
+
+
+def _fmt_seconds(secs: int) -> str:
+    d, rem = divmod(secs, 86400)
+    h, rem = divmod(rem, 3600)
+    m, s = divmod(rem, 60)
+    return (f"{d}-" if d else "") + f"{h:02d}:{m:02d}:{s:02d}"
+
+
+def _root(task_id: str) -> str:
+    return task_id.split("_")[0].split(".")[0]
+
+
+def query(user: Optional[str] = None, since: str = "now-2days") -> list[JobRow]:
+    """This user's jobs from one squeue and one sacct call, newest first."""
+    user = user or getpass.getuser()
+    # squeue first: a task that ends between the two calls is then still seen (by sacct) instead of by neither
+    live = _run(["squeue", "-h", "-r", "-u", user, "-o", SQUEUE_FMT])
+    acct = _run(["sacct", "-X", "-n", "-P", "-u", user, "-S", since, "-o", SACCT_FIELDS])
+    rows: dict[str, JobRow] = {}
+
+    def row(task: str) -> JobRow:
+        return rows.setdefault(_root(task), JobRow(_root(task)))
+
+    for line in live.splitlines():
+        parts = line.split("|", 6)
+        if len(parts) < 7:
+            continue
+        jid, name, state, elapsed, nnodes, reason, comment = parts
+        for task in expand_task_ids(jid):
+            r = row(task)
+            r.states[task] = state
+            r.name = r.name or name
+            r.seconds = max(r.seconds, _seconds(elapsed))
+            if state in PENDING or state in RUNNING:
+                r.reason = reason
+            r.run_dir = r.run_dir or comment.removeprefix("run=")
+    for line in acct.splitlines():
+        parts = line.split("|")
+        if len(parts) < 8:
+            continue
+        jid, name, state, _exit, elapsed, nnodes, nodelist, comment = parts[:8]
+        for task in expand_task_ids(jid):
+            r = row(task)
+            if task not in r.states or _category(state) in ("done", "failed"):
+                r.states[task] = state  # sacct was asked last: its terminal states are the newest news
+            r.name = r.name or name
+            r.seconds, r.nodes = max(r.seconds, _seconds(elapsed)), r.nodes or nodelist
+            r.run_dir = r.run_dir or comment.removeprefix("run=")
+    for r in rows.values():  # the first step's comment names its folder with Slurm's %A (= its own id)
+        r.run_dir = r.run_dir.replace("%A", r.job_id)
+    return sorted(rows.values(), key=lambda r: int(r.job_id) if r.job_id.isdigit() else 0, reverse=True)
+
+
+def last_log_line(row: JobRow) -> str:
+    """The last non-empty line of the newest submitit log of this job (local file read, no Slurm call)."""
+    if not row.run_dir:
+        return ""
+    folder = Path(row.run_dir) / "submitit"
+    try:
+        logs = sorted(folder.glob(f"{row.job_id}_*log.out"), key=lambda p: p.stat().st_mtime)
+    except OSError:
+        return ""
+    if not logs:
+        return ""
+    try:
+        with logs[-1].open("rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 4096))
+            lines = [ln for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:100] if lines else ""
+
+
+def format_table(rows: list[JobRow], with_log: bool = True) -> str:
+    if not rows:
+        return "no jobs"
+    header = ["JOBID", "NAME", "STATE", "DONE/RUN/PEND/FAIL", "ELAPSED", "NODES/REASON", "RUN FOLDER"]
+    if with_log:
+        header.append("LAST LOG LINE")
+    table = [header]
+    for r in rows:
+        p = r.progress
+        prog = f"{p['done']}/{p['running']}/{p['pending']}/{p['failed']} of {len(r.states)}" if r.is_array else "-"
+        where = r.reason if r.active else r.nodes
+        line = [r.job_id, r.name[:24], r.state, prog, _fmt_seconds(r.seconds), where[:24], _short(r.run_dir)]
+        if with_log:
+            line.append(last_log_line(r))
+        table.append(line)
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
+
+
+def _short(path: str) -> str:
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return path
+
+
+def watch(render, interval: float = 2.0, max_interval: float = 60.0, stop_when_idle: bool = True,
+          max_refreshes: Optional[int] = None, sleep=time.sleep) -> int:
+    """Call render() -> (text, any_active) repeatedly; the wait doubles while nothing changes (back-off)."""
+    wait, last, n = interval, None, 0
+    while True:
+        text, active = render()
+        n += 1
+        if text != last:
+            print(text, flush=True)
+            wait = interval
+        else:
+            wait = min(wait * 2, max_interval)
+        last = text
+        if (stop_when_idle and not active) or (max_refreshes and n >= max_refreshes):
+            return n
+        sleep(wait)
+
+
+def cancel(targets: list[str], user: Optional[str] = None) -> list[str]:
+    """Cancel jobs by id ('12', '12_3') or by name (every job named NAME or NAME-<step>). Returns the ids."""
+    user = user or getpass.getuser()
+    ids = [t for t in targets if re.fullmatch(r"\d+(_\d+)?", t)]
+    names = [t for t in targets if t not in ids]
+    if names:
+        live = _run(["squeue", "-h", "-u", user, "-o", "%A|%j"])
+        for line in live.splitlines():
+            jid, _, name = line.partition("|")
+            if any(name == n or name.startswith(n + "-") for n in names) and jid not in ids:
+                ids.append(jid)
+    if ids:
+        _run(["scancel", *ids])
+    return ids

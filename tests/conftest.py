@@ -1,0 +1,80 @@
+"""Shared fixtures: the real local Slurm cluster, the launchers as subprocesses, Slurm state helpers."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+PY = sys.executable
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """The project's own local cluster (idempotent `up`); fails loudly if it cannot start."""
+    subprocess.run(["bash", str(REPO / "slurm" / "local_cluster.sh"), "up"], check=True, capture_output=True,
+                   timeout=600)
+    return "local_slurm"
+
+
+def cli(tool: str, *args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run launchers/<tool>.py as a user would (a separate process)."""
+    return subprocess.run([PY, str(REPO / "launchers" / f"{tool}.py"), *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def uname():
+    """A unique job name per test, so Slurm queries never see another test's jobs."""
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+def run_folder(stdout: str) -> Path:
+    m = re.search(r"^run folder: (.+)$", stdout, re.M)
+    assert m, f"no run folder in output:\n{stdout}"
+    return Path(m.group(1))
+
+
+def record(run_dir: Path) -> dict:
+    return json.loads((run_dir / "run.json").read_text())
+
+
+def sacct_states(job_ids: list[str]) -> dict[str, str]:
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ",".join(job_ids), "-o", "JobID,State"],
+                         capture_output=True, text=True, check=True).stdout
+    return {jid: state.split()[0] for jid, state in (ln.split("|")[:2] for ln in out.splitlines() if "|" in ln)}
+
+
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
+
+
+def wait_terminal(job_ids: list[str], expect_tasks: int | None = None, timeout: float = 240) -> dict[str, str]:
+    """Poll sacct until every job/task listed is in a terminal state (and, for arrays, all tasks are listed)."""
+    t0 = time.time()
+    while True:
+        states = sacct_states(job_ids)
+        done = states and all(s in TERMINAL for s in states.values())
+        if done and (expect_tasks is None or len(states) >= expect_tasks):
+            return states
+        if time.time() - t0 > timeout:
+            raise AssertionError(f"jobs {job_ids} not finished after {timeout}s: {states}")
+        time.sleep(1)
+
+
+def queue_ids() -> set[str]:
+    out = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=True).stdout
+    return set(out.split())
+
+
+def all_job_count() -> int:
+    out = subprocess.run(["sacct", "-X", "-n", "-a", "-S", "now-1days", "-o", "JobID"], capture_output=True,
+                         text=True, check=True).stdout
+    return len(out.split()) + len(queue_ids())

@@ -1,0 +1,108 @@
+"""Plans: array chunking under MaxArraySize, merge dependencies, limits, DeepSpeed memory estimates."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from core.model_sizes import PRESETS, count_decoder
+from core.plan import chunk_ranges, make_plan
+from core.spec import SpecError, load_cluster, load_spec
+
+REPO = Path(__file__).resolve().parent.parent
+ARRAY = REPO / "jobs" / "tiny" / "smoke_array.yaml"
+
+
+@pytest.mark.parametrize("n,size", [(1, 11), (11, 11), (12, 11), (25, 11), (2500, 1001)])
+def test_chunks_cover_every_task_once(n, size):
+    chunks = chunk_ranges(n, size)
+    covered = [i for a, b in chunks for i in range(a, b)]
+    assert covered == list(range(n))
+    assert all(0 < b - a <= size for a, b in chunks)
+    assert len(chunks) == -(-n // size)
+
+
+def test_array_plan_chunks_and_merge():
+    spec, _ = load_spec(ARRAY)
+    plan = make_plan(spec, load_cluster("local_slurm"), limits={"MaxArraySize": 11})
+    main, merge = plan.steps
+    assert main.n_tasks == 25 and main.chunks == [(0, 11), (11, 22), (22, 25)]
+    assert merge.after == ["main"] and merge.entry == "merge" and not merge.is_array
+    assert main.parallelism == 1  # throttle 4 shared by 3 arrays
+    assert "3 Slurm arrays" in plan.describe()
+
+
+def test_items_per_task_groups_items():
+    spec, _ = load_spec(ARRAY, ("resources.array.items=7", "resources.array.items_per_task=3",
+                                "resources.array.parallelism=2"))
+    plan = make_plan(spec, load_cluster("local_slurm"), limits={"MaxArraySize": 11})
+    assert plan.steps[0].task_items == [[0, 1, 2], [3, 4, 5], [6]]
+    assert plan.steps[0].chunks == [(0, 3)] and plan.steps[0].parallelism == 2
+
+
+def test_array_over_job_limit_cannot_be_chunked():
+    spec, _ = load_spec(ARRAY, ("resources.array.items=3000",))
+    with pytest.raises(SpecError) as e:
+        make_plan(spec, load_cluster("local_slurm"), source="x.yaml", limits={"MaxArraySize": 11})
+    msg = dict(e.value.problems)["resources.array"]
+    assert "limit of 2000" in msg and "items_per_task to at least 2" in msg
+    spec, _ = load_spec(ARRAY, ("resources.array.items=3000", "resources.array.items_per_task=2"))
+    assert make_plan(spec, load_cluster("local_slurm"), limits={"MaxArraySize": 11}).steps[0].n_tasks == 1500
+
+
+def test_local_executor_runs_nodes_as_processes():
+    spec, _ = load_spec(REPO / "jobs" / "tiny" / "smoke.yaml", ("resources.nodes=2",))
+    plan = make_plan(spec, load_cluster("local"))
+    assert plan.steps[0].nodes == 1 and plan.steps[0].tasks_per_node == 2
+    assert "2 processes" in plan.describe()
+
+
+def test_tasks_per_node_default_and_limit_on_accelerator_profiles():
+    spec, _ = load_spec(REPO / "jobs" / "tiny" / "smoke.yaml", ("resources.tasks_per_node=null",))
+    plan = make_plan(spec, load_cluster("ascend_910b"))
+    assert plan.steps[0].tasks_per_node == 8
+    spec, _ = load_spec(REPO / "jobs" / "tiny" / "smoke.yaml", ("resources.tasks_per_node=9",))
+    with pytest.raises(SpecError, match="at most 8"):
+        make_plan(spec, load_cluster("cuda_a100"))
+
+
+def test_openpangu_parameter_count_matches_transformers_on_meta():
+    """Our config-only count equals the real LlamaForCausalLM built on the meta device (8,030,887,936)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = PRESETS["openpangu-7b"]
+    size = count_decoder(cfg)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**cfg))
+    assert size.total == sum(p.numel() for p in model.parameters()) == 8_030_887_936
+    assert size.largest_module == model.model.embed_tokens.weight.numel()
+
+
+def _ds_spec(*sets):
+    return load_spec(REPO / "jobs" / "tiny" / "smoke.yaml", ("model.preset=openpangu-7b", "model.seq_len=1024",
+                                                             "resources.nodes=2", "resources.tasks_per_node=null",
+                                                             *sets))
+
+
+def test_memory_estimate_frozen_pangu_zero3_fits_910b():
+    spec, _ = _ds_spec("model.trainable=60000000", "deepspeed.stage=3")
+    plan = make_plan(spec, load_cluster("ascend_910b"))
+    m = plan.memory
+    assert m is not None and m.fits
+    # frozen bf16 weights sharded over 16 NPUs: about 2 bytes x 8.0e9 / 16 plus one gathered embedding
+    assert 0.9e9 < m.frozen < 1.0e9 + 4 * 628_228_096
+    assert "GiB/device of 64 GiB" in plan.describe()
+
+
+def test_memory_estimate_refuses_full_finetune_without_zero_and_force_overrides():
+    spec, _ = _ds_spec("deepspeed.stage=0")
+    with pytest.raises(SpecError) as e:
+        make_plan(spec, load_cluster("ascend_910b"), source="job.yaml")
+    assert "does not fit" in str(e.value) and "--force" in str(e.value)
+    plan = make_plan(spec, load_cluster("ascend_910b"), force=True)
+    assert plan.memory.total > 64 * 1024 ** 3 and any("--force" in n for n in plan.notes)
+    # ZeRO-3 over 16 devices brings the same full fine-tune's model states down 16x (DeepSpeed's 18 B/param / N)
+    z3, _ = _ds_spec("deepspeed.stage=3")
+    m3 = make_plan(z3, load_cluster("ascend_910b"), force=True).memory
+    assert m3.model_states == pytest.approx(4 * 628_228_096 + 18 * 8_030_887_936 / 16, rel=1e-6)
