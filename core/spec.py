@@ -123,6 +123,7 @@ class SmokeSection(Strict):
     message: str = "hello from the smoke workload"
     sleep_s: float = Field(0.0, ge=0)
     fail_items: list[Any] = Field(default_factory=list, description="array items that raise (to test afterok)")
+    report_env: list[str] = Field(default_factory=list, description="variables whose SHA-256 the job reports")
 
 
 class Outputs(Strict):
@@ -153,6 +154,11 @@ class JobSpec(Strict):
     @model_validator(mode="after")
     def _sections_match_workload(self):
         info = WORKLOADS[self.workload]
+        for other in {w.section for w in WORKLOADS.values() if w.section} - {info.section}:
+            if getattr(self, other) is not None:
+                raise ValueError(f"section '{other}' belongs to another workload, not '{self.workload}'; remove it")
+        if info.section and getattr(self, info.section) is None:  # the workload's own section, with defaults
+            self.__dict__[info.section] = type(self).model_fields[info.section].annotation.__args__[0]()
         if self.resources.array and self.resources.array.merge and not info.has_merge:
             raise ValueError(f"resources.array.merge: workload '{self.workload}' has no merge step; remove 'merge'")
         return self

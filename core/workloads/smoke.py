@@ -6,6 +6,7 @@ gathers every task's record and checks that each item ran exactly once.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -25,7 +26,10 @@ def run(spec, ctx) -> dict:
         "SLURM_NODEID", "SLURM_JOB_NODELIST", "SLURMD_NODENAME", "SLURM_RESTART_COUNT"}}
     print(f"[smoke] {cfg.message}: rank {ctx.rank}/{ctx.world_size} on {ctx.hostname}, job {ctx.job_id}, "
           f"items {ctx.items}", flush=True)
-    return {"message": cfg.message, "context": context_dict(ctx), "slurm": slurm, "pid": os.getpid()}
+    env_sha = {k: hashlib.sha256(os.environ[k].encode()).hexdigest() if k in os.environ else None
+               for k in cfg.report_env}  # digests only: a secret's value never reaches a log or a result
+    return {"message": cfg.message, "context": context_dict(ctx), "slurm": slurm, "pid": os.getpid(),
+            "env_sha256": env_sha}
 
 
 def merge(spec, ctx) -> dict:

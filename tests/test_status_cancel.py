@@ -1,0 +1,90 @@
+"""status.py / cancel.py against the real local Slurm: states as sacct reports them, one call each per refresh."""
+from __future__ import annotations
+
+import time
+
+from conftest import cli, record, run_folder, sacct_states, wait_terminal
+
+from core import monitor
+
+ARRAY = "jobs/tiny/smoke_array.yaml"
+
+
+def submit(*args):
+    res = cli("submit", *args)
+    assert res.returncode == 0, res.stderr + res.stdout
+    return record(run_folder(res.stdout))
+
+
+def wait_until(pred, timeout=60):
+    t0 = time.time()
+    while not pred():
+        assert time.time() - t0 < timeout, "condition not reached"
+        time.sleep(0.5)
+
+
+def rows_by_id(name):
+    return {r.job_id: r for r in monitor.query() if r.name.startswith(name)}
+
+
+def test_status_shows_completed_failed_pending_cancelled_and_cancel_by_id_and_name(slurm, uname, tmp_path):
+    common = ("-c", "local_slurm", "--set", f"outputs.logs_dir={tmp_path}")
+    ok = submit(ARRAY, *common, "--set", f"name={uname}ok", "--set", "resources.array.items=3",
+                "--set", "resources.array.merge=false")
+    bad = submit(ARRAY, *common, "--set", f"name={uname}bad", "--set", "resources.array.items=2",
+                 "--set", "smoke.fail_items=[1]", "--set", "resources.array.merge=false")
+    slow = submit(ARRAY, *common, "--set", f"name={uname}slow", "--set", "resources.array.items=2",
+                  "--set", "smoke.sleep_s=120", "--set", "resources.array.parallelism=2")
+    single = submit("jobs/tiny/smoke.yaml", *common, "--set", f"name={uname}one", "--set", "smoke.sleep_s=120")
+    ok_id, bad_id = ok["steps"][0]["job_ids"][0], bad["steps"][0]["job_ids"][0]
+    slow_id, merge_id = slow["steps"][0]["job_ids"][0], slow["steps"][1]["job_ids"][0]
+    single_id = single["steps"][0]["job_ids"][0]
+    wait_terminal([ok_id], expect_tasks=3)
+    wait_terminal([bad_id], expect_tasks=2)
+    wait_until(lambda: rows_by_id(uname).get(slow_id) and rows_by_id(uname)[slow_id].state == "RUNNING")
+
+    rows = rows_by_id(uname)
+    assert rows[ok_id].state == "COMPLETED" and rows[ok_id].progress == {"done": 3, "running": 0, "pending": 0,
+                                                                          "failed": 0}
+    assert rows[bad_id].state == "FAILED" and rows[bad_id].progress["failed"] == 1
+    assert rows[merge_id].state == "PENDING" and "Dependency" in rows[merge_id].reason
+    assert rows[slow_id].run_dir == slow["run_dir"] and rows[merge_id].run_dir == slow["run_dir"]
+    table = cli("status", "--name", uname)
+    assert table.returncode == 0
+    lines = {ln.split()[0]: ln for ln in table.stdout.splitlines()[1:]}
+    assert "COMPLETED" in lines[ok_id] and "3/0/0/0 of 3" in lines[ok_id]
+    assert "FAILED" in lines[bad_id] and "1/0/0/1 of 2" in lines[bad_id]
+    assert "PENDING" in lines[merge_id]
+
+    by_id = cli("cancel", single_id)
+    assert by_id.returncode == 0 and single_id in by_id.stdout
+    by_name = cli("cancel", f"{uname}slow")  # the array and its merge step
+    assert by_name.returncode == 0 and slow_id in by_name.stdout and merge_id in by_name.stdout
+    assert wait_terminal([single_id]) == {single_id: "CANCELLED"}
+    assert wait_terminal([merge_id]) == {merge_id: "CANCELLED"}
+    assert set(wait_terminal([slow_id], expect_tasks=2).values()) == {"CANCELLED"}
+    wait_until(lambda: rows_by_id(uname)[single_id].state == "CANCELLED")
+    assert rows_by_id(uname)[slow_id].state == "CANCELLED"
+    assert cli("cancel", "no_such_job_name").returncode != 0
+
+
+def test_one_squeue_and_one_sacct_call_per_refresh(slurm, monkeypatch):
+    calls = []
+    real = monitor._run
+    monkeypatch.setattr(monitor, "_run", lambda cmd: (calls.append(cmd[0]), real(cmd))[1])
+    monitor.query()
+    monitor.query()
+    assert calls == ["squeue", "sacct", "squeue", "sacct"]
+
+
+def test_watch_backs_off_while_nothing_changes_and_stops_when_idle(capsys):
+    frames = iter([("a", True)] * 5 + [("b", True), ("b", False)])
+    waits = []
+    n = monitor.watch(lambda: next(frames), interval=2, max_interval=10, sleep=waits.append)
+    assert n == 7 and waits == [2, 4, 8, 10, 10, 2]
+    assert capsys.readouterr().out.split() == ["a", "b"]
+
+
+def test_expand_task_ids():
+    assert monitor.expand_task_ids("12_[3-5,9%2]") == ["12_3", "12_4", "12_5", "12_9"]
+    assert monitor.expand_task_ids("12_7") == ["12_7"] and monitor.expand_task_ids("12") == ["12"]
