@@ -1,8 +1,12 @@
 """Shared by the launchers: make `core` importable from a checkout and print errors the same way."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+
+# pydantic otherwise scans every installed package's entry points for plugins at first use (~20 ms per launch)
+os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:

@@ -1,0 +1,51 @@
+#!/usr/bin/env python
+"""Submit latency on the local Slurm, measured in one run (needs `bash slurm/local_cluster.sh up`).
+
+Prints: bare `sbatch --wrap true` (the floor), a minimal submitit process (import + submit one function), the
+whole `launchers/submit.py` process (validate + plan + submit + run record) and their ratio (target <= 1.3x);
+then `--dry-run` and a spec error (target < 0.5 s each, no torch import on that path).
+"""
+from __future__ import annotations
+
+import subprocess
+import tempfile
+
+from _util import PY, REPO, wall
+
+N = 9
+
+
+def main():
+    subprocess.run(["bash", str(REPO / "slurm/local_cluster.sh"), "up"], check=True, capture_output=True)
+    tmp = tempfile.mkdtemp(prefix="bench-submit-")
+    user = subprocess.run(["whoami"], capture_output=True, text=True).stdout.strip()
+    # partition DOWN: submitted jobs stay PENDING, so they do not compete for the CPU while we time submissions
+    subprocess.run(["scontrol", "update", "PartitionName=debug", "State=DOWN"], check=True)
+    try:
+        measure(tmp)
+    finally:
+        subprocess.run(["scancel", "-u", user], check=False)
+        subprocess.run(["scontrol", "update", "PartitionName=debug", "State=UP"], check=True)
+
+
+def measure(tmp):
+    bare = wall(["sbatch", "-o", "/dev/null", "--wrap", "true"], N)
+    minimal = wall([PY, "-c", (
+        "import submitit; ex = submitit.SlurmExecutor(folder=%r); ex.update_parameters(time=5);"
+        "ex.submit(print, 'hi')" % f"{tmp}/minimal/%j")], N)
+    floor = wall([PY, "-c", "from pydantic import BaseModel; import yaml, submitit"], N)
+    ours = wall([PY, "launchers/submit.py", "jobs/tiny/smoke.yaml", "-c", "local_slurm",
+                 "--set", f"outputs.logs_dir={tmp}"], N)
+    dry = wall([PY, "launchers/submit.py", "jobs/tiny/smoke.yaml", "-c", "local_slurm", "--dry-run"], N)
+    err = wall([PY, "launchers/submit.py", "jobs/tiny/smoke.yaml", "--set", "resources.nodes=-1"], N)
+    print(f"bare sbatch --wrap true        {bare * 1000:7.0f} ms  (floor)")
+    print(f"minimal submitit process       {minimal * 1000:7.0f} ms")
+    print(f"import pydantic+yaml+submitit  {floor * 1000:7.0f} ms  (libraries alone: {floor / minimal:.2f}x of minimal)")
+    print(f"launchers/submit.py (slurm)    {ours * 1000:7.0f} ms  ratio vs minimal submitit: "
+          f"{ours / minimal:.2f}x (target <= 1.3x)")
+    print(f"launchers/submit.py --dry-run  {dry * 1000:7.0f} ms  (target < 500 ms)")
+    print(f"spec error (exit 2)            {err * 1000:7.0f} ms  (target < 500 ms)")
+
+
+if __name__ == "__main__":
+    main()
