@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import socket
 import time
 from dataclasses import asdict, dataclass, field
@@ -112,3 +113,187 @@ def context_dict(ctx: TaskContext) -> dict:
     d = asdict(ctx)
     d["run_dir"] = str(ctx.run_dir)
     return d
+
+
+# ------------------------------------------------------------------ distributed environment and accelerator
+class DistEnvError(RuntimeError):
+    """Slurm (or the local executor) handed the task an environment that cannot make a process group."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    node_rank: int
+    num_nodes: int
+    master_addr: str
+    master_port: int
+    job_id: str
+
+    def export(self, environ: Optional[dict] = None) -> None:
+        environ = os.environ if environ is None else environ
+        environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.local_rank),
+                       LOCAL_WORLD_SIZE=str(self.local_world_size), NODE_RANK=str(self.node_rank),
+                       MASTER_ADDR=self.master_addr, MASTER_PORT=str(self.master_port))
+
+
+MASTER_PORT_BASE, MASTER_PORT_SPAN = 20000, 40000
+
+
+def master_port_for(job_id: str) -> int:
+    """Deterministic per job (every rank computes the same), distinct for any two jobs whose ids differ by less
+    than 40000, so jobs sharing a node never collide. Array tasks have their own SLURM_JOB_ID."""
+    return MASTER_PORT_BASE + int(re.sub(r"\D", "", job_id) or 0) % MASTER_PORT_SPAN
+
+
+def _int_var(environ: dict, name: str) -> int:
+    value = environ.get(name)
+    if value is None or value == "":
+        raise DistEnvError(f"{name} is not set: this must run inside a Slurm task (srun), or set it yourself")
+    try:
+        return int(value)
+    except ValueError:
+        raise DistEnvError(f"{name}={value!r} is not an integer") from None
+
+
+def _tasks_per_node(spec: str) -> list[int]:
+    """SLURM_TASKS_PER_NODE '2(x3),1' -> [2, 2, 2, 1]."""
+    out: list[int] = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not m:
+            raise DistEnvError(f"SLURM_TASKS_PER_NODE={spec!r} is not in Slurm's 'N(xM),...' format")
+        out += [int(m.group(1))] * int(m.group(2) or 1)
+    return out
+
+
+def dist_env_from_slurm(environ: Optional[dict] = None) -> DistEnv:
+    """Rank, world, local rank, node rank and master from Slurm's own variables, checked for consistency."""
+    from submitit.slurm.slurm import _parse_node_list
+
+    environ = os.environ if environ is None else environ
+    rank, world = _int_var(environ, "SLURM_PROCID"), _int_var(environ, "SLURM_NTASKS")
+    local, node = _int_var(environ, "SLURM_LOCALID"), _int_var(environ, "SLURM_NODEID")
+    nnodes = _int_var(environ, "SLURM_JOB_NUM_NODES") if environ.get("SLURM_JOB_NUM_NODES") else \
+        _int_var(environ, "SLURM_NNODES")
+    job_id = environ.get("SLURM_JOB_ID") or ""
+    if not job_id:
+        raise DistEnvError("SLURM_JOB_ID is not set")
+    nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST") or ""
+    if not nodelist:
+        raise DistEnvError("SLURM_JOB_NODELIST is not set: cannot tell which host is the master")
+    hosts = _parse_node_list(nodelist)
+    if not 0 <= rank < world:
+        raise DistEnvError(f"SLURM_PROCID={rank} is outside 0..SLURM_NTASKS-1 ({world})")
+    if not 0 <= node < nnodes:
+        raise DistEnvError(f"SLURM_NODEID={node} is outside 0..SLURM_JOB_NUM_NODES-1 ({nnodes})")
+    if len(hosts) != nnodes:
+        raise DistEnvError(f"SLURM_JOB_NODELIST={nodelist!r} names {len(hosts)} hosts but "
+                           f"SLURM_JOB_NUM_NODES={nnodes}")
+    per_node = _tasks_per_node(environ.get("SLURM_TASKS_PER_NODE") or str(world // nnodes))
+    if len(per_node) == 1 and nnodes > 1:
+        per_node = per_node * nnodes
+    if sum(per_node) != world:
+        raise DistEnvError(f"SLURM_TASKS_PER_NODE={environ.get('SLURM_TASKS_PER_NODE')!r} adds up to "
+                           f"{sum(per_node)} tasks but SLURM_NTASKS={world}")
+    if not 0 <= local < per_node[node]:
+        raise DistEnvError(f"SLURM_LOCALID={local} is outside the {per_node[node]} tasks of node {node}")
+    port = int(environ["MASTER_PORT"]) if environ.get("MASTER_PORT") else master_port_for(job_id)
+    return DistEnv(rank, world, local, per_node[node], node, nnodes, hosts[0], port, job_id)
+
+
+def dist_env(environ: Optional[dict] = None) -> DistEnv:
+    """Slurm task -> dist_env_from_slurm; submitit's local executor -> its SUBMITIT_LOCAL_* variables."""
+    environ = os.environ if environ is None else environ
+    if environ.get("SUBMITIT_EXECUTOR") == "local" or (not environ.get("SLURM_JOB_ID")
+                                                       and environ.get("SUBMITIT_LOCAL_JOB_ID")):
+        world = int(environ.get("SUBMITIT_LOCAL_NTASKS", "1"))
+        rank = int(environ.get("SUBMITIT_LOCAL_GLOBALID", environ.get("SUBMITIT_LOCAL_LOCALID", "0")))
+        job_id = environ.get("SUBMITIT_LOCAL_JOB_ID", str(os.getpid()))
+        port = int(environ["MASTER_PORT"]) if environ.get("MASTER_PORT") else master_port_for(job_id)
+        return DistEnv(rank, world, rank, world, 0, 1, "127.0.0.1", port, job_id)
+    if environ.get("SLURM_JOB_ID") and environ.get("SLURM_PROCID") is not None:
+        return dist_env_from_slurm(environ)
+    return DistEnv(0, 1, 0, 1, 0, 1, "127.0.0.1", master_port_for(str(os.getpid())), str(os.getpid()))
+
+
+BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    kind: str              # cuda | npu | cpu
+    backend: str           # nccl | hccl | gloo
+    device: str            # e.g. "cuda:3", "npu:3", "cpu"
+    env: dict              # variables to export before torch touches the device
+
+    def describe(self) -> str:
+        extra = " ".join(f"{k}={v}" for k, v in sorted(self.env.items()))
+        return f"{self.kind} ({self.backend}) device {self.device}" + (f" [{extra}]" if extra else "")
+
+
+def _visible_devices(environ: dict, devices_per_node: int, own_var: str) -> list[str]:
+    for var in (own_var, "SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "GPU_DEVICE_ORDINAL"):
+        if environ.get(var):
+            return [d for d in environ[var].split(",") if d != ""]
+    return [str(i) for i in range(max(devices_per_node, 1))]
+
+
+def resolve_accelerator(kind: str, dist: DistEnv, cluster: Optional[dict] = None,
+                        environ: Optional[dict] = None) -> Accelerator:
+    """Decide device, backend and environment for this rank. Pure: nothing is imported or initialised here."""
+    environ = os.environ if environ is None else environ
+    cluster = cluster or {}
+    if kind not in BACKENDS:
+        raise ValueError(f"accelerator {kind!r} is not one of cuda, npu, cpu (cluster profile 'accelerator')")
+    if kind == "cpu":
+        return Accelerator("cpu", "gloo", "cpu", {})
+    own = "CUDA_VISIBLE_DEVICES" if kind == "cuda" else "ASCEND_RT_VISIBLE_DEVICES"
+    visible = _visible_devices(environ, int(cluster.get("devices_per_node") or 0), own)
+    # one device per task when Slurm bound it (a single visible device), else the local rank's device
+    index = 0 if len(visible) == 1 else dist.local_rank
+    if index >= len(visible):
+        raise DistEnvError(f"local rank {dist.local_rank} has no device: {own} / Slurm lists {visible}")
+    env = {own: ",".join(visible)}
+    if kind == "npu":
+        env["HCCL_CONNECT_TIMEOUT"] = str(cluster.get("hccl_connect_timeout", 1200))
+        env["HCCL_EXEC_TIMEOUT"] = str(cluster.get("hccl_exec_timeout", 1800))
+        # HCCL takes 16 ports per device from its base port: each job gets its own 256-port window (16 devices)
+        # out of 16 windows, so jobs sharing a node (consecutive ids) do not collide
+        base = int(cluster.get("hccl_if_base_port", 60000))
+        slot = int(re.sub(r"\D", "", dist.job_id) or 0) % 16
+        env["HCCL_IF_BASE_PORT"] = str(base + slot * 256)
+    return Accelerator(kind, BACKENDS[kind], f"{kind}:{index}", env)
+
+
+def activate(acc: Accelerator):
+    """Export the accelerator's environment, import its torch backend and bind this process to its device."""
+    os.environ.update(acc.env)
+    import torch
+
+    if acc.kind == "npu":
+        try:
+            import torch_npu  # noqa: F401
+            from torch_npu.contrib import transfer_to_npu  # noqa: F401
+        except ImportError as e:
+            raise RuntimeError(f"accelerator 'npu' needs torch_npu (pip install -e '.[npu]' on an Ascend node with "
+                               f"CANN installed): {e}") from None
+        torch.npu.set_device(acc.device)
+    elif acc.kind == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("accelerator 'cuda' but torch sees no CUDA device on this node")
+        torch.cuda.set_device(acc.device)
+    return torch.device(acc.device)
+
+
+def init_distributed(dist: DistEnv, acc: Accelerator, timeout_s: int = 600) -> None:
+    """Export the rendezvous variables and start the process group through DeepSpeed."""
+    import datetime
+
+    import deepspeed
+
+    dist.export()
+    deepspeed.init_distributed(dist_backend=acc.backend, timeout=datetime.timedelta(seconds=timeout_s),
+                               rank=dist.rank, world_size=dist.world_size)

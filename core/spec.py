@@ -184,6 +184,9 @@ class Cluster(Strict):
     env: dict[str, str] = Field(default_factory=dict)
     max_array_size: PositiveInt = Field(1001, description="Slurm MaxArraySize fallback (read from scontrol when possible)")
     max_jobs_per_user: Optional[PositiveInt] = Field(None, description="queue limit that chunking cannot get around")
+    hccl_connect_timeout: PositiveInt = Field(1200, description="HCCL_CONNECT_TIMEOUT (npu)")
+    hccl_exec_timeout: PositiveInt = Field(1800, description="HCCL_EXEC_TIMEOUT (npu)")
+    hccl_if_base_port: PositiveInt = Field(60000, description="HCCL_IF_BASE_PORT; each job gets a 256-port window")
     signal_s_before_timeout: PositiveInt = 120
     max_requeues: int = Field(3, ge=0)
     python: Optional[str] = Field(None, description="python command on the nodes; default: this interpreter")
