@@ -19,6 +19,24 @@ from pathlib import Path
 from typing import Any, Optional
 
 
+# Set by the SIGUSR1/SIGUSR2 handler (Slurm's --signal before the time limit, or a preemption notice); the
+# training loop acts on it at a step boundary, after the ranks agree (core.engine.Trainer).
+PREEMPT: dict = {"signal": None}
+
+
+def install_preemption_handler() -> None:
+    """Installed first thing in every task, replacing submitit's handler (which checkpoints on rank 0 only):
+    the signal only sets a flag, so no rank is interrupted in the middle of a collective."""
+    import signal
+
+    def handler(signum, frame):
+        PREEMPT["signal"] = signal.Signals(signum).name
+        print(f"[runtime] received {PREEMPT['signal']}: checkpoint at the next step boundary", flush=True)
+
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, handler)
+
+
 @dataclass
 class TaskContext:
     run_dir: Path
@@ -36,6 +54,7 @@ class TaskContext:
     items: Optional[list[Any]] = None  # the array items this task handles
     accelerator: str = "cpu"
     executor: str = "local"
+    cluster: dict = field(default_factory=dict)
 
     def path(self, *parts: str) -> Path:
         """A path inside the run folder (created)."""
@@ -89,11 +108,13 @@ class TaskEntry:
             rank=env.global_rank, world_size=env.num_tasks, local_rank=env.local_rank, node_rank=env.node,
             num_nodes=env.num_nodes, hostname=os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
             hostnames=hostnames, task_index=task_index, items=items,
-            accelerator=self.cluster_data.get("accelerator", "cpu"), executor=self.cluster_data.get("executor", "local"))
+            accelerator=self.cluster_data.get("accelerator", "cpu"), executor=self.cluster_data.get("executor", "local"),
+            cluster=self.cluster_data)
 
     def __call__(self, task_index: Optional[int] = None, items: Optional[list] = None) -> dict:
         from core.spec import JobSpec, resolve_env_refs
 
+        install_preemption_handler()
         for key, value in {**self.cluster_data.get("env", {}), **self.spec_data.get("env", {})}.items():
             os.environ[key] = resolve_env_refs(str(value))
         spec = JobSpec.model_validate(self.spec_data)
@@ -112,6 +133,7 @@ class TaskEntry:
 def context_dict(ctx: TaskContext) -> dict:
     d = asdict(ctx)
     d["run_dir"] = str(ctx.run_dir)
+    d.pop("cluster")
     return d
 
 

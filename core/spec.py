@@ -112,6 +112,7 @@ class ModelSpec(Strict):
     trainable: Literal["all", "none"] | float = Field(
         "all", description="'all', 'none' (frozen) or the trainable parameter count (e.g. adapters)")
     seq_len: PositiveInt = 2048
+    make_tiny: bool = Field(False, description="write a tiny random openPangu-shaped model at model.path if missing")
 
 
 class DataSpec(Strict):
@@ -126,6 +127,26 @@ class SmokeSection(Strict):
     report_env: list[str] = Field(default_factory=list, description="variables whose SHA-256 the job reports")
 
 
+class LoraSpec(Strict):
+    r: PositiveInt = 16
+    alpha: float = 32
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class TrainSection(Strict):
+    steps: PositiveInt = Field(100, description="optimizer steps in total (across requeues)")
+    lr: float = Field(5e-5, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    scheduler: Literal["constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 0
+    checkpoint_every: int = Field(50, ge=0, description="0: only at the end and on Slurm's signal")
+    keep_last: PositiveInt = 2
+    fresh: bool = Field(False, description="move existing checkpoints aside and start over (--fresh)")
+    lora: Optional[LoraSpec] = Field(None, description="frozen base + LoRA adapters (peft); omit for full fine-tune")
+
+
 class Outputs(Strict):
     logs_dir: str = Field("logs", description="run folders go to <logs_dir>/<name>/<jobid>/ (relative to the repo)")
 
@@ -137,6 +158,7 @@ class JobSpec(Strict):
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataSpec = Field(default_factory=DataSpec)
     smoke: Optional[SmokeSection] = None
+    train: Optional[TrainSection] = None
     resources: Resources = Field(default_factory=Resources)
     deepspeed: Optional[DeepSpeedSpec] = None
     outputs: Outputs = Field(default_factory=Outputs)

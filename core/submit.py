@@ -157,10 +157,31 @@ def _local_failed(jobs: list) -> bool:
     return any(j.state not in ("DONE", "FINISHED", "COMPLETED") or j.exception() is not None for j in jobs)
 
 
-def submit(plan: Plan, raw_spec: dict, spec_file: str) -> Submission:
-    """Submit every step of the plan in order and write the run record; returns the submitit jobs."""
+def find_run(plan: Plan, run_dir: Optional[str]) -> Path:
+    """The run folder to resume: the one given, else the newest run of this spec's name that has a record."""
+    if run_dir:
+        p = Path(run_dir)
+        if not (p / "run.json").is_file():
+            raise FileNotFoundError(f"--resume {run_dir}: no run.json there; give a run folder logs/<name>/<id>")
+        return p
+    runs = sorted((d for d in logs_root(plan).glob("*") if (d / "run.json").is_file()),
+                  key=lambda d: (d / "run.json").stat().st_mtime)
+    if not runs:
+        raise FileNotFoundError(f"--resume: no earlier run of '{plan.spec.name}' under {logs_root(plan)}")
+    return runs[-1]
+
+
+def submit(plan: Plan, raw_spec: dict, spec_file: str, resume_dir: Optional[Path] = None) -> Submission:
+    """Submit every step of the plan in order and write the run record; returns the submitit jobs.
+    With resume_dir, the jobs run in that existing run folder (and find its checkpoints)."""
     local = plan.cluster.executor == "local"
     root = f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}" if local else None
+    previous = None
+    if resume_dir is not None:
+        if resume_dir.resolve().parent != logs_root(plan).resolve():
+            raise ValueError(f"--resume {resume_dir}: not a run of '{plan.spec.name}' (expected under {logs_root(plan)})")
+        root = resume_dir.name
+        previous = json.loads((resume_dir / "run.json").read_text())
     jobs: dict[str, list] = {}
     steps_record = []
     for step in plan.steps:
@@ -181,6 +202,10 @@ def submit(plan: Plan, raw_spec: dict, spec_file: str) -> Submission:
         "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_dir": str(run_dir), "root_id": root,
         "plan": plan.describe(), "steps": steps_record, "python": sys.executable,
     }
+    if previous is not None:  # keep the history of the run: every submission that worked in this folder
+        record["submissions"] = previous.get("submissions", [{k: previous[k] for k in ("submitted_at", "steps")
+                                                             if k in previous}])
+        record["submissions"].append({"submitted_at": record["submitted_at"], "steps": steps_record})
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / ".run.json.tmp"
     tmp.write_text(json.dumps(record, indent=1, default=str))

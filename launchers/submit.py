@@ -24,6 +24,11 @@ def parse_args(argv=None):
                    help="override a spec field, e.g. --set resources.nodes=2 (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the sbatch script(s); submit nothing")
     p.add_argument("--force", action="store_true", help="submit even when the memory estimate does not fit")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
+                   help="run again in an existing run folder (default: the newest run of this spec) and continue "
+                        "from its newest complete checkpoint")
+    p.add_argument("--fresh", action="store_true",
+                   help="with --resume: move the run's checkpoints aside and start over (never implicit)")
     p.add_argument("--wait", action="store_true", help="wait for the jobs and print their results (always on locally)")
     return p.parse_args(argv)
 
@@ -33,8 +38,11 @@ def main(argv=None) -> int:
     from core.plan import make_plan
     from core.spec import SpecError, load_cluster, load_spec
 
+    if args.fresh and args.resume is None:
+        fail("--fresh only makes sense with --resume (a new run starts fresh anyway)\nnothing was submitted")
+    overrides = tuple(args.overrides) + (("train.fresh=true",) if args.fresh else ())
     try:
-        spec, raw = load_spec(args.spec, tuple(args.overrides))
+        spec, raw = load_spec(args.spec, overrides)
         cluster = load_cluster(args.cluster)
         plan = make_plan(spec, cluster, source=args.spec, force=args.force)
     except SpecError as e:
@@ -56,8 +64,15 @@ def main(argv=None) -> int:
         print("dry run: nothing submitted")
         return 0
 
+    resume_dir = None
+    if args.resume is not None:
+        try:
+            resume_dir = sub.find_run(plan, args.resume or None)
+        except FileNotFoundError as e:
+            fail(f"{e}\nnothing was submitted")
+        print(f"resuming in {resume_dir}")
     try:
-        submission = sub.submit(plan, raw, args.spec)
+        submission = sub.submit(plan, raw, args.spec, resume_dir)
     except Exception as e:  # submitit raises FailedJobError/RuntimeError with sbatch's own message
         fail(f"submission failed: {e}", 1)
     for rec in submission.record["steps"]:

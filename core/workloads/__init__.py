@@ -17,4 +17,5 @@ class WorkloadInfo:
 
 WORKLOADS: dict[str, WorkloadInfo] = {
     "smoke": WorkloadInfo("core.workloads.smoke", section="smoke", has_merge=True),
+    "lm_finetune": WorkloadInfo("core.workloads.lm_finetune", section="train"),
 }

@@ -1,0 +1,213 @@
+"""DeepSpeed checkpoints that always resume: atomic tags, completion markers, RNG and data position, pruning,
+and conversion to DeepSpeed's universal format when the number of ranks changed.
+
+Layout under the run folder's `checkpoints/`:
+  .staging/<tag>/          DeepSpeed writes here first (every rank calls save_checkpoint: one rank alone hangs)
+  <tag>/                   renamed from .staging once all ranks wrote; holds DeepSpeed's files, our
+                           rng_rank<R>.pt per rank and COMPLETE (JSON: step, world size, stage, checksum)
+  latest                   the newest complete tag, written last (atomically)
+  universal/<tag>/         ds_to_universal output, made when resuming on another world size
+A folder without COMPLETE is never loaded. Finding checkpoints but no loadable one is an error, never a silent
+fresh start (DeepSpeed's own load_checkpoint returns (None, None) and carries on when `latest` is missing).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+MARKER = "COMPLETE"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def rng_state() -> dict:
+    import numpy as np
+    import torch
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+@dataclass
+class ResumePoint:
+    tag: str
+    step: int
+    load_dir: Path          # folder that holds <tag>/ (the checkpoints root, or universal/)
+    universal: bool         # loaded through DeepSpeed's universal format (other world size)
+    meta: dict
+
+
+class CheckpointManager:
+    def __init__(self, root: Path, rank: int, world_size: int, keep_last: int = 2, barrier=None):
+        self.root = Path(root)
+        self.rank, self.world_size, self.keep_last = rank, world_size, keep_last
+        self.barrier = barrier or (lambda: None)
+
+    # ---------------------------------------------------------------- inspection
+    def complete(self) -> list[tuple[int, str]]:
+        """(step, tag) of complete checkpoints, oldest first."""
+        if not self.root.is_dir():
+            return []
+        out = []
+        for d in self.root.iterdir():
+            if d.is_dir() and d.name.startswith("step") and (d / MARKER).is_file():
+                out.append((json.loads((d / MARKER).read_text())["step"], d.name))
+        return sorted(out)
+
+    def leftovers(self) -> list[str]:
+        """Folders that look like checkpoints but are not complete (a save that was killed)."""
+        if not self.root.is_dir():
+            return []
+        found = [d.name for d in self.root.iterdir() if d.is_dir() and d.name.startswith("step")
+                 and not (d / MARKER).is_file()]
+        staging = self.root / ".staging"
+        if staging.is_dir():
+            found += [f".staging/{d.name}" for d in staging.iterdir() if d.is_dir()]
+        return sorted(found)
+
+    def resume_point(self, fresh: bool = False) -> Optional[ResumePoint]:
+        """The newest complete checkpoint, or None for a run that has none. Raises when checkpoints exist but
+        none is complete (unless fresh, which first moves them aside: nothing is deleted)."""
+        done = self.complete()
+        if fresh:
+            if self.rank == 0 and self.root.exists() and (done or self.leftovers()):
+                aside = self.root.with_name(f"{self.root.name}.discarded-{time.strftime('%Y%m%d-%H%M%S')}")
+                self.root.rename(aside)
+                print(f"[checkpoint] --fresh: moved old checkpoints to {aside}", flush=True)
+            self.barrier()
+            return None
+        if not done:
+            left = self.leftovers()
+            if left or (self.root / "latest").exists():
+                raise CheckpointError(
+                    f"{self.root}: found checkpoint folders {left or ['latest']} but none is complete (no {MARKER} "
+                    f"marker): refusing to start from scratch. Resubmit with --fresh to move them aside and "
+                    f"start over.")
+            return None
+        step, tag = done[-1]
+        meta = json.loads((self.root / tag / MARKER).read_text())
+        if meta["world_size"] == self.world_size:
+            return ResumePoint(tag, step, self.root, False, meta)
+        return ResumePoint(tag, step, self._universal(tag, meta), True, meta)
+
+    def _universal(self, tag: str, meta: dict) -> Path:
+        """Convert <tag> with DeepSpeed's ds_to_universal once (rank 0), for loading on another world size."""
+        out_root = self.root / "universal"
+        out = out_root / tag
+        if self.rank == 0 and not (out / MARKER).is_file():
+            shutil.rmtree(out, ignore_errors=True)
+            out_root.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                   str(self.root / tag), "--output_folder", str(out), "--num_extract_workers", "1",
+                   "--num_merge_workers", "1"]
+            if meta.get("zero_stage", 0) < 3:
+                cmd.append("--inject_missing_state")
+            print(f"[checkpoint] {tag} was saved by {meta['world_size']} ranks, resuming on {self.world_size}: "
+                  f"converting to DeepSpeed's universal format", flush=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise CheckpointError(f"ds_to_universal failed for {self.root / tag}:\n{proc.stderr[-3000:]}")
+            for name in (f"rng_rank{r}.pt" for r in range(meta["world_size"])):
+                if (self.root / tag / name).is_file():
+                    shutil.copy2(self.root / tag / name, out / name)
+            _write_atomic(out / MARKER, json.dumps({**meta, "universal_of": tag}))
+            _write_atomic(out_root / "latest", tag)
+        self.barrier()
+        if not (out / MARKER).is_file():
+            raise CheckpointError(f"universal conversion of {tag} did not complete (see rank 0's log)")
+        return out_root
+
+    # ---------------------------------------------------------------- save / load
+    def save(self, engine, step: int, client_state: dict, meta: Optional[dict] = None) -> str:
+        """All ranks call this together. Writes into .staging, then rank 0 marks, renames, updates latest."""
+        import torch
+
+        tag = tag_for(step)
+        staging = self.root / ".staging"
+        if self.rank == 0:
+            shutil.rmtree(staging / tag, ignore_errors=True)  # a previous attempt that was killed
+            staging.mkdir(parents=True, exist_ok=True)
+        self.barrier()
+        engine.save_checkpoint(str(staging), tag=tag, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=True)
+        torch.save(rng_state(), staging / tag / f"rng_rank{self.rank}.pt")
+        self.barrier()
+        _fault_point("after_shards", step)
+        if self.rank == 0:
+            info = {"step": step, "world_size": self.world_size, "time": time.time(),
+                    "zero_stage": engine.zero_optimization_stage(), **(meta or {})}
+            _write_atomic(staging / tag / MARKER, json.dumps(info))
+            final = self.root / tag
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(staging / tag, final)
+            _write_atomic(self.root / "latest", tag)
+            self._prune()
+        self.barrier()
+        return tag
+
+    def _prune(self) -> None:
+        done = self.complete()
+        for _, tag in done[:-self.keep_last] if self.keep_last > 0 else []:
+            shutil.rmtree(self.root / tag, ignore_errors=True)
+            shutil.rmtree(self.root / "universal" / tag, ignore_errors=True)
+
+    def load(self, engine, point: ResumePoint) -> dict:
+        """Load weights, optimizer, scheduler and this rank's RNG; returns the client state."""
+        import torch
+
+        try:
+            path, client = engine.load_checkpoint(str(point.load_dir), tag=point.tag, load_module_strict=False,
+                                                  load_optimizer_states=True, load_lr_scheduler_states=True)
+        except Exception as e:  # truncated or foreign files: say which checkpoint, keep it for inspection
+            raise CheckpointError(f"checkpoint {point.load_dir / point.tag} is marked complete but cannot be loaded "
+                                  f"({type(e).__name__}: {e}); nothing was overwritten. Move it aside to resume "
+                                  f"from an older tag, or resubmit with --resume --fresh to start over") from e
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load {point.load_dir / point.tag} (it returned None): "
+                                  f"refusing to continue from fresh weights")
+        rng_file = point.load_dir / point.tag / f"rng_rank{self.rank}.pt"
+        if rng_file.is_file() and not point.universal:
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        return client or {}
+
+
+def _fault_point(name: str, step: int) -> None:
+    """Fault injection for the resume tests: MEDHPC_FAULT=kill@after_shards:<step> SIGKILLs this process there."""
+    spec = os.environ.get("MEDHPC_FAULT", "")
+    if spec == f"kill@{name}:{step}":
+        import signal
+
+        print(f"[fault] killing rank at {name} of step {step}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)

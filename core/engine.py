@@ -1,0 +1,291 @@
+"""DeepSpeed from the spec: config, process group, model under ZeRO-3, initialize, a flat train loop that
+checkpoints and resumes, and preemption that every rank agrees on.
+
+`start(spec, ctx)` brings a task up (device, process group, resume point); `initialize(...)` wraps the model;
+`Trainer.fit(...)` runs optimizer steps, logs metrics (tqdm on rank 0, metrics.csv, TensorBoard), saves every
+`train.checkpoint_every` steps and when Slurm's signal arrives. The signal handler only sets a flag; at the next
+step boundary the ranks agree on it with one all-reduce, all save (DeepSpeed's save must be called by every rank),
+then rank 0 requeues the job (`scontrol requeue`) while the profile's requeue budget lasts.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from core.checkpoint import CheckpointManager, ResumePoint
+from core.runtime import PREEMPT, Accelerator, DistEnv, activate, dist_env, init_distributed, resolve_accelerator
+
+class Preempted(RuntimeError):
+    """Raised after a checkpoint when the job cannot be requeued (local executor, or requeues used up)."""
+
+
+class Requeued(SystemExit):
+    pass
+
+
+# ---------------------------------------------------------------- configuration
+def ds_config(spec, world_size: int, universal: bool = False) -> dict:
+    from core.spec import DeepSpeedSpec
+
+    ds = spec.deepspeed or DeepSpeedSpec()
+    zero: dict = {"stage": ds.stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if ds.offload_param and ds.stage == 3:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    if ds.stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=False, stage3_param_persistence_threshold=0)
+    cfg = {
+        "train_micro_batch_size_per_gpu": ds.micro_batch,
+        "gradient_accumulation_steps": ds.grad_accum,
+        "train_batch_size": ds.micro_batch * ds.grad_accum * world_size,
+        "gradient_clipping": ds.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    if universal:
+        cfg["checkpoint"] = {"load_universal": True}
+    return cfg
+
+
+def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant_with_warmup":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 1.0 - progress if kind == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+# ---------------------------------------------------------------- task start-up
+@dataclass
+class Session:
+    dist: DistEnv
+    acc: Accelerator
+    device: object
+    ckpt: CheckpointManager
+    resume: Optional[ResumePoint]
+    ds_config: dict
+    run_dir: Path
+
+    @property
+    def rank(self) -> int:
+        return self.dist.rank
+
+    def barrier(self) -> None:
+        import torch.distributed as tdist
+
+        if tdist.is_available() and tdist.is_initialized() and self.dist.world_size > 1:
+            tdist.barrier()
+
+    def enable_zero3_init(self) -> None:
+        """Call before loading the model: under ZeRO-3, transformers' from_pretrained then builds it inside
+        deepspeed.zero.Init, so each rank only ever holds its shard of the (frozen) weights."""
+        if self.ds_config["zero_optimization"]["stage"] == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds = HfDeepSpeedConfig(self.ds_config)  # must stay referenced until deepspeed.initialize
+
+
+def start(spec, ctx) -> Session:
+    """Bring the task up: device, process group, checkpoint resume point, DeepSpeed config."""
+    dist = dist_env()
+    acc = resolve_accelerator(ctx.accelerator, dist, ctx.cluster)
+    device = activate(acc)
+    init_distributed(dist, acc)
+    if dist.rank == 0:
+        print(f"[engine] {dist.world_size} ranks on {dist.num_nodes} node(s), master {dist.master_addr}:"
+              f"{dist.master_port}, {acc.describe()}", flush=True)
+    session = Session(dist, acc, device, None, None, {}, ctx.run_dir)
+    train = spec.train
+    session.ckpt = CheckpointManager(ctx.run_dir / "checkpoints", dist.rank, dist.world_size, train.keep_last,
+                                     barrier=session.barrier)
+    # --fresh applies to the submission that asked for it, never again after a Slurm requeue of that job
+    fresh = train.fresh and int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) == 0
+    session.resume = session.ckpt.resume_point(fresh=fresh)
+    session.ds_config = ds_config(spec, dist.world_size, universal=bool(session.resume and session.resume.universal))
+    return session
+
+
+def initialize(session: Session, model, spec):
+    """deepspeed.initialize with AdamW over the trainable parameters only (frozen ones get no optimizer state)
+    and the spec's learning-rate schedule."""
+    import deepspeed
+    import torch
+
+    train = spec.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters: check train.lora / the workload's freezing")
+    opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train.scheduler, train.warmup_steps, train.steps))
+    engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                                 model_parameters=params, config=session.ds_config)
+    return engine
+
+
+def weights_checksum(engine) -> float:
+    """Sum of the trainable parameters in fp32 (gathered under ZeRO-3): equal weights give equal sums."""
+    import deepspeed
+    import torch
+
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    total = 0.0
+    ctx = deepspeed.zero.GatheredParameters(params) if hasattr(params[0], "ds_id") else nullcontext()
+    with ctx, torch.no_grad():
+        for p in params:
+            total += float(p.detach().float().sum())
+    return total
+
+
+# ---------------------------------------------------------------- the train loop
+@dataclass
+class Trainer:
+    session: Session
+    engine: object
+    spec: object
+    ctx: object
+    loss_fn: Callable            # loss_fn(engine, batch) -> scalar loss tensor
+    batch_fn: Callable           # batch_fn(step, micro) -> batch: depends only on (step, micro): resumable
+    history: list = field(default_factory=list)
+
+    def _mean_across_ranks(self, value: float) -> float:
+        import torch
+        import torch.distributed as tdist
+
+        if self.session.dist.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        tdist.all_reduce(t)
+        return float(t.item()) / self.session.dist.world_size
+
+    def _agree_preempt(self) -> bool:
+        import torch
+        import torch.distributed as tdist
+
+        flag = torch.tensor([1 if PREEMPT["signal"] else 0], dtype=torch.int32)
+        if self.session.dist.world_size > 1:
+            tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _metrics_file(self, start_step: int) -> Path:
+        path = self.ctx.run_dir / "metrics.csv"
+        if self.session.rank == 0 and path.exists():
+            # a resumed run repeats nothing: drop rows logged after the checkpoint it resumed from
+            rows = list(csv.DictReader(path.open()))
+            kept = [r for r in rows if int(r["step"]) <= start_step]
+            with path.open("w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "seconds"])
+                w.writeheader()
+                w.writerows(kept)
+        return path
+
+    def save(self, step: int) -> None:
+        meta = {"checksum": weights_checksum(self.engine)}
+        tag = self.session.ckpt.save(self.engine, step, {"step": step}, meta)
+        if self.session.rank == 0:
+            print(f"[engine] checkpoint {tag} saved", flush=True)
+
+    def fit(self) -> dict:
+        from tqdm import tqdm
+
+        train, ds = self.spec.train, self.spec.deepspeed
+        grad_accum = ds.grad_accum if ds else 1
+        start_step, resumed_checksum, saved_checksum = 0, None, None
+        point = self.session.resume
+        if point is not None:
+            client = self.session.ckpt.load(self.engine, point)
+            start_step = int(client.get("step", point.step))
+            saved_checksum = point.meta.get("checksum")
+            resumed_checksum = weights_checksum(self.engine)
+            if self.session.rank == 0:
+                how = " (universal format)" if point.universal else ""
+                print(f"[engine] resumed from {point.tag}{how} at step {start_step}", flush=True)
+        rank0 = self.session.rank == 0
+        metrics = self._metrics_file(start_step) if rank0 else None
+        writer = _tensorboard(self.ctx.run_dir / "tensorboard") if rank0 else None
+        bar = tqdm(total=train.steps, initial=start_step, disable=not rank0, mininterval=2, desc="train")
+        step = start_step
+        while step < train.steps:
+            t0 = time.time()
+            losses = []
+            for micro in range(grad_accum):
+                loss = self.loss_fn(self.engine, self.batch_fn(step, micro))
+                self.engine.backward(loss)
+                self.engine.step()
+                losses.append(float(loss.detach().float().item()))
+            step += 1
+            mean = self._mean_across_ranks(sum(losses) / len(losses))
+            lr = self.engine.get_lr()[0]
+            self.history.append({"step": step, "loss": mean})
+            if rank0:
+                new = not metrics.exists()
+                with metrics.open("a", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "seconds"])
+                    if new:
+                        w.writeheader()
+                    w.writerow({"step": step, "loss": repr(mean), "lr": lr, "seconds": round(time.time() - t0, 4)})
+                if writer:
+                    writer.add_scalar("train/loss", mean, step)
+                    writer.add_scalar("train/lr", lr, step)
+                bar.update(1)
+                bar.set_postfix(loss=f"{mean:.4f}")
+            preempt = self._agree_preempt()
+            if preempt or (train.checkpoint_every and step % train.checkpoint_every == 0) or step == train.steps:
+                self.save(step)
+            if preempt and step < train.steps:
+                bar.close()
+                self._requeue_or_stop(step)
+        bar.close()
+        if writer:
+            writer.close()
+        return {"steps": step, "start_step": start_step, "final_loss": self.history[-1]["loss"] if self.history
+                else None, "losses": [h["loss"] for h in self.history], "resumed_checksum": resumed_checksum,
+                "saved_checksum": saved_checksum, "checksum": weights_checksum(self.engine)}
+
+    def _requeue_or_stop(self, step: int) -> None:
+        import torch
+        import torch.distributed as tdist
+
+        cluster = self.ctx.cluster
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        ok = 0
+        if self.session.rank == 0 and self.ctx.executor == "slurm" and restarts < cluster.get("max_requeues", 0):
+            job = os.environ.get("SLURM_JOB_ID", "")
+            if os.environ.get("SLURM_ARRAY_JOB_ID"):
+                job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+            proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            ok = int(proc.returncode == 0)
+            print(f"[engine] checkpointed at step {step}; requeue {job} (restart {restarts + 1}/"
+                  f"{cluster.get('max_requeues')}): {'ok' if ok else proc.stderr.strip()}", flush=True)
+        flag = torch.tensor([ok], dtype=torch.int32)
+        if self.session.dist.world_size > 1:
+            tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+        if flag.item():
+            time.sleep(600)  # Slurm stops this allocation and runs the job again; it resumes from the checkpoint
+            raise Requeued(1)
+        raise Preempted(f"{PREEMPT['signal']} received: checkpoint saved at step {step}, not requeued "
+                        f"({'local executor' if self.ctx.executor != 'slurm' else f'{restarts} requeues used'}); "
+                        f"continue with: python launchers/submit.py SPEC --resume {self.ctx.run_dir}")
+
+
+def _tensorboard(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(folder))

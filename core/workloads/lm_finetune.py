@@ -1,0 +1,80 @@
+"""Causal-LM fine-tune of openPangu (full, or frozen base + LoRA via peft) on a text file: the first user of
+the engine. Batches depend only on (step, micro-step, rank), so a resumed run sees exactly the batches the
+uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def token_blocks(tokenizer, text_file: Path, seq_len: int):
+    """The file's lines, each as BOS + tokens + EOS, concatenated and cut into blocks of seq_len tokens."""
+    import torch
+
+    path = Path(text_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.path: text file {path} not found")
+    ids: list[int] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            ids += [tokenizer.bos_token_id] + tokenizer.encode(line.strip(), add_special_tokens=False) + \
+                   [tokenizer.eos_token_id]
+    n = len(ids) // seq_len
+    if n == 0:
+        raise ValueError(f"data.path: {path} has {len(ids)} tokens, fewer than model.seq_len={seq_len}")
+    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+
+
+def prepare_model_folder(spec, session) -> Path:
+    from core.models.pangu import write_tiny_pangu
+
+    folder = Path(spec.model.path or "")
+    if not spec.model.path:
+        raise ValueError("model.path: give the local model folder (config.json, *.safetensors, tokenizer.model)")
+    if spec.model.make_tiny and session.rank == 0:
+        write_tiny_pangu(folder, seed=spec.train.seed)
+    session.barrier()
+    return folder
+
+
+def run(spec, ctx) -> dict:
+    import torch
+
+    from core import engine as eng
+    from core.models.pangu import load_pangu, load_tokenizer
+
+    session = eng.start(spec, ctx)
+    folder = prepare_model_folder(spec, session)
+    tokenizer = load_tokenizer(folder)
+    blocks = token_blocks(tokenizer, Path(spec.data.path or ""), spec.model.seq_len)
+    torch.manual_seed(spec.train.seed)
+    session.enable_zero3_init()
+    dtype = torch.float32 if spec.deepspeed and spec.deepspeed.precision == "fp32" else torch.bfloat16
+    model = load_pangu(folder, dtype=dtype)
+    if spec.train.lora:
+        from peft import LoraConfig, get_peft_model
+
+        lora = spec.train.lora
+        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                 target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    engine = eng.initialize(session, model, spec)
+
+    micro, accum = spec.deepspeed.micro_batch, spec.deepspeed.grad_accum
+    world, rank, n = session.dist.world_size, session.rank, blocks.shape[0]
+
+    def batch_fn(step: int, m: int):
+        first = ((step * accum + m) * world + rank) * micro
+        rows = []
+        for i in range(first, first + micro):
+            epoch, pos = divmod(i, n)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(spec.data.seed * 100003 + epoch))
+            rows.append(blocks[order[pos]])
+        return torch.stack(rows).to(session.device)
+
+    def loss_fn(engine, batch):
+        return engine(input_ids=batch, labels=batch).loss
+
+    result = eng.Trainer(session, engine, spec, ctx, loss_fn, batch_fn).fit()
+    result.update(rank=rank, world_size=world, blocks=n, trainable=sum(p.numel() for p in engine.module.parameters()
+                                                                          if p.requires_grad))
+    return result
