@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from core.model_sizes import ModelSize
 
 GiB = 1024 ** 3
+REDUCE_BUCKET = 500_000_000  # DeepSpeed's default zero_optimization.reduce_bucket_size (elements)
 
 
 @dataclass(frozen=True)
@@ -79,5 +80,11 @@ def estimate(size: ModelSize, trainable: int, *, stage: int, precision: str, off
         cpu, states = (estimate_zero2_model_states_mem_needs(trainable, shards, nodes if stage else 1,
                                                              cpu_offload=offload_optimizer) if trainable else (0, 0))
         frozen = frozen_params * bytes_per_weight
+    if trainable and precision == "fp32":
+        # DeepSpeed's estimators assume 16-bit parameter replicas (2 B/param); fp32 training keeps 4 B/param
+        states += 2 * trainable / (n_dev * nodes if stage == 3 else 1)
+    if trainable and stage > 0:
+        # the gradient reduce bucket DeepSpeed allocates (reduce_bucket_size, default 5e8 elements)
+        states += min(REDUCE_BUCKET, trainable) * bytes_per_weight
     acts = activation_bytes(size, seq, micro_batch, checkpointing, precision != "fp32")
     return MemoryEstimate(float(states), float(frozen), float(acts), float(cpu), device_gib)

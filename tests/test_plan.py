@@ -102,7 +102,12 @@ def test_memory_estimate_refuses_full_finetune_without_zero_and_force_overrides(
     assert "does not fit" in str(e.value) and "--force" in str(e.value)
     plan = make_plan(spec, load_cluster("ascend_910b"), force=True)
     assert plan.memory.total > 64 * 1024 ** 3 and any("--force" in n for n in plan.notes)
-    # ZeRO-3 over 16 devices brings the same full fine-tune's model states down 16x (DeepSpeed's 18 B/param / N)
+    # ZeRO-3 over 16 devices brings the same full fine-tune's model states down 16x (DeepSpeed's 18 B/param / N,
+    # plus the gathered largest layer and DeepSpeed's 5e8-element reduce bucket in bf16)
     z3, _ = _ds_spec("deepspeed.stage=3")
     m3 = make_plan(z3, load_cluster("ascend_910b"), force=True).memory
-    assert m3.model_states == pytest.approx(4 * 628_228_096 + 18 * 8_030_887_936 / 16, rel=1e-6)
+    assert m3.model_states == pytest.approx(4 * 628_228_096 + 18 * 8_030_887_936 / 16 + 2 * 500_000_000, rel=1e-6)
+    # fp32 keeps 4-byte parameter replicas: 2 more bytes per parameter than DeepSpeed's 16-bit estimate
+    f32, _ = _ds_spec("deepspeed.stage=3", "deepspeed.precision=fp32")
+    m32 = make_plan(f32, load_cluster("ascend_910b"), force=True).memory
+    assert m32.model_states - m3.model_states == pytest.approx(2 * 8_030_887_936 / 16 + 2 * 500_000_000, rel=1e-6)
