@@ -255,7 +255,8 @@ class Trainer:
             writer.close()
         return {"steps": step, "start_step": start_step, "final_loss": self.history[-1]["loss"] if self.history
                 else None, "losses": [h["loss"] for h in self.history], "resumed_checksum": resumed_checksum,
-                "saved_checksum": saved_checksum, "checksum": weights_checksum(self.engine)}
+                "saved_checksum": saved_checksum, "checksum": weights_checksum(self.engine),
+                "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)}
 
     def _requeue_or_stop(self, step: int) -> None:
         import torch

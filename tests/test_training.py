@@ -222,3 +222,21 @@ def test_truncated_complete_checkpoint_is_a_clear_error(slurm, model_dir, logs):
     log = next((run_dir / "submitit").glob(f"{job2}_0_log.out")).read_text()
     assert "step00000020 is marked complete but cannot be loaded" in log
     assert victim.stat().st_size == 1000
+
+
+def test_real_time_limit_signal_requeues_and_finishes_every_step_once(slurm, model_dir, logs):
+    """A 1-minute job whose training needs longer: Slurm's own --signal=USR2@30 before the time limit makes
+    every rank save, the job requeues itself and the next run resumes; each step is trained exactly once."""
+    steps = 900
+    run_dir, job = submit(SPEC, "-c", "local_slurm", "--set", "name=timelimit", "--set", f"model.path={model_dir}",
+                          "--set", f"outputs.logs_dir={logs}", "--set", "resources.nodes=2",
+                          "--set", f"train.steps={steps}", "--set", "train.checkpoint_every=0",
+                          "--set", "resources.time=1")
+    assert finished(job, timeout=900) == "COMPLETED"
+    got = metrics(run_dir)
+    assert [s for s, _ in got] == list(range(1, steps + 1))
+    log = next((run_dir / "submitit").glob(f"{job}_0_log.out")).read_text()
+    assert log.count("received SIGUSR2") >= 1 and "requeue" in log
+    res = result(run_dir)
+    assert res["start_step"] > 0 and res["steps"] == steps
+    assert res["restart_count"] >= 1  # SLURM_RESTART_COUNT seen by the run that finished
