@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from core.runtime import fault_point
+
 MARKER = "COMPLETE"
 
 
@@ -163,7 +165,7 @@ class CheckpointManager:
                                exclude_frozen_parameters=True)
         torch.save(rng_state(), staging / tag / f"rng_rank{self.rank}.pt")
         self.barrier()
-        _fault_point("after_shards", step)
+        fault_point("after_shards", step)
         if self.rank == 0:
             info = {"step": step, "world_size": self.world_size, "time": time.time(),
                     "zero_stage": engine.zero_optimization_stage(), **(meta or {})}
@@ -201,13 +203,3 @@ class CheckpointManager:
         if rng_file.is_file() and not point.universal:
             set_rng_state(torch.load(rng_file, weights_only=False))
         return client or {}
-
-
-def _fault_point(name: str, step: int) -> None:
-    """Fault injection for the resume tests: MEDHPC_FAULT=kill@after_shards:<step> SIGKILLs this process there."""
-    spec = os.environ.get("MEDHPC_FAULT", "")
-    if spec == f"kill@{name}:{step}":
-        import signal
-
-        print(f"[fault] killing rank at {name} of step {step}", flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)

@@ -243,7 +243,7 @@ class Trainer:
                     writer.add_scalar("train/loss", mean, step)
                     writer.add_scalar("train/lr", lr, step)
                 bar.update(1)
-                bar.set_postfix(loss=f"{mean:.4f}")
+                bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
             preempt = self._agree_preempt()
             if preempt or (train.checkpoint_every and step % train.checkpoint_every == 0) or step == train.steps:
                 self.save(step)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from core.spec import Cluster, JobSpec, SpecError
+from core.workloads import WORKLOADS
 
 
 @dataclass
@@ -119,8 +120,28 @@ def _memory(spec: JobSpec, cluster: Cluster, tasks_per_node: int):
                     device_gib=cluster.device_mem_gb if cluster.accelerator != "cpu" else None)
 
 
+def workload_shape(spec: JobSpec, source: str, resume_dir=None):
+    """The workload's own steps and items (layers, ratios), from its torch-free planner, if it has one."""
+    import importlib
+
+    from core.spec import FieldError
+    from core.workloads import WORKLOADS
+
+    ref = WORKLOADS[spec.workload].shape
+    if ref is None:
+        if resume_dir is not None:
+            raise SpecError(source, [("--resume-missing", f"workload '{spec.workload}' has no per-item results "
+                                                          f"to complete; use --resume")])
+        return None
+    module, func = ref.split(":")
+    try:
+        return getattr(importlib.import_module(module), func)(spec, resume_dir)
+    except FieldError as e:
+        raise SpecError(source, [(e.field, e.message)]) from None
+
+
 def make_plan(spec: JobSpec, cluster: Cluster, source: str = "spec", force: bool = False,
-              limits: Optional[dict[str, int]] = None) -> Plan:
+              limits: Optional[dict[str, int]] = None, resume_dir=None) -> Plan:
     res = spec.resources
     notes: list[str] = []
     nodes = res.nodes
@@ -138,15 +159,31 @@ def make_plan(spec: JobSpec, cluster: Cluster, source: str = "spec", force: bool
                   minutes=res.minutes)
 
     if limits is None:
-        limits = slurm_limits() if cluster.executor == "slurm" and res.array else {}
+        limits = slurm_limits() if cluster.executor == "slurm" and (res.array or WORKLOADS[spec.workload].shape) else {}
     max_array = limits.get("MaxArraySize", cluster.max_array_size)
     steps: list[Step] = []
-    if res.array is None:
+    shape = workload_shape(spec, source, resume_dir)
+    arr = res.array
+    if shape is not None:
+        notes += shape.notes
+        if shape.pre:
+            steps.append(Step(shape.pre, shape.pre, **common))
+    if shape is not None and shape.items is None:
+        steps.append(Step("main", "run", after=[s.name for s in steps], **common))
+        if shape.merge:
+            steps.append(Step("merge", "merge", nodes=1, tasks_per_node=1, cpus_per_task=cpus, mem_gb=res.mem_gb,
+                              minutes=res.minutes, after=["main"]))
+    elif arr is None and shape is None:
         steps.append(Step("main", "run", **common))
     else:
-        arr = res.array
-        items = arr.item_list()
-        per = arr.items_per_task
+        if shape is not None:
+            items, per = shape.items, shape.items_per_task
+        else:
+            if arr.items is None:
+                raise SpecError(source, [("resources.array.items", "give a count or a list of items")])
+            items, per = arr.item_list(), arr.items_per_task
+        parallelism_spec = arr.parallelism if arr else None
+        merge = shape.merge if shape is not None else arr.merge
         task_items = [items[i:i + per] for i in range(0, len(items), per)]
         job_limit = min(x for x in (cluster.max_jobs_per_user, limits.get("MaxJobCount")) if x) \
             if (cluster.max_jobs_per_user or limits.get("MaxJobCount")) else None
@@ -157,14 +194,15 @@ def make_plan(spec: JobSpec, cluster: Cluster, source: str = "spec", force: bool
                                       f"per user, which splitting into several arrays cannot get around; "
                                       f"set resources.array.items_per_task to at least {need}")])
         chunks = chunk_ranges(len(task_items), max_array)
-        parallelism = arr.parallelism
+        parallelism = parallelism_spec
         if len(chunks) > 1:
             notes.append(f"{len(task_items)} tasks exceed MaxArraySize={max_array}: submitted as {len(chunks)} arrays")
             if parallelism:  # Slurm throttles each array on its own: share the limit between the chunks
                 parallelism = max(1, parallelism // len(chunks))
-                notes.append(f"throttle {arr.parallelism} shared by {len(chunks)} arrays: %{parallelism} each")
-        steps.append(Step("main", "run", task_items=task_items, chunks=chunks, parallelism=parallelism, **common))
-        if arr.merge:
+                notes.append(f"throttle {parallelism_spec} shared by {len(chunks)} arrays: %{parallelism} each")
+        steps.append(Step("main", "run", task_items=task_items, chunks=chunks, parallelism=parallelism,
+                          after=[s.name for s in steps], **common))
+        if merge:
             steps.append(Step("merge", "merge", nodes=1, tasks_per_node=1, cpus_per_task=cpus, mem_gb=res.mem_gb,
                               minutes=res.minutes, after=["main"]))
 

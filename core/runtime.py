@@ -19,6 +19,19 @@ from pathlib import Path
 from typing import Any, Optional
 
 
+def fault_point(name: str, value) -> None:
+    """Fault injection for the resume and merge tests, off unless MEDHPC_FAULT names this point:
+    `kill@<name>:<value>` SIGKILLs the process there, `fail@<name>:<value>` raises."""
+    spec = os.environ.get("MEDHPC_FAULT", "")
+    if spec == f"kill@{name}:{value}":
+        import signal
+
+        print(f"[fault] SIGKILL at {name} {value}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    if spec == f"fail@{name}:{value}":
+        raise RuntimeError(f"[fault] injected failure at {name} {value} (MEDHPC_FAULT)")
+
+
 # Set by the SIGUSR1/SIGUSR2 handler (Slurm's --signal before the time limit, or a preemption notice); the
 # training loop acts on it at a step boundary, after the ranks agree (core.engine.Trainer).
 PREEMPT: dict = {"signal": None}

@@ -58,8 +58,18 @@ def parse_minutes(value: Union[int, float, str]) -> int:
     return int(days or 0) * 1440 + minutes
 
 
+class FieldError(ValueError):
+    """A problem found while planning, tied to one spec field (the plan adds the file name)."""
+
+    def __init__(self, field: str, message: str):
+        self.field, self.message = field, message
+        super().__init__(f"{field}: {message}")
+
+
 class ArraySpec(Strict):
-    items: Union[PositiveInt, list[Any]] = Field(description="a count n (items 0..n-1) or an explicit list")
+    items: Union[PositiveInt, list[Any], None] = Field(
+        None, description="a count n (items 0..n-1) or an explicit list; workloads that make their own items "
+                          "(layers, ratios) leave it out")
     items_per_task: PositiveInt = 1
     parallelism: Optional[PositiveInt] = Field(None, description="throttle: at most this many tasks at once (%N)")
     merge: bool = Field(False, description="add a merge step that runs after every task succeeded (afterok)")
@@ -72,6 +82,8 @@ class ArraySpec(Strict):
         return v
 
     def item_list(self) -> list[Any]:
+        if self.items is None:
+            return []
         return list(range(self.items)) if isinstance(self.items, int) else list(self.items)
 
 
@@ -147,6 +159,36 @@ class TrainSection(Strict):
     lora: Optional[LoraSpec] = Field(None, description="frozen base + LoRA adapters (peft); omit for full fine-tune")
 
 
+class ScanSection(Strict):
+    prompts: str = Field(description="text file, one prompt per line (Chinese and English both fine)")
+    metric: Literal["logprob", "kl", "bi", "angular"] = Field(
+        "logprob", description="logprob / kl: one masked pass per layer (array); bi / angular: one pass for all")
+    mode: Literal["qv", "v", "attn", "block"] = "qv"
+    layers: Optional[list[int]] = Field(None, description="layers to scan (default: all)")
+    layers_per_task: PositiveInt = 1
+    max_prompt_tokens: PositiveInt = 64
+    reuse_hidden: bool = Field(True, description="start each masked pass at its layer from the baseline's hidden states")
+    mark_ratio: float = Field(0.25, gt=0, lt=1, description="share of least sensitive layers marked in the plot")
+    dtype: Literal["bf16", "fp32"] = "bf16"
+
+
+class PruneSection(Strict):
+    heldout: str = Field(description="held-out text file for perplexity and log-prob distance")
+    sensitivity_csv: Optional[str] = Field(None, description="sensitivity.csv of a scan run (least sensitive go first)")
+    ratios: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3])
+    layers: Optional[list[int]] = Field(None, description="explicit layers to remove instead of ratios")
+    max_tokens: PositiveInt = 128
+    dtype: Literal["bf16", "fp32"] = "bf16"
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios(cls, v):
+        bad = [r for r in v if not 0 < r < 1]
+        if bad or not v:
+            raise ValueError(f"every ratio must lie in (0, 1), got {bad or v}; e.g. [0.1, 0.2, 0.3]")
+        return v
+
+
 class Outputs(Strict):
     logs_dir: str = Field("logs", description="run folders go to <logs_dir>/<name>/<jobid>/ (relative to the repo)")
 
@@ -159,6 +201,8 @@ class JobSpec(Strict):
     data: DataSpec = Field(default_factory=DataSpec)
     smoke: Optional[SmokeSection] = None
     train: Optional[TrainSection] = None
+    scan: Optional[ScanSection] = None
+    prune: Optional[PruneSection] = None
     resources: Resources = Field(default_factory=Resources)
     deepspeed: Optional[DeepSpeedSpec] = None
     outputs: Outputs = Field(default_factory=Outputs)
@@ -180,7 +224,11 @@ class JobSpec(Strict):
             if getattr(self, other) is not None:
                 raise ValueError(f"section '{other}' belongs to another workload, not '{self.workload}'; remove it")
         if info.section and getattr(self, info.section) is None:  # the workload's own section, with defaults
-            self.__dict__[info.section] = type(self).model_fields[info.section].annotation.__args__[0]()
+            cls = type(self).model_fields[info.section].annotation.__args__[0]
+            if any(f.is_required() for f in cls.model_fields.values()):
+                raise ValueError(f"workload '{self.workload}' needs a '{info.section}:' section "
+                                 f"(required: {', '.join(n for n, f in cls.model_fields.items() if f.is_required())})")
+            self.__dict__[info.section] = cls()
         if self.resources.array and self.resources.array.merge and not info.has_merge:
             raise ValueError(f"resources.array.merge: workload '{self.workload}' has no merge step; remove 'merge'")
         return self

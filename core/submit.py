@@ -43,9 +43,13 @@ class Submission:
         return self.run_dir.name
 
 
+def spec_logs_root(spec) -> Path:
+    p = Path(spec.outputs.logs_dir)
+    return (p if p.is_absolute() else REPO / p) / spec.name
+
+
 def logs_root(plan: Plan) -> Path:
-    p = Path(plan.spec.outputs.logs_dir)
-    return (p if p.is_absolute() else REPO / p) / plan.spec.name
+    return spec_logs_root(plan.spec)
 
 
 def _slurm_parameters(plan: Plan, step: Step, dependency: Optional[str], run_dir: str) -> dict:
@@ -157,17 +161,18 @@ def _local_failed(jobs: list) -> bool:
     return any(j.state not in ("DONE", "FINISHED", "COMPLETED") or j.exception() is not None for j in jobs)
 
 
-def find_run(plan: Plan, run_dir: Optional[str]) -> Path:
+def find_run(spec, run_dir: Optional[str]) -> Path:
     """The run folder to resume: the one given, else the newest run of this spec's name that has a record."""
+    root = spec_logs_root(spec)
     if run_dir:
         p = Path(run_dir)
         if not (p / "run.json").is_file():
             raise FileNotFoundError(f"--resume {run_dir}: no run.json there; give a run folder logs/<name>/<id>")
-        return p
-    runs = sorted((d for d in logs_root(plan).glob("*") if (d / "run.json").is_file()),
+        return p.resolve()
+    runs = sorted((d for d in root.glob("*") if (d / "run.json").is_file() and not d.is_symlink()),
                   key=lambda d: (d / "run.json").stat().st_mtime)
     if not runs:
-        raise FileNotFoundError(f"--resume: no earlier run of '{plan.spec.name}' under {logs_root(plan)}")
+        raise FileNotFoundError(f"--resume: no earlier run of '{spec.name}' under {root}")
     return runs[-1]
 
 
@@ -210,6 +215,10 @@ def submit(plan: Plan, raw_spec: dict, spec_file: str, resume_dir: Optional[Path
     tmp = run_dir / ".run.json.tmp"
     tmp.write_text(json.dumps(record, indent=1, default=str))
     os.replace(tmp, run_dir / "run.json")
+    link = run_dir.parent / ".latest.tmp"
+    link.unlink(missing_ok=True)
+    link.symlink_to(run_dir.name)
+    os.replace(link, run_dir.parent / "latest")  # logs/<name>/latest -> the newest run folder
     return Submission(run_dir, record, jobs)
 
 

@@ -27,6 +27,9 @@ def parse_args(argv=None):
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
                    help="run again in an existing run folder (default: the newest run of this spec) and continue "
                         "from its newest complete checkpoint")
+    p.add_argument("--resume-missing", nargs="?", const="", default=None, metavar="RUN_DIR",
+                   help="array workloads (sensitivity scan): submit only the items of a run that have no result, "
+                        "plus a new merge (default run: the newest of this spec)")
     p.add_argument("--fresh", action="store_true",
                    help="with --resume: move the run's checkpoints aside and start over (never implicit)")
     p.add_argument("--wait", action="store_true", help="wait for the jobs and print their results (always on locally)")
@@ -44,8 +47,16 @@ def main(argv=None) -> int:
     try:
         spec, raw = load_spec(args.spec, overrides)
         cluster = load_cluster(args.cluster)
-        plan = make_plan(spec, cluster, source=args.spec, force=args.force)
+        resume_dir = None
+        if args.resume is not None or args.resume_missing is not None:
+            from core.submit import find_run
+
+            resume_dir = find_run(spec, args.resume if args.resume is not None else args.resume_missing)
+        plan = make_plan(spec, cluster, source=args.spec, force=args.force,
+                         resume_dir=resume_dir if args.resume_missing is not None else None)
     except SpecError as e:
+        fail(f"{e}\nnothing was submitted")
+    except FileNotFoundError as e:
         fail(f"{e}\nnothing was submitted")
     shape = f"{plan.steps[0].nodes} node(s) x {plan.steps[0].tasks_per_node} task(s)"
     print(f"validated {args.spec}  ({spec.name}, {shape}, {cluster.accelerator} on {cluster.name})")
@@ -64,12 +75,7 @@ def main(argv=None) -> int:
         print("dry run: nothing submitted")
         return 0
 
-    resume_dir = None
-    if args.resume is not None:
-        try:
-            resume_dir = sub.find_run(plan, args.resume or None)
-        except FileNotFoundError as e:
-            fail(f"{e}\nnothing was submitted")
+    if resume_dir is not None:
         print(f"resuming in {resume_dir}")
     try:
         submission = sub.submit(plan, raw, args.spec, resume_dir)

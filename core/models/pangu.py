@@ -16,6 +16,7 @@ from typing import Optional
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_CORPUS = REPO / "jobs" / "tiny" / "data" / "corpus.txt"
+TINY_LAYERS = 4
 
 # PanguEmbedded config.json keys -> LlamaConfig keywords (the rest share names)
 _RENAMED = {"bias": "attention_bias"}
@@ -44,7 +45,7 @@ def read_config(folder) -> dict:
     return json.loads(f.read_text())
 
 
-def load_pangu(folder, dtype=None, device: Optional[str] = None):
+def load_pangu(folder, dtype=None, device: Optional[str] = None, **kwargs):
     """LlamaForCausalLM with the folder's weights (bf16 by default). Under an active HfDeepSpeedConfig with
     ZeRO-3, transformers builds it inside deepspeed.zero.Init, so each rank only ever holds its shard."""
     import torch
@@ -55,7 +56,7 @@ def load_pangu(folder, dtype=None, device: Optional[str] = None):
     if not any(folder.glob("*.safetensors")):
         raise ModelFolderError(f"{folder}: no *.safetensors weights")
     model = LlamaForCausalLM.from_pretrained(folder, config=config, dtype=dtype or torch.bfloat16,
-                                             use_safetensors=True)
+                                             use_safetensors=True, **kwargs)
     return model.to(device) if device else model
 
 
@@ -104,7 +105,7 @@ def tiny_config(vocab_size: int, layers: int = 4, hidden: int = 64, heads: int =
     }
 
 
-def write_tiny_pangu(folder, layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
+def write_tiny_pangu(folder, layers: int = TINY_LAYERS, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
                      intermediate: int = 128, seed: int = 0) -> Path:
     """Write a tiny openPangu-shaped model folder (config.json, model.safetensors with inv_freq buffers as the
     real shards carry, tokenizer.model). Idempotent: an existing complete folder is left alone."""

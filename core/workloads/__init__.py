@@ -13,9 +13,16 @@ class WorkloadInfo:
     module: str
     section: str | None = None  # the spec section this workload reads (e.g. "smoke")
     has_merge: bool = False
+    # "module:function" of a torch-free planner: (spec, resume_run_dir|None) -> core.workloads.shapes.Shape,
+    # for workloads that make their own array items (layers, ratios) and steps (baseline, merge)
+    shape: str | None = None
 
 
 WORKLOADS: dict[str, WorkloadInfo] = {
     "smoke": WorkloadInfo("core.workloads.smoke", section="smoke", has_merge=True),
     "lm_finetune": WorkloadInfo("core.workloads.lm_finetune", section="train"),
+    "sensitivity": WorkloadInfo("core.workloads.sensitivity", section="scan", has_merge=True,
+                                shape="core.workloads.shapes:sensitivity"),
+    "prune": WorkloadInfo("core.workloads.prune", section="prune", has_merge=True,
+                          shape="core.workloads.shapes:prune"),
 }

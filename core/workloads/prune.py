@@ -1,0 +1,161 @@
+"""Layer pruning of openPangu and its evaluation, one Slurm array task per ratio.
+
+Each task removes the least sensitive layers at its ratio (from a scan's sensitivity.csv), or an explicit
+`prune.layers` list, writes a model folder that transformers loads with `from_pretrained` (safetensors with the
+surviving layers renumbered, config.json with the new layer count, the tokenizer copied, and `pruning.json`
+naming the original layers that survived), then evaluates it on held-out text: perplexity, and the log-prob
+distance to the unpruned model (the scan's `logprob` metric). Item 0.0 evaluates the unpruned model. The merge
+writes `pruning_eval.csv` and a plot of quality against ratio.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+from core.workloads.shapes import text_lines
+
+
+def layers_to_remove(spec, ratio, total: int) -> list[int]:
+    import pandas as pd
+
+    if ratio == "layers":
+        return sorted(set(spec.prune.layers))
+    if not ratio:
+        return []
+    df = pd.read_csv(spec.prune.sensitivity_csv)
+    missing = sorted(set(range(total)) - set(df["layer"]))
+    if missing:
+        raise ValueError(f"prune.sensitivity_csv: no sensitivity for layers {missing} of {total}")
+    return sorted(df.nsmallest(round(ratio * total), "mean")["layer"].tolist())
+
+
+def write_pruned(src: Path, dst: Path, remove: list[int]) -> dict:
+    """A loadable model folder without the layers in `remove` (renumbered), plus pruning.json."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    cfg = json.loads((src / "config.json").read_text())
+    total = cfg["num_hidden_layers"]
+    keep = [i for i in range(total) if i not in set(remove)]
+    new_index = {old: new for new, old in enumerate(keep)}
+    tensors = {}
+    for f in sorted(src.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():
+                parts = key.split(".")
+                if key.startswith("model.layers."):
+                    old = int(parts[2])
+                    if old not in new_index:
+                        continue
+                    parts[2] = str(new_index[old])
+                tensors[".".join(parts)] = st.get_tensor(key)
+    dst.mkdir(parents=True, exist_ok=True)
+    tmp = dst / ".model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, dst / "model.safetensors")
+    (dst / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": len(keep)}, indent=2))
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    record = {"source": str(src), "original_layers": total, "removed": sorted(remove), "kept_original_layers": keep}
+    (dst / "pruning.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def evaluate(model, tokenizer, lines: list[str], max_tokens: int, device, reference=None) -> dict:
+    """Perplexity over the held-out lines; with `reference` (per-line next-token log-probs of the unpruned model),
+    also the mean absolute log-prob distance to it."""
+    import torch
+
+    nll, count, dists, per_line = 0.0, 0, [], []
+    with torch.no_grad():
+        for i, line in enumerate(lines):
+            ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer.encode(line, add_special_tokens=False)])
+            ids = ids[:, :max_tokens].to(device)
+            if ids.shape[1] < 2:
+                continue
+            lp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+            target = lp[:-1].gather(1, ids[0, 1:].unsqueeze(1)).squeeze(1)
+            nll -= target.sum().item()
+            count += target.numel()
+            per_line.append(target.cpu())
+            if reference is not None:
+                dists.append((target.cpu() - reference[i]).abs().mean().item())
+    out = {"perplexity": math.exp(nll / max(count, 1)), "tokens": count, "per_line": per_line}
+    if reference is not None:
+        out["logprob_distance"] = sum(dists) / len(dists)
+    return out
+
+
+def run(spec, ctx) -> dict:
+    import torch
+
+    from core.models.pangu import load_pangu, load_tokenizer, write_tiny_pangu
+    from core.workloads.sensitivity import _device
+
+    pr = spec.prune
+    src = Path(spec.model.path)
+    if spec.model.make_tiny:
+        write_tiny_pangu(src)
+    device = _device(ctx)
+    dtype = torch.float32 if pr.dtype == "fp32" else torch.bfloat16
+    tok = load_tokenizer(src)
+    lines = text_lines(pr.heldout, "prune.heldout")
+    base_model = load_pangu(src, dtype=dtype).to(device).eval()
+    total = base_model.config.num_hidden_layers
+    base = evaluate(base_model, tok, lines, pr.max_tokens, device)
+    results = []
+    for ratio in ctx.items:
+        remove = layers_to_remove(spec, ratio, total)
+        if not remove:
+            res = {k: v for k, v in base.items() if k != "per_line"}
+            res.update(logprob_distance=0.0, folder=str(src), layers=total)
+        else:
+            label = "layers" if ratio == "layers" else f"{ratio:.2f}"
+            folder = ctx.path("pruned", f"ratio_{label}")
+            record = write_pruned(src, folder, remove)
+            pruned = load_pangu(folder, dtype=dtype).to(device).eval()
+            res = evaluate(pruned, tok, lines, pr.max_tokens, device, reference=base["per_line"])
+            res.pop("per_line")
+            res.update(folder=str(folder), layers=len(record["kept_original_layers"]),
+                       params=sum(p.numel() for p in pruned.parameters()))
+            del pruned
+        res.update(ratio=ratio, removed=remove)
+        results.append(res)
+        out = ctx.path("evals", f"ratio_{ratio}.json")
+        out.write_text(json.dumps(res, indent=1))
+        print(f"[prune] ratio {ratio}: removed {remove} -> perplexity {res['perplexity']:.3f}, "
+              f"log-prob distance {res['logprob_distance']:.4f}", flush=True)
+    return {"results": results}
+
+
+def merge(spec, ctx) -> dict:
+    import matplotlib
+    import pandas as pd
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(p.read_text()) for p in sorted((ctx.run_dir / "evals").glob("ratio_*.json"))]
+    df = pd.DataFrame([{"ratio": r["ratio"], "layers": r["layers"], "removed": " ".join(map(str, r["removed"])),
+                        "perplexity": r["perplexity"], "logprob_distance": r["logprob_distance"],
+                        "folder": r["folder"]} for r in rows])
+    df = df.sort_values("ratio", key=lambda s: s.map(lambda v: -1 if v == "layers" else float(v)))
+    csv = ctx.path("pruning_eval.csv")
+    df.to_csv(csv, index=False)
+    numeric = df[df["ratio"] != "layers"]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(numeric["ratio"].astype(float), numeric["perplexity"], "o-", label="perplexity")
+    ax.set_xlabel("pruning ratio")
+    ax.set_ylabel("held-out perplexity")
+    ax2 = ax.twinx()
+    ax2.plot(numeric["ratio"].astype(float), numeric["logprob_distance"], "s--", color="tab:red")
+    ax2.set_ylabel("log-prob distance to unpruned", color="tab:red")
+    fig.tight_layout()
+    png = ctx.path("pruning_eval.png")
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return {"csv": str(csv), "png": str(png), "rows": len(df)}
