@@ -207,8 +207,12 @@ def hidden_metrics(model, prompts: list, device) -> dict[int, dict[str, list[flo
 
 
 def run(spec, ctx) -> dict:
+    import time
+
+    t0 = time.time()
     scan = spec.scan
     model, tok, device = load(spec, ctx, scan.dtype)
+    load_s = time.time() - t0
     if scan.metric in ("bi", "angular"):
         prompts = encode(tok, text_lines(scan.prompts, "scan.prompts"), scan.max_prompt_tokens)
         layers = scan.layers if scan.layers is not None else list(range(len(model.model.layers)))
@@ -219,12 +223,14 @@ def run(spec, ctx) -> dict:
     from core.runtime import fault_point
 
     base = read_baseline(ctx.run_dir)
+    t1 = time.time()
     for layer in ctx.items:
         fault_point("layer", layer)
         values = scan_layer(model, base, layer, scan.mode, scan.reuse_hidden, device)
         write_layer(ctx.run_dir, layer, scan.metric, values[scan.metric], {"mode": scan.mode})
         print(f"[sensitivity] layer {layer}: {scan.metric} {sum(values[scan.metric]) / len(base):.6f}", flush=True)
-    return {"layers": list(ctx.items), "metric": scan.metric, "mode": scan.mode}
+    return {"layers": list(ctx.items), "metric": scan.metric, "mode": scan.mode, "load_s": round(load_s, 3),
+            "scan_s": round(time.time() - t1, 3)}
 
 
 # ---------------------------------------------------------------- merge

@@ -1,0 +1,141 @@
+#!/usr/bin/env python
+"""Sensitivity scan costs, measured in one run on the local Slurm (bash slurm/local_cluster.sh up):
+
+1. decoder-layer evaluations for a whole scan (34-layer openPangu shape, narrow): starting each masked pass at
+   its layer from the baseline's hidden states vs the naive L full forward passes (target <= 0.55x), with
+   identical per-layer results;
+2. wall time of the scan as a Slurm array on the two local nodes vs the same scan in one process (target <= 0.65x);
+3. per-task overhead (Slurm start + imports + model load) as a share of each array task's wall time, for the tiny
+   model and a ~300M-parameter Pangu shape, with layers_per_task 1 and 4.
+
+  .venv/bin/python bench/sensitivity_scan.py [--skip-300m]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+PY = sys.executable
+
+
+def count_evaluations(tmp: Path) -> None:
+    import torch
+
+    from core.models.pangu import write_tiny_pangu
+    from core.runtime import TaskContext
+    from core.spec import load_spec
+    from core.workloads import sensitivity as sens
+
+    folder = write_tiny_pangu(tmp / "p34", layers=34, hidden=64, intermediate=128)
+    results, counts = {}, {}
+    for reuse in (True, False):
+        spec, _ = load_spec(REPO / "jobs/tiny/pangu_sensitivity.yaml",
+                            (f"model.path={folder}", "model.make_tiny=false", f"scan.reuse_hidden={str(reuse).lower()}"))
+        run_dir = tmp / f"scan_{reuse}"
+        ctx = TaskContext(run_dir=run_dir, step="main", job_id="bench", root_id="bench", items=list(range(34)))
+        run_dir.mkdir(parents=True)
+        sens.baseline(spec, ctx)
+        model, _, device = sens.load(spec, ctx, spec.scan.dtype)
+        n = [0]
+        for layer in model.model.layers:
+            layer.register_forward_pre_hook(lambda *a: n.__setitem__(0, n[0] + 1))
+        base = sens.read_baseline(run_dir)
+        results[reuse] = [sens.scan_layer(model, base, layer, "qv", reuse, device)["logprob"] for layer in range(34)]
+        counts[reuse] = n[0]
+    same = all(abs(a - b) <= 1e-6 for x, y in zip(results[True], results[False]) for a, b in zip(x, y))
+    print(f"decoder-layer evaluations, 34 layers x {len(base)} prompts: from-layer {counts[True]} vs naive "
+          f"{counts[False]} = {counts[True] / counts[False]:.3f}x (target <= 0.55x); identical results: {same}")
+
+
+def submit(spec: str, *sets: str) -> Path:
+    out = subprocess.run([PY, "launchers/submit.py", spec, "-c", "local_slurm", *[x for s in sets for x in ("--set", s)]],
+                         capture_output=True, text=True, cwd=REPO, check=True).stdout
+    return Path(next(ln for ln in out.splitlines() if ln.startswith("run folder: ")).split(": ", 1)[1])
+
+
+def wait_merge(run_dir: Path, timeout=3600) -> float:
+    rec = json.loads((run_dir / "run.json").read_text())
+    merge = [s for s in rec["steps"] if s["name"] == "merge"][0]["job_ids"][0]
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", merge, "-o", "State"], capture_output=True, text=True).stdout
+        if out.strip() in ("COMPLETED", "FAILED", "CANCELLED"):
+            assert out.strip() == "COMPLETED", f"merge {merge}: {out}"
+            return time.time()
+        time.sleep(0.5)
+    raise TimeoutError(run_dir)
+
+
+def task_overheads(run_dir: Path) -> list[float]:
+    rec = json.loads((run_dir / "run.json").read_text())
+    arr = [s for s in rec["steps"] if s["name"] == "main"][0]["job_ids"][0]
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", arr, "-o", "JobID,ElapsedRaw"], capture_output=True,
+                         text=True).stdout
+    elapsed = {ln.split("|")[0]: int(ln.split("|")[1]) for ln in out.split()}
+    shares = []
+    for p in (run_dir / "tasks").glob("main-*.json"):
+        t = json.loads(p.read_text())
+        jid = next((k for k in elapsed if k.endswith(f"_{t['task_index']}")), None)
+        if jid and elapsed[jid] > 0:
+            shares.append(max(0.0, 1 - t["result"]["scan_s"] / elapsed[jid]))
+    return shares
+
+
+def wall_array_vs_inprocess(tmp: Path, label: str, folder: Path, per_task: int) -> None:
+    from core.runtime import TaskContext
+    from core.spec import load_spec
+    from core.workloads import sensitivity as sens
+
+    sets = (f"model.path={folder}", "model.make_tiny=false", f"outputs.logs_dir={tmp / 'logs'}",
+            f"scan.layers_per_task={per_task}", "resources.array.parallelism=2", "scan.dtype=bf16")
+    spec, _ = load_spec(REPO / "jobs/tiny/pangu_sensitivity.yaml", sets)
+    t0 = time.time()
+    run_dir = tmp / f"inproc_{label}_{per_task}"
+    run_dir.mkdir()
+    n_layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+    subprocess.run([PY, "-c", (
+        "import sys; sys.path.insert(0, %r)\n"
+        "from core.spec import load_spec\nfrom core.runtime import TaskContext\nfrom core.workloads import sensitivity as s\n"
+        "spec, _ = load_spec(%r, %r)\n"
+        "mk = lambda step, items=None: TaskContext(run_dir=__import__('pathlib').Path(%r), step=step, job_id='x', root_id='x', items=items)\n"
+        "s.baseline(spec, mk('baseline')); s.run(spec, mk('main', list(range(%d)))); s.merge(spec, mk('merge'))\n"
+    ) % (str(REPO), str(REPO / "jobs/tiny/pangu_sensitivity.yaml"), sets, str(run_dir), n_layers)], check=True,
+        capture_output=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "2"})
+    inproc = time.time() - t0
+    t0 = time.time()
+    arr_dir = submit("jobs/tiny/pangu_sensitivity.yaml", *sets)
+    array = wait_merge(arr_dir) - t0
+    shares = task_overheads(arr_dir)
+    print(f"{label} ({n_layers} layers), layers_per_task={per_task}: array on n1+n2 {array:.1f} s vs one process "
+          f"{inproc:.1f} s = {array / inproc:.2f}x (target <= 0.65x); per-task overhead "
+          f"{100 * sum(shares) / max(len(shares), 1):.0f}% of task wall time ({len(shares)} tasks)")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--skip-300m", action="store_true")
+    args = ap.parse_args()
+    subprocess.run(["bash", str(REPO / "slurm/local_cluster.sh"), "up"], check=True, capture_output=True)
+    from core.models.pangu import write_tiny_pangu
+
+    with tempfile.TemporaryDirectory(dir=REPO / "logs") as t:
+        tmp = Path(t)
+        count_evaluations(tmp)
+        tiny = write_tiny_pangu(tmp / "tiny6", layers=6)
+        for per in (1, 3):
+            wall_array_vs_inprocess(tmp, "tiny", tiny, per)
+        if not args.skip_300m:
+            mid = write_tiny_pangu(tmp / "p300m", layers=12, hidden=1536, heads=16, kv_heads=4, intermediate=4096)
+            for per in (1, 4):
+                wall_array_vs_inprocess(tmp, "300M", mid, per)
+
+
+if __name__ == "__main__":
+    main()
