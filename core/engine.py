@@ -186,10 +186,11 @@ class Trainer:
         path = self.ctx.run_dir / "metrics.csv"
         if self.session.rank == 0 and path.exists():
             # a resumed run repeats nothing: drop rows logged after the checkpoint it resumed from
-            rows = list(csv.DictReader(path.open()))
+            reader = csv.DictReader(path.open())
+            rows = list(reader)
             kept = [r for r in rows if int(r["step"]) <= start_step]
             with path.open("w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "seconds"])
+                w = csv.DictWriter(f, fieldnames=reader.fieldnames)
                 w.writeheader()
                 w.writerows(kept)
         return path
@@ -222,26 +223,32 @@ class Trainer:
         step = start_step
         while step < train.steps:
             t0 = time.time()
-            losses = []
+            losses, extras = [], {}
             for micro in range(grad_accum):
-                loss = self.loss_fn(self.engine, self.batch_fn(step, micro))
+                out = self.loss_fn(self.engine, self.batch_fn(step, micro))
+                loss = out["loss"] if isinstance(out, dict) else out
                 self.engine.backward(loss)
                 self.engine.step()
                 losses.append(float(loss.detach().float().item()))
+                for k, v in (out.items() if isinstance(out, dict) else ()):
+                    if k != "loss" and hasattr(v, "numel") and v.numel() == 1:
+                        extras.setdefault(k, []).append(float(v.detach().float().item()))
             step += 1
             mean = self._mean_across_ranks(sum(losses) / len(losses))
+            parts = {k: self._mean_across_ranks(sum(v) / len(v)) for k, v in sorted(extras.items())}
             lr = self.engine.get_lr()[0]
-            self.history.append({"step": step, "loss": mean})
+            self.history.append({"step": step, "loss": mean, **parts})
             if rank0:
                 new = not metrics.exists()
                 with metrics.open("a", newline="") as f:
-                    w = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "seconds"])
+                    w = csv.DictWriter(f, fieldnames=["step", "loss", *parts, "lr", "seconds"])
                     if new:
                         w.writeheader()
-                    w.writerow({"step": step, "loss": repr(mean), "lr": lr, "seconds": round(time.time() - t0, 4)})
+                    w.writerow({"step": step, "loss": repr(mean), **{k: repr(v) for k, v in parts.items()}, "lr": lr,
+                                "seconds": round(time.time() - t0, 4)})
                 if writer:
-                    writer.add_scalar("train/loss", mean, step)
-                    writer.add_scalar("train/lr", lr, step)
+                    for k, v in {"loss": mean, **parts, "lr": lr}.items():
+                        writer.add_scalar(f"train/{k}", v, step)
                 bar.update(1)
                 bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
             preempt = self._agree_preempt()

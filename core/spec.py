@@ -128,7 +128,10 @@ class ModelSpec(Strict):
 
 
 class DataSpec(Strict):
-    path: Optional[str] = Field(None, description="dataset folder or file")
+    path: Optional[str] = Field(None, description="dataset folder or file (CTRG: the folder of <id>.nii.gz volumes)")
+    annotation: Optional[str] = Field(None, description="CTRG annotation.json (train / val / test lists)")
+    labels_csv: Optional[str] = Field(None, description="CTRG labels CSV, one CheXbert column per disease")
+    make_synthetic: bool = Field(False, description="write a small synthetic CTRG-format dataset at data.path's parent")
     seed: int = 0
 
 
@@ -189,6 +192,19 @@ class PruneSection(Strict):
         return v
 
 
+class DiaSection(Strict):
+    size: Literal["full", "tiny"] = Field("full", description="3D ViT + perceiver shapes (tiny: CPU tests)")
+    stage: Literal[1, 2] = Field(1, description="1: perceiver + projection + contrastive head; 2: + LoRA (train.lora)")
+    question: str = "Please write the findings of this chest CT."
+    max_new_tokens: PositiveInt = 300
+    max_report_tokens: PositiveInt = 256
+    contrastive_weight: float = Field(4.0, ge=0)
+    init_from: Optional[str] = Field(None, description="Dia-LLaMA checkpoint: vision encoder + perceiver keys that fit")
+    evaluate: bool = True
+    eval_split: Literal["val", "test"] = "test"
+    eval_limit: Optional[PositiveInt] = Field(None, description="evaluate only the first N cases")
+
+
 class Outputs(Strict):
     logs_dir: str = Field("logs", description="run folders go to <logs_dir>/<name>/<jobid>/ (relative to the repo)")
 
@@ -203,6 +219,7 @@ class JobSpec(Strict):
     train: Optional[TrainSection] = None
     scan: Optional[ScanSection] = None
     prune: Optional[PruneSection] = None
+    dia: Optional[DiaSection] = None
     resources: Resources = Field(default_factory=Resources)
     deepspeed: Optional[DeepSpeedSpec] = None
     outputs: Outputs = Field(default_factory=Outputs)
@@ -220,15 +237,17 @@ class JobSpec(Strict):
     @model_validator(mode="after")
     def _sections_match_workload(self):
         info = WORKLOADS[self.workload]
-        for other in {w.section for w in WORKLOADS.values() if w.section} - {info.section}:
+        mine = {info.section, *info.also}
+        for other in {w.section for w in WORKLOADS.values() if w.section} - mine:
             if getattr(self, other) is not None:
                 raise ValueError(f"section '{other}' belongs to another workload, not '{self.workload}'; remove it")
-        if info.section and getattr(self, info.section) is None:  # the workload's own section, with defaults
-            cls = type(self).model_fields[info.section].annotation.__args__[0]
-            if any(f.is_required() for f in cls.model_fields.values()):
-                raise ValueError(f"workload '{self.workload}' needs a '{info.section}:' section "
-                                 f"(required: {', '.join(n for n, f in cls.model_fields.items() if f.is_required())})")
-            self.__dict__[info.section] = cls()
+        for name in (n for n in (info.section, *info.also) if n):
+            if getattr(self, name) is None:  # the workload's own sections, with defaults
+                cls = type(self).model_fields[name].annotation.__args__[0]
+                if any(f.is_required() for f in cls.model_fields.values()):
+                    raise ValueError(f"workload '{self.workload}' needs a '{name}:' section "
+                                     f"(required: {', '.join(n for n, f in cls.model_fields.items() if f.is_required())})")
+                self.__dict__[name] = cls()
         if self.resources.array and self.resources.array.merge and not info.has_merge:
             raise ValueError(f"resources.array.merge: workload '{self.workload}' has no merge step; remove 'merge'")
         return self

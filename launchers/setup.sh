@@ -8,6 +8,15 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
 log() { printf '[setup] %s\n' "$*" >&2; }
 
+if ! command -v java >/dev/null 2>&1; then  # pycocoevalcap's METEOR and tokenizer run on Java
+  log "installing Java (default-jre-headless) for pycocoevalcap"
+  if [ "$(id -u)" = 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null && \
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends default-jre-headless >/dev/null
+  else
+    log "java is missing: ask an admin for default-jre-headless (report metrics need it)"
+  fi
+fi
 [ -x .venv/bin/python ] || { log "creating .venv with $PY"; "$PY" -m venv .venv; }
 if ! .venv/bin/python -c "import torch, torchvision, sys; sys.exit(torch.__version__.split('+')[0] != '2.14.1')" 2>/dev/null; then
   log "installing torch==2.14.1 torchvision==0.29.1 (a few minutes)"

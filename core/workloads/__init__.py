@@ -16,6 +16,7 @@ class WorkloadInfo:
     # "module:function" of a torch-free planner: (spec, resume_run_dir|None) -> core.workloads.shapes.Shape,
     # for workloads that make their own array items (layers, ratios) and steps (baseline, merge)
     shape: str | None = None
+    also: tuple[str, ...] = ()  # other spec sections it reads (e.g. "train")
 
 
 WORKLOADS: dict[str, WorkloadInfo] = {
@@ -25,4 +26,6 @@ WORKLOADS: dict[str, WorkloadInfo] = {
                                 shape="core.workloads.shapes:sensitivity"),
     "prune": WorkloadInfo("core.workloads.prune", section="prune", has_merge=True,
                           shape="core.workloads.shapes:prune"),
+    "dia_pangu": WorkloadInfo("core.workloads.dia_pangu", section="dia", also=("train",),
+                              shape="core.workloads.shapes:dia_pangu"),
 }

@@ -94,3 +94,22 @@ def prune(spec, resume_dir: Optional[Path] = None) -> Shape:
     if too_many:
         raise FieldError("prune.ratios", f"ratios {too_many} would remove every layer of a {total}-layer model")
     return Shape(items=[0.0] + list(pr.ratios), pre=None)
+
+
+def dia_pangu(spec, resume_dir: Optional[Path] = None) -> Optional[Shape]:
+    """A single (multi-node) training + evaluation job; the dataset is checked here, before anything is submitted."""
+    if resume_dir is not None:
+        raise FieldError("--resume-missing", "dia_pangu has no per-item results; use --resume")
+    d = spec.data
+    for name in ("path", "annotation", "labels_csv"):
+        if not getattr(d, name):
+            raise FieldError(f"data.{name}", "required for the CTRG dataset (volumes folder, annotation.json, labels CSV)")
+    if not d.make_synthetic:
+        from core.data.ctrg import DatasetError, check_dataset
+
+        splits = ("train", spec.dia.eval_split) if spec.dia.evaluate else ("train",)
+        try:
+            check_dataset(d.path, d.annotation, d.labels_csv, splits=splits)
+        except DatasetError as e:
+            raise FieldError("data", str(e)) from None
+    return None

@@ -1,0 +1,1 @@
+"""Dataset readers in the real formats, and generators of small synthetic datasets in those formats."""
