@@ -138,12 +138,14 @@ def initialize(session: Session, model, spec):
     return engine
 
 
-def weights_checksum(engine) -> float:
-    """Sum of the trainable parameters in fp32 (gathered under ZeRO-3): equal weights give equal sums."""
+def weights_checksum(engine, trainable: bool = True) -> float:
+    """Sum of the trainable (or the frozen) parameters in fp32, gathered under ZeRO-3: equal weights, equal sums."""
     import deepspeed
     import torch
 
-    params = [p for p in engine.module.parameters() if p.requires_grad]
+    params = [p for p in engine.module.parameters() if p.requires_grad == trainable]
+    if not params:
+        return 0.0
     total = 0.0
     ctx = deepspeed.zero.GatheredParameters(params) if hasattr(params[0], "ds_id") else nullcontext()
     with ctx, torch.no_grad():
@@ -216,6 +218,7 @@ class Trainer:
             if self.session.rank == 0:
                 how = " (universal format)" if point.universal else ""
                 print(f"[engine] resumed from {point.tag}{how} at step {start_step}", flush=True)
+        frozen_before = weights_checksum(self.engine, trainable=False)
         rank0 = self.session.rank == 0
         metrics = self._metrics_file(start_step) if rank0 else None
         writer = _tensorboard(self.ctx.run_dir / "tensorboard") if rank0 else None
@@ -263,7 +266,9 @@ class Trainer:
         return {"steps": step, "start_step": start_step, "final_loss": self.history[-1]["loss"] if self.history
                 else None, "losses": [h["loss"] for h in self.history], "resumed_checksum": resumed_checksum,
                 "saved_checksum": saved_checksum, "checksum": weights_checksum(self.engine),
-                "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)}
+                "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+                "frozen_checksum_before": frozen_before,
+                "frozen_checksum_after": weights_checksum(self.engine, trainable=False)}
 
     def _requeue_or_stop(self, step: int) -> None:
         import torch

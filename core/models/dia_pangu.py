@@ -42,7 +42,9 @@ class DiseaseHead(nn.Module):
         feats = nn.functional.normalize(self.proj(torch.einsum("kn,bnd->bkd", weights, visual)), dim=-1)
         pos = (feats * nn.functional.normalize(self.pos_memory, dim=-1)).sum(-1)
         neg = (feats * nn.functional.normalize(self.neg_memory, dim=-1)).sum(-1)
-        return torch.stack([neg, pos], dim=-1) / self.temperature
+        # the learned temperature is clamped (as CLIP clamps its logit scale): left free it drifts to 0 and the
+        # contrastive loss explodes once the memories separate the classes
+        return torch.stack([neg, pos], dim=-1) / self.temperature.clamp(min=0.01)
 
     @staticmethod
     def loss(logits, labels):
