@@ -50,6 +50,15 @@ def install_preemption_handler() -> None:
         signal.signal(sig, handler)
 
 
+def ignore_preemption_signals() -> None:
+    """Once the work is done a late time-limit warning must not kill the task: Python resets its own handlers to
+    the default (terminate) while the interpreter shuts down, so the job would end FAILED after succeeding."""
+    import signal
+
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 @dataclass
 class TaskContext:
     run_dir: Path
@@ -134,7 +143,10 @@ class TaskEntry:
         ctx = self.context(task_index, items)
         started = time.time()
         fn = getattr(importlib.import_module(self.workload_module), self.entry)
-        result = fn(spec, ctx)
+        try:
+            result = fn(spec, ctx)
+        finally:
+            ignore_preemption_signals()
         record = {"step": self.step, "task_index": task_index, "items": items, "rank": ctx.rank,
                   "world_size": ctx.world_size, "job_id": ctx.job_id, "host": ctx.hostname,
                   "started": started, "seconds": round(time.time() - started, 3), "result": result}
