@@ -132,6 +132,7 @@ class DataSpec(Strict):
     annotation: Optional[str] = Field(None, description="CTRG annotation.json (train / val / test lists)")
     labels_csv: Optional[str] = Field(None, description="CTRG labels CSV, one CheXbert column per disease")
     make_synthetic: bool = Field(False, description="write a small synthetic CTRG-format dataset at data.path's parent")
+    workers: int = Field(2, ge=0, description="background threads that load and preprocess upcoming samples")
     seed: int = 0
 
 

@@ -10,7 +10,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from core.data.ctrg import CONDITIONS, Case, check_dataset, load_volume, write_synthetic
+from core.data.ctrg import CONDITIONS, Case, Prefetcher, check_dataset, load_volume, write_synthetic
 
 
 def vision_configs(size: str):
@@ -108,17 +108,22 @@ def run(spec, ctx) -> dict:
     accum, world, rank = spec.deepspeed.grad_accum, session.dist.world_size, session.rank
     vit = model.vit.cfg
 
-    @lru_cache(maxsize=256)
-    def volume(i: int):
-        return load_volume(train[i].volume, vit.image_size, vit.frames)
+    @lru_cache(maxsize=8)
+    def order(epoch: int):
+        return torch.randperm(len(train), generator=torch.Generator().manual_seed(spec.data.seed * 7919 + epoch))
+
+    def sample(k: int) -> int:  # the k-th sample this run consumes overall: a function of the step only
+        epoch, pos = divmod(k, len(train))
+        return int(order(epoch)[pos])
+
+    loader = Prefetcher(lambda i: load_volume(train[i].volume, vit.image_size, vit.frames), spec.data.workers)
 
     def batch_fn(step: int, micro: int):
         k = (step * accum + micro) * world + rank
-        epoch, pos = divmod(k, len(train))
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(spec.data.seed * 7919 + epoch))
-        i = int(order[pos])
+        loader.ahead(sample(k + world * j) for j in range(1, 2 * max(spec.data.workers, 1) + 1))
+        i = sample(k)
         ids, labels = prompts.training(train[i])
-        return {"volume": volume(i).unsqueeze(0).to(device, dtype), "input_ids": ids.to(device),
+        return {"volume": loader.get(i).unsqueeze(0).to(device, dtype), "input_ids": ids.to(device),
                 "labels": labels.to(device), "disease_labels": torch.tensor([train[i].labels], device=device)}
 
     def loss_fn(engine, batch):
