@@ -63,10 +63,23 @@ def main():
             for _ in range(5):
                 monitor.format_table(monitor.query(user), with_log=True)
             inproc = (time.perf_counter() - t0) / 5
+            refresher = monitor.Refresher(user)
+            refresher.query()
+            counted = []
+            real = monitor._run
+            monitor._run = lambda cmd: (counted.append(cmd[0]), real(cmd))[1]
+            t0 = time.perf_counter()
+            for _ in range(5):
+                monitor.format_table(refresher.query(), with_log=True)
+            steady = (time.perf_counter() - t0) / 5
+            monitor._run = real
             print(f"{total:5d} tasks / 10 submissions: squeue x{calls.count('squeue')}, sacct x{calls.count('sacct')} "
                   f"per refresh | bare squeue {bare * 1000:.0f} ms, bare squeue+sacct {both * 1000:.0f} ms | "
                   f"--watch refresh {inproc * 1000:.0f} ms = {inproc / bare:.1f}x squeue, {inproc / both:.2f}x "
                   f"squeue+sacct | whole status.py process {ours * 1000:.0f} ms = {ours / bare:.1f}x squeue")
+            print(f"      --watch steady state (nothing left the queue): {counted.count('squeue')} squeue + "
+                  f"{counted.count('sacct')} sacct in 5 refreshes, {steady * 1000:.0f} ms per refresh = "
+                  f"{steady / bare:.1f}x bare squeue (target <= 3x)")
     finally:
         subprocess.run(["scancel", "-u", user], check=False)
         subprocess.run(["scontrol", "update", "PartitionName=debug", "State=UP"], check=True)

@@ -128,12 +128,45 @@ def _root(task_id: str) -> str:
     return task_id.split("_")[0].split(".")[0]
 
 
+def _squeue(user: str) -> str:
+    return _run(["squeue", "-h", "-r", "-u", user, "-o", SQUEUE_FMT])
+
+
+def _sacct(user: str, since: str) -> str:
+    return _run(["sacct", "-X", "-n", "-P", "-u", user, "-S", since, "-o", SACCT_FIELDS])
+
+
 def query(user: Optional[str] = None, since: str = "now-2days") -> list[JobRow]:
     """This user's jobs from one squeue and one sacct call, newest first."""
     user = user or getpass.getuser()
     # squeue first: a task that ends between the two calls is then still seen (by sacct) instead of by neither
-    live = _run(["squeue", "-h", "-r", "-u", user, "-o", SQUEUE_FMT])
-    acct = _run(["sacct", "-X", "-n", "-P", "-u", user, "-S", since, "-o", SACCT_FIELDS])
+    live = _squeue(user)
+    return merge_rows(live, _sacct(user, since))
+
+
+class Refresher:
+    """For --watch: squeue on every refresh, sacct only when its answer can have changed: on the first refresh,
+    when a job or task has left the queue since the last one (finished states only change then), and at least
+    every `full_every_s` seconds (a job that came and went between two refreshes). Fewer controller and slurmdbd
+    calls than one of each per refresh, never more."""
+
+    def __init__(self, user: Optional[str] = None, since: str = "now-2days", full_every_s: float = 60.0, clock=time.time):
+        self.user, self.since, self.full_every_s, self.clock = user or getpass.getuser(), since, full_every_s, clock
+        self.acct: Optional[str] = None
+        self.acct_at = 0.0
+        self.live_ids: set[str] = set()
+
+    def query(self) -> list[JobRow]:
+        live = _squeue(self.user)
+        ids = {t for line in live.splitlines() if "|" in line for t in expand_task_ids(line.split("|", 1)[0])}
+        if self.acct is None or (self.live_ids - ids) or self.clock() - self.acct_at >= self.full_every_s:
+            self.acct, self.acct_at = _sacct(self.user, self.since), self.clock()
+        self.live_ids = ids
+        return merge_rows(live, self.acct)
+
+
+def merge_rows(live: str, acct: str) -> list[JobRow]:
+    """Rows from squeue's live view and sacct's accounting (sacct's terminal states win: they are newer)."""
     rows: dict[str, JobRow] = {}
 
     def row(task: str) -> JobRow:
@@ -202,8 +235,8 @@ def format_table(rows: list[JobRow], with_log: bool = True) -> str:
         prog = f"{p['done']}/{p['running']}/{p['pending']}/{p['failed']} of {len(r.states)}" if r.is_array else "-"
         where = r.reason if r.active else r.nodes
         line = [r.job_id, r.name[:24], r.state, prog, _fmt_seconds(r.seconds), where[:24], _short(r.run_dir)]
-        if with_log:
-            line.append(last_log_line(r))
+        if with_log:  # finished-and-fine jobs' logs are not read: it keeps a refresh cheap with long histories
+            line.append(last_log_line(r) if r.active or r.progress["failed"] else "")
         table.append(line)
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)

@@ -26,8 +26,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from core import monitor
 
+    refresher = monitor.Refresher(args.user, args.since)
+
     def render():
-        rows = monitor.query(args.user, args.since)
+        rows = refresher.query() if args.watch else monitor.query(args.user, args.since)
         if args.name:
             rows = [r for r in rows if r.name.startswith(args.name)]
         return monitor.format_table(rows, with_log=not args.no_log), any(r.active for r in rows)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from conftest import cli, record, run_folder, sacct_states, wait_terminal
+from conftest import cli, queue_ids, record, run_folder, sacct_states, wait_terminal
 
 from core import monitor
 
@@ -88,3 +88,28 @@ def test_watch_backs_off_while_nothing_changes_and_stops_when_idle(capsys):
 def test_expand_task_ids():
     assert monitor.expand_task_ids("12_[3-5,9%2]") == ["12_3", "12_4", "12_5", "12_9"]
     assert monitor.expand_task_ids("12_7") == ["12_7"] and monitor.expand_task_ids("12") == ["12"]
+
+
+def test_watch_asks_sacct_only_when_a_job_left_the_queue(slurm, uname, tmp_path, monkeypatch):
+    calls = []
+    real = monitor._run
+    monkeypatch.setattr(monitor, "_run", lambda cmd: (calls.append(cmd[0]), real(cmd))[1])
+    rec = submit("jobs/tiny/smoke.yaml", "-c", "local_slurm", "--set", f"name={uname}", "--set", "smoke.sleep_s=120",
+                 "--set", f"outputs.logs_dir={tmp_path}")
+    job = rec["steps"][0]["job_ids"][0]
+    now = [0.0]
+    refresher = monitor.Refresher(full_every_s=60, clock=lambda: now[0])
+    wait_until(lambda: job in {r.job_id for r in refresher.query() if r.state == "RUNNING"})
+    calls.clear()
+    rows = {r.job_id: r for r in refresher.query()}
+    refresher.query()
+    assert rows[job].state == "RUNNING" and calls == ["squeue", "squeue"]  # nothing left the queue: no sacct
+    now[0] = 61.0
+    refresher.query()
+    assert calls[-2:] == ["squeue", "sacct"]  # the periodic full refresh
+    assert cli("cancel", job).returncode == 0
+    wait_terminal([job])
+    wait_until(lambda: job not in queue_ids())  # gone from squeue (after COMPLETING)
+    calls.clear()
+    rows = {r.job_id: r for r in refresher.query()}
+    assert calls == ["squeue", "sacct"] and rows[job].state == "CANCELLED"  # it left the queue: sacct asked
