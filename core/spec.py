@@ -183,6 +183,9 @@ class PruneSection(Strict):
     layers: Optional[list[int]] = Field(None, description="explicit layers to remove instead of ratios")
     max_tokens: PositiveInt = 128
     dtype: Literal["bf16", "fp32"] = "bf16"
+    dia_run: Optional[str] = Field(None, description="a finished Dia-Pangu (stage 1) run folder: also evaluate "
+                                                     "report generation with each pruned LLM")
+    dia_eval_limit: Optional[PositiveInt] = Field(None, description="evaluate only the first N test cases")
 
     @field_validator("ratios")
     @classmethod

@@ -269,3 +269,27 @@ def test_requeue_in_the_middle_resumes_and_results_have_one_row_per_case(slurm, 
     assert len(ids) == len(set(ids)) == 12
     steps = [int(r["step"]) for r in csv.DictReader((run_dir / "metrics.csv").open())]
     assert steps == list(range(1, 61))
+
+
+def test_pruned_llm_evaluated_with_the_trained_dia_pangu(slurm, trained, workdir):
+    """Post-pruning evaluation of the lab's task: the trained run's perceiver and disease head on top of each pruned
+    LLM; ratio 0 reproduces the trained run's disease calls exactly (frozen ViT and trained tensors restored)."""
+    import pandas as pd
+
+    res = cli("submit", "jobs/tiny/pangu_prune.yaml", "-c", "local_slurm", "--set", f"model.path={workdir['model']}",
+              "--set", "model.make_tiny=false", "--set", "prune.layers=[1]", "--set", f"prune.dia_run={trained}",
+              "--set", "prune.dia_eval_limit=4", "--set", f"outputs.logs_dir={workdir['root'] / 'logs'}")
+    assert res.returncode == 0, res.stderr
+    run_dir = run_folder(res.stdout)
+    merge = [s for s in record(run_dir)["steps"] if s["name"] == "merge"][0]["job_ids"][0]
+    assert final_state(merge) == "COMPLETED"
+    table = pd.read_csv(run_dir / "pruning_eval.csv")
+    assert list(table["layers"]) == [3, 4] or list(table["layers"]) == [4, 3]
+    for col in ("dia_BLEU-4", "dia_METEOR", "dia_ROUGE-L", "dia_micro_f1"):
+        assert table[col].notna().all()
+    unpruned = list(csv.DictReader((run_dir / "dia_eval" / "ratio_0.00" / "dia-pangu.csv").open()))
+    trained_rows = {r["ID"]: r for r in csv.DictReader((trained / "results" / "dia-pangu.csv").open())}
+    assert len(unpruned) == 4
+    assert all(r["Pred_labels"] == trained_rows[r["ID"]]["Pred_labels"] for r in unpruned)
+    pruned = list(csv.DictReader((run_dir / "dia_eval" / "ratio_layers" / "dia-pangu.csv").open()))
+    assert len(pruned) == 4

@@ -240,3 +240,24 @@ def test_real_time_limit_signal_requeues_and_finishes_every_step_once(slurm, mod
     res = result(run_dir)
     assert res["start_step"] > 0 and res["steps"] == steps
     assert res["restart_count"] >= 1  # SLURM_RESTART_COUNT seen by the run that finished
+
+
+def test_frozen_base_with_lora_trains_only_adapters_and_saves_only_them(tmp_path, model_dir):
+    """lm_finetune with train.lora on the local executor: only LoRA tensors get optimizer state and checkpoints."""
+    res = cli("submit", SPEC, "--set", "name=lora", "--set", f"model.path={model_dir}", "--set", "model.make_tiny=false",
+              "--set", f"outputs.logs_dir={tmp_path}", "--set", "train.steps=30", "--set", "train.lora.r=4",
+              "--set", "train.lora.alpha=8", "--set", "train.lr=0.01", "--set", "deepspeed.stage=2")
+    assert res.returncode == 0, res.stderr
+    run_dir = run_folder(res.stdout)
+    out = result(run_dir)
+    # q, k, v, o of 4 layers; A: r x in, B: out x r (hidden 64, 2 KV heads x 16 = 32 for k and v)
+    expected = 4 * sum(4 * i + o * 4 for i, o in ((64, 64), (64, 32), (64, 32), (64, 64)))
+    assert out["trainable"] == expected
+    losses = [l for _, l in metrics(run_dir)]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    import torch
+
+    state = torch.load(run_dir / "checkpoints" / "step00000030" / "mp_rank_00_model_states.pt", weights_only=False)
+    keys = list(state["module"])
+    assert keys and all("lora_" in k for k in keys)
+    assert out["frozen_checksum_before"] == out["frozen_checksum_after"]

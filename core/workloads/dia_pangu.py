@@ -94,6 +94,8 @@ def run(spec, ctx) -> dict:
     model = DiaPangu(llm, tok, vit_cfg, per_cfg, spec.dia.contrastive_weight)
     if spec.dia.init_from:
         init_from_checkpoint(model, spec.dia.init_from)
+    if session.rank == 0:
+        save_frozen_vision(model, ctx.run_dir)
     if spec.dia.stage == 2:
         if not spec.train.lora:
             raise ValueError("dia.stage: 2 adds LoRA on the LLM: give train.lora (r, alpha, target_modules)")
@@ -143,31 +145,10 @@ def evaluate(spec, ctx, session, engine, prompts, cases: list[Case], dtype) -> d
     import torch
     import torch.distributed as tdist
 
-    model = engine.module
-    model.eval()
     if spec.dia.eval_limit:
         cases = cases[: spec.dia.eval_limit]
     world, rank = session.dist.world_size, session.rank
-    share = [cases[i] for i in range(rank, len(cases), world)]
-    rounds = -(-len(cases) // world)
-    vit = model.vit.cfg
-    rows = []
-    with torch.no_grad():
-        for r in range(rounds):
-            case = share[r] if r < len(share) else cases[0]  # a repeat keeps the collectives in step
-            vol = load_volume(case.volume, vit.image_size, vit.frames).unsqueeze(0).to(session.device, dtype)
-            calls, latents = model.predict_diseases(vol)
-            pred_labels = calls[0].tolist()
-            ids = torch.tensor([prompts.prefix(pred_labels)], device=session.device)
-            embeds = model.embed(ids, latents)
-            out = model.llm.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids),
-                                     max_new_tokens=spec.dia.max_new_tokens, do_sample=False,
-                                     eos_token_id=prompts.tok.eos_token_id, pad_token_id=prompts.tok.pad_token_id,
-                                     synced_gpus=world > 1)
-            text = prompts.tok.decode(out[0], skip_special_tokens=True).strip()
-            if r < len(share):
-                rows.append({"ID": case.id, "Question": spec.dia.question, "Ground Truth": case.finding, "Pred": text,
-                             "GT_labels": json.dumps(case.labels), "Pred_labels": json.dumps(pred_labels)})
+    rows = generate_rows(engine.module, prompts, cases, spec, session.device, dtype, rank, world)
     gathered = [None] * world
     if world > 1:
         tdist.all_gather_object(gathered, rows)
@@ -183,10 +164,86 @@ def evaluate(spec, ctx, session, engine, prompts, cases: list[Case], dtype) -> d
     return write_results(ctx.run_dir, ordered)
 
 
-def write_results(run_dir: Path, rows: list[dict]) -> dict:
+def generate_rows(model, prompts, cases: list[Case], spec, device, dtype, rank: int = 0, world: int = 1) -> list[dict]:
+    """Greedy reports for this rank's share of the cases; every rank runs the same number of generations (a repeat
+    pads the short shares) because ZeRO-3 gathers parameters with collectives in every forward."""
+    import torch
+
+    model.eval()
+    share = [cases[i] for i in range(rank, len(cases), world)]
+    rounds = -(-len(cases) // world)
+    vit = model.vit.cfg
+    rows = []
+    with torch.no_grad():
+        for r in range(rounds):
+            case = share[r] if r < len(share) else cases[0]
+            vol = load_volume(case.volume, vit.image_size, vit.frames).unsqueeze(0).to(device, dtype)
+            calls, latents = model.predict_diseases(vol)
+            pred_labels = calls[0].tolist()
+            ids = torch.tensor([prompts.prefix(pred_labels)], device=device)
+            out = model.llm.generate(inputs_embeds=model.embed(ids, latents), attention_mask=torch.ones_like(ids),
+                                     max_new_tokens=spec.dia.max_new_tokens, do_sample=False,
+                                     eos_token_id=prompts.tok.eos_token_id, pad_token_id=prompts.tok.pad_token_id,
+                                     synced_gpus=world > 1)
+            text = prompts.tok.decode(out[0], skip_special_tokens=True).strip()
+            if r < len(share):
+                rows.append({"ID": case.id, "Question": spec.dia.question, "Ground Truth": case.finding, "Pred": text,
+                             "GT_labels": json.dumps(case.labels), "Pred_labels": json.dumps(pred_labels)})
+    return rows
+
+
+FROZEN_VISION = "vision_frozen.safetensors"
+
+
+def save_frozen_vision(model, run_dir: Path) -> None:
+    """The frozen 3D ViT once per run (checkpoints leave frozen weights out), so a trained run can be rebuilt."""
+    import os
+
+    from safetensors.torch import save_file
+
+    path = Path(run_dir) / FROZEN_VISION
+    if path.is_file():
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.vit.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_trained(dia_run: Path, llm_folder: Path, device, dtype):
+    """A trained Dia-Pangu from its run folder (spec, frozen ViT, newest complete checkpoint of the trainable
+    tensors), on top of the LLM in `llm_folder` (e.g. a pruned openPangu). Returns (model, prompts, spec)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    from core.checkpoint import CheckpointManager
+    from core.models.dia_pangu import DiaPangu
+    from core.models.pangu import load_pangu, load_tokenizer
+    from core.spec import JobSpec
+
+    dia_run = Path(dia_run)
+    spec = JobSpec.model_validate(json.loads((dia_run / "run.json").read_text())["spec"])
+    if spec.dia.stage == 2:
+        raise ValueError(f"{dia_run}: a stage-2 (LoRA) run's adapters are tied to the unpruned layers; evaluate a "
+                         f"stage-1 run with pruned models")
+    done = CheckpointManager(dia_run / "checkpoints", 0, 1).complete()
+    if not done or not (dia_run / FROZEN_VISION).is_file():
+        raise FileNotFoundError(f"{dia_run}: no complete checkpoint or no {FROZEN_VISION}: not a finished Dia-Pangu run")
+    tok = load_tokenizer(llm_folder)
+    vit_cfg, per_cfg = vision_configs(spec.dia.size)
+    model = DiaPangu(load_pangu(llm_folder, dtype=dtype), tok, vit_cfg, per_cfg, spec.dia.contrastive_weight)
+    model.vit.load_state_dict(load_file(str(dia_run / FROZEN_VISION)))
+    state = get_fp32_state_dict_from_zero_checkpoint(str(dia_run / "checkpoints"), tag=done[-1][1])
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in state]
+    if missing:
+        raise ValueError(f"{dia_run}: checkpoint {done[-1][1]} lacks trainable tensors {missing[:5]}")
+    model.load_state_dict(state, strict=False)
+    return model.to(device, dtype).eval(), Prompts(tok, model, spec), spec
+
+
+def write_results(run_dir: Path, rows: list[dict], folder: str = "results") -> dict:
     from core.metrics import clinical_prf, report_metrics
 
-    results = Path(run_dir) / "results"
+    results = Path(run_dir) / folder
     results.mkdir(parents=True, exist_ok=True)
     csv_path = results / "dia-pangu.csv"
     with csv_path.open("w", newline="", encoding="utf-8") as f:

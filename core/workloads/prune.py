@@ -124,12 +124,32 @@ def run(spec, ctx) -> dict:
                        params=sum(p.numel() for p in pruned.parameters()))
             del pruned
         res.update(ratio=ratio, removed=remove)
+        if pr.dia_run:
+            res.update(dia_evaluation(spec, ctx, Path(res["folder"]), ratio, device, dtype))
         results.append(res)
         out = ctx.path("evals", f"ratio_{ratio}.json")
         out.write_text(json.dumps(res, indent=1))
         print(f"[prune] ratio {ratio}: removed {remove} -> perplexity {res['perplexity']:.3f}, "
               f"log-prob distance {res['logprob_distance']:.4f}", flush=True)
     return {"results": results}
+
+
+DIA_COLUMNS = ("BLEU-4", "METEOR", "ROUGE-L", "micro_f1")
+
+
+def dia_evaluation(spec, ctx, llm_folder: Path, ratio, device, dtype) -> dict:
+    """Report generation of the trained Dia-Pangu run (`prune.dia_run`) on top of this (pruned) LLM."""
+    from core.data.ctrg import check_dataset
+    from core.workloads.dia_pangu import generate_rows, load_trained, write_results
+
+    model, prompts, dspec = load_trained(Path(spec.prune.dia_run), llm_folder, device, dtype)
+    d = dspec.data
+    cases = check_dataset(d.path, d.annotation, d.labels_csv, splits=(dspec.dia.eval_split,))[dspec.dia.eval_split]
+    cases = cases[: spec.prune.dia_eval_limit] if spec.prune.dia_eval_limit else cases
+    rows = generate_rows(model, prompts, cases, dspec, device, dtype)
+    label = "layers" if ratio == "layers" else f"{ratio:.2f}"
+    metrics = write_results(ctx.run_dir, rows, folder=f"dia_eval/ratio_{label}")
+    return {f"dia_{k}": metrics[k] for k in DIA_COLUMNS}
 
 
 def merge(spec, ctx) -> dict:
@@ -142,6 +162,7 @@ def merge(spec, ctx) -> dict:
     rows = [json.loads(p.read_text()) for p in sorted((ctx.run_dir / "evals").glob("ratio_*.json"))]
     df = pd.DataFrame([{"ratio": r["ratio"], "layers": r["layers"], "removed": " ".join(map(str, r["removed"])),
                         "perplexity": r["perplexity"], "logprob_distance": r["logprob_distance"],
+                        **{f"dia_{k}": r[f"dia_{k}"] for k in DIA_COLUMNS if f"dia_{k}" in r},
                         "folder": r["folder"]} for r in rows])
     df = df.sort_values("ratio", key=lambda s: s.map(lambda v: -1 if v == "layers" else float(v)))
     csv = ctx.path("pruning_eval.csv")

@@ -80,6 +80,9 @@ def sensitivity(spec, resume_dir: Optional[Path] = None) -> Shape:
 def prune(spec, resume_dir: Optional[Path] = None) -> Shape:
     pr = spec.prune
     text_lines(pr.heldout, "prune.heldout")
+    if pr.dia_run and not (Path(pr.dia_run) / "run.json").is_file():
+        raise FieldError("prune.dia_run", f"{pr.dia_run} is not a run folder (no run.json); give logs/<name>/<id> of a "
+                                          f"finished Dia-Pangu run")
     total = n_layers(spec)
     if pr.layers is not None:
         bad = [layer for layer in pr.layers if not 0 <= layer < total]
