@@ -67,9 +67,6 @@ class Plan:
     memory: Any = None            # core.memory.MemoryEstimate for DeepSpeed specs
     notes: list[str] = field(default_factory=list)
 
-    def step(self, name: str) -> Step:
-        return next(s for s in self.steps if s.name == name)
-
     def describe(self) -> str:
         c = self.cluster
         lines = [f"plan for {self.spec.name} (workload {self.spec.workload}) on {c.name} "

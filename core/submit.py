@@ -38,10 +38,6 @@ class Submission:
     record: dict
     jobs: dict[str, list[Any]] = field(default_factory=dict)  # step name -> submitit jobs (one per task)
 
-    @property
-    def root_id(self) -> str:
-        return self.run_dir.name
-
 
 def spec_logs_root(spec) -> Path:
     p = Path(spec.outputs.logs_dir)
