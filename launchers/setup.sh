@@ -20,13 +20,16 @@ fi
 [ -x .venv/bin/python ] || { log "creating .venv with $PY"; "$PY" -m venv .venv; }
 if ! .venv/bin/python -c "import torch, torchvision, sys; sys.exit(torch.__version__.split('+')[0] != '2.14.1')" 2>/dev/null; then
   log "installing torch==2.14.1 torchvision==0.29.1 (a few minutes)"
-  .venv/bin/pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
+  .venv/bin/pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1 2>&1 \
+    | { grep -v -E "^WARNING: Location .* is ignored" || true; } >&2
+  .venv/bin/python -c "import torch, torchvision" >/dev/null
 fi
 stamp=.venv/.medhpc-installed
 want=$(sha256sum pyproject.toml | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   log "installing the project (pip install -e '.[test]')"
-  .venv/bin/pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v -E "^WARNING: Location .* is ignored" >&2 || true
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[test]' 2>&1 \
+    | { grep -v -E "^WARNING: Location .* is ignored" || true; } >&2
   .venv/bin/python -c "import core, submitit, pydantic, deepspeed, transformers" >/dev/null
   echo "$want" >"$stamp"
 fi
