@@ -252,8 +252,19 @@ def report_results(submission: Submission, out=None) -> int:
             try:
                 results = j.results()
                 out.write(f"{step} {j.job_id}: {json.dumps(results[0], default=str)[:300]}\n")
+                for name, path in _output_files(results[0]):
+                    out.write(f"  {name}: {path}\n")
             except Exception as e:  # the job's own traceback is in its log
                 failed += 1
                 out.write(f"{step} {j.job_id}: FAILED ({type(e).__name__}); log: {j.paths.stdout}\n")
     out.write(f"results and logs under {submission.run_dir}\n")
     return 1 if failed else 0
+
+
+def _output_files(result, prefix: str = ""):
+    """(key, path) of the result files a workload reports (CSV, JSON, PNG), however deep in its result dict."""
+    if isinstance(result, dict):
+        for key, value in result.items():
+            yield from _output_files(value, f"{prefix}{key}.")
+    elif isinstance(result, str) and result.endswith((".csv", ".json", ".png")):
+        yield prefix.rstrip("."), result
