@@ -16,6 +16,7 @@ import subprocess
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -60,6 +61,20 @@ def ds_config(spec, world_size: int, universal: bool = False) -> dict:
     return cfg
 
 
+@lru_cache(maxsize=8)
+def _epoch_order(n: int, seed: int, epoch: int):
+    import torch
+
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+
+
+def sample_index(k: int, n: int, seed: int) -> int:
+    """The k-th sample a run consumes (over all steps, micro-steps and ranks) out of n: a fresh permutation per
+    epoch from the seed. Depends on k only, so a resumed run sees exactly the batches it would have seen."""
+    epoch, pos = divmod(k, n)
+    return int(_epoch_order(n, seed, epoch)[pos])
+
+
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
     def f(step: int) -> float:
         if warmup and step < warmup:
@@ -91,6 +106,15 @@ class Session:
 
         if tdist.is_available() and tdist.is_initialized() and self.dist.world_size > 1:
             tdist.barrier()
+
+    def model_folder(self, spec) -> Path:
+        """core.models.pangu.model_folder on rank 0 (which may write the tiny twin), then every rank."""
+        from core.models.pangu import model_folder
+
+        if self.rank == 0:
+            model_folder(spec)
+        self.barrier()
+        return Path(spec.model.path)
 
     def enable_zero3_init(self) -> None:
         """Call before loading the model: under ZeRO-3, transformers' from_pretrained then builds it inside

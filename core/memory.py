@@ -70,7 +70,7 @@ def estimate(size: ModelSize, trainable: int, *, stage: int, precision: str, off
             states = 0
         if frozen_params:
             # parameters only: the "optimizer offloaded, params on device" branch is 2*P/N + gathered largest layer
-            fcpu, frozen, _ = estimate_zero3_model_states_mem_needs(
+            _, frozen, _ = estimate_zero3_model_states_mem_needs(
                 frozen_params, size.largest_module, n_dev, nodes, cpu_offload=True, cpu_offload_params=offload_param)
             frozen = frozen * bytes_per_weight / 2
         else:

@@ -335,6 +335,11 @@ def activate(acc: Accelerator):
     return torch.device(acc.device)
 
 
+def task_device(ctx: TaskContext):
+    """The device of a single-process task (no process group): the profile's accelerator, bound and checked."""
+    return activate(resolve_accelerator(ctx.accelerator, dist_env(), ctx.cluster))
+
+
 def init_distributed(dist: DistEnv, acc: Accelerator, timeout_s: int = 600) -> None:
     """Export the rendezvous variables and start the process group through DeepSpeed."""
     import datetime

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 # pydantic otherwise scans every installed package's entry points for plugins at first use (~20 ms per launch)
 os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
@@ -13,6 +14,6 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
-def fail(message: str, code: int = 2) -> "NoReturn":  # noqa: F821
+def fail(message: str, code: int = 2) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)

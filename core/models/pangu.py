@@ -83,6 +83,25 @@ def load_tokenizer(folder):
     return tok
 
 
+def model_folder(spec) -> Path:
+    """The spec's local model folder; with `model.make_tiny` the tiny twin is written there first (idempotent,
+    always the same weights, whichever workload writes it)."""
+    if not spec.model.path:
+        raise ModelFolderError("model.path: give the local model folder (config.json, *.safetensors, tokenizer.model)")
+    folder = Path(spec.model.path)
+    if spec.model.make_tiny:
+        write_tiny_pangu(folder)
+    return folder
+
+
+def apply_lora(model, lora):
+    """Frozen base + LoRA adapters (peft) from a spec's `train.lora` section."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                            target_modules=lora.target_modules))
+
+
 def train_tiny_tokenizer(out_file: Path, vocab_size: int = 1000, corpus: Path = TINY_CORPUS) -> None:
     import sentencepiece as spm
 

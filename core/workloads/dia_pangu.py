@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-from functools import lru_cache
 from pathlib import Path
 
 from core.data.ctrg import CONDITIONS, Case, Prefetcher, check_dataset, load_volume, write_synthetic
@@ -77,14 +76,11 @@ def run(spec, ctx) -> dict:
 
     from core import engine as eng
     from core.models.dia_pangu import DiaPangu
-    from core.models.pangu import load_pangu, load_tokenizer, write_tiny_pangu
+    from core.models.pangu import apply_lora, load_pangu, load_tokenizer
 
     session = eng.start(spec, ctx)
     cases = prepare_data(spec, session)  # clear errors before any model is loaded
-    folder = Path(spec.model.path)
-    if spec.model.make_tiny and session.rank == 0:
-        write_tiny_pangu(folder)
-    session.barrier()
+    folder = session.model_folder(spec)
     tok = load_tokenizer(folder)
     torch.manual_seed(spec.train.seed)
     session.enable_zero3_init()
@@ -99,24 +95,15 @@ def run(spec, ctx) -> dict:
     if spec.dia.stage == 2:
         if not spec.train.lora:
             raise ValueError("dia.stage: 2 adds LoRA on the LLM: give train.lora (r, alpha, target_modules)")
-        from peft import LoraConfig, get_peft_model
-
-        lora = spec.train.lora
-        model.llm = get_peft_model(model.llm, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                         target_modules=lora.target_modules))
+        model.llm = apply_lora(model.llm, spec.train.lora)
     engine = eng.initialize(session, model, spec)
     prompts = Prompts(tok, model, spec)
     train, device = cases["train"], session.device
     accum, world, rank = spec.deepspeed.grad_accum, session.dist.world_size, session.rank
     vit = model.vit.cfg
 
-    @lru_cache(maxsize=8)
-    def order(epoch: int):
-        return torch.randperm(len(train), generator=torch.Generator().manual_seed(spec.data.seed * 7919 + epoch))
-
-    def sample(k: int) -> int:  # the k-th sample this run consumes overall: a function of the step only
-        epoch, pos = divmod(k, len(train))
-        return int(order(epoch)[pos])
+    def sample(k: int) -> int:
+        return eng.sample_index(k, len(train), spec.data.seed)
 
     loader = Prefetcher(lambda i: load_volume(train[i].volume, vit.image_size, vit.frames), spec.data.workers)
 
@@ -142,7 +129,6 @@ def run(spec, ctx) -> dict:
 def evaluate(spec, ctx, session, engine, prompts, cases: list[Case], dtype) -> dict:
     """Each rank generates for its share (padded so every rank runs the same number of forward passes, which
     ZeRO-3's parameter gathering needs); rank 0 gathers, writes the CSV and scores it."""
-    import torch
     import torch.distributed as tdist
 
     if spec.dia.eval_limit:

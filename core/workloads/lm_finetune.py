@@ -25,26 +25,14 @@ def token_blocks(tokenizer, text_file: Path, seq_len: int):
     return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
 
 
-def prepare_model_folder(spec, session) -> Path:
-    from core.models.pangu import write_tiny_pangu
-
-    folder = Path(spec.model.path or "")
-    if not spec.model.path:
-        raise ValueError("model.path: give the local model folder (config.json, *.safetensors, tokenizer.model)")
-    if spec.model.make_tiny and session.rank == 0:
-        write_tiny_pangu(folder, seed=spec.train.seed)
-    session.barrier()
-    return folder
-
-
 def run(spec, ctx) -> dict:
     import torch
 
     from core import engine as eng
-    from core.models.pangu import load_pangu, load_tokenizer
+    from core.models.pangu import apply_lora, load_pangu, load_tokenizer
 
     session = eng.start(spec, ctx)
-    folder = prepare_model_folder(spec, session)
+    folder = session.model_folder(spec)
     tokenizer = load_tokenizer(folder)
     blocks = token_blocks(tokenizer, Path(spec.data.path or ""), spec.model.seq_len)
     torch.manual_seed(spec.train.seed)
@@ -52,11 +40,7 @@ def run(spec, ctx) -> dict:
     dtype = torch.float32 if spec.deepspeed and spec.deepspeed.precision == "fp32" else torch.bfloat16
     model = load_pangu(folder, dtype=dtype)
     if spec.train.lora:
-        from peft import LoraConfig, get_peft_model
-
-        lora = spec.train.lora
-        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                 target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+        model = apply_lora(model, spec.train.lora)
     engine = eng.initialize(session, model, spec)
 
     micro, accum = spec.deepspeed.micro_batch, spec.deepspeed.grad_accum
@@ -64,11 +48,7 @@ def run(spec, ctx) -> dict:
 
     def batch_fn(step: int, m: int):
         first = ((step * accum + m) * world + rank) * micro
-        rows = []
-        for i in range(first, first + micro):
-            epoch, pos = divmod(i, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(spec.data.seed * 100003 + epoch))
-            rows.append(blocks[order[pos]])
+        rows = [blocks[eng.sample_index(i, n, spec.data.seed)] for i in range(first, first + micro)]
         return torch.stack(rows).to(session.device)
 
     def loss_fn(engine, batch):

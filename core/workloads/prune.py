@@ -93,14 +93,12 @@ def evaluate(model, tokenizer, lines: list[str], max_tokens: int, device, refere
 def run(spec, ctx) -> dict:
     import torch
 
-    from core.models.pangu import load_pangu, load_tokenizer, write_tiny_pangu
-    from core.workloads.sensitivity import _device
+    from core.models.pangu import load_pangu, load_tokenizer, model_folder
+    from core.runtime import task_device
 
     pr = spec.prune
-    src = Path(spec.model.path)
-    if spec.model.make_tiny:
-        write_tiny_pangu(src)
-    device = _device(ctx)
+    src = model_folder(spec)
+    device = task_device(ctx)
     dtype = torch.float32 if pr.dtype == "fp32" else torch.bfloat16
     tok = load_tokenizer(src)
     lines = text_lines(pr.heldout, "prune.heldout")

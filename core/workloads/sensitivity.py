@@ -64,22 +64,15 @@ def _identity_block(module, args, kwargs, output):
 
 
 # ---------------------------------------------------------------- model, prompts, forward passes
-def _device(ctx):
-    from core.runtime import activate, dist_env, resolve_accelerator
-
-    return activate(resolve_accelerator(ctx.accelerator, dist_env(), ctx.cluster))
-
-
 def load(spec, ctx, dtype_name: str):
     import torch
 
-    from core.models.pangu import load_pangu, load_tokenizer, write_tiny_pangu
+    from core.models.pangu import load_pangu, load_tokenizer, model_folder
+    from core.runtime import task_device
 
-    folder = Path(spec.model.path)
-    if spec.model.make_tiny:
-        write_tiny_pangu(folder)
+    folder = model_folder(spec)
     dtype = torch.float32 if dtype_name == "fp32" else torch.bfloat16
-    device = _device(ctx)
+    device = task_device(ctx)
     model = load_pangu(folder, dtype=dtype, attn_implementation="sdpa").to(device).eval()
     return model, load_tokenizer(folder), device
 
