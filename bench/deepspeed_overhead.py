@@ -134,9 +134,9 @@ def dd_mb_per_s(folder: Path, mb: int = 512) -> float:
 
 def estimate_mb(shape: str, seq: int, micro: int, stage: int) -> float:
     from core.memory import estimate
-    from core.model_sizes import count_decoder
+    from core.models.pangu import meta_size
 
-    size = count_decoder(cfg_of(shape))
+    size = meta_size(cfg_of(shape))
     m = estimate(size, size.total, stage=stage, precision="fp32", offload_optimizer=False, offload_param=False,
                  devices_per_node=2, nodes=1, seq=seq, micro_batch=micro, checkpointing=False, device_gib=None)
     return m.total / 2 ** 20

@@ -13,6 +13,7 @@ fresh start (DeepSpeed's own load_checkpoint returns (None, None) and carries on
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -23,22 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from core.run_folder import write_text_atomic
 from core.runtime import fault_point
+
+log = logging.getLogger("checkpoint")
 
 MARKER = "COMPLETE"
 
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def tag_for(step: int) -> str:
@@ -106,7 +101,7 @@ class CheckpointManager:
             if self.rank == 0 and self.root.exists() and (done or self.leftovers()):
                 aside = self.root.with_name(f"{self.root.name}.discarded-{time.strftime('%Y%m%d-%H%M%S')}")
                 self.root.rename(aside)
-                print(f"[checkpoint] --fresh: moved old checkpoints to {aside}", flush=True)
+                log.info("--fresh: moved old checkpoints to %s", aside)
             self.barrier()
             return None
         if not done:
@@ -135,16 +130,16 @@ class CheckpointManager:
                    "--num_merge_workers", "1"]
             if meta.get("zero_stage", 0) < 3:
                 cmd.append("--inject_missing_state")
-            print(f"[checkpoint] {tag} was saved by {meta['world_size']} ranks, resuming on {self.world_size}: "
-                  f"converting to DeepSpeed's universal format", flush=True)
+            log.info("%s was saved by %d ranks, resuming on %d: converting to DeepSpeed's universal format", tag,
+                     meta["world_size"], self.world_size)
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise CheckpointError(f"ds_to_universal failed for {self.root / tag}:\n{proc.stderr[-3000:]}")
             for name in (f"rng_rank{r}.pt" for r in range(meta["world_size"])):
                 if (self.root / tag / name).is_file():
                     shutil.copy2(self.root / tag / name, out / name)
-            _write_atomic(out / MARKER, json.dumps({**meta, "universal_of": tag}))
-            _write_atomic(out_root / "latest", tag)
+            write_text_atomic(out / MARKER, json.dumps({**meta, "universal_of": tag}), fsync=True)
+            write_text_atomic(out_root / "latest", tag, fsync=True)
         self.barrier()
         if not (out / MARKER).is_file():
             raise CheckpointError(f"universal conversion of {tag} did not complete (see rank 0's log)")
@@ -169,12 +164,12 @@ class CheckpointManager:
         if self.rank == 0:
             info = {"step": step, "world_size": self.world_size, "time": time.time(),
                     "zero_stage": engine.zero_optimization_stage(), **(meta or {})}
-            _write_atomic(staging / tag / MARKER, json.dumps(info))
+            write_text_atomic(staging / tag / MARKER, json.dumps(info), fsync=True)
             final = self.root / tag
             if final.exists():
                 shutil.rmtree(final)
             os.rename(staging / tag, final)
-            _write_atomic(self.root / "latest", tag)
+            write_text_atomic(self.root / "latest", tag, fsync=True)
             self._prune()
         self.barrier()
         return tag

@@ -1,27 +1,32 @@
 """DeepSpeed from the spec: config, process group, model under ZeRO-3, initialize, a flat train loop that
 checkpoints and resumes, and preemption that every rank agrees on.
 
-`start(spec, ctx)` brings a task up (device, process group, resume point); `initialize(...)` wraps the model;
-`Trainer.fit(...)` runs optimizer steps, logs metrics (tqdm on rank 0, metrics.csv, TensorBoard), saves every
-`train.checkpoint_every` steps and when Slurm's signal arrives. The signal handler only sets a flag; at the next
-step boundary the ranks agree on it with one all-reduce, all save (DeepSpeed's save must be called by every rank),
-then rank 0 requeues the job (`scontrol requeue`) while the profile's requeue budget lasts.
+`start(spec, ctx)` brings a task up (device, process group, resume point); the workload builds its own model
+(the engine knows no model family) and `initialize(...)` wraps it; `Trainer.fit(...)` runs optimizer steps, logs
+metrics (tqdm on rank 0, metrics.csv, TensorBoard), saves every `train.checkpoint_every` steps and when Slurm's
+signal arrives. The signal handler (core.runtime) only sets a flag; at the next step boundary the ranks agree on
+it with one all-reduce, all save (DeepSpeed's save must be called by every rank), then rank 0 asks the runtime to
+requeue the job while the profile's requeue budget lasts.
 """
 from __future__ import annotations
 
 import csv
+import logging
 import math
-import os
-import subprocess
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 from core.checkpoint import CheckpointManager, ResumePoint
-from core.runtime import PREEMPT, Accelerator, DistEnv, activate, dist_env, init_distributed, resolve_accelerator
+from core.runtime import (PREEMPT, Accelerator, DistEnv, TaskContext, activate, init_distributed, requeue,
+                          resolve_accelerator, restart_count, torch_dtype)
+from core.spec import DeepSpeedSpec, JobSpec
+
+log = logging.getLogger("engine")
+T = TypeVar("T")
 
 class Preempted(RuntimeError):
     """Raised after a checkpoint when the job cannot be requeued (local executor, or requeues used up)."""
@@ -32,9 +37,7 @@ class Requeued(SystemExit):
 
 
 # ---------------------------------------------------------------- configuration
-def ds_config(spec, world_size: int, universal: bool = False) -> dict:
-    from core.spec import DeepSpeedSpec
-
+def ds_config(spec: JobSpec, world_size: int, universal: bool = False) -> dict:
     ds = spec.deepspeed or DeepSpeedSpec()
     zero: dict = {"stage": ds.stage}
     if ds.offload_optimizer:
@@ -91,15 +94,21 @@ def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
 class Session:
     dist: DistEnv
     acc: Accelerator
-    device: object
+    device: Any
     ckpt: CheckpointManager
     resume: Optional[ResumePoint]
     ds_config: dict
     run_dir: Path
+    precision: str = "fp32"
 
     @property
     def rank(self) -> int:
         return self.dist.rank
+
+    @property
+    def dtype(self):
+        """The torch dtype of the weights for deepspeed.precision (fp32, bf16, fp16)."""
+        return torch_dtype(self.precision)
 
     def barrier(self) -> None:
         import torch.distributed as tdist
@@ -107,14 +116,13 @@ class Session:
         if tdist.is_available() and tdist.is_initialized() and self.dist.world_size > 1:
             tdist.barrier()
 
-    def model_folder(self, spec) -> Path:
-        """core.models.pangu.model_folder on rank 0 (which may write the tiny twin), then every rank."""
-        from core.models.pangu import model_folder
-
+    def rank0_first(self, fn: Callable[[], T]) -> T:
+        """fn() on rank 0, then (after a barrier) on every other rank: for steps that may write shared files
+        the first time (a tiny model folder, a synthetic dataset) and only read them afterwards."""
         if self.rank == 0:
-            model_folder(spec)
+            out = fn()
         self.barrier()
-        return Path(spec.model.path)
+        return out if self.rank == 0 else fn()
 
     def enable_zero3_init(self) -> None:
         """Call before loading the model: under ZeRO-3, transformers' from_pretrained then builds it inside
@@ -125,27 +133,28 @@ class Session:
             self._hf_ds = HfDeepSpeedConfig(self.ds_config)  # must stay referenced until deepspeed.initialize
 
 
-def start(spec, ctx) -> Session:
+def start(spec: JobSpec, ctx: TaskContext) -> Session:
     """Bring the task up: device, process group, checkpoint resume point, DeepSpeed config."""
-    dist = dist_env()
+    dist = ctx.dist
     acc = resolve_accelerator(ctx.accelerator, dist, ctx.cluster)
     device = activate(acc)
     init_distributed(dist, acc)
     if dist.rank == 0:
-        print(f"[engine] {dist.world_size} ranks on {dist.num_nodes} node(s), master {dist.master_addr}:"
-              f"{dist.master_port}, {acc.describe()}", flush=True)
-    session = Session(dist, acc, device, None, None, {}, ctx.run_dir)
+        log.info("%d ranks on %d node(s), master %s:%d, %s", dist.world_size, dist.num_nodes, dist.master_addr,
+                 dist.master_port, acc.describe())
+    precision = (spec.deepspeed or DeepSpeedSpec()).precision
+    session = Session(dist, acc, device, None, None, {}, ctx.run_dir, precision)
     train = spec.train
     session.ckpt = CheckpointManager(ctx.run_dir / "checkpoints", dist.rank, dist.world_size, train.keep_last,
                                      barrier=session.barrier)
     # --fresh applies to the submission that asked for it, never again after a Slurm requeue of that job
-    fresh = train.fresh and int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) == 0
+    fresh = train.fresh and restart_count() == 0
     session.resume = session.ckpt.resume_point(fresh=fresh)
     session.ds_config = ds_config(spec, dist.world_size, universal=bool(session.resume and session.resume.universal))
     return session
 
 
-def initialize(session: Session, model, spec):
+def initialize(session: Session, model, spec: JobSpec):
     """deepspeed.initialize with AdamW over the trainable parameters only (frozen ones get no optimizer state)
     and the spec's learning-rate schedule."""
     import deepspeed
@@ -154,7 +163,7 @@ def initialize(session: Session, model, spec):
     train = spec.train
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("the model has no trainable parameters: check train.lora / the workload's freezing")
+        raise ValueError("the model has no trainable parameters: check peft: / the workload's freezing")
     opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train.scheduler, train.warmup_steps, train.steps))
     engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
@@ -182,12 +191,12 @@ def weights_checksum(engine, trainable: bool = True) -> float:
 @dataclass
 class Trainer:
     session: Session
-    engine: object
-    spec: object
-    ctx: object
-    loss_fn: Callable            # loss_fn(engine, batch) -> scalar loss tensor
-    batch_fn: Callable           # batch_fn(step, micro) -> batch: depends only on (step, micro): resumable
-    history: list = field(default_factory=list)
+    engine: Any                                  # deepspeed.DeepSpeedEngine
+    spec: JobSpec
+    ctx: TaskContext
+    loss_fn: Callable[[Any, Any], Any]           # loss_fn(engine, batch) -> loss tensor, or {"loss": ..., parts}
+    batch_fn: Callable[[int, int], Any]          # batch_fn(step, micro) -> batch; depends only on (step, micro)
+    history: list[dict] = field(default_factory=list)
 
     def _mean_across_ranks(self, value: float) -> float:
         import torch
@@ -225,7 +234,7 @@ class Trainer:
         meta = {"checksum": weights_checksum(self.engine)}
         tag = self.session.ckpt.save(self.engine, step, {"step": step}, meta)
         if self.session.rank == 0:
-            print(f"[engine] checkpoint {tag} saved", flush=True)
+            log.info("checkpoint %s saved", tag)
 
     def fit(self) -> dict:
         from tqdm import tqdm
@@ -241,7 +250,7 @@ class Trainer:
             resumed_checksum = weights_checksum(self.engine)
             if self.session.rank == 0:
                 how = " (universal format)" if point.universal else ""
-                print(f"[engine] resumed from {point.tag}{how} at step {start_step}", flush=True)
+                log.info("resumed from %s%s at step %d", point.tag, how, start_step)
         frozen_before = weights_checksum(self.engine, trainable=False)
         rank0 = self.session.rank == 0
         metrics = self._metrics_file(start_step) if rank0 else None
@@ -290,7 +299,7 @@ class Trainer:
         return {"steps": step, "start_step": start_step, "final_loss": self.history[-1]["loss"] if self.history
                 else None, "losses": [h["loss"] for h in self.history], "resumed_checksum": resumed_checksum,
                 "saved_checksum": saved_checksum, "checksum": weights_checksum(self.engine),
-                "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+                "restart_count": restart_count(),
                 "frozen_checksum_before": frozen_before,
                 "frozen_checksum_after": weights_checksum(self.engine, trainable=False)}
 
@@ -298,25 +307,20 @@ class Trainer:
         import torch
         import torch.distributed as tdist
 
-        cluster = self.ctx.cluster
-        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
         ok = 0
-        if self.session.rank == 0 and self.ctx.executor == "slurm" and restarts < cluster.get("max_requeues", 0):
-            job = os.environ.get("SLURM_JOB_ID", "")
-            if os.environ.get("SLURM_ARRAY_JOB_ID"):
-                job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-            proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-            ok = int(proc.returncode == 0)
-            print(f"[engine] checkpointed at step {step}; requeue {job} (restart {restarts + 1}/"
-                  f"{cluster.get('max_requeues')}): {'ok' if ok else proc.stderr.strip()}", flush=True)
+        if self.session.rank == 0 and self.ctx.can_requeue():
+            accepted, detail = requeue(self.ctx.job_id)
+            ok = int(accepted)
+            log.info("checkpointed at step %d; requeue %s (restart %d/%s): %s", step, self.ctx.job_id,
+                     restart_count() + 1, self.ctx.cluster.get("max_requeues"), "ok" if ok else detail)
         flag = torch.tensor([ok], dtype=torch.int32)
         if self.session.dist.world_size > 1:
             tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
         if flag.item():
             time.sleep(600)  # Slurm stops this allocation and runs the job again; it resumes from the checkpoint
             raise Requeued(1)
-        raise Preempted(f"{PREEMPT['signal']} received: checkpoint saved at step {step}, not requeued "
-                        f"({'local executor' if self.ctx.executor != 'slurm' else f'{restarts} requeues used'}); "
+        why = "local executor" if self.ctx.executor != "slurm" else f"{restart_count()} requeues used"
+        raise Preempted(f"{PREEMPT['signal']} received: checkpoint saved at step {step}, not requeued ({why}); "
                         f"continue with: python launchers/submit.py SPEC --resume {self.ctx.run_dir}")
 
 

@@ -1,8 +1,9 @@
-"""Parameter counts of decoder LLMs from their config.json alone (no torch, no weights).
+"""Model sizes for the plan's memory estimate: config.json or a built-in preset, then the model built on the
+meta device by its own builder (no weights, no memory), counted.
 
-The plan needs the total, the largest single module and the trainable count for its memory estimate before
-anything is submitted, and the submit path must stay torch-free. tests/test_model_sizes.py checks these
-counts against the real transformers model built on the meta device.
+The plan needs the total, the largest single module and the activation shape before anything is submitted.
+Reading config files stays torch-free (planners use it for layer counts); counting builds the model, which
+imports torch, and runs only for specs with a `deepspeed:` section (their estimate imports DeepSpeed anyway).
 """
 from __future__ import annotations
 
@@ -23,35 +24,31 @@ PRESETS: dict[str, dict] = {
 
 @dataclass(frozen=True)
 class ModelSize:
-    total: int
-    largest_module: int
-    per_layer: int
-    layers: int
+    total: int            # parameters
+    largest_module: int   # most parameters one module holds itself (what ZeRO-3 gathers at once)
+    layers: int           # transformer blocks, hidden width, attention heads, vocabulary: the activation terms
     hidden: int
     heads: int
     vocab: int
 
 
-def count_decoder(cfg: dict) -> ModelSize:
-    """Llama-family decoder: embeddings, L x (attention + gated MLP + 2 RMSNorms), final norm, LM head."""
-    h = cfg["hidden_size"]
-    heads = cfg["num_attention_heads"]
-    kv = cfg.get("num_key_value_heads") or heads
-    hd = cfg.get("head_dim") or h // heads
-    inter = cfg["intermediate_size"]
-    vocab = cfg["vocab_size"]
-    layers = cfg["num_hidden_layers"]
-    attn_bias = cfg.get("attention_bias", cfg.get("bias", False))
-    mlp_bias = cfg.get("mlp_bias", False)
-    attn = h * heads * hd + 2 * h * kv * hd + heads * hd * h
-    if attn_bias:  # q, k, v and o all carry a bias in transformers' Llama
-        attn += heads * hd + 2 * kv * hd + h
-    mlp = 3 * h * inter + (2 * inter + h if mlp_bias else 0)
-    per_layer = attn + mlp + 2 * h
-    embed = vocab * h
-    tied = cfg.get("tie_word_embeddings", False)
-    total = embed + layers * per_layer + h + (0 if tied else embed)
-    return ModelSize(total, max(embed, per_layer), per_layer, layers, h, heads, vocab)
+def size_of(model, *, layers: int, hidden: int, heads: int, vocab: int) -> ModelSize:
+    """Count a built model (the meta device is enough). The largest module is DeepSpeed's own definition in its
+    ZeRO-3 estimator: the most parameters any single module holds directly (recurse=False)."""
+    total = sum(p.numel() for p in model.parameters())
+    largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
+    return ModelSize(int(total), int(largest), layers, hidden, heads, vocab)
+
+
+def decoder_size(spec) -> Optional[ModelSize]:
+    """The default builder for the plan's estimate: the decoder LLM of model.path / model.preset, built on the
+    meta device (core.models.pangu.meta_size); None when neither names one."""
+    cfg = model_config(spec.model.path, spec.model.preset)
+    if cfg is None:
+        return None
+    from core.models.pangu import meta_size
+
+    return meta_size(cfg)
 
 
 def model_config(path: Optional[str], preset: Optional[str]) -> Optional[dict]:

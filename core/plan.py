@@ -14,8 +14,8 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from core.spec import Cluster, JobSpec, SpecError
-from core.workloads import WORKLOADS
+from core import workloads
+from core.spec import Cluster, FieldError, JobSpec, SpecError
 
 
 @dataclass
@@ -100,12 +100,13 @@ def chunk_ranges(n_tasks: int, max_array_size: int) -> list[tuple[int, int]]:
 
 
 def _memory(spec: JobSpec, cluster: Cluster, tasks_per_node: int):
-    from core.model_sizes import count_decoder, model_config
+    """The per-device estimate from the model the workload builds (counted on the meta device)."""
+    from core.model_sizes import decoder_size
 
-    cfg = model_config(spec.model.path, spec.model.preset)
-    if cfg is None:
+    builder = workloads.get(spec.workload).model_size or decoder_size
+    size = builder(spec)
+    if size is None:
         return None
-    size = count_decoder(cfg)
     t = spec.model.trainable
     trainable = size.total if t == "all" else 0 if t == "none" else int(t)
     from core.memory import estimate
@@ -119,20 +120,14 @@ def _memory(spec: JobSpec, cluster: Cluster, tasks_per_node: int):
 
 def workload_shape(spec: JobSpec, source: str, resume_dir=None):
     """The workload's own steps and items (layers, ratios), from its torch-free planner, if it has one."""
-    import importlib
-
-    from core.spec import FieldError
-    from core.workloads import WORKLOADS
-
-    ref = WORKLOADS[spec.workload].shape
-    if ref is None:
+    planner = workloads.get(spec.workload).plan
+    if planner is None:
         if resume_dir is not None:
             raise SpecError(source, [("--resume-missing", f"workload '{spec.workload}' has no per-item results "
                                                           f"to complete; use --resume")])
         return None
-    module, func = ref.split(":")
     try:
-        return getattr(importlib.import_module(module), func)(spec, resume_dir)
+        return planner(spec, resume_dir)
     except FieldError as e:
         raise SpecError(source, [(e.field, e.message)]) from None
 
@@ -156,7 +151,7 @@ def make_plan(spec: JobSpec, cluster: Cluster, source: str = "spec", force: bool
                   minutes=res.minutes)
 
     if limits is None:
-        limits = slurm_limits() if cluster.executor == "slurm" and (res.array or WORKLOADS[spec.workload].shape) else {}
+        limits = slurm_limits() if cluster.executor == "slurm" and (res.array or workloads.get(spec.workload).plan) else {}
     max_array = limits.get("MaxArraySize", cluster.max_array_size)
     steps: list[Step] = []
     shape = workload_shape(spec, source, resume_dir)

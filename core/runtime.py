@@ -3,20 +3,28 @@
 `TaskEntry` is the callable that submitit pickles and runs on every rank of every task. It re-validates the
 spec, resolves `${env:VAR}` references from the job's own environment (secrets never travel in the sbatch
 script or the run record), builds the context (run folder, ranks, hosts, array items), calls the workload's
-`run` or `merge`, and leaves one small JSON record per rank under `<run_dir>/tasks/`.
+step function (`run`, `merge`, ...) and leaves one small JSON record per rank under `<run_dir>/tasks/`.
+Also here, because they are the scheduler's business and nobody else's: rank / world / master from Slurm's
+variables (`dist_env`, read once per task into the context), the device and backend, the preemption signal,
+the restart count and `scontrol requeue`.
 This module imports no torch at import time: the submit path pickles `TaskEntry` from here.
 """
 from __future__ import annotations
 
-import importlib
-import json
+import logging
 import os
 import re
 import socket
+import subprocess
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
+
+from core import run_folder
+
+log = logging.getLogger("runtime")
 
 
 def fault_point(name: str, value) -> None:
@@ -26,7 +34,7 @@ def fault_point(name: str, value) -> None:
     if spec == f"kill@{name}:{value}":
         import signal
 
-        print(f"[fault] SIGKILL at {name} {value}", flush=True)
+        logging.getLogger("fault").warning("SIGKILL at %s %s", name, value)
         os.kill(os.getpid(), signal.SIGKILL)
     if spec == f"fail@{name}:{value}":
         raise RuntimeError(f"[fault] injected failure at {name} {value} (MEDHPC_FAULT)")
@@ -44,7 +52,7 @@ def install_preemption_handler() -> None:
 
     def handler(signum, frame):
         PREEMPT["signal"] = signal.Signals(signum).name
-        print(f"[runtime] received {PREEMPT['signal']}: checkpoint at the next step boundary", flush=True)
+        log.info("received %s: checkpoint at the next step boundary", PREEMPT["signal"])
 
     for sig in (signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, handler)
@@ -59,107 +67,17 @@ def ignore_preemption_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-@dataclass
-class TaskContext:
-    run_dir: Path
-    step: str                       # "main" or "merge"
-    job_id: str                     # Slurm job id ("12" or "12_3" for an array task) or local id
-    root_id: str                    # the run's id: first job (array job) id; names the run folder
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    node_rank: int = 0
-    num_nodes: int = 1
-    hostname: str = ""
-    hostnames: list[str] = field(default_factory=list)
-    task_index: Optional[int] = None  # index of this array task in the whole array (across chunks)
-    items: Optional[list[Any]] = None  # the array items this task handles
-    accelerator: str = "cpu"
-    executor: str = "local"
-    cluster: dict = field(default_factory=dict)
-
-    def path(self, *parts: str) -> Path:
-        """A path inside the run folder (created)."""
-        p = self.run_dir.joinpath(*parts)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        return p
-
-    def task_records(self, step: str = "main") -> list[dict]:
-        """The records that the tasks of a step left (used by merge steps)."""
-        folder = self.run_dir / "tasks"
-        return [json.loads(p.read_text()) for p in sorted(folder.glob(f"{step}*.json"))] if folder.is_dir() else []
-
-
-def resolve_run_dir(template: str, environ: Optional[dict] = None) -> Path:
-    """'%A' in the run-folder template is the root job id: the array job id, else the job id."""
+def restart_count(environ: Optional[dict] = None) -> int:
+    """How often Slurm has requeued this job (SLURM_RESTART_COUNT; 0 for a first run and on the local executor)."""
     environ = os.environ if environ is None else environ
-    if "%A" in template:
-        root = environ.get("SLURM_ARRAY_JOB_ID") or environ.get("SLURM_JOB_ID")
-        if not root:
-            raise RuntimeError("run folder template has %A but neither SLURM_ARRAY_JOB_ID nor SLURM_JOB_ID is set")
-        template = template.replace("%A", root)
-    return Path(template)
+    return int(environ.get("SLURM_RESTART_COUNT", "0") or 0)
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
-
-
-@dataclass
-class TaskEntry:
-    """The pickled callable: TaskEntry(...)(task_index, items) on every rank."""
-    spec_data: dict
-    cluster_data: dict
-    workload_module: str
-    entry: str
-    step: str
-    run_dir_template: str
-
-    def context(self, task_index: Optional[int], items: Optional[list]) -> TaskContext:
-        import submitit
-
-        env = submitit.JobEnvironment()
-        run_dir = resolve_run_dir(self.run_dir_template)
-        root = run_dir.name
-        hostnames = list(env.hostnames)
-        return TaskContext(
-            run_dir=run_dir, step=self.step, job_id=str(env.job_id), root_id=root,
-            rank=env.global_rank, world_size=env.num_tasks, local_rank=env.local_rank, node_rank=env.node,
-            num_nodes=env.num_nodes, hostname=os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
-            hostnames=hostnames, task_index=task_index, items=items,
-            accelerator=self.cluster_data.get("accelerator", "cpu"), executor=self.cluster_data.get("executor", "local"),
-            cluster=self.cluster_data)
-
-    def __call__(self, task_index: Optional[int] = None, items: Optional[list] = None) -> dict:
-        from core.spec import JobSpec, resolve_env_refs
-
-        install_preemption_handler()
-        for key, value in {**self.cluster_data.get("env", {}), **self.spec_data.get("env", {})}.items():
-            os.environ[key] = resolve_env_refs(str(value))
-        spec = JobSpec.model_validate(self.spec_data)
-        ctx = self.context(task_index, items)
-        started = time.time()
-        fn = getattr(importlib.import_module(self.workload_module), self.entry)
-        try:
-            result = fn(spec, ctx)
-        finally:
-            ignore_preemption_signals()
-        record = {"step": self.step, "task_index": task_index, "items": items, "rank": ctx.rank,
-                  "world_size": ctx.world_size, "job_id": ctx.job_id, "host": ctx.hostname,
-                  "started": started, "seconds": round(time.time() - started, 3), "result": result}
-        tag = self.step if task_index is None else f"{self.step}-{task_index:06d}"
-        _write_json_atomic(ctx.run_dir / "tasks" / f"{tag}.rank{ctx.rank}.json", record)
-        return result
-
-
-def context_dict(ctx: TaskContext) -> dict:
-    d = asdict(ctx)
-    d["run_dir"] = str(ctx.run_dir)
-    d.pop("cluster")
-    return d
+def requeue(job_id: str) -> tuple[bool, str]:
+    """`scontrol requeue` this job (an array task as ARRAYID_TASKID): Slurm stops the allocation and runs the
+    job again later. Returns (accepted, scontrol's message)."""
+    proc = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+    return proc.returncode == 0, (proc.stderr or proc.stdout).strip()
 
 
 # ------------------------------------------------------------------ distributed environment and accelerator
@@ -178,6 +96,7 @@ class DistEnv:
     master_addr: str
     master_port: int
     job_id: str
+    hosts: tuple[str, ...] = ()     # every node of the allocation, in Slurm's order (the master first)
 
     def export(self, environ: Optional[dict] = None) -> None:
         environ = os.environ if environ is None else environ
@@ -248,7 +167,7 @@ def dist_env_from_slurm(environ: Optional[dict] = None) -> DistEnv:
     if not 0 <= local < per_node[node]:
         raise DistEnvError(f"SLURM_LOCALID={local} is outside the {per_node[node]} tasks of node {node}")
     port = int(environ["MASTER_PORT"]) if environ.get("MASTER_PORT") else master_port_for(job_id)
-    return DistEnv(rank, world, local, per_node[node], node, nnodes, hosts[0], port, job_id)
+    return DistEnv(rank, world, local, per_node[node], node, nnodes, hosts[0], port, job_id, tuple(hosts))
 
 
 def dist_env(environ: Optional[dict] = None) -> DistEnv:
@@ -260,10 +179,115 @@ def dist_env(environ: Optional[dict] = None) -> DistEnv:
         rank = int(environ.get("SUBMITIT_LOCAL_GLOBALID", environ.get("SUBMITIT_LOCAL_LOCALID", "0")))
         job_id = environ.get("SUBMITIT_LOCAL_JOB_ID", str(os.getpid()))
         port = int(environ["MASTER_PORT"]) if environ.get("MASTER_PORT") else master_port_for(job_id)
-        return DistEnv(rank, world, rank, world, 0, 1, "127.0.0.1", port, job_id)
+        return DistEnv(rank, world, rank, world, 0, 1, "127.0.0.1", port, job_id, (socket.gethostname(),))
     if environ.get("SLURM_JOB_ID") and environ.get("SLURM_PROCID") is not None:
         return dist_env_from_slurm(environ)
-    return DistEnv(0, 1, 0, 1, 0, 1, "127.0.0.1", master_port_for(str(os.getpid())), str(os.getpid()))
+    return single_process()
+
+
+def single_process() -> DistEnv:
+    """One process, no scheduler: rank 0 of 1 on this host."""
+    return DistEnv(0, 1, 0, 1, 0, 1, "127.0.0.1", master_port_for(str(os.getpid())), str(os.getpid()),
+                   (socket.gethostname(),))
+
+
+@dataclass
+class TaskContext:
+    """What a workload's step function gets besides the spec: where to write, who it is, what to do."""
+    run_dir: Path
+    step: str                       # "main", "merge", or a workload's own step ("baseline")
+    job_id: str                     # Slurm job id ("12" or "12_3" for an array task) or local id
+    root_id: str                    # the run's id: first job (array job) id; names the run folder
+    dist: DistEnv = field(default_factory=lambda: single_process())  # rank, world, hosts: read once per task
+    hostname: str = ""
+    task_index: Optional[int] = None  # index of this array task in the whole array (across chunks)
+    items: Optional[list[Any]] = None  # the array items this task handles
+    accelerator: str = "cpu"
+    executor: str = "local"
+    cluster: dict = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return self.dist.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.dist.world_size
+
+    @property
+    def hostnames(self) -> list[str]:
+        return list(self.dist.hosts)
+
+    def path(self, *parts: str) -> Path:
+        """A path inside the run folder (its parent created)."""
+        p = self.run_dir.joinpath(*parts)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def task_records(self, step: str = "main") -> list[dict]:
+        """The records that the tasks of a step left (used by merge steps)."""
+        return run_folder.task_records(self.run_dir, step)
+
+    def can_requeue(self) -> bool:
+        return self.executor == "slurm" and restart_count() < int(self.cluster.get("max_requeues", 0))
+
+
+def context_dict(ctx: TaskContext) -> dict:
+    """The context as plain JSON (for results and records)."""
+    d = ctx.dist
+    return {"run_dir": str(ctx.run_dir), "step": ctx.step, "job_id": ctx.job_id, "root_id": ctx.root_id,
+            "rank": d.rank, "world_size": d.world_size, "local_rank": d.local_rank, "node_rank": d.node_rank,
+            "num_nodes": d.num_nodes, "hostname": ctx.hostname, "hostnames": list(d.hosts),
+            "task_index": ctx.task_index, "items": ctx.items, "accelerator": ctx.accelerator,
+            "executor": ctx.executor}
+
+
+def configure_logging() -> None:
+    """Task output: one line per message, `[logger] message`, on stdout (Slurm's log file)."""
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s", stream=sys.stdout, force=True)
+
+
+@dataclass
+class TaskEntry:
+    """The pickled callable: TaskEntry(...)(task_index, items) on every rank."""
+    spec_data: dict
+    cluster_data: dict
+    workload: str
+    entry: str
+    step: str
+    run_dir_template: str
+
+    def context(self, task_index: Optional[int], items: Optional[list]) -> TaskContext:
+        import submitit
+
+        run_dir = run_folder.resolve_run_dir(self.run_dir_template)
+        return TaskContext(
+            run_dir=run_dir, step=self.step, job_id=str(submitit.JobEnvironment().job_id), root_id=run_dir.name,
+            dist=dist_env(), hostname=os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
+            task_index=task_index, items=items, accelerator=self.cluster_data.get("accelerator", "cpu"),
+            executor=self.cluster_data.get("executor", "local"), cluster=self.cluster_data)
+
+    def __call__(self, task_index: Optional[int] = None, items: Optional[list] = None) -> dict:
+        from core import workloads
+        from core.spec import parse_spec, resolve_env_refs
+
+        install_preemption_handler()
+        configure_logging()
+        for key, value in {**self.cluster_data.get("env", {}), **self.spec_data.get("env", {})}.items():
+            os.environ[key] = resolve_env_refs(str(value))
+        spec = parse_spec(self.spec_data, "run record spec")
+        ctx = self.context(task_index, items)
+        started = time.time()
+        fn = workloads.get(self.workload).entry(self.entry)
+        try:
+            result = fn(spec, ctx)
+        finally:
+            ignore_preemption_signals()
+        record = {"step": self.step, "task_index": task_index, "items": items, "rank": ctx.rank,
+                  "world_size": ctx.world_size, "job_id": ctx.job_id, "host": ctx.hostname,
+                  "started": started, "seconds": round(time.time() - started, 3), "result": result}
+        run_folder.write_task_record(ctx.run_dir, record)
+        return result
 
 
 BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
@@ -337,7 +361,17 @@ def activate(acc: Accelerator):
 
 def task_device(ctx: TaskContext):
     """The device of a single-process task (no process group): the profile's accelerator, bound and checked."""
-    return activate(resolve_accelerator(ctx.accelerator, dist_env(), ctx.cluster))
+    return activate(resolve_accelerator(ctx.accelerator, ctx.dist, ctx.cluster))
+
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def torch_dtype(precision: str):
+    """'fp32' | 'bf16' | 'fp16' (the spec's names) -> the torch dtype."""
+    import torch
+
+    return getattr(torch, DTYPES[precision])
 
 
 def init_distributed(dist: DistEnv, acc: Accelerator, timeout_s: int = 600) -> None:

@@ -1,6 +1,8 @@
 """Job specs and cluster profiles: YAML -> validated pydantic models.
 
-One schema for every workload. Loading applies defaults and `--set a.b=value` overrides (typed by the
+One generic schema (name, workload, model(s), data, train, peft, resources, deepspeed, outputs, env); each
+workload's own section and data fields come from its module through the registry (`spec_class`), without
+importing torch. Loading applies defaults and `--set a.b=value` overrides (typed by the
 schema), rejects unknown keys with the closest valid key suggested, and refuses literal secrets.
 Every failure is a `SpecError` that names the file, the field path and the fix; nothing here submits
 anything and nothing here imports torch.
@@ -11,11 +13,14 @@ import difflib
 import os
 import re
 from pathlib import Path
+from functools import lru_cache
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, ValidationError, create_model, field_validator,
+                      model_validator)
 
+from core import workloads
 from core.workloads import WORKLOADS
 
 ENV_REF = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -124,26 +129,20 @@ class ModelSpec(Strict):
     trainable: Literal["all", "none"] | float = Field(
         "all", description="'all', 'none' (frozen) or the trainable parameter count (e.g. adapters)")
     seq_len: PositiveInt = 2048
-    make_tiny: bool = Field(False, description="write a tiny random openPangu-shaped model at model.path if missing")
+    make_tiny: bool = Field(False, description="write the workload's tiny random twin at model.path if missing")
 
 
 class DataSpec(Strict):
-    path: Optional[str] = Field(None, description="dataset folder or file (CTRG: the folder of <id>.nii.gz volumes)")
-    annotation: Optional[str] = Field(None, description="CTRG annotation.json (train / val / test lists)")
-    labels_csv: Optional[str] = Field(None, description="CTRG labels CSV, one CheXbert column per disease")
-    make_synthetic: bool = Field(False, description="write a small synthetic CTRG-format dataset at data.path's parent")
+    """The fields every dataset has; a workload extends it with its own (its `Workload.Data`)."""
+    path: Optional[str] = Field(None, description="dataset folder or file")
+    make_synthetic: bool = Field(False, description="write a small synthetic dataset in the real format first")
     workers: int = Field(2, ge=0, description="background threads that load and preprocess upcoming samples")
     seed: int = 0
 
 
-class SmokeSection(Strict):
-    message: str = "hello from the smoke workload"
-    sleep_s: float = Field(0.0, ge=0)
-    fail_items: list[Any] = Field(default_factory=list, description="array items that raise (to test afterok)")
-    report_env: list[str] = Field(default_factory=list, description="variables whose SHA-256 the job reports")
-
-
-class LoraSpec(Strict):
+class PeftSpec(Strict):
+    """Frozen base + LoRA adapters (peft), for every workload that trains (core/models/peft.py)."""
+    method: Literal["lora"] = "lora"
     r: PositiveInt = 16
     alpha: float = 32
     dropout: float = Field(0.05, ge=0, lt=1)
@@ -151,6 +150,7 @@ class LoraSpec(Strict):
 
 
 class TrainSection(Strict):
+    """The engine's train loop (core/engine.py): read by every workload that trains."""
     steps: PositiveInt = Field(100, description="optimizer steps in total (across requeues)")
     lr: float = Field(5e-5, gt=0)
     warmup_steps: int = Field(0, ge=0)
@@ -160,53 +160,6 @@ class TrainSection(Strict):
     checkpoint_every: int = Field(50, ge=0, description="0: only at the end and on Slurm's signal")
     keep_last: PositiveInt = 2
     fresh: bool = Field(False, description="move existing checkpoints aside and start over (--fresh)")
-    lora: Optional[LoraSpec] = Field(None, description="frozen base + LoRA adapters (peft); omit for full fine-tune")
-
-
-class ScanSection(Strict):
-    prompts: str = Field(description="text file, one prompt per line (Chinese and English both fine)")
-    metric: Literal["logprob", "kl", "bi", "angular"] = Field(
-        "logprob", description="logprob / kl: one masked pass per layer (array); bi / angular: one pass for all")
-    mode: Literal["qv", "v", "attn", "block"] = "qv"
-    layers: Optional[list[int]] = Field(None, description="layers to scan (default: all)")
-    layers_per_task: PositiveInt = 1
-    max_prompt_tokens: PositiveInt = 64
-    reuse_hidden: bool = Field(True, description="start each masked pass at its layer from the baseline's hidden states")
-    mark_ratio: float = Field(0.25, gt=0, lt=1, description="share of least sensitive layers marked in the plot")
-    dtype: Literal["bf16", "fp32"] = "bf16"
-
-
-class PruneSection(Strict):
-    heldout: str = Field(description="held-out text file for perplexity and log-prob distance")
-    sensitivity_csv: Optional[str] = Field(None, description="sensitivity.csv of a scan run (least sensitive go first)")
-    ratios: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3])
-    layers: Optional[list[int]] = Field(None, description="explicit layers to remove instead of ratios")
-    max_tokens: PositiveInt = 128
-    dtype: Literal["bf16", "fp32"] = "bf16"
-    dia_run: Optional[str] = Field(None, description="a finished Dia-Pangu (stage 1) run folder: also evaluate "
-                                                     "report generation with each pruned LLM")
-    dia_eval_limit: Optional[PositiveInt] = Field(None, description="evaluate only the first N test cases")
-
-    @field_validator("ratios")
-    @classmethod
-    def _ratios(cls, v):
-        bad = [r for r in v if not 0 < r < 1]
-        if bad or not v:
-            raise ValueError(f"every ratio must lie in (0, 1), got {bad or v}; e.g. [0.1, 0.2, 0.3]")
-        return v
-
-
-class DiaSection(Strict):
-    size: Literal["full", "tiny"] = Field("full", description="3D ViT + perceiver shapes (tiny: CPU tests)")
-    stage: Literal[1, 2] = Field(1, description="1: perceiver + projection + contrastive head; 2: + LoRA (train.lora)")
-    question: str = "Please write the findings of this chest CT."
-    max_new_tokens: PositiveInt = 300
-    max_report_tokens: PositiveInt = 256
-    contrastive_weight: float = Field(4.0, ge=0)
-    init_from: Optional[str] = Field(None, description="Dia-LLaMA checkpoint: vision encoder + perceiver keys that fit")
-    evaluate: bool = True
-    eval_split: Literal["val", "test"] = "test"
-    eval_limit: Optional[PositiveInt] = Field(None, description="evaluate only the first N cases")
 
 
 class Outputs(Strict):
@@ -214,16 +167,16 @@ class Outputs(Strict):
 
 
 class JobSpec(Strict):
+    """The generic schema. Each workload's spec class (`spec_class`) adds its own section and data schema."""
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
     workload: str
     description: str = ""
     model: ModelSpec = Field(default_factory=ModelSpec)
+    models: dict[str, ModelSpec] = Field(default_factory=dict, description="further named models of a workload "
+                                                                           "(e.g. teacher, student)")
     data: DataSpec = Field(default_factory=DataSpec)
-    smoke: Optional[SmokeSection] = None
     train: Optional[TrainSection] = None
-    scan: Optional[ScanSection] = None
-    prune: Optional[PruneSection] = None
-    dia: Optional[DiaSection] = None
+    peft: Optional[PeftSpec] = Field(None, description="LoRA adapters on a frozen base; omit for a full fine-tune")
     resources: Resources = Field(default_factory=Resources)
     deepspeed: Optional[DeepSpeedSpec] = None
     outputs: Outputs = Field(default_factory=Outputs)
@@ -239,22 +192,62 @@ class JobSpec(Strict):
         return v
 
     @model_validator(mode="after")
-    def _sections_match_workload(self):
-        info = WORKLOADS[self.workload]
-        mine = {info.section, *info.also}
-        for other in {w.section for w in WORKLOADS.values() if w.section} - mine:
-            if getattr(self, other) is not None:
-                raise ValueError(f"section '{other}' belongs to another workload, not '{self.workload}'; remove it")
-        for name in (n for n in (info.section, *info.also) if n):
-            if getattr(self, name) is None:  # the workload's own sections, with defaults
-                cls = type(self).model_fields[name].annotation.__args__[0]
-                if any(f.is_required() for f in cls.model_fields.values()):
-                    raise ValueError(f"workload '{self.workload}' needs a '{name}:' section "
-                                     f"(required: {', '.join(n for n, f in cls.model_fields.items() if f.is_required())})")
-                self.__dict__[name] = cls()
+    def _complete_for_workload(self):
+        info = workloads.get(self.workload)
+        if info.section and getattr(self, info.section, None) is None:  # the workload's own section, with defaults
+            required = [n for n, f in info.Section.model_fields.items() if f.is_required()]
+            if required:
+                raise ValueError(f"workload '{self.workload}' needs a '{info.section}:' section "
+                                 f"(required: {', '.join(required)})")
+            self.__dict__[info.section] = info.Section()
+        if info.trains:
+            if self.train is None:
+                self.__dict__["train"] = TrainSection()
+        else:
+            for key in ("train", "peft"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"'{key}:' is read by workloads that train; '{self.workload}' does not: remove it")
+        unknown = sorted(set(self.models) - set(info.models))
+        missing = [m for m in info.models if m not in self.models]
+        if unknown or missing:
+            wanted = ", ".join(info.models) or "none"
+            raise ValueError(f"models: workload '{self.workload}' takes the named models [{wanted}]; "
+                             + (f"unknown: {unknown}" if unknown else f"missing: {missing}"))
         if self.resources.array and self.resources.array.merge and not info.has_merge:
             raise ValueError(f"resources.array.merge: workload '{self.workload}' has no merge step; remove 'merge'")
         return self
+
+    @property
+    def section(self):
+        """The workload's own section (e.g. spec.scan for the sensitivity workload)."""
+        info = workloads.get(self.workload)
+        return getattr(self, info.section) if info.section else None
+
+
+@lru_cache(maxsize=None)
+def spec_class(workload: str) -> type[JobSpec]:
+    """JobSpec plus the workload's own section (`Workload.section: Workload.Section`) and data schema."""
+    if workload not in WORKLOADS:
+        return JobSpec
+    info = workloads.get(workload)
+    fields: dict[str, Any] = {}
+    if info.section:
+        fields[info.section] = (Optional[info.Section], None)
+    if info.Data is not None:
+        fields["data"] = (info.Data, Field(default_factory=info.Data))
+    if not fields:
+        return JobSpec
+    return create_model(f"JobSpec_{workload}", __base__=JobSpec, **fields)
+
+
+def _spec_class_for(data: dict) -> type[JobSpec]:
+    w = data.get("workload")
+    return spec_class(w) if isinstance(w, str) else JobSpec
+
+
+def parse_spec(data: dict, source: str = "spec") -> JobSpec:
+    """A raw spec dict (a YAML file's, a run record's, a task's) -> the validated spec of its workload."""
+    return validate(_spec_class_for(data), data, source)
 
 
 # ---------------------------------------------------------------- cluster profile
@@ -323,6 +316,10 @@ def _explain(model: type[BaseModel], err: dict) -> tuple[str, str]:
     field = ".".join(str(p) for p in loc)
     kind = err["type"]
     if kind == "extra_forbidden":
+        if len(loc) == 1 and issubclass(model, JobSpec):
+            owner = workloads.sections().get(str(loc[0]))
+            if owner:
+                return field, f"section '{loc[0]}' belongs to workload '{owner}'; remove it or set workload: {owner}"
         parent = _model_at(model, loc[:-1])
         valid = sorted(parent.model_fields) if parent else []
         near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
@@ -404,13 +401,14 @@ def load_spec(path: Union[str, Path], overrides: tuple[str, ...] = ()) -> tuple[
     """-> (validated spec, raw dict after overrides). Raises SpecError."""
     path = Path(path)
     data = _read_yaml(path, "job spec")
-    for assignment in overrides:
-        apply_override(data, assignment, JobSpec)
+    first = sorted(overrides, key=lambda a: not a.strip().startswith("workload="))  # the workload decides the schema
+    for assignment in first:
+        apply_override(data, assignment, _spec_class_for(data))
     secrets = find_secrets(data)
     if secrets:
         raise SpecError(str(path), [(s, "looks like a secret written literally; put it in an environment variable "
                                         "and write '${env:VAR_NAME}' here (resolved only inside the job)") for s in secrets])
-    spec = validate(JobSpec, data, str(path) + (" (with --set overrides)" if overrides else ""))
+    spec = parse_spec(data, str(path) + (" (with --set overrides)" if overrides else ""))
     return spec, data
 
 

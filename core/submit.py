@@ -4,10 +4,8 @@ Only submitit executors submit (SlurmExecutor for Slurm profiles, LocalExecutor 
 `map_array` (one call per chunk under MaxArraySize), dependencies through submitit's `dependency` parameter.
 `sbatch_texts` renders the exact scripts submitit would write, for `--dry-run`.
 
-Everything a run produces lives in one run folder, `<logs_dir>/<name>/<root id>/`: `run.json` (the record),
-`submitit/` (scripts, pickles, logs) and whatever the workload writes. On Slurm the root id is the first job's
-id (the array job id for arrays), so the first step's folder is written with Slurm's `%A` and later steps use
-the concrete id. Local runs get a `local-<time>-<pid>` id.
+Everything a run produces lives in one run folder (core.run_folder): the record, submitit's scripts, pickles and
+logs, and whatever the workload writes.
 """
 from __future__ import annotations
 
@@ -25,11 +23,10 @@ from typing import Any, Optional
 import submitit
 from submitit.slurm.slurm import _make_sbatch_string
 
+from core import run_folder
 from core.plan import Plan, Step
+from core.run_folder import REPO
 from core.runtime import TaskEntry
-from core.workloads import WORKLOADS
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -37,15 +34,6 @@ class Submission:
     run_dir: Path
     record: dict
     jobs: dict[str, list[Any]] = field(default_factory=dict)  # step name -> submitit jobs (one per task)
-
-
-def spec_logs_root(spec) -> Path:
-    p = Path(spec.outputs.logs_dir)
-    return (p if p.is_absolute() else REPO / p) / spec.name
-
-
-def logs_root(plan: Plan) -> Path:
-    return spec_logs_root(plan.spec)
 
 
 def _slurm_parameters(plan: Plan, step: Step, dependency: Optional[str], run_dir: str) -> dict:
@@ -86,9 +74,8 @@ def _executor(plan: Plan, step: Step, folder: Path, dependency: Optional[str], r
 
 
 def _entry(plan: Plan, raw_spec: dict, step: Step, run_dir_template: str) -> TaskEntry:
-    return TaskEntry(spec_data=raw_spec, cluster_data=plan.cluster.model_dump(),
-                     workload_module=WORKLOADS[plan.spec.workload].module, entry=step.entry, step=step.name,
-                     run_dir_template=run_dir_template)
+    return TaskEntry(spec_data=raw_spec, cluster_data=plan.cluster.model_dump(), workload=plan.spec.workload,
+                     entry=step.entry, step=step.name, run_dir_template=run_dir_template)
 
 
 def sbatch_texts(plan: Plan) -> dict[str, list[str]]:
@@ -99,7 +86,7 @@ def sbatch_texts(plan: Plan) -> dict[str, list[str]]:
     """
     if plan.cluster.executor != "slurm":
         return {}
-    run_dir = str(logs_root(plan) / "%A")
+    run_dir = run_folder.run_dir_template(plan.spec)
     out: dict[str, list[str]] = {}
     for step in plan.steps:
         dependency = ":".join(["afterok"] + [f"<{a}>" for a in step.after]) if step.after else None
@@ -125,7 +112,7 @@ def git_commit() -> dict:
 
 def _submit_step(plan: Plan, raw_spec: dict, step: Step, root: Optional[str], deps: list[str]) -> tuple[list, str]:
     """Submit one step; returns (jobs, run folder template used)."""
-    run_dir = str(logs_root(plan) / (root or "%A"))
+    run_dir = run_folder.run_dir_template(plan.spec, root)
     dependency = "afterok:" + ":".join(deps) if deps else None
     ex = _executor(plan, step, Path(run_dir) / "submitit", dependency, run_dir)
     entry = _entry(plan, raw_spec, step, run_dir)
@@ -145,7 +132,7 @@ def _submit_step(plan: Plan, raw_spec: dict, step: Step, root: Optional[str], de
                 jobs += batch
         if root is None and plan.cluster.executor == "slurm":
             root = jobs[0].job_id.split("_")[0]
-            run_dir = str(logs_root(plan) / root)
+            run_dir = run_folder.run_dir_template(plan.spec, root)
             ex = _executor(plan, step, Path(run_dir) / "submitit", dependency, run_dir)
             entry = _entry(plan, raw_spec, step, run_dir)
     return jobs, run_dir
@@ -157,32 +144,15 @@ def _local_failed(jobs: list) -> bool:
     return any(j.state not in ("DONE", "FINISHED", "COMPLETED") or j.exception() is not None for j in jobs)
 
 
-def find_run(spec, run_dir: Optional[str]) -> Path:
-    """The run folder to resume: the one given, else the newest run of this spec's name that has a record."""
-    root = spec_logs_root(spec)
-    if run_dir:
-        p = Path(run_dir)
-        if not (p / "run.json").is_file():
-            raise FileNotFoundError(f"--resume {run_dir}: no run.json there; give a run folder logs/<name>/<id>")
-        return p.resolve()
-    runs = sorted((d for d in root.glob("*") if (d / "run.json").is_file() and not d.is_symlink()),
-                  key=lambda d: (d / "run.json").stat().st_mtime)
-    if not runs:
-        raise FileNotFoundError(f"--resume: no earlier run of '{spec.name}' under {root}")
-    return runs[-1]
-
-
 def submit(plan: Plan, raw_spec: dict, spec_file: str, resume_dir: Optional[Path] = None) -> Submission:
     """Submit every step of the plan in order and write the run record; returns the submitit jobs.
     With resume_dir, the jobs run in that existing run folder (and find its checkpoints)."""
     local = plan.cluster.executor == "local"
-    root = f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}" if local else None
+    root = run_folder.local_root_id() if local else None
     previous = None
-    if resume_dir is not None:
-        if resume_dir.resolve().parent != logs_root(plan).resolve():
-            raise ValueError(f"--resume {resume_dir}: not a run of '{plan.spec.name}' (expected under {logs_root(plan)})")
+    if resume_dir is not None:  # a folder from run_folder.find_run: a run of this spec
         root = resume_dir.name
-        previous = json.loads((resume_dir / "run.json").read_text())
+        previous = run_folder.read_record(resume_dir)
     jobs: dict[str, list] = {}
     steps_record = []
     for step in plan.steps:
@@ -195,7 +165,7 @@ def submit(plan: Plan, raw_spec: dict, spec_file: str, resume_dir: Optional[Path
             root = step_jobs[0].job_id.split("_")[0]
         jobs[step.name] = step_jobs
         steps_record.append(_step_record(step, step_jobs, deps))
-    run_dir = logs_root(plan) / root
+    run_dir = run_folder.logs_root(plan.spec) / root
     record = {
         "name": plan.spec.name, "workload": plan.spec.workload, "spec_file": str(spec_file),
         "spec": raw_spec, "cluster": plan.cluster.model_dump(), "executor": plan.cluster.executor,
@@ -207,14 +177,7 @@ def submit(plan: Plan, raw_spec: dict, spec_file: str, resume_dir: Optional[Path
         record["submissions"] = previous.get("submissions", [{k: previous[k] for k in ("submitted_at", "steps")
                                                              if k in previous}])
         record["submissions"].append({"submitted_at": record["submitted_at"], "steps": steps_record})
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / ".run.json.tmp"
-    tmp.write_text(json.dumps(record, indent=1, default=str))
-    os.replace(tmp, run_dir / "run.json")
-    link = run_dir.parent / ".latest.tmp"
-    link.unlink(missing_ok=True)
-    link.symlink_to(run_dir.name)
-    os.replace(link, run_dir.parent / "latest")  # logs/<name>/latest -> the newest run folder
+    run_folder.write_record(run_dir, record)
     return Submission(run_dir, record, jobs)
 
 

@@ -49,14 +49,14 @@ def main(argv=None) -> int:
         cluster = load_cluster(args.cluster)
         resume_dir = None
         if args.resume is not None or args.resume_missing is not None:
-            from core.submit import find_run
+            from core.run_folder import find_run
 
             resume_dir = find_run(spec, args.resume if args.resume is not None else args.resume_missing)
         plan = make_plan(spec, cluster, source=args.spec, force=args.force,
                          resume_dir=resume_dir if args.resume_missing is not None else None)
     except SpecError as e:
         fail(f"{e}\nnothing was submitted")
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         fail(f"{e}\nnothing was submitted")
     shape = f"{plan.steps[0].nodes} node(s) x {plan.steps[0].tasks_per_node} task(s)"
     print(f"validated {args.spec}  ({spec.name}, {shape}, {cluster.accelerator} on {cluster.name})")

@@ -58,7 +58,7 @@ def test_image_token_embeddings_are_the_projected_latents_and_labels_are_ignored
 
     from core.data.ctrg import Case
     from core.spec import load_spec
-    from core.workloads.dia_pangu import Prompts
+    from core.workloads.dia_reports import Prompts
 
     model, tok = tiny_model
     spec, _ = load_spec(SPEC)

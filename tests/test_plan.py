@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from core.model_sizes import PRESETS, count_decoder
+from core.model_sizes import PRESETS
+from core.models.pangu import meta_size
 from core.plan import chunk_ranges, make_plan
 from core.spec import SpecError, load_cluster, load_spec
 
@@ -67,16 +68,12 @@ def test_tasks_per_node_default_and_limit_on_accelerator_profiles():
 
 
 def test_openpangu_parameter_count_matches_transformers_on_meta():
-    """Our config-only count equals the real LlamaForCausalLM built on the meta device (8,030,887,936)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = PRESETS["openpangu-7b"]
-    size = count_decoder(cfg)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(LlamaConfig(**cfg))
-    assert size.total == sum(p.numel() for p in model.parameters()) == 8_030_887_936
-    assert size.largest_module == model.model.embed_tokens.weight.numel()
+    """The estimate's size of the preset (its builder, on the meta device) is openPangu-7B's real count,
+    8,030,887,936, and its largest module is the embedding (vocab x hidden, DeepSpeed's definition)."""
+    size = meta_size(PRESETS["openpangu-7b"])
+    assert size.total == 8_030_887_936
+    assert size.largest_module == 153376 * 4096
+    assert (size.layers, size.hidden, size.heads, size.vocab) == (34, 4096, 32, 153376)
 
 
 def _ds_spec(*sets):

@@ -128,3 +128,38 @@ def test_all_shipped_profiles_and_specs_validate():
         assert c.name == p.stem
     for p in (REPO / "jobs").rglob("*.yaml"):
         load_spec(p)
+
+
+def test_workload_sections_and_shared_sections_are_checked_through_the_registry(tmp_path):
+    """A workload's own section is declared by its module; another workload's section, a train:/peft: section on a
+    workload that does not train, and unknown named models are refused naming the field."""
+    with pytest.raises(SpecError) as e:
+        load_spec(write(tmp_path, "name: a\nworkload: smoke\nscan: {prompts: p.txt}\n"))
+    assert "belongs to workload 'sensitivity'" in problems(e.value)["scan"]
+    with pytest.raises(SpecError) as e:
+        load_spec(write(tmp_path, "name: a\nworkload: smoke\ntrain: {steps: 3}\n"))
+    assert "does not" in str(e.value) and "train" in str(e.value)
+    with pytest.raises(SpecError) as e:
+        load_spec(write(tmp_path, "name: a\nworkload: lm_finetune\nmodels: {teacher: {path: x}}\n"))
+    assert "unknown: ['teacher']" in str(e.value)
+    spec, _ = load_spec(write(tmp_path, "name: a\nworkload: lm_finetune\npeft: {r: 4}\n"))
+    assert spec.train.steps == 100 and spec.peft.r == 4 and spec.peft.target_modules[0] == "q_proj"
+    with pytest.raises(SpecError) as e:  # the workload's data schema: CTRG fields only where the workload reads CTRG
+        load_spec(write(tmp_path, "name: a\nworkload: lm_finetune\ndata: {annotation: a.json}\n"))
+    assert "data.annotation" in problems(e.value)
+    spec, _ = load_spec(REPO / "jobs" / "tiny" / "dia_pangu.yaml", ("workload=dia_pangu", "data.annotation=x.json"))
+    assert spec.data.annotation == "x.json" and spec.section is spec.dia
+
+
+def test_only_the_registry_reaches_workloads_and_the_engine_knows_no_model_or_scheduler():
+    import ast
+
+    for path in (REPO / "core").rglob("*.py"):
+        if path.parent.name == "workloads":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.startswith("core.workloads.") for n in names), f"{path} imports a workload: {names}"
+    engine = (REPO / "core" / "engine.py").read_text()
+    assert "core.models" not in engine and "scontrol" not in engine and "SLURM_" not in engine

@@ -23,6 +23,14 @@ from core.models.vit3d import ViT3D, ViT3DConfig
 IMAGE_TOKENS = ["<image>", "</image>"] + [f"<image{i}>" for i in range(32)]
 
 
+def vision_configs(size: str) -> tuple[ViT3DConfig, PerceiverConfig]:
+    """The 3D ViT and perceiver shapes of `dia.size`: the full-size ones, or the tiny twins for CPU tests."""
+    from core.models.perceiver import TINY_PERCEIVER
+    from core.models.vit3d import TINY_VIT
+
+    return (TINY_VIT, TINY_PERCEIVER) if size == "tiny" else (ViT3DConfig(), PerceiverConfig())
+
+
 def diagnosis_text(labels: list[int]) -> str:
     return " ".join(f'The "{d}" is {"positive" if v else "negative"}.' for d, v in zip(CONDITIONS, labels))
 

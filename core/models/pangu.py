@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from core.run_folder import atomic_path
+
 REPO = Path(__file__).resolve().parents[2]
 TINY_CORPUS = REPO / "jobs" / "tiny" / "data" / "corpus.txt"
 TINY_LAYERS = 4
@@ -94,12 +96,23 @@ def model_folder(spec) -> Path:
     return folder
 
 
-def apply_lora(model, lora):
-    """Frozen base + LoRA adapters (peft) from a spec's `train.lora` section."""
-    from peft import LoraConfig, get_peft_model
+def meta_size(cfg: dict):
+    """core.model_sizes.ModelSize of the LlamaForCausalLM this config builds, counted on the meta device."""
+    import torch
+    from transformers import LlamaForCausalLM
 
-    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                            target_modules=lora.target_modules))
+    from core.model_sizes import size_of
+
+    config = llama_config(cfg)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    return size_of(model, layers=config.num_hidden_layers, hidden=config.hidden_size,
+                   heads=config.num_attention_heads, vocab=config.vocab_size)
+
+
+def bos_encode(tokenizer, text: str) -> list[int]:
+    """BOS + the text's tokens (no other special tokens): how every openPangu prompt starts."""
+    return [tokenizer.bos_token_id] + tokenizer.encode(text, add_special_tokens=False)
 
 
 def train_tiny_tokenizer(out_file: Path, vocab_size: int = 1000, corpus: Path = TINY_CORPUS) -> None:
@@ -148,9 +161,8 @@ def write_tiny_pangu(folder, layers: int = TINY_LAYERS, hidden: int = 64, heads:
     inv_freq = 1.0 / (cfg["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     for i in range(layers):
         state[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = inv_freq.clone()
-    tmp = folder / ".model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    tmp.rename(folder / "model.safetensors")
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 512}, indent=2))
     return folder

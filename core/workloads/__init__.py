@@ -1,31 +1,84 @@
-"""The workload registry: names a spec may use, without importing the workloads (they may import torch).
+"""Workloads: the registry and the contract every workload module fulfils.
 
-A workload is a module with `run(spec, ctx) -> dict` (and `merge(spec, ctx) -> dict` when it has a merge step).
-Nothing Slurm-specific lives in a workload; the runtime hands it a context.
+Add a workload (see core/workloads/README.md for the walk-through):
+  core/workloads/<name>.py   its spec section (a pydantic model), its torch-free planner, run / merge, and a
+                             module-level `WORKLOAD = Workload(...)` saying which of those it has
+  core/models/<name>.py      its model code, if any       core/data/<name>.py   its data reader, if any
+  jobs/<name>.yaml, jobs/tiny/<name>.yaml                 the full-size and the tiny spec
+  one line in WORKLOADS below
+Nothing outside core/workloads/ imports a workload module: the spec, the plan and the task entry reach a
+workload through `get(name)`. Workload modules import torch only inside functions, so validating and planning a
+spec stays torch-free.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+WORKLOADS: dict[str, str] = {
+    "smoke": "core.workloads.smoke",
+    "lm_finetune": "core.workloads.lm_finetune",
+    "sensitivity": "core.workloads.sensitivity",
+    "prune": "core.workloads.prune",
+    "dia_pangu": "core.workloads.dia_pangu",
+}
+
+
+@dataclass
+class Shape:
+    """What a workload's planner asks the plan for, beyond one task on the spec's resources."""
+    items: Optional[list[Any]]          # array items (None: a single task)
+    items_per_task: int = 1
+    pre: Optional[str] = None           # entry of a step that must succeed before the main step (afterok)
+    merge: bool = True                  # a merge step after the main step (afterok)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
-class WorkloadInfo:
-    module: str
-    section: str | None = None  # the spec section this workload reads (e.g. "smoke")
-    has_merge: bool = False
-    # "module:function" of a torch-free planner: (spec, resume_run_dir|None) -> core.workloads.shapes.Shape,
-    # for workloads that make their own array items (layers, ratios) and steps (baseline, merge)
-    shape: str | None = None
-    also: tuple[str, ...] = ()  # other spec sections it reads (e.g. "train")
+class Workload:
+    """What a workload module declares as `WORKLOAD`.
+
+    section:  the key of its own spec section (e.g. "scan"), validated with `Section`; None if it has none
+    Data:     the schema of its `data:` section (default: core.spec.DataSpec)
+    trains:   it runs the engine's train loop, so it reads `train:` and `peft:` (defaults filled in)
+    plan:     torch-free `(spec, resume_dir | None) -> Shape | None`; may raise core.spec.FieldError
+    model_size: `(spec) -> core.model_sizes.ModelSize | None` for the memory estimate of DeepSpeed specs
+              (default: the decoder LLM named by model.path / model.preset)
+    models:   extra named models it needs under `models:` (e.g. ("teacher", "student"))
+    entries:  functions a step may call by name ("run", "merge", "baseline", ...)
+    """
+    run: Callable
+    section: Optional[str] = None
+    Section: Optional[type] = None
+    Data: Optional[type] = None
+    trains: bool = False
+    plan: Optional[Callable] = None
+    model_size: Optional[Callable] = None
+    models: tuple[str, ...] = ()
+    merge: Optional[Callable] = None
+    entries: dict[str, Callable] = field(default_factory=dict)
+
+    @property
+    def has_merge(self) -> bool:
+        return self.merge is not None
+
+    def entry(self, name: str) -> Callable:
+        fns = {"run": self.run, **({"merge": self.merge} if self.merge else {}), **self.entries}
+        if name not in fns:
+            raise KeyError(f"workload has no step function '{name}' (has: {', '.join(sorted(fns))})")
+        return fns[name]
 
 
-WORKLOADS: dict[str, WorkloadInfo] = {
-    "smoke": WorkloadInfo("core.workloads.smoke", section="smoke", has_merge=True),
-    "lm_finetune": WorkloadInfo("core.workloads.lm_finetune", section="train"),
-    "sensitivity": WorkloadInfo("core.workloads.sensitivity", section="scan", has_merge=True,
-                                shape="core.workloads.shapes:sensitivity"),
-    "prune": WorkloadInfo("core.workloads.prune", section="prune", has_merge=True,
-                          shape="core.workloads.shapes:prune"),
-    "dia_pangu": WorkloadInfo("core.workloads.dia_pangu", section="dia", also=("train",),
-                              shape="core.workloads.shapes:dia_pangu"),
-}
+def get(name: str) -> Workload:
+    """The workload registered under `name` (imports its module; no torch at import time)."""
+    module = importlib.import_module(WORKLOADS[name])
+    workload = getattr(module, "WORKLOAD", None)
+    if not isinstance(workload, Workload):
+        raise TypeError(f"{WORKLOADS[name]} defines no WORKLOAD = Workload(...)")
+    return workload
+
+
+def sections() -> dict[str, str]:
+    """Spec section key -> the workload that owns it (for 'this section belongs to ...' messages)."""
+    return {w.section: name for name, w in ((n, get(n)) for n in WORKLOADS) if w.section}

@@ -1,31 +1,75 @@
 """Dia-Pangu: train under DeepSpeed (frozen openPangu sharded by ZeRO-3, batch 1, grad accumulation, constant lr with
-warmup, checkpoints of trainable weights only, resume), then evaluate: greedy report generation on the test split
-(each rank takes its share, results gathered into one CSV), BLEU-1..4 / METEOR / ROUGE-L with pycocoevalcap,
-clinical precision / recall / F1 of the 14 disease calls, a metrics JSON and a bar plot in the run folder.
+warmup, checkpoints of trainable weights only, resume), then evaluate (core.workloads.dia_reports): greedy report
+generation on the test split, BLEU-1..4 / METEOR / ROUGE-L with pycocoevalcap, clinical precision / recall / F1 of
+the 14 disease calls, a metrics JSON and a bar plot in the run folder.
 """
 from __future__ import annotations
 
-import csv
-import json
+import logging
 from pathlib import Path
+from typing import Literal, Optional
 
-from core.data.ctrg import CONDITIONS, Case, Prefetcher, check_dataset, load_volume, write_synthetic
+from pydantic import Field, PositiveInt
+
+from core.data.ctrg import Case, Prefetcher, check_dataset, load_volume, write_synthetic
+from core.runtime import TaskContext
+from core.spec import DataSpec, FieldError, JobSpec, Strict
+from core.workloads import Workload
+from core.workloads.dia_reports import Prompts, evaluate, save_frozen_vision
+
+log = logging.getLogger("dia_pangu")
 
 
-def vision_configs(size: str):
-    from core.models.perceiver import TINY_PERCEIVER, PerceiverConfig
-    from core.models.vit3d import TINY_VIT, ViT3DConfig
+class DiaSection(Strict):
+    size: Literal["full", "tiny"] = Field("full", description="3D ViT + perceiver shapes (tiny: CPU tests)")
+    stage: Literal[1, 2] = Field(1, description="1: perceiver + projection + contrastive head; 2: + LoRA (peft:)")
+    question: str = "Please write the findings of this chest CT."
+    max_new_tokens: PositiveInt = 300
+    max_report_tokens: PositiveInt = 256
+    contrastive_weight: float = Field(4.0, ge=0)
+    init_from: Optional[str] = Field(None, description="Dia-LLaMA checkpoint: vision encoder + perceiver keys that fit")
+    evaluate: bool = True
+    eval_split: Literal["val", "test"] = "test"
+    eval_limit: Optional[PositiveInt] = Field(None, description="evaluate only the first N cases")
 
-    return (TINY_VIT, TINY_PERCEIVER) if size == "tiny" else (ViT3DConfig(), PerceiverConfig())
+
+class CTRGData(DataSpec):
+    path: Optional[str] = Field(None, description="the folder of CTRG <id>.nii.gz volumes")
+    annotation: Optional[str] = Field(None, description="CTRG annotation.json (train / val / test lists)")
+    labels_csv: Optional[str] = Field(None, description="CTRG labels CSV, one CheXbert column per disease")
+    make_synthetic: bool = Field(False, description="write a small synthetic CTRG-format dataset at data.path's parent")
 
 
-def prepare_data(spec, session) -> dict[str, list[Case]]:
+def splits(spec: JobSpec) -> tuple[str, ...]:
+    return ("train", spec.dia.eval_split) if spec.dia.evaluate else ("train",)
+
+
+def plan(spec: JobSpec, resume_dir: Optional[Path] = None) -> None:
+    """A single (multi-node) training + evaluation job; the dataset is checked here, before anything is submitted."""
+    if resume_dir is not None:
+        raise FieldError("--resume-missing", "dia_pangu has no per-item results; use --resume")
+    d = spec.data
+    for name in ("path", "annotation", "labels_csv"):
+        if not getattr(d, name):
+            raise FieldError(f"data.{name}", "required for the CTRG dataset (volumes folder, annotation.json, labels CSV)")
+    if spec.dia.stage == 2 and spec.peft is None:
+        raise FieldError("peft", "dia.stage: 2 adds LoRA on the LLM: give a peft: section (r, alpha, target_modules)")
+    if not d.make_synthetic:
+        from core.data.ctrg import DatasetError
+
+        try:
+            check_dataset(d.path, d.annotation, d.labels_csv, splits=splits(spec))
+        except DatasetError as e:
+            raise FieldError("data", str(e)) from None
+    return None
+
+
+def prepare_data(spec: JobSpec, session) -> dict[str, list[Case]]:
     d = spec.data
     if d.make_synthetic and session.rank == 0:
         write_synthetic(Path(d.path).parent, seed=d.seed)
     session.barrier()
-    splits = ("train", spec.dia.eval_split) if spec.dia.evaluate else ("train",)
-    return check_dataset(d.path, d.annotation, d.labels_csv, splits=splits)
+    return check_dataset(d.path, d.annotation, d.labels_csv, splits=splits(spec))
 
 
 def init_from_checkpoint(model, path: str) -> dict:
@@ -44,47 +88,25 @@ def init_from_checkpoint(model, path: str) -> dict:
             loaded.append(name)
         else:
             skipped.append(key)
-    print(f"[dia_pangu] {path}: loaded {len(loaded)} tensors, skipped {len(skipped)} "
-          f"(first: {skipped[:5]})", flush=True)
+    log.info("%s: loaded %d tensors, skipped %d (first: %s)", path, len(loaded), len(skipped), skipped[:5])
     return {"loaded": loaded, "skipped": skipped}
 
 
-class Prompts:
-    """Token ids for one case: BOS, image block, question, diagnostic sentences, then (training) the report."""
-
-    def __init__(self, tokenizer, model, spec):
-        self.tok, self.model, self.spec = tokenizer, model, spec
-
-    def prefix(self, labels: list[int]) -> list[int]:
-        from core.models.dia_pangu import diagnosis_text
-
-        text = f" {self.spec.dia.question} {diagnosis_text(labels)} Findings:"
-        return [self.tok.bos_token_id] + self.model.image_block_ids() + self.tok.encode(text, add_special_tokens=False)
-
-    def training(self, case: Case):
-        import torch
-
-        prefix = self.prefix(case.labels)
-        report = self.tok.encode(" " + case.finding, add_special_tokens=False)[: self.spec.dia.max_report_tokens]
-        ids = prefix + report + [self.tok.eos_token_id]
-        labels = [-100] * len(prefix) + report + [self.tok.eos_token_id]
-        return torch.tensor([ids]), torch.tensor([labels])
-
-
-def run(spec, ctx) -> dict:
+def run(spec: JobSpec, ctx: TaskContext) -> dict:
     import torch
 
     from core import engine as eng
-    from core.models.dia_pangu import DiaPangu
-    from core.models.pangu import apply_lora, load_pangu, load_tokenizer
+    from core.models.dia_pangu import DiaPangu, vision_configs
+    from core.models.pangu import load_pangu, load_tokenizer, model_folder
+    from core.models.peft import apply_peft
 
     session = eng.start(spec, ctx)
     cases = prepare_data(spec, session)  # clear errors before any model is loaded
-    folder = session.model_folder(spec)
+    folder = session.rank0_first(lambda: model_folder(spec))
     tok = load_tokenizer(folder)
     torch.manual_seed(spec.train.seed)
     session.enable_zero3_init()
-    dtype = torch.float32 if spec.deepspeed and spec.deepspeed.precision == "fp32" else torch.bfloat16
+    dtype = session.dtype
     llm = load_pangu(folder, dtype=dtype)
     vit_cfg, per_cfg = vision_configs(spec.dia.size)
     model = DiaPangu(llm, tok, vit_cfg, per_cfg, spec.dia.contrastive_weight)
@@ -93,9 +115,7 @@ def run(spec, ctx) -> dict:
     if session.rank == 0:
         save_frozen_vision(model, ctx.run_dir)
     if spec.dia.stage == 2:
-        if not spec.train.lora:
-            raise ValueError("dia.stage: 2 adds LoRA on the LLM: give train.lora (r, alpha, target_modules)")
-        model.llm = apply_lora(model.llm, spec.train.lora)
+        model.llm = apply_peft(model.llm, spec.peft)
     engine = eng.initialize(session, model, spec)
     prompts = Prompts(tok, model, spec)
     train, device = cases["train"], session.device
@@ -126,140 +146,4 @@ def run(spec, ctx) -> dict:
     return result
 
 
-def evaluate(spec, ctx, session, engine, prompts, cases: list[Case], dtype) -> dict:
-    """Each rank generates for its share (padded so every rank runs the same number of forward passes, which
-    ZeRO-3's parameter gathering needs); rank 0 gathers, writes the CSV and scores it."""
-    import torch.distributed as tdist
-
-    if spec.dia.eval_limit:
-        cases = cases[: spec.dia.eval_limit]
-    world, rank = session.dist.world_size, session.rank
-    rows = generate_rows(engine.module, prompts, cases, spec, session.device, dtype, rank, world)
-    gathered = [None] * world
-    if world > 1:
-        tdist.all_gather_object(gathered, rows)
-    else:
-        gathered = [rows]
-    if rank != 0:
-        return {}
-    by_id = {}
-    for part in gathered:
-        for row in part:
-            by_id.setdefault(row["ID"], row)
-    ordered = [by_id[c.id] for c in cases if c.id in by_id]
-    return write_results(ctx.run_dir, ordered)
-
-
-def generate_rows(model, prompts, cases: list[Case], spec, device, dtype, rank: int = 0, world: int = 1) -> list[dict]:
-    """Greedy reports for this rank's share of the cases; every rank runs the same number of generations (a repeat
-    pads the short shares) because ZeRO-3 gathers parameters with collectives in every forward."""
-    import torch
-
-    model.eval()
-    share = [cases[i] for i in range(rank, len(cases), world)]
-    rounds = -(-len(cases) // world)
-    vit = model.vit.cfg
-    rows = []
-    with torch.no_grad():
-        for r in range(rounds):
-            case = share[r] if r < len(share) else cases[0]
-            vol = load_volume(case.volume, vit.image_size, vit.frames).unsqueeze(0).to(device, dtype)
-            calls, latents = model.predict_diseases(vol)
-            pred_labels = calls[0].tolist()
-            ids = torch.tensor([prompts.prefix(pred_labels)], device=device)
-            out = model.llm.generate(inputs_embeds=model.embed(ids, latents), attention_mask=torch.ones_like(ids),
-                                     max_new_tokens=spec.dia.max_new_tokens, do_sample=False,
-                                     eos_token_id=prompts.tok.eos_token_id, pad_token_id=prompts.tok.pad_token_id,
-                                     synced_gpus=world > 1)
-            text = prompts.tok.decode(out[0], skip_special_tokens=True).strip()
-            if r < len(share):
-                rows.append({"ID": case.id, "Question": spec.dia.question, "Ground Truth": case.finding, "Pred": text,
-                             "GT_labels": json.dumps(case.labels), "Pred_labels": json.dumps(pred_labels)})
-    return rows
-
-
-FROZEN_VISION = "vision_frozen.safetensors"
-
-
-def save_frozen_vision(model, run_dir: Path) -> None:
-    """The frozen 3D ViT once per run (checkpoints leave frozen weights out), so a trained run can be rebuilt."""
-    import os
-
-    from safetensors.torch import save_file
-
-    path = Path(run_dir) / FROZEN_VISION
-    if path.is_file():
-        return
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.vit.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
-
-
-def load_trained(dia_run: Path, llm_folder: Path, device, dtype):
-    """A trained Dia-Pangu from its run folder (spec, frozen ViT, newest complete checkpoint of the trainable
-    tensors), on top of the LLM in `llm_folder` (e.g. a pruned openPangu). Returns (model, prompts, spec)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from safetensors.torch import load_file
-
-    from core.checkpoint import CheckpointManager
-    from core.models.dia_pangu import DiaPangu
-    from core.models.pangu import load_pangu, load_tokenizer
-    from core.spec import JobSpec
-
-    dia_run = Path(dia_run)
-    spec = JobSpec.model_validate(json.loads((dia_run / "run.json").read_text())["spec"])
-    if spec.dia.stage == 2:
-        raise ValueError(f"{dia_run}: a stage-2 (LoRA) run's adapters are tied to the unpruned layers; evaluate a "
-                         f"stage-1 run with pruned models")
-    done = CheckpointManager(dia_run / "checkpoints", 0, 1).complete()
-    if not done or not (dia_run / FROZEN_VISION).is_file():
-        raise FileNotFoundError(f"{dia_run}: no complete checkpoint or no {FROZEN_VISION}: not a finished Dia-Pangu run")
-    tok = load_tokenizer(llm_folder)
-    vit_cfg, per_cfg = vision_configs(spec.dia.size)
-    model = DiaPangu(load_pangu(llm_folder, dtype=dtype), tok, vit_cfg, per_cfg, spec.dia.contrastive_weight)
-    model.vit.load_state_dict(load_file(str(dia_run / FROZEN_VISION)))
-    state = get_fp32_state_dict_from_zero_checkpoint(str(dia_run / "checkpoints"), tag=done[-1][1])
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in state]
-    if missing:
-        raise ValueError(f"{dia_run}: checkpoint {done[-1][1]} lacks trainable tensors {missing[:5]}")
-    model.load_state_dict(state, strict=False)
-    return model.to(device, dtype).eval(), Prompts(tok, model, spec), spec
-
-
-def write_results(run_dir: Path, rows: list[dict], folder: str = "results") -> dict:
-    from core.metrics import clinical_prf, report_metrics
-
-    results = Path(run_dir) / folder
-    results.mkdir(parents=True, exist_ok=True)
-    csv_path = results / "dia-pangu.csv"
-    with csv_path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=["ID", "Question", "Ground Truth", "Pred", "GT_labels", "Pred_labels"])
-        w.writeheader()
-        w.writerows(rows)
-    scores = report_metrics({r["ID"]: r["Ground Truth"] for r in rows}, {r["ID"]: r["Pred"] for r in rows})
-    clinical = clinical_prf([json.loads(r["GT_labels"]) for r in rows], [json.loads(r["Pred_labels"]) for r in rows],
-                            CONDITIONS)
-    metrics = {**scores, **{k: v for k, v in clinical.items() if k != "per_disease_f1"},
-               "per_disease_f1": clinical["per_disease_f1"], "cases": len(rows)}
-    (results / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    plot_metrics(metrics, results / "metrics.png")
-    print(f"[dia_pangu] {len(rows)} reports -> {csv_path}; metrics -> {results / 'metrics.json'}", flush=True)
-    return {"csv": str(csv_path), "metrics": str(results / "metrics.json"),
-            **{k: v for k, v in metrics.items() if k != "per_disease_f1"}}
-
-
-def plot_metrics(metrics: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "micro_precision", "micro_recall", "micro_f1"]
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.bar(names, [metrics[n] for n in names], color=["tab:blue"] * 6 + ["tab:green"] * 3)
-    ax.set_ylim(0, 1)
-    ax.set_title(f"Dia-Pangu on {metrics['cases']} cases")
-    ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+WORKLOAD = Workload(run=run, section="dia", Section=DiaSection, Data=CTRGData, trains=True, plan=plan)

@@ -1,4 +1,4 @@
-"""Causal-LM fine-tune of openPangu (full, or frozen base + LoRA via peft) on a text file: the first user of
+"""Causal-LM fine-tune of openPangu (full, or frozen base + LoRA from `peft:`) on a text file: the first user of
 the engine. Batches depend only on (step, micro-step, rank), so a resumed run sees exactly the batches the
 uninterrupted run would have seen.
 """
@@ -6,10 +6,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from core.runtime import TaskContext
+from core.spec import JobSpec
+from core.workloads import Workload
+
 
 def token_blocks(tokenizer, text_file: Path, seq_len: int):
     """The file's lines, each as BOS + tokens + EOS, concatenated and cut into blocks of seq_len tokens."""
     import torch
+
+    from core.models.pangu import bos_encode
 
     path = Path(text_file)
     if not path.is_file():
@@ -17,30 +23,27 @@ def token_blocks(tokenizer, text_file: Path, seq_len: int):
     ids: list[int] = []
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip():
-            ids += [tokenizer.bos_token_id] + tokenizer.encode(line.strip(), add_special_tokens=False) + \
-                   [tokenizer.eos_token_id]
+            ids += bos_encode(tokenizer, line.strip()) + [tokenizer.eos_token_id]
     n = len(ids) // seq_len
     if n == 0:
         raise ValueError(f"data.path: {path} has {len(ids)} tokens, fewer than model.seq_len={seq_len}")
     return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
 
 
-def run(spec, ctx) -> dict:
+def run(spec: JobSpec, ctx: TaskContext) -> dict:
     import torch
 
     from core import engine as eng
-    from core.models.pangu import apply_lora, load_pangu, load_tokenizer
+    from core.models.pangu import load_pangu, load_tokenizer, model_folder
+    from core.models.peft import apply_peft
 
     session = eng.start(spec, ctx)
-    folder = session.model_folder(spec)
+    folder = session.rank0_first(lambda: model_folder(spec))
     tokenizer = load_tokenizer(folder)
     blocks = token_blocks(tokenizer, Path(spec.data.path or ""), spec.model.seq_len)
     torch.manual_seed(spec.train.seed)
     session.enable_zero3_init()
-    dtype = torch.float32 if spec.deepspeed and spec.deepspeed.precision == "fp32" else torch.bfloat16
-    model = load_pangu(folder, dtype=dtype)
-    if spec.train.lora:
-        model = apply_lora(model, spec.train.lora)
+    model = apply_peft(load_pangu(folder, dtype=session.dtype), spec.peft)
     engine = eng.initialize(session, model, spec)
 
     micro, accum = spec.deepspeed.micro_batch, spec.deepspeed.grad_accum
@@ -58,3 +61,6 @@ def run(spec, ctx) -> dict:
     result.update(rank=rank, world_size=world, blocks=n, trainable=sum(p.numel() for p in engine.module.parameters()
                                                                           if p.requires_grad))
     return result
+
+
+WORKLOAD = Workload(run=run, trains=True)

@@ -10,12 +10,64 @@ writes `pruning_eval.csv` and a plot of quality against ratio.
 from __future__ import annotations
 
 import json
+import logging
 import math
-import os
 import shutil
 from pathlib import Path
+from typing import Literal, Optional
 
-from core.workloads.shapes import text_lines
+from pydantic import Field, PositiveInt, field_validator
+
+from core.run_folder import atomic_path, is_run, write_json_atomic
+from core.runtime import TaskContext
+from core.spec import FieldError, JobSpec, Strict
+from core.workloads import Shape, Workload
+from core.workloads.common import decoder_layers, next_token_logprobs, pyplot, text_lines
+
+log = logging.getLogger("prune")
+
+
+class PruneSection(Strict):
+    heldout: str = Field(description="held-out text file for perplexity and log-prob distance")
+    sensitivity_csv: Optional[str] = Field(None, description="sensitivity.csv of a scan run (least sensitive go first)")
+    ratios: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3])
+    layers: Optional[list[int]] = Field(None, description="explicit layers to remove instead of ratios")
+    max_tokens: PositiveInt = 128
+    dtype: Literal["bf16", "fp32"] = "bf16"
+    dia_run: Optional[str] = Field(None, description="a finished Dia-Pangu (stage 1) run folder: also evaluate "
+                                                     "report generation with each pruned LLM")
+    dia_eval_limit: Optional[PositiveInt] = Field(None, description="evaluate only the first N test cases")
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios(cls, v):
+        bad = [r for r in v if not 0 < r < 1]
+        if bad or not v:
+            raise ValueError(f"every ratio must lie in (0, 1), got {bad or v}; e.g. [0.1, 0.2, 0.3]")
+        return v
+
+
+def plan(spec: JobSpec, resume_dir: Optional[Path] = None) -> Shape:
+    """One array task per ratio (item 0.0: the unpruned model), then the merge; torch-free checks first."""
+    pr = spec.prune
+    text_lines(pr.heldout, "prune.heldout")
+    if pr.dia_run and not is_run(Path(pr.dia_run)):
+        raise FieldError("prune.dia_run", f"{pr.dia_run} is not a run folder (no run.json); give logs/<name>/<id> of a "
+                                          f"finished Dia-Pangu run")
+    total = decoder_layers(spec)
+    if pr.layers is not None:
+        bad = [layer for layer in pr.layers if not 0 <= layer < total]
+        if bad or len(set(pr.layers)) >= total:
+            raise FieldError("prune.layers", f"cannot remove {pr.layers} from a {total}-layer model "
+                                             f"(indices 0..{total - 1}, at least one layer must stay)")
+        return Shape(items=[0.0, "layers"], pre=None)
+    if not pr.sensitivity_csv or not Path(pr.sensitivity_csv).is_file():
+        raise FieldError("prune.sensitivity_csv", f"sensitivity CSV {pr.sensitivity_csv!r} not found; run a scan "
+                                                  f"first (jobs/pangu_sensitivity.yaml) or give prune.layers")
+    too_many = [r for r in pr.ratios if round(r * total) >= total]
+    if too_many:
+        raise FieldError("prune.ratios", f"ratios {too_many} would remove every layer of a {total}-layer model")
+    return Shape(items=[0.0] + list(pr.ratios), pre=None)
 
 
 def layers_to_remove(spec, ratio, total: int) -> list[int]:
@@ -53,9 +105,8 @@ def write_pruned(src: Path, dst: Path, remove: list[int]) -> dict:
                     parts[2] = str(new_index[old])
                 tensors[".".join(parts)] = st.get_tensor(key)
     dst.mkdir(parents=True, exist_ok=True)
-    tmp = dst / ".model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, dst / "model.safetensors")
+    with atomic_path(dst / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     (dst / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": len(keep)}, indent=2))
     for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
         if (src / name).is_file():
@@ -70,15 +121,15 @@ def evaluate(model, tokenizer, lines: list[str], max_tokens: int, device, refere
     also the mean absolute log-prob distance to it."""
     import torch
 
+    from core.models.pangu import bos_encode
+
     nll, count, dists, per_line = 0.0, 0, [], []
     with torch.no_grad():
         for i, line in enumerate(lines):
-            ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer.encode(line, add_special_tokens=False)])
-            ids = ids[:, :max_tokens].to(device)
+            ids = torch.tensor([bos_encode(tokenizer, line)])[:, :max_tokens].to(device)
             if ids.shape[1] < 2:
                 continue
-            lp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
-            target = lp[:-1].gather(1, ids[0, 1:].unsqueeze(1)).squeeze(1)
+            target = next_token_logprobs(model(input_ids=ids).logits, ids)
             nll -= target.sum().item()
             count += target.numel()
             per_line.append(target.cpu())
@@ -90,16 +141,14 @@ def evaluate(model, tokenizer, lines: list[str], max_tokens: int, device, refere
     return out
 
 
-def run(spec, ctx) -> dict:
-    import torch
-
+def run(spec: JobSpec, ctx: TaskContext) -> dict:
     from core.models.pangu import load_pangu, load_tokenizer, model_folder
-    from core.runtime import task_device
+    from core.runtime import task_device, torch_dtype
 
     pr = spec.prune
     src = model_folder(spec)
     device = task_device(ctx)
-    dtype = torch.float32 if pr.dtype == "fp32" else torch.bfloat16
+    dtype = torch_dtype(pr.dtype)
     tok = load_tokenizer(src)
     lines = text_lines(pr.heldout, "prune.heldout")
     base_model = load_pangu(src, dtype=dtype).to(device).eval()
@@ -125,20 +174,19 @@ def run(spec, ctx) -> dict:
         if pr.dia_run:
             res.update(dia_evaluation(spec, ctx, Path(res["folder"]), ratio, device, dtype))
         results.append(res)
-        out = ctx.path("evals", f"ratio_{ratio}.json")
-        out.write_text(json.dumps(res, indent=1))
-        print(f"[prune] ratio {ratio}: removed {remove} -> perplexity {res['perplexity']:.3f}, "
-              f"log-prob distance {res['logprob_distance']:.4f}", flush=True)
+        write_json_atomic(ctx.path("evals", f"ratio_{ratio}.json"), res)
+        log.info("ratio %s: removed %s -> perplexity %.3f, log-prob distance %.4f", ratio, remove,
+                 res["perplexity"], res["logprob_distance"])
     return {"results": results}
 
 
 DIA_COLUMNS = ("BLEU-4", "METEOR", "ROUGE-L", "micro_f1")
 
 
-def dia_evaluation(spec, ctx, llm_folder: Path, ratio, device, dtype) -> dict:
+def dia_evaluation(spec: JobSpec, ctx: TaskContext, llm_folder: Path, ratio, device, dtype) -> dict:
     """Report generation of the trained Dia-Pangu run (`prune.dia_run`) on top of this (pruned) LLM."""
     from core.data.ctrg import check_dataset
-    from core.workloads.dia_pangu import generate_rows, load_trained, write_results
+    from core.workloads.dia_reports import generate_rows, load_trained, write_results
 
     model, prompts, dspec = load_trained(Path(spec.prune.dia_run), llm_folder, device, dtype)
     d = dspec.data
@@ -150,13 +198,10 @@ def dia_evaluation(spec, ctx, llm_folder: Path, ratio, device, dtype) -> dict:
     return {f"dia_{k}": metrics[k] for k in DIA_COLUMNS}
 
 
-def merge(spec, ctx) -> dict:
-    import matplotlib
+def merge(spec: JobSpec, ctx: TaskContext) -> dict:
     import pandas as pd
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = [json.loads(p.read_text()) for p in sorted((ctx.run_dir / "evals").glob("ratio_*.json"))]
     df = pd.DataFrame([{"ratio": r["ratio"], "layers": r["layers"], "removed": " ".join(map(str, r["removed"])),
                         "perplexity": r["perplexity"], "logprob_distance": r["logprob_distance"],
@@ -178,3 +223,6 @@ def merge(spec, ctx) -> dict:
     fig.savefig(png, dpi=100)
     plt.close(fig)
     return {"csv": str(csv), "png": str(png), "rows": len(df)}
+
+
+WORKLOAD = Workload(run=run, merge=merge, section="prune", Section=PruneSection, plan=plan)

@@ -1,7 +1,7 @@
 """Per-layer sensitivity of openPangu: mask one decoder layer's attention, measure how far the model's
 log-probabilities move from the unmasked baseline.
 
-Steps (core.workloads.shapes.sensitivity plans them): `baseline` (one job) stores the baseline once in the run
+Steps (`plan` below, torch-free): `baseline` (one job) stores the baseline once in the run
 folder; `run` (one Slurm array task per layer, or `scan.layers_per_task` layers) loads the model once, masks each
 of its layers in turn (reversibly, with hooks) and writes `layers/layer_NN.json` atomically; `merge` (afterok)
 assembles `sensitivity.csv` and `sensitivity.png`, and names the layers that have no result.
@@ -20,11 +20,65 @@ starts at layer l from the baseline's stored hidden states instead of recomputin
 from __future__ import annotations
 
 import json
+import logging
 import math
-import os
 from pathlib import Path
+from typing import Literal, Optional
 
-from core.workloads.shapes import layer_results_dir, text_lines
+from pydantic import Field, PositiveInt
+
+from core.run_folder import atomic_path, write_json_atomic
+from core.runtime import TaskContext
+from core.spec import FieldError, JobSpec, Strict
+from core.workloads import Shape, Workload
+from core.workloads.common import decoder_layers, next_token_logprobs, pyplot, text_lines
+
+log = logging.getLogger("sensitivity")
+
+
+class ScanSection(Strict):
+    prompts: str = Field(description="text file, one prompt per line (Chinese and English both fine)")
+    metric: Literal["logprob", "kl", "bi", "angular"] = Field(
+        "logprob", description="logprob / kl: one masked pass per layer (array); bi / angular: one pass for all")
+    mode: Literal["qv", "v", "attn", "block"] = "qv"
+    layers: Optional[list[int]] = Field(None, description="layers to scan (default: all)")
+    layers_per_task: PositiveInt = 1
+    max_prompt_tokens: PositiveInt = 64
+    reuse_hidden: bool = Field(True, description="start each masked pass at its layer from the baseline's hidden states")
+    mark_ratio: float = Field(0.25, gt=0, lt=1, description="share of least sensitive layers marked in the plot")
+    dtype: Literal["bf16", "fp32"] = "bf16"
+
+
+# ---------------------------------------------------------------- plan (torch-free)
+def layer_results_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "layers"
+
+
+def done_layers(run_dir: Path) -> set[int]:
+    folder = layer_results_dir(run_dir)
+    return {json.loads(p.read_text())["layer"] for p in folder.glob("layer_*.json")} if folder.is_dir() else set()
+
+
+def plan(spec: JobSpec, resume_dir: Optional[Path] = None) -> Shape:
+    """baseline -> one array task per layer (or layers_per_task) -> merge; bi / angular: one task -> merge."""
+    scan = spec.scan
+    text_lines(scan.prompts, "scan.prompts")
+    total = decoder_layers(spec)
+    layers = scan.layers if scan.layers is not None else list(range(total))
+    bad = [layer for layer in layers if not 0 <= layer < total]
+    if bad:
+        raise FieldError("scan.layers", f"layer indices {bad} are out of range: the model has {total} layers "
+                                        f"(0..{total - 1})")
+    if scan.metric in ("bi", "angular"):  # one pass gives every layer: a single task, then the merge
+        return Shape(items=None, pre=None, notes=[f"{scan.metric}: one forward pass scores all {len(layers)} layers"])
+    if resume_dir is not None:
+        done = done_layers(resume_dir)
+        missing = [layer for layer in layers if layer not in done]
+        if not missing:
+            raise FieldError("--resume-missing", f"every layer already has a result in {resume_dir}")
+        return Shape(items=missing, items_per_task=scan.layers_per_task, pre=None,
+                     notes=[f"resubmitting only the {len(missing)} missing layers: {missing}"])
+    return Shape(items=layers, items_per_task=scan.layers_per_task, pre="baseline")
 
 MODES = {"qv": ("q_proj", "v_proj"), "v": ("v_proj",), "attn": ("o_proj",), "block": ()}
 
@@ -64,27 +118,22 @@ def _identity_block(module, args, kwargs, output):
 
 
 # ---------------------------------------------------------------- model, prompts, forward passes
-def load(spec, ctx, dtype_name: str):
-    import torch
-
+def load(spec: JobSpec, ctx: TaskContext, dtype_name: str):
     from core.models.pangu import load_pangu, load_tokenizer, model_folder
-    from core.runtime import task_device
+    from core.runtime import task_device, torch_dtype
 
     folder = model_folder(spec)
-    dtype = torch.float32 if dtype_name == "fp32" else torch.bfloat16
     device = task_device(ctx)
-    model = load_pangu(folder, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    model = load_pangu(folder, dtype=torch_dtype(dtype_name), attn_implementation="sdpa").to(device).eval()
     return model, load_tokenizer(folder), device
 
 
 def encode(tokenizer, lines: list[str], max_tokens: int) -> list:
     import torch
 
-    out = []
-    for line in lines:
-        ids = [tokenizer.bos_token_id] + tokenizer.encode(line, add_special_tokens=False)
-        out.append(torch.tensor(ids[:max_tokens]).unsqueeze(0))
-    return out
+    from core.models.pangu import bos_encode
+
+    return [torch.tensor(bos_encode(tokenizer, line)[:max_tokens]).unsqueeze(0) for line in lines]
 
 
 def logits_from(model, hidden, start: int):
@@ -103,10 +152,9 @@ def scores(base: dict, logits, ids) -> dict:
     """logprob distance and KL of one prompt against its baseline."""
     import torch
 
-    lp = torch.log_softmax(logits[0].float(), dim=-1)
-    target = lp[:-1].gather(1, ids[0, 1:].unsqueeze(1)).squeeze(1)
+    target = next_token_logprobs(logits, ids)
     d = (target - base["target_lp"]).abs().mean().item() if target.numel() else 0.0
-    last = lp[-1]
+    last = torch.log_softmax(logits[0, -1].float(), dim=-1)
     kl = torch.sum(base["last_lp"].exp() * (base["last_lp"] - last)).item()
     return {"logprob": d, "kl": kl}
 
@@ -115,7 +163,7 @@ def baseline_path(run_dir: Path) -> Path:
     return Path(run_dir) / "baseline.safetensors"
 
 
-def baseline(spec, ctx) -> dict:
+def baseline(spec: JobSpec, ctx: TaskContext) -> dict:
     """Baseline next-token log-probabilities (and the hidden states entering every layer) for every prompt."""
     import torch
     from safetensors.torch import save_file
@@ -127,17 +175,15 @@ def baseline(spec, ctx) -> dict:
     with torch.no_grad():
         for i, ids in enumerate(prompts):
             out = model(input_ids=ids.to(device), output_hidden_states=True)
-            lp = torch.log_softmax(out.logits[0].float(), dim=-1)
             tensors[f"p{i}.ids"] = ids[0].clone()
-            tensors[f"p{i}.target_lp"] = lp[:-1].gather(1, ids[0, 1:].to(device).unsqueeze(1)).squeeze(1).cpu()
-            tensors[f"p{i}.last_lp"] = lp[-1].cpu()
+            tensors[f"p{i}.target_lp"] = next_token_logprobs(out.logits, ids).cpu()
+            tensors[f"p{i}.last_lp"] = torch.log_softmax(out.logits[0, -1].float(), dim=-1).cpu()
             if scan.reuse_hidden:  # hidden_states[l] enters layer l
                 tensors[f"p{i}.hidden"] = torch.stack(out.hidden_states[:-1], 0)[:, 0].cpu().contiguous()
     path = baseline_path(ctx.run_dir)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"prompts": str(len(prompts)), "layers": str(len(model.model.layers))})
-    os.replace(tmp, path)
-    print(f"[sensitivity] baseline for {len(prompts)} prompts -> {path}", flush=True)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"prompts": str(len(prompts)), "layers": str(len(model.model.layers))})
+    log.info("baseline for %d prompts -> %s", len(prompts), path)
     return {"prompts": len(prompts), "layers": len(model.model.layers), "path": str(path)}
 
 
@@ -171,16 +217,11 @@ def scan_layer(model, base: list[dict], layer: int, mode: str, reuse_hidden: boo
 
 
 def write_layer(run_dir: Path, layer: int, metric: str, values: list[float], extra: dict | None = None) -> None:
-    folder = layer_results_dir(run_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     n = len(values)
     mean = sum(values) / n
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
     rec = {"layer": layer, "metric": metric, "mean": mean, "std": std, "values": values, **(extra or {})}
-    path = folder / f"layer_{layer:03d}.json"
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(rec))
-    os.replace(tmp, path)
+    write_json_atomic(layer_results_dir(run_dir) / f"layer_{layer:03d}.json", rec)
 
 
 def hidden_metrics(model, prompts: list, device) -> dict[int, dict[str, list[float]]]:
@@ -199,7 +240,7 @@ def hidden_metrics(model, prompts: list, device) -> dict[int, dict[str, list[flo
     return per_layer
 
 
-def run(spec, ctx) -> dict:
+def run(spec: JobSpec, ctx: TaskContext) -> dict:
     import time
 
     t0 = time.time()
@@ -221,19 +262,17 @@ def run(spec, ctx) -> dict:
         fault_point("layer", layer)
         values = scan_layer(model, base, layer, scan.mode, scan.reuse_hidden, device)
         write_layer(ctx.run_dir, layer, scan.metric, values[scan.metric], {"mode": scan.mode})
-        print(f"[sensitivity] layer {layer}: {scan.metric} {sum(values[scan.metric]) / len(base):.6f}", flush=True)
+        log.info("layer %d: %s %.6f", layer, scan.metric, sum(values[scan.metric]) / len(base))
     return {"layers": list(ctx.items), "metric": scan.metric, "mode": scan.mode, "load_s": round(load_s, 3),
             "scan_s": round(time.time() - t1, 3)}
 
 
 # ---------------------------------------------------------------- merge
-def merge(spec, ctx) -> dict:
+def merge(spec: JobSpec, ctx: TaskContext) -> dict:
     import pandas as pd
 
-    from core.workloads.shapes import n_layers
-
     scan = spec.scan
-    wanted = scan.layers if scan.layers is not None else list(range(n_layers(spec)))
+    wanted = scan.layers if scan.layers is not None else list(range(decoder_layers(spec)))
     folder = layer_results_dir(ctx.run_dir)
     recs = {r["layer"]: r for r in (json.loads(p.read_text()) for p in folder.glob("layer_*.json"))} \
         if folder.is_dir() else {}
@@ -250,16 +289,12 @@ def merge(spec, ctx) -> dict:
     k = max(1, round(scan.mark_ratio * len(df)))
     candidates = sorted(df.nsmallest(k, "mean")["layer"].tolist())
     png = plot(df, candidates, ctx.path("sensitivity.png"), f"{scan.metric} ({scan.mode})")
-    print(f"[sensitivity] {csv_path}; pruning candidates at {scan.mark_ratio:.0%}: {candidates}", flush=True)
+    log.info("%s; pruning candidates at %.0f%%: %s", csv_path, 100 * scan.mark_ratio, candidates)
     return {"csv": str(csv_path), "png": str(png), "candidates": candidates, "layers": len(df)}
 
 
 def plot(df, candidates: list[int], path: Path, label: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6, len(df) * 0.3), 3.5))
     colors = ["tab:red" if layer in candidates else "tab:blue" for layer in df["layer"]]
     ax.bar(df["layer"], df["mean"], yerr=df["std"], color=colors, capsize=2)
@@ -270,3 +305,7 @@ def plot(df, candidates: list[int], path: Path, label: str) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+WORKLOAD = Workload(run=run, merge=merge, section="scan", Section=ScanSection, plan=plan,
+                    entries={"baseline": baseline})

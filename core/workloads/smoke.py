@@ -7,14 +7,29 @@ gathers every task's record and checks that each item ran exactly once.
 from __future__ import annotations
 
 import hashlib
-import json
+import logging
 import os
 import time
+from typing import Any
 
-from core.runtime import context_dict
+from pydantic import Field
+
+from core.run_folder import write_json_atomic
+from core.runtime import TaskContext, context_dict
+from core.spec import JobSpec, Strict
+from core.workloads import Workload
+
+log = logging.getLogger("smoke")
 
 
-def run(spec, ctx) -> dict:
+class SmokeSection(Strict):
+    message: str = "hello from the smoke workload"
+    sleep_s: float = Field(0.0, ge=0)
+    fail_items: list[Any] = Field(default_factory=list, description="array items that raise (to test afterok)")
+    report_env: list[str] = Field(default_factory=list, description="variables whose SHA-256 the job reports")
+
+
+def run(spec: JobSpec, ctx: TaskContext) -> dict:
     cfg = spec.smoke
     if cfg.sleep_s:
         time.sleep(cfg.sleep_s)
@@ -24,15 +39,15 @@ def run(spec, ctx) -> dict:
     slurm = {k: v for k, v in os.environ.items() if k in {
         "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_PROCID", "SLURM_NTASKS",
         "SLURM_NODEID", "SLURM_JOB_NODELIST", "SLURMD_NODENAME", "SLURM_RESTART_COUNT"}}
-    print(f"[smoke] {cfg.message}: rank {ctx.rank}/{ctx.world_size} on {ctx.hostname}, job {ctx.job_id}, "
-          f"items {ctx.items}", flush=True)
+    log.info("%s: rank %d/%d on %s, job %s, items %s", cfg.message, ctx.rank, ctx.world_size, ctx.hostname,
+             ctx.job_id, ctx.items)
     env_sha = {k: hashlib.sha256(os.environ[k].encode()).hexdigest() if k in os.environ else None
                for k in cfg.report_env}  # digests only: a secret's value never reaches a log or a result
     return {"message": cfg.message, "context": context_dict(ctx), "slurm": slurm, "pid": os.getpid(),
             "env_sha256": env_sha}
 
 
-def merge(spec, ctx) -> dict:
+def merge(spec: JobSpec, ctx: TaskContext) -> dict:
     records = [r for r in ctx.task_records("main") if r["rank"] == 0]
     expected = spec.resources.array.item_list()
     seen = [item for r in records for item in (r["items"] or [])]
@@ -42,6 +57,9 @@ def merge(spec, ctx) -> dict:
     dup = sorted({repr(i) for i in seen if seen.count(i) > 1})
     summary = {"items": len(seen), "tasks": len(records), "duplicates": dup,
                "hosts": sorted({r["host"] for r in records})}
-    ctx.path("merged.json").write_text(json.dumps(summary, indent=1))
-    print(f"[smoke] merged {len(seen)} items from {len(records)} tasks", flush=True)
+    write_json_atomic(ctx.path("merged.json"), summary)
+    log.info("merged %d items from %d tasks", len(seen), len(records))
     return summary
+
+
+WORKLOAD = Workload(run=run, merge=merge, section="smoke", Section=SmokeSection)

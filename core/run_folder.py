@@ -1,0 +1,145 @@
+"""The run folder: everything about where a run's files live, in one place.
+
+A run is one folder, `<logs_dir>/<name>/<root id>/`:
+  run.json              the run record (spec, profile, plan, steps, job ids), written by the submit side
+  submitit/             submitit's scripts, pickles and logs
+  tasks/<step>[-NNNNNN].rank<R>.json   one small record per rank of every task (merge steps read them)
+  checkpoints/          the engine's checkpoints (core.checkpoint)
+  ...                   whatever the workload writes (results/, layers/, ...)
+`<logs_dir>/<name>/latest` links to the newest run folder. On Slurm the root id is the first job's id (the array
+job id for arrays), so the first step is submitted with the template `.../%A` and later steps with the concrete
+id; local runs get a `local-<time>-<pid>` id.
+
+`atomic_path` / `write_text_atomic` / `write_json_atomic` are the one write-temp-then-rename helper every module
+uses, so a reader never sees half a file. Nothing here imports torch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+REPO = Path(__file__).resolve().parent.parent
+RECORD = "run.json"
+ROOT_TEMPLATE = "%A"   # Slurm's array job id (the job id for a single job) in the first step's paths
+
+
+# ---------------------------------------------------------------- atomic writes
+@contextmanager
+def atomic_path(path: Path, fsync: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; when the block succeeds it replaces `path` in one rename.
+    Use it for writers that take a file name (safetensors' save_file, torch.save); a failed block leaves
+    `path` as it was and removes the temporary file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists() or tmp.is_symlink():
+            tmp.unlink()
+
+
+def write_text_atomic(path: Path, text: str, fsync: bool = False) -> Path:
+    with atomic_path(path, fsync=fsync) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json_atomic(path: Path, data: Any, fsync: bool = False) -> Path:
+    return write_text_atomic(path, json.dumps(data, indent=1, default=str), fsync=fsync)
+
+
+# ---------------------------------------------------------------- where runs live
+def logs_root(spec) -> Path:
+    """`<logs_dir>/<name>`: the folder that holds every run of a spec (relative logs_dir: under the checkout)."""
+    p = Path(spec.outputs.logs_dir)
+    return (p if p.is_absolute() else REPO / p) / spec.name
+
+
+def run_dir_template(spec, root: Optional[str] = None) -> str:
+    """The run folder as a string for submitit: `%A` stands for the root id until Slurm gives one."""
+    return str(logs_root(spec) / (root or ROOT_TEMPLATE))
+
+
+def local_root_id() -> str:
+    return f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
+def resolve_run_dir(template: str, environ: Optional[dict] = None) -> Path:
+    """Inside a task: `%A` in the template is the root job id (the array job id, else the job id)."""
+    environ = os.environ if environ is None else environ
+    if ROOT_TEMPLATE in template:
+        root = environ.get("SLURM_ARRAY_JOB_ID") or environ.get("SLURM_JOB_ID")
+        if not root:
+            raise RuntimeError("run folder template has %A but neither SLURM_ARRAY_JOB_ID nor SLURM_JOB_ID is set")
+        template = template.replace(ROOT_TEMPLATE, root)
+    return Path(template)
+
+
+def find_run(spec, run_dir: Optional[str]) -> Path:
+    """The run folder to resume: the one given (it must hold a run record of this spec's name), else the newest
+    run of this spec's name that has a record. Raises FileNotFoundError / ValueError with the fix."""
+    root = logs_root(spec)
+    if run_dir:
+        p = Path(run_dir)
+        if not (p / RECORD).is_file():
+            raise FileNotFoundError(f"--resume {run_dir}: no {RECORD} there; give a run folder logs/<name>/<id>")
+        p = p.resolve()
+        if p.parent != root.resolve():
+            raise ValueError(f"--resume {run_dir}: not a run of '{spec.name}' (expected under {root})")
+        return p
+    runs = sorted((d for d in root.glob("*") if (d / RECORD).is_file() and not d.is_symlink()),
+                  key=lambda d: (d / RECORD).stat().st_mtime)
+    if not runs:
+        raise FileNotFoundError(f"--resume: no earlier run of '{spec.name}' under {root}")
+    return runs[-1]
+
+
+# ---------------------------------------------------------------- the run record
+def read_record(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / RECORD).read_text())
+
+
+def is_run(run_dir: Path) -> bool:
+    return (Path(run_dir) / RECORD).is_file()
+
+
+def write_record(run_dir: Path, record: dict) -> None:
+    """Write run.json, then point `<name>/latest` at this run (both atomically)."""
+    run_dir = Path(run_dir)
+    write_json_atomic(run_dir / RECORD, record)
+    link = run_dir.parent / ".latest.tmp"
+    link.unlink(missing_ok=True)
+    link.symlink_to(run_dir.name)
+    os.replace(link, run_dir.parent / "latest")
+
+
+# ---------------------------------------------------------------- task records
+def task_record_path(run_dir: Path, step: str, task_index: Optional[int], rank: int) -> Path:
+    tag = step if task_index is None else f"{step}-{task_index:06d}"
+    return Path(run_dir) / "tasks" / f"{tag}.rank{rank}.json"
+
+
+def write_task_record(run_dir: Path, record: dict) -> Path:
+    path = task_record_path(run_dir, record["step"], record["task_index"], record["rank"])
+    return write_json_atomic(path, record)
+
+
+def task_records(run_dir: Path, step: str = "main") -> list[dict]:
+    """The records that the tasks of a step left, in task order."""
+    folder = Path(run_dir) / "tasks"
+    if not folder.is_dir():
+        return []
+    return [json.loads(p.read_text()) for p in sorted(folder.glob(f"{step}*.json"))
+            if p.name.split(".")[0].split("-")[0] == step]

@@ -1,0 +1,56 @@
+"""Small steps that several workloads share: text files of prompts, the decoder's layer count for planning,
+next-token log-probabilities, and a headless pyplot."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from core.spec import FieldError
+
+
+def text_lines(path: Optional[str], field_name: str) -> list[str]:
+    """The non-empty lines of a text file (prompts, held-out sentences); FieldError naming the field otherwise."""
+    if not path:
+        raise FieldError(field_name, "give a text file (one prompt or sentence per line)")
+    p = Path(path)
+    if not p.is_file():
+        raise FieldError(field_name, f"file {p} not found")
+    lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if not lines:
+        raise FieldError(field_name, f"file {p} has no non-empty line")
+    return lines
+
+
+def decoder_layers(spec) -> int:
+    """Decoder layers of the spec's LLM from its config.json (or preset), torch-free, for planning."""
+    from core.model_sizes import model_config
+
+    cfg = model_config(spec.model.path, spec.model.preset)
+    if cfg is None:
+        if spec.model.make_tiny:
+            from core.models.pangu import TINY_LAYERS
+
+            return TINY_LAYERS
+        raise FieldError("model.path", f"no config.json in {spec.model.path!r}; give a local model folder "
+                                       f"(or model.preset)")
+    return int(cfg["num_hidden_layers"])
+
+
+def next_token_logprobs(logits, ids):
+    """log p(ids[t+1] | ids[<=t]) for every position of one sequence: logits (T, V) or (1, T, V), ids (T,) or
+    (1, T) -> (T-1,) float32."""
+    import torch
+
+    lp = torch.log_softmax(logits.reshape(-1, logits.shape[-1]).float(), dim=-1)
+    target = ids.reshape(-1)[1:].to(lp.device)
+    return lp[:-1].gather(1, target.unsqueeze(1)).squeeze(1)
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (jobs have no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
