@@ -8,14 +8,16 @@ also get a per-device memory estimate, and a plan that cannot fit the device is 
 from __future__ import annotations
 
 import math
+import os
 import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from core import workloads
-from core.spec import Cluster, FieldError, JobSpec, SpecError
+from core.spec import FILE_REF, Cluster, FieldError, JobSpec, SpecError, secret_file_problem
 
 
 @dataclass
@@ -132,12 +134,43 @@ def workload_shape(spec: JobSpec, source: str, resume_dir=None):
         raise SpecError(source, [(e.field, e.message)]) from None
 
 
+LOCAL_PROCESSES_PER_CPU = 4
+
+
+def check_limits(spec: JobSpec, cluster: Cluster, source: str, tasks_per_node: int) -> None:
+    """Bounds that depend on where the job goes: the profile's node limit, this machine for the local executor,
+    and where run folders may be written. Refusals name the field and the limit."""
+    from core.run_folder import logs_dir_problem
+
+    problems = []
+    res = spec.resources
+    if cluster.max_nodes and res.nodes > cluster.max_nodes:
+        problems.append(("resources.nodes", f"{res.nodes} nodes but {cluster.name} allows at most {cluster.max_nodes} "
+                                            f"per job (profile max_nodes)"))
+    if cluster.executor == "local":
+        cap = LOCAL_PROCESSES_PER_CPU * (os.cpu_count() or 1)
+        if res.nodes * tasks_per_node > cap:
+            problems.append(("resources.nodes", f"{res.nodes} x {tasks_per_node} tasks would start "
+                                                f"{res.nodes * tasks_per_node} processes on this machine "
+                                                f"({os.cpu_count()} CPUs; at most {cap}); use a Slurm profile"))
+    problem = logs_dir_problem(spec.outputs.logs_dir, cluster.logs_roots)
+    if problem:
+        problems.append(("outputs.logs_dir", problem))
+    for key, value in spec.env.items():  # ${file:PATH} secrets this machine can see are checked now, not in the job
+        for m in FILE_REF.finditer(value):
+            if Path(m.group(1)).exists() and secret_file_problem(m.group(1)):
+                problems.append((f"env.{key}", secret_file_problem(m.group(1))))
+    if problems:
+        raise SpecError(source, problems)
+
+
 def make_plan(spec: JobSpec, cluster: Cluster, source: str = "spec", force: bool = False,
               limits: Optional[dict[str, int]] = None, resume_dir=None) -> Plan:
     res = spec.resources
     notes: list[str] = []
     nodes = res.nodes
     tasks_per_node = res.tasks_per_node or (cluster.devices_per_node if cluster.accelerator != "cpu" else 0) or 1
+    check_limits(spec, cluster, source, tasks_per_node)
     if cluster.accelerator != "cpu" and cluster.devices_per_node and tasks_per_node > cluster.devices_per_node:
         raise SpecError(source, [("resources.tasks_per_node",
                                   f"{tasks_per_node} tasks per node but {cluster.name} has {cluster.devices_per_node} "

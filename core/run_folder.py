@@ -61,10 +61,29 @@ def write_json_atomic(path: Path, data: Any, fsync: bool = False) -> Path:
 
 
 # ---------------------------------------------------------------- where runs live
+LOGS = REPO / "logs"
+
+
 def logs_root(spec) -> Path:
     """`<logs_dir>/<name>`: the folder that holds every run of a spec (relative logs_dir: under the checkout)."""
     p = Path(spec.outputs.logs_dir)
     return (p if p.is_absolute() else REPO / p) / spec.name
+
+
+def logs_dir_problem(logs_dir: str, roots: list[str]) -> Optional[str]:
+    """Why run folders may not go to `logs_dir` (None when they may): a relative one must stay inside the
+    checkout's logs/ folder, an absolute one inside one of the profile's `logs_roots`; both after resolving
+    `..` and symbolic links."""
+    p = Path(logs_dir)
+    target = (p if p.is_absolute() else REPO / p).resolve()
+    allowed = [Path(r).resolve() for r in roots] if p.is_absolute() else [LOGS.resolve()]
+    if any(target == a or a in target.parents for a in allowed):
+        return None
+    if p.is_absolute():
+        where = ", ".join(str(a) for a in allowed) or "nowhere (the profile sets no logs_roots)"
+        return (f"{target} is outside the folders this cluster profile allows for absolute paths ({where}); use a "
+                f"path relative to the checkout's logs/ or add a root to the profile's logs_roots")
+    return f"resolves to {target}, outside the checkout's logs folder {LOGS}; use a relative path such as logs/mine"
 
 
 def run_dir_template(spec, root: Optional[str] = None) -> str:
@@ -96,7 +115,7 @@ def find_run(spec, run_dir: Optional[str]) -> Path:
         if not (p / RECORD).is_file():
             raise FileNotFoundError(f"--resume {run_dir}: no {RECORD} there; give a run folder logs/<name>/<id>")
         p = p.resolve()
-        if p.parent != root.resolve():
+        if p.parent != root.resolve() or read_record(p).get("name") != spec.name:
             raise ValueError(f"--resume {run_dir}: not a run of '{spec.name}' (expected under {root})")
         return p
     runs = sorted((d for d in root.glob("*") if (d / RECORD).is_file() and not d.is_symlink()),

@@ -269,12 +269,12 @@ class TaskEntry:
 
     def __call__(self, task_index: Optional[int] = None, items: Optional[list] = None) -> dict:
         from core import workloads
-        from core.spec import parse_spec, resolve_env_refs
+        from core.spec import parse_spec, resolve_refs
 
         install_preemption_handler()
         configure_logging()
         for key, value in {**self.cluster_data.get("env", {}), **self.spec_data.get("env", {})}.items():
-            os.environ[key] = resolve_env_refs(str(value))
+            os.environ[key] = resolve_refs(str(value))
         spec = parse_spec(self.spec_data, "run record spec")
         ctx = self.context(task_index, items)
         started = time.time()

@@ -10,21 +10,25 @@ anything and nothing here imports torch.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from pathlib import Path
 from functools import lru_cache
 from typing import Any, Literal, Optional, Union
 
-import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, ValidationError, create_model, field_validator,
                       model_validator)
 
 from core import workloads
+from core.safe_yaml import MAX_BYTES, YamlError, load_yaml
+from core.secrets_guard import HIDDEN, redact, safe_quote, secret_paths
 from core.workloads import WORKLOADS
 
 ENV_REF = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
-_SECRET_WORDS = {"token", "key", "apikey", "password", "passwd", "secret", "credential", "credentials"}
+FILE_REF = re.compile(r"\$\{file:([^{}\x00-\x1f]+)\}")
+ANY_REF = re.compile(ENV_REF.pattern + "|" + FILE_REF.pattern)
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class SpecError(Exception):
@@ -38,7 +42,28 @@ class SpecError(Exception):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", defer_build=True)
+    # inf / nan are refused everywhere: a time, a memory size or a parameter count must be a real number
+    model_config = ConfigDict(extra="forbid", defer_build=True, allow_inf_nan=False)
+
+
+def _pattern(regex: str, what: str, example: str):
+    """A validator for a value that reaches an sbatch line: the whole value must match `regex`."""
+    compiled = re.compile(regex)
+
+    def check(v):
+        if v is not None and not compiled.fullmatch(v):
+            raise ValueError(f"'{redact(v)}' is not a valid {what}: use only {example}")
+        return v
+    return check
+
+
+SLURM_NAME = _pattern(r"[A-Za-z0-9][A-Za-z0-9_.+\-]{0,127}(,[A-Za-z0-9][A-Za-z0-9_.+\-]{0,127})*",
+                      "Slurm name", "letters, digits, '_', '.', '+', '-' (a comma-separated list for several)")
+SLURM_CONSTRAINT = _pattern(r"[A-Za-z0-9_.,:|&!*()\[\]+\-]{1,512}", "Slurm constraint",
+                            "feature names and the operators & | , [ ] ( ) * !")
+SLURM_HOSTLIST = _pattern(r"[A-Za-z0-9_.,\[\]\-]{1,4096}", "Slurm host list", "host names and ranges like n[1-4],gpu7")
+SLURM_GRES = _pattern(r"[A-Za-z0-9_:.,\-]*(\{devices\}[A-Za-z0-9_:.,\-]*)*", "GRES",
+                      "a Slurm GRES like gpu:{devices} or gpu:a100:8 ({devices} is the only placeholder)")
 
 
 # ---------------------------------------------------------------- job spec
@@ -71,12 +96,16 @@ class FieldError(ValueError):
         super().__init__(f"{field}: {message}")
 
 
+MAX_ARRAY_ITEMS = 100_000
+
+
 class ArraySpec(Strict):
     items: Union[PositiveInt, list[Any], None] = Field(
         None, description="a count n (items 0..n-1) or an explicit list; workloads that make their own items "
                           "(layers, ratios) leave it out")
-    items_per_task: PositiveInt = 1
-    parallelism: Optional[PositiveInt] = Field(None, description="throttle: at most this many tasks at once (%N)")
+    items_per_task: int = Field(1, gt=0, le=MAX_ARRAY_ITEMS)
+    parallelism: Optional[int] = Field(None, gt=0, le=MAX_ARRAY_ITEMS,
+                                       description="throttle: at most this many tasks at once (%N)")
     merge: bool = Field(False, description="add a merge step that runs after every task succeeded (afterok)")
 
     @field_validator("items")
@@ -84,6 +113,9 @@ class ArraySpec(Strict):
     def _non_empty(cls, v):
         if isinstance(v, list) and not v:
             raise ValueError("the item list is empty; give a count or at least one item")
+        n = v if isinstance(v, int) else len(v or [])
+        if n > MAX_ARRAY_ITEMS:
+            raise ValueError(f"{n} items is over the limit of {MAX_ARRAY_ITEMS}; group work into fewer items")
         return v
 
     def item_list(self) -> list[Any]:
@@ -92,19 +124,39 @@ class ArraySpec(Strict):
         return list(range(self.items)) if isinstance(self.items, int) else list(self.items)
 
 
+MAX_NODES = 10_000         # schema bounds; the profile (and the local machine) bound them further in the plan
+MAX_TASKS_PER_NODE = 1024
+MAX_MINUTES = 365 * 1440
+
+
 class Resources(Strict):
-    nodes: PositiveInt = 1
-    tasks_per_node: Optional[PositiveInt] = Field(None, description="default: the profile's devices_per_node, or 1")
-    cpus_per_task: Optional[PositiveInt] = None
-    mem_gb: Optional[float] = Field(None, gt=0)
+    nodes: int = Field(1, gt=0, le=MAX_NODES)
+    tasks_per_node: Optional[int] = Field(None, gt=0, le=MAX_TASKS_PER_NODE,
+                                          description="default: the profile's devices_per_node, or 1")
+    cpus_per_task: Optional[int] = Field(None, gt=0, le=4096)
+    mem_gb: Optional[float] = Field(None, gt=0, le=1_000_000, description="per node; at least 0.001 (1 MB)")
     time: Union[int, str] = Field("00:30:00", description="minutes or HH:MM:SS or D-HH:MM:SS")
     array: Optional[ArraySpec] = None
 
     @field_validator("time")
     @classmethod
     def _time(cls, v):
-        if parse_minutes(v) <= 0:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError("time must be a finite number of minutes")
+        minutes = parse_minutes(v)
+        if minutes <= 0:
             raise ValueError("time must be at least one minute")
+        if minutes > MAX_MINUTES:
+            raise ValueError(f"time of {minutes} minutes is over a year; give the real limit (the partition's "
+                             f"MaxTime bounds it anyway)")
+        return v
+
+    @field_validator("mem_gb")
+    @classmethod
+    def _mem(cls, v):
+        if v is not None and int(v * 1024) < 1:
+            raise ValueError(f"{v} GB is less than 1 MB (Slurm would read --mem=0 as the whole node); give at "
+                             f"least 0.001")
         return v
 
     @property
@@ -163,12 +215,15 @@ class TrainSection(Strict):
 
 
 class Outputs(Strict):
-    logs_dir: str = Field("logs", description="run folders go to <logs_dir>/<name>/<jobid>/ (relative to the repo)")
+    logs_dir: str = Field("logs", min_length=1, max_length=1024,
+                          description="run folders go to <logs_dir>/<name>/<jobid>/: relative to the checkout and "
+                                      "inside its logs/, or absolute inside one of the profile's logs_roots")
 
 
 class JobSpec(Strict):
     """The generic schema. Each workload's spec class (`spec_class`) adds its own section and data schema."""
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", max_length=100,
+                      description="job name and folder name: letters, digits, '_', '.', '-'; at most 100 characters")
     workload: str
     description: str = ""
     model: ModelSpec = Field(default_factory=ModelSpec)
@@ -188,8 +243,13 @@ class JobSpec(Strict):
         if v not in WORKLOADS:
             near = difflib.get_close_matches(v, list(WORKLOADS), n=1)
             hint = f"did you mean '{near[0]}'? " if near else ""
-            raise ValueError(f"unknown workload '{v}'; {hint}known workloads: {', '.join(sorted(WORKLOADS))}")
+            raise ValueError(f"unknown workload '{redact(v)}'; {hint}known workloads: {', '.join(sorted(WORKLOADS))}")
         return v
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, v):
+        return check_env_names(v)
 
     @model_validator(mode="after")
     def _complete_for_workload(self):
@@ -251,13 +311,24 @@ def parse_spec(data: dict, source: str = "spec") -> JobSpec:
 
 
 # ---------------------------------------------------------------- cluster profile
+def check_env_names(env: dict) -> dict:
+    bad = [k for k in env if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", k)]
+    if bad:
+        raise ValueError(f"variable names {[redact(k, 40) for k in bad]} are not valid: use letters, digits and '_', "
+                         f"not starting with a digit")
+    return env
+
+
 class Cluster(Strict):
-    name: str
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
     executor: Literal["slurm", "local"]
     description: str = ""
     partition: Optional[str] = None
     account: Optional[str] = None
     qos: Optional[str] = None
+    logs_roots: list[str] = Field(default_factory=list, description="absolute folders where a spec's absolute "
+                                                                    "outputs.logs_dir may put run folders")
+    max_nodes: Optional[PositiveInt] = Field(None, description="most nodes one job may ask for here")
     accelerator: Literal["cuda", "npu", "cpu"] = "cpu"
     devices_per_node: int = Field(0, ge=0)
     device_mem_gb: Optional[float] = Field(None, gt=0, description="memory of one device, for the plan's estimate")
@@ -277,21 +348,65 @@ class Cluster(Strict):
     max_requeues: int = Field(3, ge=0)
     python: Optional[str] = Field(None, description="python command on the nodes; default: this interpreter")
 
+    _partition = field_validator("partition", "account", "qos")(classmethod(lambda cls, v: SLURM_NAME(v)))
+    _constraint = field_validator("constraint")(classmethod(lambda cls, v: SLURM_CONSTRAINT(v)))
+    _exclude = field_validator("exclude")(classmethod(lambda cls, v: SLURM_HOSTLIST(v)))
+    _gres = field_validator("gres")(classmethod(lambda cls, v: SLURM_GRES(v)))
+    _env = field_validator("env")(classmethod(lambda cls, v: check_env_names(v)))
+
+    @field_validator("logs_roots")
+    @classmethod
+    def _roots(cls, v):
+        bad = [r for r in v if not Path(r).is_absolute()]
+        if bad:
+            raise ValueError(f"logs_roots must be absolute folders, got {[redact(r, 60) for r in bad]}")
+        return v
+
 
 # ---------------------------------------------------------------- loading
 def _read_yaml(path: Path, what: str) -> dict:
+    """An untrusted YAML file -> a mapping (core.safe_yaml: size, UTF-8, duplicate keys, alias and depth limits),
+    with every string checked for control characters. Any problem is a SpecError naming the file."""
     if not path.is_file():
         raise SpecError(str(path), [("", f"{what} file not found; check the path (cwd: {os.getcwd()})")])
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise SpecError(str(path), [("", f"malformed YAML at {where}{problem}; fix the indentation or quoting there")])
+        with path.open("rb") as f:
+            raw = f.read(MAX_BYTES + 1)
+        data = load_yaml(raw, str(path))
+    except OSError as e:
+        raise SpecError(str(path), [("", f"cannot read the {what}: {e.strerror}")]) from None
+    except YamlError as e:
+        rest = str(e).removeprefix(f"{path}: ")
+        raise SpecError(str(path), [("", f"malformed YAML at {rest}" if rest.startswith("line")
+                                     else f"malformed YAML: {rest}")]) from None
     if not isinstance(data, dict):
         raise SpecError(str(path), [("", f"a {what} must be a YAML mapping of keys to values, got {type(data).__name__}")])
+    problems = control_characters(data)
+    if problems:
+        raise SpecError(str(path), problems)
     return data
+
+
+def control_characters(data: Any, path: str = "") -> list[tuple[str, str]]:
+    """(field, message) for every key or string value holding a control character (a newline in a value that
+    reaches an sbatch line would end the #SBATCH header and run the rest as shell)."""
+    out: list[tuple[str, str]] = []
+    stack: list[tuple[str, Any]] = [(path, data)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, dict):
+            for k, v in value.items():
+                sub = f"{where}.{k}" if where else str(k)
+                if isinstance(k, str) and CONTROL.search(k):
+                    out.append((redact(sub, 80), "a key holds a control character (newline, tab, ...); remove it"))
+                    continue
+                stack.append((sub, v))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", v) for i, v in enumerate(value))
+        elif isinstance(value, str) and CONTROL.search(value):
+            out.append((where, "holds a control character (newline, tab, ...): values must be one line of "
+                               "printable text"))
+    return sorted(out)
 
 
 def _model_at(model: type[BaseModel], loc: tuple) -> Optional[type[BaseModel]]:
@@ -330,7 +445,8 @@ def _explain(model: type[BaseModel], err: dict) -> tuple[str, str]:
     msg = err["msg"]
     if kind.startswith(("int_", "float_", "bool_", "string_", "list_", "dict_", "literal_")) or "greater" in kind:
         got = err.get("input")
-        msg = f"{msg} (got {got!r}); fix the value"
+        shown = safe_quote(field, got)
+        msg = f"{msg} (got {shown if shown == HIDDEN or not isinstance(got, str) else repr(shown)}); fix the value"
     return field, msg
 
 
@@ -353,22 +469,6 @@ def validate(model: type[BaseModel], data: dict, source: str):
         raise SpecError(source, problems) from None
 
 
-def find_secrets(data: Any, path: str = "") -> list[str]:
-    """Paths of literal values stored under secret-looking keys (use ${env:VAR} instead)."""
-    found = []
-    if isinstance(data, dict):
-        for k, v in data.items():
-            sub = f"{path}.{k}" if path else str(k)
-            words = set(re.split(r"[_\-.\s]+", str(k).lower()))
-            if words & _SECRET_WORDS and isinstance(v, (str, int, float)) and str(v) and not ENV_REF.fullmatch(str(v)):
-                found.append(sub)
-            found += find_secrets(v, sub)
-    elif isinstance(data, list):
-        for i, v in enumerate(data):
-            found += find_secrets(v, f"{path}[{i}]")
-    return found
-
-
 def apply_override(data: dict, assignment: str, model: type[BaseModel]) -> None:
     """`a.b=value` into the raw dict; the value is parsed as YAML and typed later by the schema."""
     if "=" not in assignment:
@@ -376,8 +476,8 @@ def apply_override(data: dict, assignment: str, model: type[BaseModel]) -> None:
     key, raw = assignment.split("=", 1)
     parts = key.strip().split(".")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = load_yaml(raw, "--set") if raw.strip() else ""
+    except YamlError:
         value = raw
     node, cls = data, model
     for i, part in enumerate(parts):
@@ -404,10 +504,14 @@ def load_spec(path: Union[str, Path], overrides: tuple[str, ...] = ()) -> tuple[
     first = sorted(overrides, key=lambda a: not a.strip().startswith("workload="))  # the workload decides the schema
     for assignment in first:
         apply_override(data, assignment, _spec_class_for(data))
-    secrets = find_secrets(data)
+    problems = control_characters(data)  # overrides are untrusted text too
+    if problems:
+        raise SpecError("--set" if overrides else str(path), problems)
+    secrets = secret_paths(data)
     if secrets:
         raise SpecError(str(path), [(s, "looks like a secret written literally; put it in an environment variable "
-                                        "and write '${env:VAR_NAME}' here (resolved only inside the job)") for s in secrets])
+                                        "and write '${env:VAR_NAME}' here, or in a file only you can read and write "
+                                        "'${file:/path}' (both resolved only inside the job)") for s in secrets])
     spec = parse_spec(data, str(path) + (" (with --set overrides)" if overrides else ""))
     return spec, data
 
@@ -432,20 +536,58 @@ def load_cluster(name_or_path: Optional[str]) -> Cluster:
         raise SpecError(str(path), [("", f"cluster profile not found; use one of {', '.join(known)} "
                                          f"or a path to a profile YAML (--cluster)")])
     data = _read_yaml(path, "cluster profile")
-    secrets = find_secrets(data)
+    secrets = secret_paths(data)
     if secrets:
         raise SpecError(str(path), [(s, "literal secret in a cluster profile; use '${env:VAR_NAME}'") for s in secrets])
     return validate(Cluster, data, str(path))
 
 
-def resolve_env_refs(value: str, environ: Optional[dict] = None) -> str:
-    """Replace ${env:VAR} with its value. Called only inside the running job."""
+def secret_file_problem(path: str) -> Optional[str]:
+    """Why a ${file:PATH} secret may not be used (None when it may): it must be a regular file that only its
+    owner can read (mode 0600 or 0400), as ssh demands of a private key."""
+    p = Path(path)
+    if not p.is_absolute():
+        return f"${{file:{redact(path, 80)}}}: give an absolute path"
+    try:
+        st = p.stat()
+    except OSError as e:
+        return f"${{file:{redact(path, 80)}}}: {e.strerror}"
+    if not p.is_file():
+        return f"${{file:{redact(path, 80)}}}: not a regular file"
+    if st.st_mode & 0o077:
+        return (f"${{file:{redact(path, 80)}}} is readable by others (mode {st.st_mode & 0o777:o}); "
+                f"run chmod 600 {redact(path, 80)}")
+    return None
+
+
+def secret_references(data: Any, path: str = "") -> list[tuple[str, str]]:
+    """(field, file path) of every ${file:PATH} reference in a spec's raw data."""
+    out = []
+    if isinstance(data, dict):
+        for k, v in data.items():
+            out += secret_references(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            out += secret_references(v, f"{path}[{i}]")
+    elif isinstance(data, str):
+        out += [(path, m.group(1)) for m in FILE_REF.finditer(data)]
+    return out
+
+
+def resolve_refs(value: str, environ: Optional[dict] = None) -> str:
+    """Replace ${env:VAR} with the variable's value and ${file:PATH} with the file's content (without its
+    trailing newline; the file must be readable by its owner only). Called only inside the running job."""
     environ = os.environ if environ is None else environ
 
     def sub(m):
-        var = m.group(1)
-        if var not in environ:
-            raise KeyError(f"environment variable {var} is not set in the job (referenced as ${{env:{var}}})")
-        return environ[var]
+        var, file = m.group(1), m.group(2)
+        if var is not None:
+            if var not in environ:
+                raise KeyError(f"environment variable {var} is not set in the job (referenced as ${{env:{var}}})")
+            return environ[var]
+        problem = secret_file_problem(file)
+        if problem:
+            raise PermissionError(problem)
+        return Path(file).read_text(encoding="utf-8").rstrip("\r\n")
 
-    return ENV_REF.sub(sub, value)
+    return ANY_REF.sub(sub, value)

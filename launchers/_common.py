@@ -17,3 +17,13 @@ if str(REPO) not in sys.path:
 def fail(message: str, code: int = 2) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)
+
+
+def unexpected(what: str, error: BaseException) -> NoReturn:
+    """An error nobody planned for: one line naming the stage; MEDHPC_DEBUG=1 re-raises for the traceback."""
+    if os.environ.get("MEDHPC_DEBUG"):
+        raise error
+    from core.secrets_guard import redact
+
+    fail(f"{what} failed: {type(error).__name__}: {redact(str(error), 300)} (MEDHPC_DEBUG=1 shows the traceback)\n"
+         f"nothing was submitted")

@@ -12,7 +12,7 @@ import argparse
 import sys
 
 import _common  # noqa: F401  (puts the repo on sys.path)
-from _common import fail
+from _common import fail, unexpected
 
 
 def parse_args(argv=None):
@@ -39,6 +39,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from core.plan import make_plan
+    from core.secrets_guard import redact
     from core.spec import SpecError, load_cluster, load_spec
 
     if args.fresh and args.resume is None:
@@ -58,6 +59,8 @@ def main(argv=None) -> int:
         fail(f"{e}\nnothing was submitted")
     except (FileNotFoundError, ValueError) as e:
         fail(f"{e}\nnothing was submitted")
+    except Exception as e:  # a bug or an environment problem while planning: one line, never a traceback
+        unexpected("planning", e)
     shape = f"{plan.steps[0].nodes} node(s) x {plan.steps[0].tasks_per_node} task(s)"
     print(f"validated {args.spec}  ({spec.name}, {shape}, {cluster.accelerator} on {cluster.name})")
     print(plan.describe())
@@ -65,7 +68,10 @@ def main(argv=None) -> int:
     from core import submit as sub
 
     if args.dry_run:
-        texts = sub.sbatch_texts(plan)
+        try:
+            texts = sub.sbatch_texts(plan)
+        except Exception as e:
+            unexpected("rendering the sbatch scripts", e)
         if not texts:
             print("dry run: local executor, no sbatch script; nothing submitted")
         for step, scripts in texts.items():
@@ -80,7 +86,7 @@ def main(argv=None) -> int:
     try:
         submission = sub.submit(plan, raw, args.spec, resume_dir)
     except Exception as e:  # submitit raises FailedJobError/RuntimeError with sbatch's own message
-        fail(f"submission failed: {e}", 1)
+        fail(f"submission failed: {redact(str(e), 500)}", 1)
     for rec in submission.record["steps"]:
         if rec.get("skipped"):
             print(f"skipped {rec['name']}: {rec['skipped']}")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from core.spec import SpecError, load_cluster, load_spec, parse_minutes, resolve_env_refs
+from core.spec import SpecError, load_cluster, load_spec, parse_minutes, resolve_refs
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "jobs" / "tiny" / "smoke.yaml"
@@ -84,9 +84,9 @@ def test_literal_secret_refused_env_reference_allowed(tmp_path):
         load_spec(write(tmp_path, "name: a\nworkload: smoke\ndata: {}\nenv: {HF_TOKEN: hf_xyz}\n"))
     spec, raw = load_spec(write(tmp_path, "name: a\nworkload: smoke\nenv:\n  HF_TOKEN: ${env:HF_TOKEN}\n"))
     assert spec.env["HF_TOKEN"] == "${env:HF_TOKEN}"  # unresolved until inside the job
-    assert resolve_env_refs(spec.env["HF_TOKEN"], {"HF_TOKEN": "s3cr3t"}) == "s3cr3t"
+    assert resolve_refs(spec.env["HF_TOKEN"], {"HF_TOKEN": "s3cr3t"}) == "s3cr3t"
     with pytest.raises(KeyError, match="HF_TOKEN"):
-        resolve_env_refs("${env:HF_TOKEN}", {})
+        resolve_refs("${env:HF_TOKEN}", {})
 
 
 def test_overrides_are_typed_by_the_schema():
