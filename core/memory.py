@@ -59,6 +59,7 @@ def estimate(size: ModelSize, trainable: int, *, stage: int, precision: str, off
     frozen_params = max(size.total - trainable, 0)
     n_dev = max(devices_per_node, 1)
     bytes_per_weight = 4 if precision == "fp32" else 2
+    frozen_bytes = size.weight_bytes or bytes_per_weight  # a 4/8-bit base (QLoRA) keeps its frozen weights packed
     cpu = 0.0
     if stage == 3:
         largest_trainable = min(size.largest_module, trainable)
@@ -72,14 +73,14 @@ def estimate(size: ModelSize, trainable: int, *, stage: int, precision: str, off
             # parameters only: the "optimizer offloaded, params on device" branch is 2*P/N + gathered largest layer
             _, frozen, _ = estimate_zero3_model_states_mem_needs(
                 frozen_params, size.largest_module, n_dev, nodes, cpu_offload=True, cpu_offload_params=offload_param)
-            frozen = frozen * bytes_per_weight / 2
+            frozen = frozen * frozen_bytes / 2
         else:
             frozen = 0
     else:
         shards = n_dev if stage in (1, 2) else 1
         cpu, states = (estimate_zero2_model_states_mem_needs(trainable, shards, nodes if stage else 1,
                                                              cpu_offload=offload_optimizer) if trainable else (0, 0))
-        frozen = frozen_params * bytes_per_weight
+        frozen = frozen_params * frozen_bytes
     if trainable and precision == "fp32":
         # DeepSpeed's estimators assume 16-bit parameter replicas (2 B/param); fp32 training keeps 4 B/param
         states += 2 * trainable / (n_dev * nodes if stage == 3 else 1)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import shutil
 
 
-def report_metrics(references: dict[str, str], predictions: dict[str, str]) -> dict[str, float]:
-    """Corpus-level scores over all cases in one call (METEOR starts a JVM: score a whole test set at once)."""
+def report_metrics(references: dict[str, str], predictions: dict[str, str], cider: bool = False) -> dict[str, float]:
+    """Corpus-level scores over all cases in one call (METEOR starts a JVM: score a whole test set at once);
+    texts are PTB-tokenised first, as the COCO caption evaluation does. `cider` adds CIDEr (COCO's CIDEr-D)."""
     if shutil.which("java") is None:
         raise RuntimeError("pycocoevalcap needs Java for METEOR and its tokenizer: apt-get install default-jre-headless "
                            "(launchers/setup.sh does this when java is missing)")
@@ -26,6 +27,10 @@ def report_metrics(references: dict[str, str], predictions: dict[str, str]) -> d
     out["METEOR"] = float(meteor.compute_score(gts, res)[0])
     del meteor  # its __del__ stops the JVM
     out["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
+    if cider:
+        from pycocoevalcap.cider.cider import Cider
+
+        out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
     return out
 
 

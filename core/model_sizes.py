@@ -30,14 +30,27 @@ class ModelSize:
     hidden: int
     heads: int
     vocab: int
+    trainable: Optional[int] = None   # with a peft: section, what the adapters train (None: model.trainable)
+    weight_bytes: Optional[float] = None  # bytes per frozen weight when the base is quantized (4bit 0.5, 8bit 1)
 
 
-def size_of(model, *, layers: int, hidden: int, heads: int, vocab: int) -> ModelSize:
+QUANTIZED_BYTES = {"4bit": 0.5, "8bit": 1.0}
+
+
+def size_of(model, *, layers: int, hidden: int, heads: int, vocab: int, peft=None, head: tuple = ()) -> ModelSize:
     """Count a built model (the meta device is enough). The largest module is DeepSpeed's own definition in its
-    ZeRO-3 estimator: the most parameters any single module holds directly (recurse=False)."""
+    ZeRO-3 estimator: the most parameters any single module holds directly (recurse=False). With a spec's
+    `peft:` section the adapters are added (core.models.peft) and what they train is counted too."""
+    trainable = None
+    if peft is not None:
+        from core.models.peft import apply_peft
+
+        model = apply_peft(model, peft, head)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
-    return ModelSize(int(total), int(largest), layers, hidden, heads, vocab)
+    weight_bytes = QUANTIZED_BYTES[peft.quantize] if peft is not None and peft.quantize else None
+    return ModelSize(int(total), int(largest), layers, hidden, heads, vocab, trainable, weight_bytes)
 
 
 def decoder_size(spec) -> Optional[ModelSize]:
@@ -48,7 +61,7 @@ def decoder_size(spec) -> Optional[ModelSize]:
         return None
     from core.models.pangu import meta_size
 
-    return meta_size(cfg)
+    return meta_size(cfg, peft=spec.peft)
 
 
 def model_config(path: Optional[str], preset: Optional[str]) -> Optional[dict]:

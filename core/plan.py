@@ -68,7 +68,7 @@ class Plan:
     max_array_size: int
     memory: Any = None            # core.memory.MemoryEstimate for DeepSpeed specs
     notes: list[str] = field(default_factory=list)
-
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (field, why): a dry run plans past them
     def describe(self) -> str:
         c = self.cluster
         lines = [f"plan for {self.spec.name} (workload {self.spec.workload}) on {c.name} "
@@ -110,11 +110,12 @@ def _memory(spec: JobSpec, cluster: Cluster, tasks_per_node: int):
     if size is None:
         return None
     t = spec.model.trainable
-    trainable = size.total if t == "all" else 0 if t == "none" else int(t)
+    trainable = size.trainable if size.trainable is not None and t == "all" else \
+        size.total if t == "all" else 0 if t == "none" else int(t)
     from core.memory import estimate
 
     ds = spec.deepspeed
-    return estimate(size, trainable, stage=ds.stage, precision=ds.precision, offload_optimizer=ds.offload_optimizer,
+    return trainable, size.total, estimate(size, trainable, stage=ds.stage, precision=ds.precision, offload_optimizer=ds.offload_optimizer,
                     offload_param=ds.offload_param, devices_per_node=tasks_per_node, nodes=spec.resources.nodes,
                     seq=spec.model.seq_len, micro_batch=ds.micro_batch, checkpointing=ds.activation_checkpointing,
                     device_gib=cluster.device_mem_gb if cluster.accelerator != "cpu" else None)
@@ -153,6 +154,10 @@ def check_limits(spec: JobSpec, cluster: Cluster, source: str, tasks_per_node: i
             problems.append(("resources.nodes", f"{res.nodes} x {tasks_per_node} tasks would start "
                                                 f"{res.nodes * tasks_per_node} processes on this machine "
                                                 f"({os.cpu_count()} CPUs; at most {cap}); use a Slurm profile"))
+    if spec.peft and spec.peft.quantize and cluster.accelerator == "npu":
+        problems.append(("peft.quantize", f"bitsandbytes has no Ascend NPU backend, so {cluster.name} cannot load a "
+                                          f"{spec.peft.quantize} base; drop peft.quantize (LoRA on a bf16 base) or "
+                                          f"use a CUDA profile"))
     problem = logs_dir_problem(spec.outputs.logs_dir, cluster.logs_roots)
     if problem:
         problems.append(("outputs.logs_dir", problem))
@@ -165,7 +170,10 @@ def check_limits(spec: JobSpec, cluster: Cluster, source: str, tasks_per_node: i
 
 
 def make_plan(spec: JobSpec, cluster: Cluster, source: str = "spec", force: bool = False,
-              limits: Optional[dict[str, int]] = None, resume_dir=None) -> Plan:
+              limits: Optional[dict[str, int]] = None, resume_dir=None, keep_going: bool = False) -> Plan:
+    """The plan, or a SpecError for the first thing a submission would be refused for. With keep_going (a dry
+    run) a refusal by the workload's own planner (data not on this machine, say) is kept in `plan.problems` and
+    planning goes on with one task, so the plan, the scripts and the estimate still print."""
     res = spec.resources
     notes: list[str] = []
     nodes = res.nodes
@@ -187,7 +195,13 @@ def make_plan(spec: JobSpec, cluster: Cluster, source: str = "spec", force: bool
         limits = slurm_limits() if cluster.executor == "slurm" and (res.array or workloads.get(spec.workload).plan) else {}
     max_array = limits.get("MaxArraySize", cluster.max_array_size)
     steps: list[Step] = []
-    shape = workload_shape(spec, source, resume_dir)
+    problems: list[tuple[str, str]] = []
+    try:
+        shape = workload_shape(spec, source, resume_dir)
+    except SpecError as e:
+        if not keep_going:
+            raise
+        problems, shape = e.problems, None
     arr = res.array
     if shape is not None:
         notes += shape.notes
@@ -231,9 +245,19 @@ def make_plan(spec: JobSpec, cluster: Cluster, source: str = "spec", force: bool
             steps.append(Step("merge", "merge", nodes=1, tasks_per_node=1, cpus_per_task=cpus, mem_gb=res.mem_gb,
                               minutes=res.minutes, after=["main"]))
 
-    plan = Plan(spec, cluster, steps, max_array, notes=notes)
+    plan = Plan(spec, cluster, steps, max_array, notes=notes, problems=problems)
     if spec.deepspeed is not None:
-        plan.memory = _memory(spec, cluster, tasks_per_node)
+        from core.models.peft import PeftTargetError
+
+        try:
+            estimated = _memory(spec, cluster, tasks_per_node)
+        except PeftTargetError as e:
+            field, message = str(e).split(": ", 1)
+            raise SpecError(source, [(field, message)]) from None
+        if estimated is not None:
+            trainable, total, plan.memory = estimated
+            plan.notes.append(f"trainable: {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"
+                              + (f", frozen base in {spec.peft.quantize}" if spec.peft and spec.peft.quantize else ""))
         if plan.memory is not None and not plan.memory.fits:
             msg = (f"{plan.memory.describe()}: does not fit one {cluster.accelerator} device; raise deepspeed.stage, "
                    f"enable deepspeed.offload_optimizer/offload_param, lower model.seq_len or deepspeed.micro_batch, "

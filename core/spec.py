@@ -193,12 +193,33 @@ class DataSpec(Strict):
 
 
 class PeftSpec(Strict):
-    """Frozen base + LoRA adapters (peft), for every workload that trains (core/models/peft.py)."""
+    """Frozen base + LoRA adapters (peft), for every workload that trains (core/models/peft.py); with `quantize`
+    the frozen base is loaded in 4 or 8 bit through bitsandbytes (QLoRA)."""
     method: Literal["lora"] = "lora"
     r: PositiveInt = 16
     alpha: float = 32
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: Union[Literal["all-linear"], list[str]] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="module names (a name matches every module whose path ends with it), full module paths, or "
+                    "'all-linear' (every linear layer but the output head)")
+    exclude: list[str] = Field(default_factory=list, description="full module paths (or path prefixes) that get no "
+                                                                  "adapter, e.g. vision_tower, multi_modal_projector")
+    modules_to_save: list[str] = Field(default_factory=list, description="non-LoRA modules trained and saved in "
+                                                                          "full (e.g. a projector)")
+    quantize: Optional[Literal["4bit", "8bit"]] = Field(None, description="load the frozen base in 4 or 8 bit "
+                                                                          "(bitsandbytes; not on npu)")
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("give at least one module name, or 'all-linear'")
+        return v
 
 
 class TrainSection(Strict):
@@ -273,6 +294,9 @@ class JobSpec(Strict):
             wanted = ", ".join(info.models) or "none"
             raise ValueError(f"models: workload '{self.workload}' takes the named models [{wanted}]; "
                              + (f"unknown: {unknown}" if unknown else f"missing: {missing}"))
+        if self.peft and self.peft.quantize and self.deepspeed and self.deepspeed.stage == 3:
+            raise ValueError("peft.quantize: a 4/8-bit base cannot be partitioned by ZeRO-3 here; use "
+                             "deepspeed.stage 0-2 (the quantized base is small already) or drop quantize")
         if self.resources.array and self.resources.array.merge and not info.has_merge:
             raise ValueError(f"resources.array.merge: workload '{self.workload}' has no merge step; remove 'merge'")
         return self

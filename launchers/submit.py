@@ -54,7 +54,7 @@ def main(argv=None) -> int:
 
             resume_dir = find_run(spec, args.resume if args.resume is not None else args.resume_missing)
         plan = make_plan(spec, cluster, source=args.spec, force=args.force,
-                         resume_dir=resume_dir if args.resume_missing is not None else None)
+                         resume_dir=resume_dir if args.resume_missing is not None else None, keep_going=args.dry_run)
     except SpecError as e:
         fail(f"{e}\nnothing was submitted")
     except (FileNotFoundError, ValueError) as e:
@@ -78,6 +78,12 @@ def main(argv=None) -> int:
             for i, text in enumerate(scripts):
                 label = f"step {step}" + (f", array chunk {i + 1}/{len(scripts)}" if len(scripts) > 1 else "")
                 print(f"\n# ---- sbatch script: {label} ----\n{text}")
+        if plan.problems:
+            print(f"\n{args.spec}: a real submission would be refused:", file=sys.stderr)
+            for field_name, message in plan.problems:
+                print(f"  {field_name}: {message}", file=sys.stderr)
+            print("dry run: nothing submitted", file=sys.stderr)
+            return 2
         print("dry run: nothing submitted")
         return 0
 

@@ -96,8 +96,9 @@ def model_folder(spec) -> Path:
     return folder
 
 
-def meta_size(cfg: dict):
-    """core.model_sizes.ModelSize of the LlamaForCausalLM this config builds, counted on the meta device."""
+def meta_size(cfg: dict, peft=None):
+    """core.model_sizes.ModelSize of the LlamaForCausalLM this config builds (with the spec's adapters), counted
+    on the meta device."""
     import torch
     from transformers import LlamaForCausalLM
 
@@ -107,7 +108,7 @@ def meta_size(cfg: dict):
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     return size_of(model, layers=config.num_hidden_layers, hidden=config.hidden_size,
-                   heads=config.num_attention_heads, vocab=config.vocab_size)
+                   heads=config.num_attention_heads, vocab=config.vocab_size, peft=peft)
 
 
 def bos_encode(tokenizer, text: str) -> list[int]:

@@ -1,0 +1,115 @@
+"""BLIP image captioning (`BlipForConditionalGeneration` + `BlipProcessor`) from a local Hugging Face folder, and a
+tiny twin of the same classes.
+
+The full-size model is `Salesforce/blip-image-captioning-base` as the lab downloads it (config.json, safetensors,
+preprocessor_config.json, the BERT tokenizer files with `[DEC]` as BOS): ViT-B/16 at 384 px + a BERT-base decoder
+that cross-attends to the image, 223,971,644 parameters. `write_tiny_blip` writes a folder with the same files and
+classes (random weights, a WordPiece vocabulary from the captions it will see); nothing is downloaded.
+BLIP's text conventions (from its config and `generate`): the decoder starts at `bos_token_id` (`[DEC]`), ends at
+`sep_token_id` (`[SEP]`) and pads with 0 (`[PAD]`).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+FULL_CONFIG: dict = {}   # transformers' BlipConfig() defaults are the captioning-base shapes
+TINY = {"hidden": 64, "layers": 2, "heads": 2, "intermediate": 128, "image_size": 32, "patch": 8, "positions": 64}
+
+
+class ModelFolderError(ValueError):
+    pass
+
+
+def read_config(folder) -> dict:
+    f = Path(folder) / "config.json"
+    if not f.is_file():
+        raise ModelFolderError(f"{folder}: no config.json; model.path must be a local BLIP folder (config.json, "
+                               f"*.safetensors, preprocessor_config.json, tokenizer files)")
+    return json.loads(f.read_text())
+
+
+def blip_config(cfg: Optional[dict] = None):
+    from transformers import BlipConfig
+
+    return BlipConfig(**(cfg if cfg is not None else FULL_CONFIG))
+
+
+def meta_model(cfg: Optional[dict] = None):
+    """BlipForConditionalGeneration on the meta device (no memory): for counts and target-module checks."""
+    import torch
+    from transformers import BlipForConditionalGeneration
+
+    config = blip_config({k: v for k, v in (cfg or {}).items() if k not in ("architectures", "transformers_version")})
+    with torch.device("meta"):
+        return BlipForConditionalGeneration(config), config
+
+
+def meta_size(cfg: Optional[dict] = None, peft=None, head: tuple[str, ...] = ()):
+    """core.model_sizes.ModelSize of the captioner (the text decoder's shape drives the activation term)."""
+    from core.model_sizes import size_of
+
+    model, config = meta_model(cfg)
+    t = config.text_config
+    return size_of(model, layers=t.num_hidden_layers + config.vision_config.num_hidden_layers,
+                   hidden=t.hidden_size, heads=t.num_attention_heads, vocab=t.vocab_size, peft=peft, head=head)
+
+
+def load_blip(folder, dtype=None, quantization_config=None):
+    """The captioner and its processor from a local folder (bf16 by default; 4/8-bit when quantized)."""
+    import torch
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    folder = Path(folder)
+    read_config(folder)
+    if not any(folder.glob("*.safetensors")) and not (folder / "pytorch_model.bin").is_file():
+        raise ModelFolderError(f"{folder}: no model weights (*.safetensors or pytorch_model.bin)")
+    kwargs = {"quantization_config": quantization_config, "device_map": "cpu"} if quantization_config else {}
+    model = BlipForConditionalGeneration.from_pretrained(folder, dtype=dtype or torch.bfloat16, **kwargs)
+    return model, BlipProcessor.from_pretrained(folder)
+
+
+def _vocab(captions: list[str]) -> list[str]:
+    """BERT's special tokens, then every word and punctuation mark of the captions as BERT splits them."""
+    from tokenizers.normalizers import BertNormalizer
+    from tokenizers.pre_tokenizers import BertPreTokenizer
+
+    norm, pre = BertNormalizer(lowercase=True), BertPreTokenizer()
+    words = sorted({w for c in captions for w, _ in pre.pre_tokenize_str(norm.normalize_str(c))})
+    return SPECIALS + words
+
+
+def write_tiny_blip(folder, captions: list[str], seed: int = 0) -> Path:
+    """A tiny BLIP folder (same classes and files as the real one) whose vocabulary covers `captions`.
+    Idempotent: an existing complete folder is left alone."""
+    import torch
+    from transformers import BertTokenizer, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    folder = Path(folder)
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(_vocab(captions))}, do_lower_case=True,
+                              model_max_length=TINY["positions"])
+    tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+    t = TINY
+    cfg = {
+        "vision_config": {"hidden_size": t["hidden"], "intermediate_size": t["intermediate"],
+                          "num_hidden_layers": t["layers"], "num_attention_heads": t["heads"],
+                          "image_size": t["image_size"], "patch_size": t["patch"]},
+        "text_config": {"vocab_size": len(tokenizer), "hidden_size": t["hidden"],
+                        "intermediate_size": t["intermediate"], "num_hidden_layers": t["layers"],
+                        "num_attention_heads": t["heads"], "encoder_hidden_size": t["hidden"],
+                        "max_position_embeddings": t["positions"], "bos_token_id": tokenizer.bos_token_id,
+                        "pad_token_id": tokenizer.pad_token_id, "sep_token_id": tokenizer.sep_token_id,
+                        "eos_token_id": tokenizer.sep_token_id},
+        "projection_dim": t["hidden"],
+    }
+    torch.manual_seed(seed)
+    model = BlipForConditionalGeneration(blip_config(cfg))
+    image_processor = BlipImageProcessor(size={"height": t["image_size"], "width": t["image_size"]})
+    BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(str(folder))
+    model.save_pretrained(str(folder))  # config.json + model.safetensors (tied LM head stored once, as on the hub)
+    return folder

@@ -1,0 +1,285 @@
+"""BLIP captioning fine-tuned with LoRA (the `peft:` section) on MedTrinity-style rows, on the shared engine.
+
+Training follows the lab's notebook (`Describing Medical Images：` + caption, padded to `caption.max_length`, a seeded
+90/10 split cut to `train_size` / `test_size`, LoRA r16 / alpha 32 / dropout 0.1 on qkv, query, key, value) and
+BLIP's own text convention (the decoder input starts with `[DEC]`, BLIP's bos). Two deliberate differences, both
+switches: padding is masked out of the loss (`caption.mask_padding`; the notebook copied input_ids to labels and
+so also trained on the pads) and evaluation prompts with the prefix and strips it from the caption, as BLIP's own
+captioner does with its prompt.
+Evaluation: captions for the held-out rows (each rank its share, gathered) in `results/captions.csv` (id, reference,
+prediction), BLEU-1..4 / METEOR / ROUGE-L / CIDEr (pycocoevalcap, PTB-tokenised as COCO does) in
+`results/metrics.json` and `results/metrics.png`; with `caption.baseline_eval` the untrained model is scored
+first, for comparison. The adapter is saved in peft's format in `adapter/` (`PeftModel.from_pretrained` loads it).
+"""
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+from typing import Optional
+
+from pydantic import Field, PositiveInt
+
+from core.data.medtrinity import DatasetError, ImageRows, open_rows, split, synthetic_captions, write_synthetic
+from core.runtime import TaskContext
+from core.spec import DataSpec, FieldError, JobSpec, Strict
+from core.workloads import Workload
+
+log = logging.getLogger("blip_caption")
+PRESET = "blip-captioning-base"
+HEAD = ("text_decoder.cls.predictions.decoder",)  # the LM head, tied to the word embeddings
+METRICS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
+
+
+class CaptionSection(Strict):
+    prefix: str = Field("Describing Medical Images：", description="text put before every caption (the lab's)")
+    max_length: PositiveInt = Field(256, description="tokens per caption after padding / truncation")
+    mask_padding: bool = Field(True, description="leave pad tokens out of the loss (false: as the lab's notebook)")
+    mask_prefix: bool = Field(False, description="leave the prefix out of the loss (BLIP masks its prompt)")
+    test_fraction: float = Field(0.1, gt=0, lt=1, description="share held out by the seeded split")
+    train_size: Optional[PositiveInt] = Field(None, description="use at most this many training rows (lab: 100000)")
+    test_size: Optional[PositiveInt] = Field(None, description="evaluate at most this many held-out rows (lab: 1000)")
+    max_new_tokens: PositiveInt = 64
+    num_beams: PositiveInt = 1
+    evaluate: bool = True
+    baseline_eval: bool = Field(False, description="also score the untrained model, before training")
+
+
+class CaptionData(DataSpec):
+    path: Optional[str] = Field(None, description="a datasets folder (save_to_disk), a .parquet or a .jsonl file")
+    image_column: str = "image"
+    caption_column: str = "caption"
+    id_column: str = "id"
+    make_synthetic: bool = Field(False, description="write a small synthetic set (real scikit-image medical "
+                                                    "images) in all three formats next to data.path first")
+
+
+# ---------------------------------------------------------------- plan (torch-free unless adapters are checked)
+def model_cfg(spec: JobSpec) -> Optional[dict]:
+    import json
+
+    if spec.model.path and (Path(spec.model.path) / "config.json").is_file():
+        return json.loads((Path(spec.model.path) / "config.json").read_text())
+    return {} if spec.model.preset == PRESET else None
+
+
+def model_size(spec: JobSpec):
+    from core.models.blip import meta_size
+
+    cfg = model_cfg(spec)
+    return None if cfg is None else meta_size(cfg, spec.peft, HEAD)
+
+
+def plan(spec: JobSpec, resume_dir: Optional[Path] = None) -> None:
+    """Model and adapters first (the targets must exist: checked on the meta device), then the dataset's columns."""
+    if resume_dir is not None:
+        raise FieldError("--resume-missing", "blip_caption has no per-item results; use --resume")
+    if spec.model.preset not in (None, PRESET):
+        raise FieldError("model.preset", f"unknown BLIP preset {spec.model.preset!r}; use {PRESET}")
+    if not spec.model.path and spec.model.preset is None:
+        raise FieldError("model.path", "give the local BLIP folder (config.json, weights, processor files)")
+    if spec.peft is not None and spec.deepspeed is None and model_cfg(spec) is not None:
+        # (with a deepspeed: section the plan's memory estimate builds the adapters and checks them)
+        from core.models.peft import PeftTargetError
+
+        try:
+            model_size(spec)
+        except PeftTargetError as e:
+            field, message = str(e).split(": ", 1)
+            raise FieldError(field, message) from None
+    if not spec.data.make_synthetic:
+        d = spec.data
+        try:
+            open_rows(d.path, d.image_column, d.caption_column, d.id_column)
+        except DatasetError as e:
+            field, message = str(e).split(": ", 1)
+            raise FieldError(field, message) from None
+    return None
+
+
+# ---------------------------------------------------------------- run
+def prepare(spec: JobSpec) -> ImageRows:
+    d = spec.data
+    if d.make_synthetic:
+        write_synthetic(Path(d.path).parent, seed=d.seed)
+    return open_rows(d.path, d.image_column, d.caption_column, d.id_column)
+
+
+def tiny_folder(spec: JobSpec, rows: ImageRows) -> Path:
+    from core.models.blip import write_tiny_blip
+
+    if not spec.model.path:
+        raise FieldError("model.path", "give the local BLIP folder")
+    if spec.model.make_tiny:
+        write_tiny_blip(spec.model.path, rows.captions + synthetic_captions() + [spec.caption.prefix])
+    return Path(spec.model.path)
+
+
+class Batches:
+    """Processor calls for training and prompts for generation, with BLIP's decoder conventions."""
+
+    def __init__(self, processor, spec: JobSpec, device, dtype):
+        self.proc, self.cfg, self.device, self.dtype = processor, spec.caption, device, dtype
+        self.prefix_len = len(processor.tokenizer(self.cfg.prefix, add_special_tokens=False)["input_ids"])
+
+    def training(self, images, captions):
+        enc = self.proc(images=images, text=[self.cfg.prefix + c for c in captions], return_tensors="pt",
+                        padding="max_length", max_length=self.cfg.max_length, truncation=True)
+        ids = enc["input_ids"]
+        ids[:, 0] = self.proc.tokenizer.bos_token_id  # BLIP's decoder starts at [DEC]
+        labels = ids.clone()
+        if self.cfg.mask_padding:
+            labels[enc["attention_mask"] == 0] = -100
+        if self.cfg.mask_prefix:
+            labels[:, : 1 + self.prefix_len] = -100
+        return {"pixel_values": enc["pixel_values"].to(self.device, self.dtype), "input_ids": ids.to(self.device),
+                "attention_mask": enc["attention_mask"].to(self.device), "labels": labels.to(self.device)}
+
+    def prompt(self, images):
+        enc = self.proc(images=images, text=[self.cfg.prefix] * len(images), return_tensors="pt")
+        return enc["pixel_values"].to(self.device, self.dtype), enc["input_ids"].to(self.device)
+
+    def caption(self, out, prompt_len: int) -> str:
+        # generate returns the prompt (minus its final [SEP]) followed by the new tokens
+        return self.proc.tokenizer.decode(out[prompt_len - 1:], skip_special_tokens=True).strip()
+
+
+def good_rows(rows: ImageRows, index: list[int]) -> list[int]:
+    """The rows of `index` whose image decodes; bad ones are named in the log and counted."""
+    return [i for i in index if rows.image(i) is not None]
+
+
+def run(spec: JobSpec, ctx: TaskContext) -> dict:
+    import torch
+
+    from core import engine as eng
+    from core.models.blip import load_blip
+    from core.models.peft import apply_peft, quantization_config, save_adapter
+    from core.run_folder import write_json_atomic
+    from core.runtime import torch_dtype
+
+    cfg = spec.caption
+    session = eng.start(spec, ctx)
+    rows = session.rank0_first(lambda: prepare(spec))
+    train_idx, test_idx = split(len(rows), spec.data.seed, cfg.test_fraction, cfg.train_size, cfg.test_size)
+    train_idx, test_idx = good_rows(rows, train_idx), good_rows(rows, test_idx)
+    if session.rank == 0:
+        write_json_atomic(ctx.run_dir / "split.json", {"train": [rows.ids[i] for i in train_idx],
+                                                       "test": [rows.ids[i] for i in test_idx],
+                                                       "skipped_images": rows.failed})
+    folder = session.rank0_first(lambda: tiny_folder(spec, rows))
+    quant = quantization_config(spec.peft, HEAD)
+    dtype = torch_dtype(spec.peft.compute_dtype) if quant else session.dtype
+    torch.manual_seed(spec.train.seed)
+    session.enable_zero3_init()
+    model, processor = load_blip(folder, dtype=dtype, quantization_config=quant)
+    model = apply_peft(model, spec.peft, HEAD)
+    engine = eng.initialize(session, model, spec)
+    batches = Batches(processor, spec, session.device, dtype)
+    results = ctx.run_dir / "results"
+    test_rows = test_idx
+    untrained = None
+    if cfg.evaluate and cfg.baseline_eval and session.resume is None:
+        untrained = evaluate(spec, ctx, session, engine.module, batches, rows, test_rows, "untrained")
+
+    micro, accum = spec.deepspeed.micro_batch, spec.deepspeed.grad_accum
+    world, rank, n = session.dist.world_size, session.rank, len(train_idx)
+
+    def batch_fn(step: int, m: int):
+        first = ((step * accum + m) * world + rank) * micro
+        picked = [train_idx[eng.sample_index(k, n, spec.data.seed)] for k in range(first, first + micro)]
+        return batches.training([rows.image(i) for i in picked], [rows.captions[i] for i in picked])
+
+    def loss_fn(engine, batch):
+        return engine(**batch).loss
+
+    result = eng.Trainer(session, engine, spec, ctx, loss_fn, batch_fn).fit()
+    if spec.peft is not None:
+        save_adapter(engine, ctx.run_dir / "adapter", rank)
+    if cfg.evaluate:
+        result["evaluation"] = evaluate(spec, ctx, session, engine.module, batches, rows, test_rows, "trained")
+        if rank == 0:
+            plot(results, result["evaluation"], untrained)
+    result.update(train_rows=n, test_rows=len(test_rows), skipped_images=len(rows.failed),
+                  trainable=sum(p.numel() for p in engine.module.parameters() if p.requires_grad))
+    result.pop("losses", None)
+    return result
+
+
+def generate(model, batches: Batches, rows: ImageRows, index: list[int], spec: JobSpec, rank: int, world: int,
+             sync: bool) -> list[dict]:
+    """Captions for this rank's share of `index`; every rank runs the same number of generate calls (a repeat pads
+    the short shares) because ZeRO-3 gathers parameters with collectives in every forward."""
+    import torch
+
+    model.eval()
+    share = index[rank::world]
+    rounds = -(-len(index) // world)
+    out_rows = []
+    with torch.no_grad():
+        for r in range(rounds):
+            i = share[r] if r < len(share) else index[0]
+            pixels, prompt = batches.prompt([rows.image(i)])
+            out = model.generate(pixel_values=pixels, input_ids=prompt, max_new_tokens=spec.caption.max_new_tokens,
+                                 num_beams=spec.caption.num_beams, do_sample=False, synced_gpus=sync)
+            if r < len(share):
+                out_rows.append({"id": rows.ids[i], "reference": rows.captions[i],
+                                 "prediction": batches.caption(out[0], prompt.shape[1])})
+    model.train()
+    return out_rows
+
+
+def evaluate(spec: JobSpec, ctx: TaskContext, session, model, batches: Batches, rows: ImageRows, index: list[int],
+             label: str) -> dict:
+    """Captions of the held-out rows gathered on rank 0, written and scored there."""
+    import torch.distributed as tdist
+
+    from core.metrics import report_metrics
+    from core.run_folder import atomic_path, write_json_atomic
+
+    world, rank = session.dist.world_size, session.rank
+    sync = world > 1 and session.ds_config["zero_optimization"]["stage"] == 3
+    mine = generate(model, batches, rows, index, spec, rank, world, sync)
+    gathered = [mine]
+    if world > 1:
+        gathered = [None] * world
+        tdist.all_gather_object(gathered, mine)
+    if rank != 0:
+        return {}
+    by_id = {r["id"]: r for part in gathered for r in part}
+    ordered = [by_id[rows.ids[i]] for i in index if rows.ids[i] in by_id]
+    results = ctx.run_dir / "results"
+    name = "captions.csv" if label == "trained" else f"captions_{label}.csv"
+    with atomic_path(results / name) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["id", "reference", "prediction"])
+        w.writeheader()
+        w.writerows(ordered)
+    scores = report_metrics({r["id"]: r["reference"] for r in ordered}, {r["id"]: r["prediction"] for r in ordered},
+                            cider=True)
+    metrics = {**scores, "images": len(ordered), "skipped_images": sorted(rows.failed)}
+    write_json_atomic(results / ("metrics.json" if label == "trained" else f"metrics_{label}.json"), metrics)
+    log.info("%s: %d captions, BLEU-4 %.4f, CIDEr %.4f -> %s", label, len(ordered), scores["BLEU-4"],
+             scores["CIDEr"], results / name)
+    return {"csv": str(results / name), **scores, "images": len(ordered)}
+
+
+def plot(results: Path, trained: dict, untrained: Optional[dict]) -> None:
+    from core.workloads.common import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    x = range(len(METRICS))
+    if untrained:
+        ax.bar([i - 0.2 for i in x], [untrained[m] for m in METRICS], width=0.4, label="untrained", color="tab:gray")
+    ax.bar([i + (0.2 if untrained else 0) for i in x], [trained[m] for m in METRICS], width=0.4 if untrained else 0.6,
+           label="LoRA fine-tuned", color="tab:blue")
+    ax.set_xticks(list(x), METRICS, rotation=30)
+    ax.set_title(f"BLIP captions on {trained['images']} held-out images")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(results / "metrics.png", dpi=100)
+    plt.close(fig)
+
+
+WORKLOAD = Workload(run=run, section="caption", Section=CaptionSection, Data=CaptionData, trains=True, plan=plan,
+                    model_size=model_size)
