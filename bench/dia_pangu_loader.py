@@ -50,7 +50,8 @@ def main():
             nib.save(nib.Nifti1Image(np.random.rand(512, 512, 64).astype(np.float32), np.eye(4)), str(p))
             full.append(p)
         full_rate = loader_rate(full, 256, 64)
-        from core.data.ctrg import Prefetcher, load_volume as lv
+        from core.data.ctrg import load_volume as lv
+        from core.data.prefetch import Prefetcher
 
         torch.set_num_threads(1)
         pre = Prefetcher(lambda i: lv(full[i % len(full)], 256, 64), workers=2)

@@ -78,6 +78,15 @@ def sample_index(k: int, n: int, seed: int) -> int:
     return int(_epoch_order(n, seed, epoch)[pos])
 
 
+def padded_share(items: list[T], rank: int, world: int) -> list[tuple[T, bool]]:
+    """This rank's share of `items` for evaluation (every world-th item from `rank`), padded with repeats of the
+    first item (flagged False: do not record) so that every rank runs the same number of forward passes, which
+    ZeRO-3's parameter gathering and `synced_gpus` generation need."""
+    share = items[rank::world]
+    rounds = -(-len(items) // world)
+    return [(share[r], True) if r < len(share) else (items[0], False) for r in range(rounds)]
+
+
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
     def f(step: int) -> float:
         if warmup and step < warmup:
@@ -123,6 +132,27 @@ class Session:
             out = fn()
         self.barrier()
         return out if self.rank == 0 else fn()
+
+    def gather_rows(self, rows: list[dict], key: str, order: list) -> Optional[list[dict]]:
+        """Every rank's result rows on rank 0, one per `key` value, in the order of `order` (a list of key values);
+        None on the other ranks. Every rank must call it."""
+        gathered = [rows]
+        if self.dist.world_size > 1:
+            import torch.distributed as tdist
+
+            gathered = [None] * self.dist.world_size
+            tdist.all_gather_object(gathered, rows)
+        if self.rank != 0:
+            return None
+        by_key: dict = {}
+        for part in gathered:
+            for row in part:
+                by_key.setdefault(row[key], row)
+        return [by_key[k] for k in order if k in by_key]
+
+    @property
+    def zero3(self) -> bool:
+        return self.ds_config.get("zero_optimization", {}).get("stage") == 3
 
     def enable_zero3_init(self) -> None:
         """Call before loading the model: under ZeRO-3, transformers' from_pretrained then builds it inside

@@ -254,6 +254,8 @@ def make_plan(spec: JobSpec, cluster: Cluster, source: str = "spec", force: bool
         except PeftTargetError as e:
             field, message = str(e).split(": ", 1)
             raise SpecError(source, [(field, message)]) from None
+        except FieldError as e:  # the workload's model builder refused a field (an unknown architecture, ...)
+            raise SpecError(source, [(e.field, e.message)]) from None
         if estimated is not None:
             trainable, total, plan.memory = estimated
             plan.notes.append(f"trainable: {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"

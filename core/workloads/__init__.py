@@ -22,6 +22,7 @@ WORKLOADS: dict[str, str] = {
     "sensitivity": "core.workloads.sensitivity",
     "prune": "core.workloads.prune",
     "dia_pangu": "core.workloads.dia_pangu",
+    "vitp_lung": "core.workloads.vitp_lung",
     "blip_caption": "core.workloads.blip_caption",
 }
 

@@ -208,21 +208,19 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
 
 def generate(model, batches: Batches, rows: ImageRows, index: list[int], spec: JobSpec, rank: int, world: int,
              sync: bool) -> list[dict]:
-    """Captions for this rank's share of `index`; every rank runs the same number of generate calls (a repeat pads
-    the short shares) because ZeRO-3 gathers parameters with collectives in every forward."""
+    """Captions for this rank's share of `index` (core.engine.padded_share)."""
     import torch
 
+    from core.engine import padded_share
+
     model.eval()
-    share = index[rank::world]
-    rounds = -(-len(index) // world)
     out_rows = []
     with torch.no_grad():
-        for r in range(rounds):
-            i = share[r] if r < len(share) else index[0]
+        for i, keep in padded_share(index, rank, world):
             pixels, prompt = batches.prompt([rows.image(i)])
             out = model.generate(pixel_values=pixels, input_ids=prompt, max_new_tokens=spec.caption.max_new_tokens,
                                  num_beams=spec.caption.num_beams, do_sample=False, synced_gpus=sync)
-            if r < len(share):
+            if keep:
                 out_rows.append({"id": rows.ids[i], "reference": rows.captions[i],
                                  "prediction": batches.caption(out[0], prompt.shape[1])})
     model.train()
@@ -232,22 +230,14 @@ def generate(model, batches: Batches, rows: ImageRows, index: list[int], spec: J
 def evaluate(spec: JobSpec, ctx: TaskContext, session, model, batches: Batches, rows: ImageRows, index: list[int],
              label: str) -> dict:
     """Captions of the held-out rows gathered on rank 0, written and scored there."""
-    import torch.distributed as tdist
-
     from core.metrics import report_metrics
     from core.run_folder import atomic_path, write_json_atomic
 
-    world, rank = session.dist.world_size, session.rank
-    sync = world > 1 and session.ds_config["zero_optimization"]["stage"] == 3
-    mine = generate(model, batches, rows, index, spec, rank, world, sync)
-    gathered = [mine]
-    if world > 1:
-        gathered = [None] * world
-        tdist.all_gather_object(gathered, mine)
-    if rank != 0:
+    mine = generate(model, batches, rows, index, spec, session.rank, session.dist.world_size,
+                    sync=session.dist.world_size > 1 and session.zero3)
+    ordered = session.gather_rows(mine, "id", [rows.ids[i] for i in index])
+    if ordered is None:
         return {}
-    by_id = {r["id"]: r for part in gathered for r in part}
-    ordered = [by_id[rows.ids[i]] for i in index if rows.ids[i] in by_id]
     results = ctx.run_dir / "results"
     name = "captions.csv" if label == "trained" else f"captions_{label}.csv"
     with atomic_path(results / name) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
@@ -264,18 +254,23 @@ def evaluate(spec: JobSpec, ctx: TaskContext, session, model, batches: Batches, 
 
 
 def plot(results: Path, trained: dict, untrained: Optional[dict]) -> None:
+    """Bars of every metric, trained next to untrained; CIDEr (0-10) on its own axis."""
     from core.workloads.common import pyplot
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    x = range(len(METRICS))
-    if untrained:
-        ax.bar([i - 0.2 for i in x], [untrained[m] for m in METRICS], width=0.4, label="untrained", color="tab:gray")
-    ax.bar([i + (0.2 if untrained else 0) for i in x], [trained[m] for m in METRICS], width=0.4 if untrained else 0.6,
-           label="LoRA fine-tuned", color="tab:blue")
-    ax.set_xticks(list(x), METRICS, rotation=30)
+    fig, (ax, ax_cider) = plt.subplots(1, 2, figsize=(8, 3.5), gridspec_kw={"width_ratios": [6, 1.3]})
+    runs = [("untrained", untrained, "tab:gray"), ("LoRA fine-tuned", trained, "tab:blue")] if untrained else \
+        [("LoRA fine-tuned", trained, "tab:blue")]
+    width = 0.8 / len(runs)
+    for j, (label, scores, color) in enumerate(runs):
+        offset = (j - (len(runs) - 1) / 2) * width
+        ax.bar([i + offset for i in range(6)], [scores[m] for m in METRICS[:6]], width=width, label=label, color=color)
+        ax_cider.bar([offset], [scores["CIDEr"]], width=width, color=color)
+    ax.set_xticks(range(6), METRICS[:6], rotation=30)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax_cider.set_xticks([0], ["CIDEr"])
     ax.set_title(f"BLIP captions on {trained['images']} held-out images")
-    ax.legend()
     fig.tight_layout()
     fig.savefig(results / "metrics.png", dpi=100)
     plt.close(fig)

@@ -11,7 +11,8 @@ from typing import Literal, Optional
 
 from pydantic import Field, PositiveInt
 
-from core.data.ctrg import Case, Prefetcher, check_dataset, load_volume, write_synthetic
+from core.data.ctrg import Case, check_dataset, load_volume, write_synthetic
+from core.data.prefetch import Prefetcher
 from core.runtime import TaskContext
 from core.spec import DataSpec, FieldError, JobSpec, Strict
 from core.workloads import Workload

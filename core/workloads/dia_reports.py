@@ -44,42 +44,27 @@ class Prompts:
 
 
 def evaluate(spec, ctx, session, engine, prompts, cases: list[Case], dtype) -> dict:
-    """Each rank generates for its share (padded so every rank runs the same number of forward passes, which
-    ZeRO-3's parameter gathering needs); rank 0 gathers, writes the CSV and scores it."""
-    import torch.distributed as tdist
-
+    """Each rank generates for its share; rank 0 gathers, writes the CSV and scores it."""
     if spec.dia.eval_limit:
         cases = cases[: spec.dia.eval_limit]
-    world, rank = session.dist.world_size, session.rank
-    rows = generate_rows(engine.module, prompts, cases, spec, session.device, dtype, rank, world)
-    gathered = [None] * world
-    if world > 1:
-        tdist.all_gather_object(gathered, rows)
-    else:
-        gathered = [rows]
-    if rank != 0:
-        return {}
-    by_id = {}
-    for part in gathered:
-        for row in part:
-            by_id.setdefault(row["ID"], row)
-    ordered = [by_id[c.id] for c in cases if c.id in by_id]
-    return write_results(ctx.run_dir, ordered)
+    rows = generate_rows(engine.module, prompts, cases, spec, session.device, dtype, session.rank,
+                         session.dist.world_size)
+    ordered = session.gather_rows(rows, "ID", [c.id for c in cases])
+    return {} if ordered is None else write_results(ctx.run_dir, ordered)
 
 
 def generate_rows(model, prompts, cases: list[Case], spec, device, dtype, rank: int = 0, world: int = 1) -> list[dict]:
-    """Greedy reports for this rank's share of the cases; every rank runs the same number of generations (a repeat
-    pads the short shares) because ZeRO-3 gathers parameters with collectives in every forward."""
+    """Reports for this rank's share of the cases (core.engine.padded_share: the same number of generations on
+    every rank)."""
     import torch
 
+    from core.engine import padded_share
+
     model.eval()
-    share = [cases[i] for i in range(rank, len(cases), world)]
-    rounds = -(-len(cases) // world)
     vit = model.vit.cfg
     rows = []
     with torch.no_grad():
-        for r in range(rounds):
-            case = share[r] if r < len(share) else cases[0]
+        for case, keep in padded_share(cases, rank, world):
             vol = load_volume(case.volume, vit.image_size, vit.frames).unsqueeze(0).to(device, dtype)
             calls, latents = model.predict_diseases(vol)
             pred_labels = calls[0].tolist()
@@ -89,7 +74,7 @@ def generate_rows(model, prompts, cases: list[Case], spec, device, dtype, rank: 
                                      eos_token_id=prompts.tok.eos_token_id, pad_token_id=prompts.tok.pad_token_id,
                                      synced_gpus=world > 1)
             text = prompts.tok.decode(out[0], skip_special_tokens=True).strip()
-            if r < len(share):
+            if keep:
                 rows.append({"ID": case.id, "Question": spec.dia.question, "Ground Truth": case.finding, "Pred": text,
                              "GT_labels": json.dumps(case.labels), "Pred_labels": json.dumps(pred_labels)})
     return rows

@@ -1,0 +1,408 @@
+"""ViTP-style lung classification: dataset formats (folders + CSV, ViTP meta + jsonl, DICOM series), patient split
+and slice sampling, local weights, the classifier's size on the meta device, bad input refused before submission,
+and training + patient-level evaluation through the real local Slurm on 2 ranks (ZeRO-3 over gloo, requeue)."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, cli, record, run_folder, wait_terminal
+
+SPEC = "jobs/tiny/vitp_lung.yaml"
+FULL = "jobs/vitp_lung.yaml"
+STEPS = 200
+PER_CLASS = (12, 12, 12, 17)      # 9 test patients (2, 2, 2, 3): 5 + 4 on two ranks, so one rank pads
+
+
+# ---------------------------------------------------------------- shared data
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """53 synthetic patients in both formats (every 6th a DICOM series) and one corrupt PNG slice."""
+    from core.data.lung_ct import write_synthetic
+
+    root = tmp_path_factory.mktemp("lung")
+    paths = write_synthetic(root / "ds", patients_per_class=PER_CLASS, dicom_every=6)
+    victim = sorted((paths["slices"] / "P0001").glob("*.png"))[3]
+    victim.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    return {**paths, "logs": root / "logs", "victim": victim}
+
+
+def data_args(paths, fmt="folders"):
+    return ("--set", "data.make_synthetic=false", "--set", f"data.format={fmt}",
+            "--set", f"data.path={paths['slices']}", "--set", f"data.labels_csv={paths['labels_csv']}",
+            "--set", f"data.meta={paths['meta']}")
+
+
+def submit(paths, name, *extra, fmt="folders"):
+    res = cli("submit", SPEC, "-c", "local_slurm", "--set", f"name={name}", *data_args(paths, fmt),
+              "--set", f"outputs.logs_dir={paths['logs']}", "--set", "resources.nodes=2", "--set", "deepspeed.stage=3",
+              "--set", f"train.steps={STEPS}", "--set", "train.checkpoint_every=10", *extra)
+    assert res.returncode == 0, res.stderr + res.stdout
+    run_dir = run_folder(res.stdout)
+    return run_dir, record(run_dir)["steps"][0]["job_ids"][0]
+
+
+def finished(job: str, timeout: float = 600) -> str:
+    """Final state after any requeue (sacct shows the newest run of the job); the timeout only guards a hang."""
+    t0 = time.time()
+    while True:
+        state = wait_terminal([job], timeout=timeout)[job]
+        if state in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}:
+            return state
+        assert time.time() - t0 < timeout
+        time.sleep(1)
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader((run_dir / "metrics.csv").open())]
+
+
+def rank0(run_dir: Path) -> dict:
+    return json.loads((run_dir / "tasks" / "main.rank0.json").read_text())["result"]
+
+
+def read_csv(path: Path) -> list[dict]:
+    return list(csv.DictReader(path.open()))
+
+
+@pytest.fixture(scope="module")
+def trained(slurm, dataset):
+    """One 2-rank ZeRO-3 run (n1 + n2) on the folders format: the reference every other run is compared with."""
+    run_dir, job = submit(dataset, "vitp_ref")
+    assert finished(job) == "COMPLETED", sorted((run_dir / "submitit").glob("*log.out"))
+    return run_dir
+
+
+# ---------------------------------------------------------------- the model on the meta device
+def test_full_size_spec_counts_the_vit_b16_classifier_on_the_meta_device(dataset):
+    import timm
+    import torch
+
+    from core.spec import load_spec
+    from core.workloads import get
+
+    spec, _ = load_spec(FULL, ("model.path=null",))
+    size = get("vitp_lung").model_size(spec)
+    with torch.device("meta"):
+        ref = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=4)
+    timm_count = sum(p.numel() for p in ref.parameters())
+    # ViT-B/16's well-known 86,567,656 with the 1000-class head swapped for a 4-class one
+    assert size.total == timm_count == 86_567_656 - (768 * 1000 + 1000) + (768 * 4 + 4) == 85_801_732
+    assert (size.layers, size.hidden, size.heads, size.vocab) == (12, 768, 12, 4)
+    # the plan of the full spec on the A100 profile estimates this classifier and fits one device
+    res = cli("submit", FULL, "-c", "cuda_a100", "--dry-run", "--set", "model.path=null", *data_args(dataset))
+    assert res.returncode == 0, res.stderr
+    est = float(res.stdout.split("memory: est. ")[1].split(" GiB/device")[0])
+    assert 0 < est < 80 and "of 80 GiB" in res.stdout and "split by patient: train 35 / val 9 / test 9" in res.stdout
+    res = cli("submit", FULL, "-c", "cuda_a100", "--dry-run", "--set", "model.path=null", "--set", "model.seq_len=2048",
+              *data_args(dataset))
+    assert res.returncode == 2 and res.stderr.startswith("error: ") and "model.seq_len" in res.stderr
+    assert "set model.seq_len: 197" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_local_weights_load_into_a_fresh_4_class_head(tmp_path):
+    import timm
+    import torch
+    from safetensors.torch import save_file
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from core.models.classifier import build
+    from core.spec import FieldError, load_spec
+
+    kw = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
+    torch.manual_seed(1)
+    src = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, **kw)  # an "ImageNet" head
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    torch.save(src.state_dict(), hf / "pytorch_model.bin")
+    (hf / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224", "num_classes": 10}))
+    for path in (tmp_path / "w.safetensors", hf):
+        spec, _ = load_spec(SPEC, (f"model.path={path}",))
+        net = build(spec).backbone
+        assert all(torch.equal(v, src.state_dict()[k]) for k, v in net.state_dict().items() if not k.startswith("head"))
+        assert net.head.weight.shape == (4, 32)
+    spec, _ = load_spec(SPEC, (f"model.path={tmp_path / 'w.safetensors'}", "vitp.arch_kwargs.depth=3"))
+    with pytest.raises(FieldError, match="lacks 12 tensor"):
+        build(spec)
+    # a transformers image classifier from a local folder, its head replaced
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=64, num_labels=10)
+    hf_vit = ViTForImageClassification(cfg)
+    hf_vit.save_pretrained(tmp_path / "vit")
+    spec, _ = load_spec(SPEC, ("vitp.backbone=transformers", f"model.path={tmp_path / 'vit'}"))
+    model = build(spec)
+    emb = model.backbone.vit.embeddings.patch_embeddings.projection.weight
+    assert torch.equal(emb, hf_vit.vit.embeddings.patch_embeddings.projection.weight)
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
+    assert model.backbone.config.id2label == {0: "normal", 1: "bacterial", 2: "viral", 3: "pneumocystis"}
+
+
+# ---------------------------------------------------------------- data: formats, split, sampling
+def test_both_formats_read_the_same_patients_and_dicom_series_are_ordered_and_windowed(dataset):
+    import numpy as np
+    import pydicom
+
+    from core.data.lung_ct import load_slice, scan_folders, scan_vitp
+
+    a = scan_folders(dataset["slices"], dataset["labels_csv"], 4)
+    b = scan_vitp(dataset["meta"], 4)
+    assert [(p.id, p.label, p.slices) for p in a.patients] == [(p.id, p.label, p.slices) for p in b.patients]
+    assert len(a.patients) == sum(PER_CLASS)
+    assert [sum(p.label == c for p in a.patients) for c in range(4)] == list(PER_CLASS)
+    assert a.unreadable == b.unreadable and [f for f, _ in a.unreadable] == [str(dataset["victim"])]
+    assert str(dataset["victim"]) not in next(p for p in a.patients if p.id == "P0001").slices
+    dicom = next(p for p in a.patients if p.id == "P0005")          # every 6th patient: a DICOM series
+    assert all(s.endswith(".dcm") for s in dicom.slices)
+    instances = [int(pydicom.dcmread(s).InstanceNumber) for s in dicom.slices]
+    assert instances == list(range(1, len(dicom.slices) + 1))       # file names are shuffled, the order is not
+    assert sorted(dicom.slices) != dicom.slices
+    ds = pydicom.dcmread(dicom.slices[10])
+    hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    assert np.allclose(load_slice(dicom.slices[10]), np.clip((hu + 1350) / 1500, 0, 1))   # lung window -600 / 1500
+    assert np.allclose(load_slice(dicom.slices[10], (-500.0, 1000.0)), np.clip((hu + 1000) / 1000, 0, 1))
+
+
+def test_patient_split_is_stratified_seeded_and_disjoint():
+    from core.data.lung_ct import Patient, split_patients
+
+    patients = [Patient(f"P{i:03d}", c, ["x"]) for c, n in enumerate((40, 40, 40, 20))
+                for i in range(c * 100, c * 100 + n)]
+    s = split_patients(patients, (0.7, 0.15, 0.15), seed=3)
+    ids = {k: {p.id for p in v} for k, v in s.items()}
+    assert not (ids["train"] & ids["val"]) and not (ids["train"] & ids["test"]) and not (ids["val"] & ids["test"])
+    assert ids["train"] | ids["val"] | ids["test"] == {p.id for p in patients}
+    for split, per_class in (("train", (28, 28, 28, 14)), ("val", (6, 6, 6, 3)), ("test", (6, 6, 6, 3))):
+        assert tuple(sum(p.label == c for p in s[split]) for c in range(4)) == per_class
+    again = split_patients(list(reversed(patients)), (0.7, 0.15, 0.15), seed=3)
+    assert {k: [p.id for p in v] for k, v in again.items()} == {k: [p.id for p in v] for k, v in s.items()}
+    assert [p.id for p in split_patients(patients, (0.7, 0.15, 0.15), seed=4)["test"]] != [p.id for p in s["test"]]
+
+
+def test_k_slices_one_per_stratum_random_in_training_fixed_in_evaluation():
+    from core.data.lung_ct import eval_slices, train_slice
+
+    for n in (30, 33, 35):
+        ev = eval_slices(n, 16)
+        assert ev == eval_slices(n, 16) and len(set(ev)) == 16 and ev == sorted(ev)
+        assert ev[0] <= 1 and ev[-1] >= n - 2                     # the whole series is covered
+        for j in range(16):
+            lo, hi = j * n // 16, (j + 1) * n // 16
+            draws = {train_slice(n, 16, j, seed=0, epoch=e, patient=5) for e in range(40)}
+            assert all(lo <= d < hi for d in draws) and lo <= ev[j] < hi
+            assert len(draws) == hi - lo                             # every slice of the stratum gets its turn
+            assert train_slice(n, 16, j, 0, 7, 5) == train_slice(n, 16, j, 0, 7, 5)
+    assert eval_slices(8, 16) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7]   # short series: repeats
+
+
+def test_auc_averages_the_classes_present_and_matches_sklearn_when_all_are():
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from core.workloads.vitp_lung import classification_metrics
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(4), size=40)
+    y = rng.integers(0, 4, 40)
+    m = classification_metrics(y, probs, ["a", "b", "c", "d"])
+    assert m["macro_auc_ovr"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr", average="macro"))
+    y3 = np.where(y == 3, 0, y)                                     # class d absent
+    m3 = classification_metrics(y3, probs, ["a", "b", "c", "d"])
+    assert m3["auc_classes"] == ["a", "b", "c"]
+    assert m3["macro_auc_ovr"] == pytest.approx(np.mean([roc_auc_score(y3 == c, probs[:, c]) for c in range(3)]))
+    assert m3["per_class_recall"]["d"] == 0.0 and sum(map(sum, m3["confusion_matrix"])) == 40
+
+
+# ---------------------------------------------------------------- bad input: refused before submission
+def _small(tmp_path):
+    from core.data.lung_ct import write_synthetic
+
+    return {**write_synthetic(tmp_path / "ds", patients_per_class=3), "logs": tmp_path / "logs"}
+
+
+def _no_slices(p):
+    for f in (p["slices"] / "P0002").iterdir():
+        f.unlink()
+    return "data.path", "folders", ["patient P0002 (labels.csv line 4) has no PNG / JPEG / DICOM slices in"]
+
+
+def _no_folder(p):
+    shutil.rmtree(p["slices"] / "P0004")
+    return "data.path", "folders", ["patient P0004 (labels.csv line 6) has no folder"]
+
+
+def _label_out_of_range(p):
+    text = p["labels_csv"].read_text().splitlines()
+    text[3] = "P0002,7"
+    p["labels_csv"].write_text("\n".join(text) + "\n")
+    return "data.labels_csv", "folders", [f"{p['labels_csv']} line 4: label 7 of patient P0002 is out of range",
+                                          "classes are 0..3"]
+
+
+def _answer_outside_choices(p):
+    lines = p["jsonl"].read_text().splitlines()
+    row = json.loads(lines[4])
+    row["conversations"][1]["value"] = "5"
+    lines[4] = json.dumps(row)
+    p["jsonl"].write_text("\n".join(lines) + "\n")
+    return "data.meta", "vitp", [f"{p['jsonl']} line 5: answer '5' is not among the choices 0|1|2|3"]
+
+
+def _patient_without_readable_slice(p):
+    files = sorted((p["slices"] / "P0003").iterdir())
+    for f in files:
+        f.write_bytes(b"not an image")
+    return "data.path", "folders", [f"patient P0003 (labels.csv line 5): none of its {len(files)} slice(s) can be read",
+                                    f"{files[0]}: not an image PIL can read"]
+
+
+def _too_many_unreadable(p):
+    files = sorted(p["slices"].rglob("*.png"))[::20]
+    for f in files:
+        f.write_bytes(b"\x89PNG\r\n\x1a\n")
+    return "data.path", "folders", [f"{len(files)} of", "slices cannot be read, more than data.max_unreadable"]
+
+
+BAD = {"patient without slices": _no_slices, "patient folder missing": _no_folder,
+       "label out of range": _label_out_of_range, "jsonl answer outside the choices": _answer_outside_choices,
+       "patient with no readable slice": _patient_without_readable_slice, "too many unreadable": _too_many_unreadable}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_dataset_is_refused_before_submission_naming_file_and_field(slurm, tmp_path, uname, case):
+    paths = _small(tmp_path)
+    field, fmt, needles = BAD[case](paths)
+    res = cli("submit", SPEC, "-c", "local_slurm", "--set", f"name={uname}", *data_args(paths, fmt),
+              "--set", f"outputs.logs_dir={paths['logs']}")
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert res.stderr.startswith(f"error: {SPEC}: {field}: "), res.stderr
+    for needle in needles:
+        assert needle in res.stderr, res.stderr
+    assert "nothing was submitted" in res.stderr and "Traceback" not in res.stderr
+    assert not (paths["logs"] / uname).exists()
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "--name", uname, "-S", "now-1hours", "-o", "JobID"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == ""
+
+
+def test_a_few_unreadable_slices_are_named_and_skipped_and_the_planner_needs_no_torch(dataset, tmp_path):
+    res = cli("submit", SPEC, "-c", "local_slurm", "--dry-run", *data_args(dataset))
+    assert res.returncode == 0, res.stderr
+    assert "1 unreadable slice(s) skipped (of " in res.stdout and str(dataset["victim"]) in res.stdout
+    assert "53 patients (12 normal, 12 bacterial, 12 viral, 17 pneumocystis)" in res.stdout
+    # a refused dataset stops in the planner, before torch (or deepspeed) is imported
+    bad = {**_small(tmp_path)}
+    _label_out_of_range(bad)
+    code = ("import sys, runpy, atexit; sys.path.insert(0, 'launchers'); sys.argv = ['submit.py', %r] + %r;"
+            "atexit.register(lambda: print('TORCH' if 'torch' in sys.modules else 'NOTORCH'));"
+            "runpy.run_path('launchers/submit.py', run_name='__main__')" % (SPEC, list(data_args(bad))))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2 and "data.labels_csv" in out.stderr and out.stdout.strip() == "NOTORCH"
+
+
+# ---------------------------------------------------------------- through Slurm: 2 ranks, ZeRO-3
+def test_two_rank_training_loss_falls_and_patient_accuracy_beats_chance(trained):
+    steps = losses(trained)
+    assert [s for s, _ in steps] == list(range(1, STEPS + 1))
+    first, last = (sum(l for _, l in steps[:20]) / 20), (sum(l for _, l in steps[-20:]) / 20)
+    assert last < first - 0.4, (first, last)
+    metrics = json.loads((trained / "results" / "metrics.json").read_text())
+    assert metrics["patients"] == 9 and metrics["chance_accuracy"] == pytest.approx(3 / 9)
+    assert metrics["patient"]["accuracy"] >= 7 / 9        # chance: 1/4 guessing, 3/9 always the largest class
+    assert metrics["patient"]["accuracy"] >= metrics["slice"]["accuracy"] - 1e-9
+    tasks = [json.loads(p.read_text()) for p in (trained / "tasks").glob("main.rank*.json")]
+    assert sorted((t["rank"], t["host"]) for t in tasks) == [(0, "n1"), (1, "n2")]
+    assert rank0(trained)["unreadable_skipped"] == 1 and metrics["unreadable_slices_skipped"] == 1
+
+
+def test_patient_split_in_the_run_folder_and_every_test_patient_scored_once(trained, dataset):
+    split = read_csv(trained / "data" / "split.csv")
+    ids = [r["patient_id"] for r in split]
+    assert len(ids) == len(set(ids)) == sum(PER_CLASS)             # no patient in two splits
+    by = {s: {r["patient_id"] for r in split if r["split"] == s} for s in ("train", "val", "test")}
+    assert not (by["train"] & by["test"]) and not (by["train"] & by["val"]) and not (by["val"] & by["test"])
+    assert sorted(int(r["label"]) for r in split if r["split"] == "test") == [0, 0, 1, 1, 2, 2, 3, 3, 3]
+    patients = read_csv(trained / "results" / "patients.csv")
+    scored = [r["patient_id"] for r in patients]
+    assert sorted(scored) == sorted(by["test"]) and len(scored) == len(set(scored)) == 9
+    slices = read_csv(trained / "results" / "slices.csv")
+    for pid in scored:
+        mine = [r for r in slices if r["patient_id"] == pid]
+        assert len(mine) == 16 and len({r["slice"] for r in mine}) == 16
+    index = json.loads((trained / "data" / "dataset.json").read_text())
+    assert [f for f, _ in index["scan"]["unreadable"]] == [str(dataset["victim"])]
+
+
+def test_metrics_equal_scikit_learn_computed_from_the_result_csvs(trained):
+    import numpy as np
+    from PIL import Image
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score, roc_auc_score
+
+    metrics = json.loads((trained / "results" / "metrics.json").read_text())
+    classes = metrics["classes"]
+    for level, name in (("patient", "patients.csv"), ("slice", "slices.csv")):
+        rows = read_csv(trained / "results" / name)
+        y = np.array([int(r["label"]) for r in rows])
+        probs = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows])
+        pred = probs.argmax(1)
+        assert list(pred) == [int(r["predicted"]) for r in rows]
+        m = metrics[level]
+        assert m["accuracy"] == pytest.approx(accuracy_score(y, pred), abs=1e-12)
+        assert m["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro", labels=range(4), zero_division=0))
+        assert list(m["per_class_recall"].values()) == pytest.approx(
+            list(recall_score(y, pred, average=None, labels=range(4), zero_division=0)))
+        assert m["macro_auc_ovr"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr", average="macro"))
+        assert m["confusion_matrix"] == confusion_matrix(y, pred, labels=range(4)).tolist()
+        table = read_csv(trained / "results" / f"confusion_{level}.csv")
+        assert [[int(r[c]) for c in classes] for r in table] == m["confusion_matrix"]
+        with Image.open(trained / "results" / f"confusion_{level}.png") as im:
+            assert im.format == "PNG" and im.size[0] > 200
+    patients = read_csv(trained / "results" / "patients.csv")
+    slices = read_csv(trained / "results" / "slices.csv")
+    for p in patients:                      # patient probabilities = mean of its 16 slices' probabilities
+        mine = np.array([[float(r[f"prob_{c}"]) for c in classes]
+                         for r in slices if r["patient_id"] == p["patient_id"]])
+        assert np.allclose(mine.mean(0), [float(p[f"prob_{c}"]) for c in classes], atol=1e-12)
+
+
+def test_scontrol_requeue_resumes_exactly_on_the_vitp_format(trained, dataset):
+    """The same run from the ViTP jsonl (same patients and slices, so the same split and batches), requeued by
+    `scontrol requeue` once a checkpoint exists: every step once, the reference's losses and predictions."""
+    run_dir, job = submit(dataset, "vitp_requeue", fmt="vitp")
+    t0 = time.time()
+    while not (run_dir / "checkpoints" / "latest").exists():
+        assert time.time() - t0 < 600, "no checkpoint"
+        time.sleep(0.2)
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    assert finished(job) == "COMPLETED"
+    res = rank0(run_dir)
+    assert 0 < res["start_step"] < STEPS and res["steps"] == STEPS and res["restart_count"] >= 1
+    got, ref = losses(run_dir), losses(trained)
+    assert [s for s, _ in got] == list(range(1, STEPS + 1))        # every step once
+    assert max(abs(a - b) for (_, a), (_, b) in zip(got, ref)) <= 1e-6
+    mine, theirs = read_csv(run_dir / "results" / "patients.csv"), read_csv(trained / "results" / "patients.csv")
+    assert [r["patient_id"] for r in mine] == [r["patient_id"] for r in theirs]
+    for a, b in zip(mine, theirs):
+        assert a["predicted"] == b["predicted"]
+        assert all(abs(float(a[k]) - float(b[k])) <= 1e-6 for k in a if k.startswith("prob_"))
+
+
+def test_tiny_spec_runs_on_the_local_executor(tmp_path):
+    """The command from the README, on its defaults (1 rank, ZeRO-2, synthetic data written on first use)."""
+    ds = tmp_path / "tiny_data"
+    res = cli("submit", SPEC, "--set", f"outputs.logs_dir={tmp_path / 'logs'}", "--set", f"data.path={ds / 'slices'}",
+              "--set", f"data.labels_csv={ds / 'labels.csv'}", "--set", f"data.meta={ds / 'vitp_meta.json'}",
+              timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "evaluation.patients_csv:" in res.stdout and "evaluation.metrics:" in res.stdout
+    run_dir = run_folder(res.stdout)
+    metrics = json.loads((run_dir / "results" / "metrics.json").read_text())
+    assert metrics["patients"] == 8 and metrics["patient"]["accuracy"] >= 6 / 8
+    assert (ds / "labels.csv").is_file() and (ds / "vitp_train.jsonl").is_file()
