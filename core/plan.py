@@ -203,15 +203,42 @@ def make_plan(spec: JobSpec, cluster: Cluster, source: str = "spec", force: bool
             raise
         problems, shape = e.problems, None
     arr = res.array
+    job_limit = min(x for x in (cluster.max_jobs_per_user, limits.get("MaxJobCount")) if x) \
+        if (cluster.max_jobs_per_user or limits.get("MaxJobCount")) else None
+
+    def array_step(name: str, entry: str, items: list, per: int, throttle: Optional[int], after: list[str],
+                   resources: dict, field_name: str) -> Step:
+        """An array step: tasks of `per` items, split into Slurm arrays under MaxArraySize, throttle shared."""
+        task_items = [items[i:i + per] for i in range(0, len(items), per)]
+        if job_limit and len(task_items) > job_limit:
+            need = math.ceil(len(items) / job_limit)
+            raise SpecError(source, [(field_name,
+                                      f"{len(task_items)} tasks exceed {cluster.name}'s limit of {job_limit} queued jobs "
+                                      f"per user, which splitting into several arrays cannot get around; "
+                                      f"set resources.array.items_per_task to at least {need}")])
+        chunks = chunk_ranges(len(task_items), max_array)
+        parallelism = throttle
+        if len(chunks) > 1:
+            notes.append(f"{len(task_items)} tasks exceed MaxArraySize={max_array}: submitted as {len(chunks)} arrays")
+            if parallelism:  # Slurm throttles each array on its own: share the limit between the chunks
+                parallelism = max(1, parallelism // len(chunks))
+                notes.append(f"throttle {throttle} shared by {len(chunks)} arrays: %{parallelism} each")
+        return Step(name, entry, task_items=task_items, chunks=chunks, parallelism=parallelism, after=after,
+                    **resources)
+
+    single = dict(nodes=1, tasks_per_node=1, cpus_per_task=cpus, mem_gb=res.mem_gb, minutes=res.minutes)
+    throttle = arr.parallelism if arr else None
     if shape is not None:
         notes += shape.notes
-        if shape.pre:
+        if shape.pre and shape.pre_items is not None:  # e.g. teacher features: one single-device task per chunk
+            steps.append(array_step(shape.pre, shape.pre, shape.pre_items, shape.pre_items_per_task, throttle, [],
+                                    single, "resources.array"))
+        elif shape.pre:
             steps.append(Step(shape.pre, shape.pre, **common))
     if shape is not None and shape.items is None:
         steps.append(Step("main", "run", after=[s.name for s in steps], **common))
         if shape.merge:
-            steps.append(Step("merge", "merge", nodes=1, tasks_per_node=1, cpus_per_task=cpus, mem_gb=res.mem_gb,
-                              minutes=res.minutes, after=["main"]))
+            steps.append(Step("merge", "merge", after=["main"], **single))
     elif arr is None and shape is None:
         steps.append(Step("main", "run", **common))
     else:
@@ -221,29 +248,11 @@ def make_plan(spec: JobSpec, cluster: Cluster, source: str = "spec", force: bool
             if arr.items is None:
                 raise SpecError(source, [("resources.array.items", "give a count or a list of items")])
             items, per = arr.item_list(), arr.items_per_task
-        parallelism_spec = arr.parallelism if arr else None
         merge = shape.merge if shape is not None else arr.merge
-        task_items = [items[i:i + per] for i in range(0, len(items), per)]
-        job_limit = min(x for x in (cluster.max_jobs_per_user, limits.get("MaxJobCount")) if x) \
-            if (cluster.max_jobs_per_user or limits.get("MaxJobCount")) else None
-        if job_limit and len(task_items) > job_limit:
-            need = math.ceil(len(items) / job_limit)
-            raise SpecError(source, [("resources.array",
-                                      f"{len(task_items)} tasks exceed {cluster.name}'s limit of {job_limit} queued jobs "
-                                      f"per user, which splitting into several arrays cannot get around; "
-                                      f"set resources.array.items_per_task to at least {need}")])
-        chunks = chunk_ranges(len(task_items), max_array)
-        parallelism = parallelism_spec
-        if len(chunks) > 1:
-            notes.append(f"{len(task_items)} tasks exceed MaxArraySize={max_array}: submitted as {len(chunks)} arrays")
-            if parallelism:  # Slurm throttles each array on its own: share the limit between the chunks
-                parallelism = max(1, parallelism // len(chunks))
-                notes.append(f"throttle {parallelism_spec} shared by {len(chunks)} arrays: %{parallelism} each")
-        steps.append(Step("main", "run", task_items=task_items, chunks=chunks, parallelism=parallelism,
-                          after=[s.name for s in steps], **common))
+        steps.append(array_step("main", "run", items, per, throttle, [s.name for s in steps], common,
+                                "resources.array"))
         if merge:
-            steps.append(Step("merge", "merge", nodes=1, tasks_per_node=1, cpus_per_task=cpus, mem_gb=res.mem_gb,
-                              minutes=res.minutes, after=["main"]))
+            steps.append(Step("merge", "merge", after=["main"], **single))
 
     plan = Plan(spec, cluster, steps, max_array, notes=notes, problems=problems)
     if spec.deepspeed is not None:

@@ -30,9 +30,11 @@ WORKLOADS: dict[str, str] = {
 @dataclass
 class Shape:
     """What a workload's planner asks the plan for, beyond one task on the spec's resources."""
-    items: Optional[list[Any]]          # array items (None: a single task)
+    items: Optional[list[Any]]          # array items of the main step (None: a single task on the spec's resources)
     items_per_task: int = 1
     pre: Optional[str] = None           # entry of a step that must succeed before the main step (afterok)
+    pre_items: Optional[list[Any]] = None  # make `pre` an array of single-device tasks over these items
+    pre_items_per_task: int = 1
     merge: bool = True                  # a merge step after the main step (afterok)
     notes: list[str] = field(default_factory=list)
 
