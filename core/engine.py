@@ -87,6 +87,15 @@ def padded_share(items: list[T], rank: int, world: int) -> list[tuple[T, bool]]:
     return [(share[r], True) if r < len(share) else (items[0], False) for r in range(rounds)]
 
 
+def total_steps(spec: JobSpec, samples: Optional[int], world_size: int) -> int:
+    """Optimizer steps of the run: `train.epochs` over `samples` training samples at micro-batch x grad-accum x
+    ranks samples per step (rounded up), else `train.steps`."""
+    train, ds = spec.train, spec.deepspeed or DeepSpeedSpec()
+    if train.epochs is None or not samples:
+        return train.steps
+    return max(1, math.ceil(train.epochs * samples / (ds.micro_batch * ds.grad_accum * world_size)))
+
+
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
     def f(step: int) -> float:
         if warmup and step < warmup:
@@ -184,7 +193,7 @@ def start(spec: JobSpec, ctx: TaskContext) -> Session:
     return session
 
 
-def initialize(session: Session, model, spec: JobSpec):
+def initialize(session: Session, model, spec: JobSpec, steps: Optional[int] = None):
     """deepspeed.initialize with AdamW over the trainable parameters only (frozen ones get no optimizer state)
     and the spec's learning-rate schedule."""
     import deepspeed
@@ -195,7 +204,8 @@ def initialize(session: Session, model, spec: JobSpec):
     if not params:
         raise ValueError("the model has no trainable parameters: check peft: / the workload's freezing")
     opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train.scheduler, train.warmup_steps, train.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train.scheduler, train.warmup_steps,
+                                                             steps or train.steps))
     engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                                  model_parameters=params, config=session.ds_config)
     return engine
@@ -226,6 +236,7 @@ class Trainer:
     ctx: TaskContext
     loss_fn: Callable[[Any, Any], Any]           # loss_fn(engine, batch) -> loss tensor, or {"loss": ..., parts}
     batch_fn: Callable[[int, int], Any]          # batch_fn(step, micro) -> batch; depends only on (step, micro)
+    steps: Optional[int] = None                  # total optimizer steps (default train.steps; see total_steps)
     history: list[dict] = field(default_factory=list)
 
     def _mean_across_ranks(self, value: float) -> float:
@@ -285,9 +296,10 @@ class Trainer:
         rank0 = self.session.rank == 0
         metrics = self._metrics_file(start_step) if rank0 else None
         writer = _tensorboard(self.ctx.run_dir / "tensorboard") if rank0 else None
-        bar = tqdm(total=train.steps, initial=start_step, disable=not rank0, mininterval=2, desc="train")
+        total = self.steps or train.steps
+        bar = tqdm(total=total, initial=start_step, disable=not rank0, mininterval=2, desc="train")
         step = start_step
-        while step < train.steps:
+        while step < total:
             t0 = time.time()
             losses, extras = [], {}
             for micro in range(grad_accum):
@@ -318,9 +330,9 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
             preempt = self._agree_preempt()
-            if preempt or (train.checkpoint_every and step % train.checkpoint_every == 0) or step == train.steps:
+            if preempt or (train.checkpoint_every and step % train.checkpoint_every == 0) or step == total:
                 self.save(step)
-            if preempt and step < train.steps:
+            if preempt and step < total:
                 bar.close()
                 self._requeue_or_stop(step)
         bar.close()

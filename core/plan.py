@@ -230,6 +230,13 @@ def make_plan(spec: JobSpec, cluster: Cluster, source: str = "spec", force: bool
     throttle = arr.parallelism if arr else None
     if shape is not None:
         notes += shape.notes
+        if shape.samples and spec.train is not None and spec.train.epochs is not None:
+            ds = spec.deepspeed
+            ranks = nodes * tasks_per_node
+            per_step = (ds.micro_batch * ds.grad_accum if ds else 1) * ranks
+            notes.append(f"train.epochs {spec.train.epochs:g} x {shape.samples} samples / ({per_step} samples per "
+                         f"step: {ranks} ranks x micro-batch x grad-accum) = "
+                         f"{max(1, math.ceil(spec.train.epochs * shape.samples / per_step))} optimizer steps")
         if shape.pre and shape.pre_items is not None:  # e.g. teacher features: one single-device task per chunk
             steps.append(array_step(shape.pre, shape.pre, shape.pre_items, shape.pre_items_per_task, throttle, [],
                                     single, "resources.array"))

@@ -225,6 +225,8 @@ class PeftSpec(Strict):
 class TrainSection(Strict):
     """The engine's train loop (core/engine.py): read by every workload that trains."""
     steps: PositiveInt = Field(100, description="optimizer steps in total (across requeues)")
+    epochs: Optional[float] = Field(None, gt=0, description="train this many passes over the training set instead: "
+                                                            "steps = epochs x samples / (micro x accum x ranks)")
     lr: float = Field(5e-5, gt=0)
     warmup_steps: int = Field(0, ge=0)
     scheduler: Literal["constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"

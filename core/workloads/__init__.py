@@ -36,6 +36,7 @@ class Shape:
     pre_items: Optional[list[Any]] = None  # make `pre` an array of single-device tasks over these items
     pre_items_per_task: int = 1
     merge: bool = True                  # a merge step after the main step (afterok)
+    samples: Optional[int] = None       # training samples (the plan derives the steps of train.epochs from it)
     notes: list[str] = field(default_factory=list)
 
 
