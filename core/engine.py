@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
 from core.checkpoint import CheckpointManager, ResumePoint
-from core.runtime import (PREEMPT, Accelerator, DistEnv, TaskContext, activate, init_distributed, requeue,
-                          resolve_accelerator, restart_count, torch_dtype)
+from core.runtime import (PREEMPT, Accelerator, DistEnv, TaskContext, activate, check_rendezvous, init_distributed,
+                          requeue, resolve_accelerator, restart_count, torch_dtype)
 from core.spec import DeepSpeedSpec, JobSpec
 
 log = logging.getLogger("engine")
@@ -175,6 +175,7 @@ class Session:
 def start(spec: JobSpec, ctx: TaskContext) -> Session:
     """Bring the task up: device, process group, checkpoint resume point, DeepSpeed config."""
     dist = ctx.dist
+    check_rendezvous(dist, ctx.cluster)
     acc = resolve_accelerator(ctx.accelerator, dist, ctx.cluster)
     device = activate(acc)
     init_distributed(dist, acc)

@@ -69,10 +69,12 @@ class Plan:
     memory: Any = None            # core.memory.MemoryEstimate for DeepSpeed specs
     notes: list[str] = field(default_factory=list)
     problems: list[tuple[str, str]] = field(default_factory=list)  # (field, why): a dry run plans past them
+    cluster_source: str = ""      # why this profile: --cluster, the spec's cluster: key, $MEDHPC_CLUSTER, ...
     def describe(self) -> str:
         c = self.cluster
         lines = [f"plan for {self.spec.name} (workload {self.spec.workload}) on {c.name} "
-                 f"[{c.executor}, {c.accelerator}]"]
+                 f"[{c.executor}, {c.accelerator}]" + (f" (profile from {self.cluster_source})"
+                                                       if self.cluster_source else "")]
         lines += [f"  {s.describe()}" for s in self.steps]
         if self.memory is not None:
             lines.append(f"  memory: {self.memory.describe()}")
@@ -246,7 +248,7 @@ def make_plan(spec: JobSpec, cluster: Cluster, source: str = "spec", force: bool
         steps.append(Step("main", "run", after=[s.name for s in steps], **common))
         if shape.merge:
             steps.append(Step("merge", "merge", after=["main"], **single))
-    elif arr is None and shape is None:
+    elif (arr is None and shape is None) or problems:  # (a dry run past the planner's refusal: one task)
         steps.append(Step("main", "run", **common))
     else:
         if shape is not None:

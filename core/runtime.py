@@ -374,6 +374,25 @@ def torch_dtype(precision: str):
     return getattr(torch, DTYPES[precision])
 
 
+def check_rendezvous(dist: DistEnv, cluster: Optional[dict] = None) -> None:
+    """A job on several nodes must meet at an address the other nodes can reach: refuse a MASTER_ADDR that resolves
+    to a loopback address (a node whose own name maps to 127.0.1.1 in /etc/hosts, say) instead of hanging in the
+    rendezvous. Profiles whose nodes all share one host (the local test cluster) allow it."""
+    if dist.num_nodes < 2 or (cluster or {}).get("loopback_rendezvous"):
+        return
+    import ipaddress
+
+    try:
+        addrs = {info[4][0] for info in socket.getaddrinfo(dist.master_addr, None)}
+    except OSError as e:
+        raise DistEnvError(f"MASTER_ADDR {dist.master_addr} (the first node) does not resolve: {e}") from None
+    loop = sorted(a for a in addrs if ipaddress.ip_address(a.split("%")[0]).is_loopback)
+    if loop:
+        raise DistEnvError(f"MASTER_ADDR {dist.master_addr} resolves to the loopback address {loop[0]}: ranks on the "
+                           f"other {dist.num_nodes - 1} node(s) could not reach it. Fix the node's entry in "
+                           f"/etc/hosts (or DNS); profiles whose nodes share one host set loopback_rendezvous: true")
+
+
 def init_distributed(dist: DistEnv, acc: Accelerator, timeout_s: int = 600) -> None:
     """Export the rendezvous variables and start the process group through DeepSpeed."""
     import datetime

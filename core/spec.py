@@ -249,6 +249,8 @@ class JobSpec(Strict):
                       description="job name and folder name: letters, digits, '_', '.', '-'; at most 100 characters")
     workload: str
     description: str = ""
+    cluster: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_./\-]{1,200}$",
+                                   description="the profile this job runs on unless --cluster says otherwise")
     model: ModelSpec = Field(default_factory=ModelSpec)
     models: dict[str, ModelSpec] = Field(default_factory=dict, description="further named models of a workload "
                                                                            "(e.g. teacher, student)")
@@ -355,6 +357,8 @@ class Cluster(Strict):
     logs_roots: list[str] = Field(default_factory=list, description="absolute folders where a spec's absolute "
                                                                     "outputs.logs_dir may put run folders")
     max_nodes: Optional[PositiveInt] = Field(None, description="most nodes one job may ask for here")
+    loopback_rendezvous: bool = Field(False, description="multi-node jobs may meet on a loopback address (only "
+                                                         "where every node is this one host: the local cluster)")
     accelerator: Literal["cuda", "npu", "cpu"] = "cpu"
     devices_per_node: int = Field(0, ge=0)
     device_mem_gb: Optional[float] = Field(None, gt=0, description="memory of one device, for the plan's estimate")
@@ -543,6 +547,22 @@ def load_spec(path: Union[str, Path], overrides: tuple[str, ...] = ()) -> tuple[
 
 
 CLUSTER_DIR = Path(__file__).resolve().parent.parent / "cluster_configs"
+
+
+def choose_cluster(flag: Optional[str], spec_cluster: Optional[str],
+                   environ: Optional[dict] = None) -> tuple[Optional[str], str]:
+    """Which profile a submission uses, and why: --cluster, then the spec's `cluster:`, then $MEDHPC_CLUSTER, then
+    the site default cluster_configs/default.yaml (not in the repository), then the local executor."""
+    environ = os.environ if environ is None else environ
+    if flag:
+        return flag, "--cluster"
+    if spec_cluster:
+        return spec_cluster, "the spec's cluster: key"
+    if environ.get("MEDHPC_CLUSTER"):
+        return environ["MEDHPC_CLUSTER"], "$MEDHPC_CLUSTER"
+    if (CLUSTER_DIR / "default.yaml").is_file():
+        return str(CLUSTER_DIR / "default.yaml"), "the site default cluster_configs/default.yaml"
+    return None, "the built-in default"
 
 
 def resolve_cluster_path(name_or_path: Optional[str]) -> Path:

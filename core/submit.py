@@ -10,7 +10,6 @@ logs, and whatever the workload writes.
 from __future__ import annotations
 
 import getpass
-import json
 import os
 import socket
 import subprocess
@@ -23,7 +22,7 @@ from typing import Any, Optional
 import submitit
 from submitit.slurm.slurm import _make_sbatch_string
 
-from core import run_folder
+from core import run_folder, workloads
 from core.plan import Plan, Step
 from core.run_folder import REPO
 from core.runtime import TaskEntry
@@ -56,19 +55,37 @@ def _slurm_parameters(plan: Plan, step: Step, dependency: Optional[str], run_dir
         params["setup"] = list(c.setup)
     if step.parallelism:
         params["array_parallelism"] = step.parallelism
+    # what the jobs rely on goes in their own options, not in the site's slurm.conf: a dependent job whose
+    # dependency failed is cancelled instead of pending forever; only a workload that resumes may be requeued
+    extra = {"requeue" if workloads.get(spec.workload).can_resume else "no_requeue": True}
     if dependency:
         params["dependency"] = dependency
+        extra["kill_on_invalid_dep"] = "yes"
+    params["additional_parameters"] = extra
     return params
 
 
-def _executor(plan: Plan, step: Step, folder: Path, dependency: Optional[str], run_dir: str):
+class _RenderingSlurmExecutor(submitit.SlurmExecutor):
+    """submitit's SlurmExecutor for rendering scripts only (--dry-run): it does not insist on finding srun, so a
+    plan can be checked on a laptop before logging in to the cluster. It never submits."""
+
+    @classmethod
+    def affinity(cls) -> int:
+        return 1
+
+    def _submit_command(self, command: str):
+        raise RuntimeError("a rendering executor never submits")
+
+
+def _executor(plan: Plan, step: Step, folder: Path, dependency: Optional[str], run_dir: str, render: bool = False):
     c = plan.cluster
     if c.executor == "local":
         ex = submitit.LocalExecutor(folder=folder, max_num_timeout=c.max_requeues, python=c.python)
         ex.update_parameters(timeout_min=step.minutes, tasks_per_node=step.tasks_per_node, nodes=1,
                              signal_delay_s=c.signal_s_before_timeout, stderr_to_stdout=True)
         return ex
-    ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=c.max_requeues, python=c.python)
+    kind = _RenderingSlurmExecutor if render else submitit.SlurmExecutor
+    ex = kind(folder=folder, max_num_timeout=c.max_requeues, python=c.python)
     ex.update_parameters(**_slurm_parameters(plan, step, dependency, run_dir))
     return ex
 
@@ -90,7 +107,7 @@ def sbatch_texts(plan: Plan) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for step in plan.steps:
         dependency = ":".join(["afterok"] + [f"<{a}>" for a in step.after]) if step.after else None
-        ex = _executor(plan, step, Path(run_dir) / "submitit", dependency, run_dir)
+        ex = _executor(plan, step, Path(run_dir) / "submitit", dependency, run_dir, render=True)
         sizes = [b - a for a, b in step.chunks] if step.is_array else [None]
         out[step.name] = [
             _make_sbatch_string(command=ex._submitit_command_str, folder=ex.folder,
@@ -207,21 +224,76 @@ def _step_record(step: Step, jobs: list, deps: list[str]) -> dict:
 
 
 def report_results(submission: Submission, out=None) -> int:
-    """Wait for every job of a submission, print one line per task result; exit code 1 if any failed."""
+    """Wait for every job of a submission and print a short summary a person reads: per step its state and time,
+    for training the steps, first and last loss and throughput, the result files and the headline metrics in a
+    small table. The full results stay in the run folder (tasks/*.json, results/). Exit code 1 if any failed."""
     out = out or sys.stdout
     failed = 0
+    run_dir = submission.run_dir
     for step, jobs in submission.jobs.items():
+        results = []
         for j in jobs:
             try:
-                results = j.results()
-                out.write(f"{step} {j.job_id}: {json.dumps(results[0], default=str)[:300]}\n")
-                for name, path in _output_files(results[0]):
-                    out.write(f"  {name}: {path}\n")
+                results.append(j.results()[0])
             except Exception as e:  # the job's own traceback is in its log
                 failed += 1
                 out.write(f"{step} {j.job_id}: FAILED ({type(e).__name__}); log: {j.paths.stdout}\n")
-    out.write(f"results and logs under {submission.run_dir}\n")
+        if not results:
+            continue
+        records = [r for r in run_folder.task_records(run_dir, step) if r["rank"] == 0]
+        seconds = max((r["seconds"] for r in records), default=None)
+        took = f" in {seconds:.0f} s" if seconds is not None else ""
+        out.write(f"{step}: {len(results)} task{'s' if len(results) > 1 else ''} done{took} "
+                  f"(job {', '.join(dict.fromkeys(j.job_id.split('_')[0] for j in jobs))})\n")
+        for line in _summary_lines(results, run_dir):
+            out.write(f"  {line}\n")
+    out.write(f"full results and logs under {run_dir}\n")
     return 1 if failed else 0
+
+
+SCALARS_LEFT_OUT = {"checksum", "resumed_checksum", "saved_checksum", "frozen_checksum_before", "frozen_checksum_after",
+                    "restart_count", "start_step", "final_loss", "pid", "rank", "world_size", "steps", "losses"}
+
+
+def _summary_lines(results: list, run_dir: Path) -> list[str]:
+    first = results[0] if isinstance(results[0], dict) else {"result": results[0]}
+    lines = []
+    metrics_csv = run_dir / "metrics.csv"
+    if "steps" in first and metrics_csv.is_file():
+        import csv
+
+        rows = list(csv.DictReader(metrics_csv.open()))
+        if rows:
+            step_s = sum(float(r.get("seconds") or 0) for r in rows)
+            rate = f", {len(rows) / step_s:.2f} steps/s in the train loop" if step_s else ""
+            resumed = f" (resumed at step {first['start_step']})" if first.get("start_step") else ""
+            lines.append(f"training: {first['steps']} steps{resumed}, loss {float(rows[0]['loss']):.4f} -> "
+                         f"{float(rows[-1]['loss']):.4f}{rate}")
+    files = [(k, v) for r in results for k, v in _output_files(r)]
+    for name, path in dict.fromkeys(files):
+        lines.append(f"{name}: {path}")
+    table = _headline(first.get("evaluation")) if isinstance(first.get("evaluation"), dict) else \
+        _headline({k: v for k, v in first.items() if k not in SCALARS_LEFT_OUT})
+    if table:
+        width = max(len(k) for k, _ in table)
+        lines += [f"{k:<{width}}  {v}" for k, v in table]
+    return lines
+
+
+def _headline(values: dict) -> list[tuple[str, str]]:
+    """Short scalar results as (name, text): numbers to 4 decimals, short strings as they are."""
+    out = []
+    for key, value in values.items():
+        if isinstance(value, bool) or key in SCALARS_LEFT_OUT:
+            continue
+        if isinstance(value, float):
+            out.append((key, f"{value:.4f}"))
+        elif isinstance(value, int):
+            out.append((key, str(value)))
+        elif isinstance(value, str) and len(value) <= 60 and not value.endswith((".csv", ".json", ".png")) \
+                and "/" not in value:
+            out.append((key, value))
+    return out[:16]
 
 
 def _output_files(result, prefix: str = ""):

@@ -19,7 +19,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("spec", help="job spec YAML (jobs/...)")
     p.add_argument("--cluster", "-c", default=None,
-                   help="cluster profile: a name in cluster_configs/ or a YAML path (default: local)")
+                   help="cluster profile: a name in cluster_configs/ or a YAML path (default: the spec's cluster:, "
+                        "then $MEDHPC_CLUSTER, then cluster_configs/default.yaml, then local)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec field, e.g. --set resources.nodes=2 (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the sbatch script(s); submit nothing")
@@ -32,6 +33,8 @@ def parse_args(argv=None):
                         "plus a new merge (default run: the newest of this spec)")
     p.add_argument("--fresh", action="store_true",
                    help="with --resume: move the run's checkpoints aside and start over (never implicit)")
+    p.add_argument("--no-preflight", action="store_true",
+                   help="skip the checks against the cluster's partitions, nodes and accounts (sbatch still checks)")
     p.add_argument("--wait", action="store_true", help="wait for the jobs and print their results (always on locally)")
     return p.parse_args(argv)
 
@@ -40,14 +43,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from core.plan import make_plan
     from core.secrets_guard import redact
-    from core.spec import SpecError, load_cluster, load_spec
+    from core.spec import SpecError, choose_cluster, load_cluster, load_spec
 
     if args.fresh and args.resume is None:
         fail("--fresh only makes sense with --resume (a new run starts fresh anyway)\nnothing was submitted")
     overrides = tuple(args.overrides) + (("train.fresh=true",) if args.fresh else ())
     try:
         spec, raw = load_spec(args.spec, overrides)
-        cluster = load_cluster(args.cluster)
+        profile, source = choose_cluster(args.cluster, spec.cluster)
+        cluster = load_cluster(profile)
         resume_dir = None
         if args.resume is not None or args.resume_missing is not None:
             from core.run_folder import find_run
@@ -55,6 +59,7 @@ def main(argv=None) -> int:
             resume_dir = find_run(spec, args.resume if args.resume is not None else args.resume_missing)
         plan = make_plan(spec, cluster, source=args.spec, force=args.force,
                          resume_dir=resume_dir if args.resume_missing is not None else None, keep_going=args.dry_run)
+        plan.cluster_source = source
     except SpecError as e:
         fail(f"{e}\nnothing was submitted")
     except (FileNotFoundError, ValueError) as e:
@@ -66,24 +71,31 @@ def main(argv=None) -> int:
     print(plan.describe())
 
     from core import submit as sub
+    from core.preflight import check
 
+    try:
+        texts = sub.sbatch_texts(plan)
+        checked = check(plan, texts) if not args.no_preflight else None
+    except Exception as e:
+        unexpected("rendering and checking the sbatch scripts", e)
+    problems = plan.problems + (checked.problems if checked else [])
+    for note in checked.notes if checked else []:
+        print(f"  preflight: {note}")
     if args.dry_run:
-        try:
-            texts = sub.sbatch_texts(plan)
-        except Exception as e:
-            unexpected("rendering the sbatch scripts", e)
         if not texts:
             print("dry run: local executor, no sbatch script; nothing submitted")
         for step, scripts in texts.items():
             for i, text in enumerate(scripts):
                 label = f"step {step}" + (f", array chunk {i + 1}/{len(scripts)}" if len(scripts) > 1 else "")
                 print(f"\n# ---- sbatch script: {label} ----\n{text}")
-        if plan.problems:
-            print(f"\n{args.spec}: a real submission would be refused:", file=sys.stderr)
-            for field_name, message in plan.problems:
-                print(f"  {field_name}: {message}", file=sys.stderr)
-            print("dry run: nothing submitted", file=sys.stderr)
-            return 2
+    if problems:
+        print(f"{'' if not args.dry_run else chr(10)}error: {args.spec}: a submission would be refused:",
+              file=sys.stderr)
+        for field_name, message in problems:
+            print(f"  {field_name}: {message}", file=sys.stderr)
+        print("nothing was submitted", file=sys.stderr)
+        return 2
+    if args.dry_run:
         print("dry run: nothing submitted")
         return 0
 

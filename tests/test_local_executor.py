@@ -15,7 +15,7 @@ def test_local_smoke_runs_and_reports(tmp_path, uname):
     (task,) = [json.loads(p.read_text()) for p in (run_dir / "tasks").glob("*.json")]
     assert task["result"]["message"] == "hello from the smoke workload"
     assert task["result"]["context"]["run_dir"] == str(run_dir)
-    assert '"message": "hello from the smoke workload"' in res.stdout
+    assert "message  hello from the smoke workload" in res.stdout and "main: 1 task done in" in res.stdout
 
 
 def test_local_two_nodes_become_two_processes_and_array_with_merge(tmp_path, uname):

@@ -63,10 +63,16 @@ class Workload:
     models: tuple[str, ...] = ()
     merge: Optional[Callable] = None
     entries: dict[str, Callable] = field(default_factory=dict)
+    resumable: Optional[bool] = None    # a requeued job continues where it stopped (default: workloads that train)
 
     @property
     def has_merge(self) -> bool:
         return self.merge is not None
+
+    @property
+    def can_resume(self) -> bool:
+        """Slurm may requeue its jobs (--requeue): they resume instead of starting over (or are idempotent)."""
+        return self.trains if self.resumable is None else self.resumable
 
     def entry(self, name: str) -> Callable:
         fns = {"run": self.run, **({"merge": self.merge} if self.merge else {}), **self.entries}

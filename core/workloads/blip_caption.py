@@ -250,7 +250,10 @@ def evaluate(spec: JobSpec, ctx: TaskContext, session, model, batches: Batches, 
     write_json_atomic(results / ("metrics.json" if label == "trained" else f"metrics_{label}.json"), metrics)
     log.info("%s: %d captions, BLEU-4 %.4f, CIDEr %.4f -> %s", label, len(ordered), scores["BLEU-4"],
              scores["CIDEr"], results / name)
-    return {"csv": str(results / name), **scores, "images": len(ordered)}
+    return {"csv": str(results / name), "metrics": str(results / ("metrics.json" if label == "trained" else
+                                                                 f"metrics_{label}.json")),
+            **({"plot": str(results / "metrics.png")} if label == "trained" else {}), **scores,
+            "images": len(ordered)}
 
 
 def plot(results: Path, trained: dict, untrained: Optional[dict]) -> None:

@@ -225,4 +225,5 @@ def merge(spec: JobSpec, ctx: TaskContext) -> dict:
     return {"csv": str(csv), "png": str(png), "rows": len(df)}
 
 
-WORKLOAD = Workload(run=run, merge=merge, section="prune", Section=PruneSection, plan=plan)
+WORKLOAD = Workload(run=run, merge=merge, section="prune", Section=PruneSection, plan=plan,
+                    resumable=True)  # each ratio's evaluation is rewritten whole

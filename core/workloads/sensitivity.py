@@ -308,4 +308,4 @@ def plot(df, candidates: list[int], path: Path, label: str) -> Path:
 
 
 WORKLOAD = Workload(run=run, merge=merge, section="scan", Section=ScanSection, plan=plan,
-                    entries={"baseline": baseline})
+                    entries={"baseline": baseline}, resumable=True)  # per-layer results are atomic: a requeued task redoes only its own layers

@@ -1,0 +1,108 @@
+"""A user's first hour: which cluster a spec goes to, a dry run anywhere (even where Slurm is not installed),
+preflight against the real local Slurm, the options jobs carry themselves, and the rendezvous check."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, all_job_count, cli, queue_ids
+
+SMOKE = "jobs/tiny/smoke.yaml"
+
+
+def spec_with_cluster(tmp_path: Path, cluster: str) -> str:
+    p = tmp_path / "job.yaml"
+    p.write_text(f"name: order\nworkload: smoke\ncluster: {cluster}\nresources: {{time: 5}}\n")
+    return str(p)
+
+
+def test_cluster_order_flag_then_spec_then_environment_then_site_default(tmp_path):
+    from core.spec import choose_cluster
+
+    assert choose_cluster("cuda_a100", "local_slurm", {"MEDHPC_CLUSTER": "x"}) == ("cuda_a100", "--cluster")
+    assert choose_cluster(None, "local_slurm", {"MEDHPC_CLUSTER": "x"}) == ("local_slurm", "the spec's cluster: key")
+    assert choose_cluster(None, None, {"MEDHPC_CLUSTER": "ascend_910b"}) == ("ascend_910b", "$MEDHPC_CLUSTER")
+    assert choose_cluster(None, None, {}) == (None, "the built-in default")  # no cluster_configs/default.yaml here
+    spec = spec_with_cluster(tmp_path, "ascend_910b")
+    res = cli("submit", spec, "--dry-run", "--no-preflight")
+    assert res.returncode == 0 and "on ascend_910b [slurm, npu] (profile from the spec's cluster: key)" in res.stdout
+    res = cli("submit", SMOKE, "--dry-run", "--no-preflight", env={"MEDHPC_CLUSTER": "cuda_a100"})
+    assert res.returncode == 0 and "on cuda_a100 [slurm, cuda] (profile from $MEDHPC_CLUSTER)" in res.stdout
+    res = cli("submit", spec, "-c", "local", "--dry-run")
+    assert res.returncode == 0 and "on local [local, cpu] (profile from --cluster)" in res.stdout
+    # the lab's full-size specs name their cluster, so the mission's own command goes there
+    for name, cluster in {"pangu_sensitivity": "ascend_910b", "blip_medtrinity": "cuda_a100"}.items():
+        assert yaml.safe_load((REPO / "jobs" / f"{name}.yaml").read_text())["cluster"] == cluster
+
+
+def test_dry_run_on_a_machine_without_slurm_prints_the_plan_scripts_and_problems(tmp_path):
+    """No sbatch / srun / scontrol on PATH (a laptop): the plan and the exact scripts still print; the data that is
+    not on this machine is listed as what a real submit would refuse, with exit code 2."""
+    env = {**os.environ, "PATH": str(tmp_path)}  # nothing but what we put there
+    run = lambda *a: subprocess.run([sys.executable, str(REPO / "launchers" / "submit.py"), *a], cwd=REPO, env=env,
+                                    capture_output=True, text=True, timeout=300)
+    ok = run(SMOKE, "-c", "local_slurm", "--dry-run")
+    assert ok.returncode == 0, ok.stderr
+    assert "#SBATCH --partition=debug" in ok.stdout and "preflight skipped: no Slurm commands" in ok.stdout
+    refused = run("jobs/pangu_sensitivity.yaml", "--dry-run")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "on ascend_910b [slurm, npu]" in refused.stdout and "#SBATCH --gres=gpu:8" not in refused.stdout
+    assert "# ---- sbatch script: step main" in refused.stdout
+    assert "a submission would be refused" in refused.stderr and "scan.prompts" in refused.stderr
+
+
+def test_dependent_jobs_carry_kill_on_invalid_dep_and_requeue_follows_the_workload():
+    res = cli("submit", "jobs/tiny/smoke_array.yaml", "-c", "local_slurm", "--dry-run")
+    main, merge = res.stdout.split("# ---- sbatch script: step merge ----")
+    assert "--kill-on-invalid-dep=yes" not in main and "#SBATCH --kill-on-invalid-dep=yes" in merge
+    assert "#SBATCH --no-requeue" in main  # smoke cannot resume
+    res = cli("submit", "jobs/tiny/pangu_lm.yaml", "-c", "local_slurm", "--dry-run")
+    assert res.returncode == 0 and "#SBATCH --requeue" in res.stdout  # training resumes from its checkpoints
+
+
+PREFLIGHT = {
+    "memory beyond the nodes": (("--set", "resources.mem_gb=100"), None, "resources.mem_gb", "RealMemory"),
+    "more nodes than the partition": (("--set", "resources.nodes=3"), {"max_nodes": None}, "resources.nodes",
+                                      "(scontrol show partition) has 2"),
+    "unknown partition": ((), {"partition": "nosuch"}, "partition", "not known to this cluster"),
+    "account that is not the user's": ((), {"account": "nosuchacct"}, "account", "sacctmgr"),
+    "CPUs beyond the nodes": (("--set", "resources.cpus_per_task=64"), None, "resources.cpus_per_task", "CPUTot"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PREFLIGHT))
+def test_preflight_refuses_what_the_cluster_cannot_run_naming_field_and_limit(slurm, tmp_path, case):
+    sets, profile_change, field, limit = PREFLIGHT[case]
+    profile = yaml.safe_load((REPO / "cluster_configs" / "local_slurm.yaml").read_text())
+    for key, value in (profile_change or {}).items():
+        if value is None:
+            profile.pop(key, None)
+        else:
+            profile[key] = value
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(profile))
+    before_q, before_all = queue_ids(), all_job_count()
+    res = cli("submit", SMOKE, "-c", str(tmp_path / "p.yaml"), *sets)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert f"  {field}: " in res.stderr and limit in res.stderr and "nothing was submitted" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert queue_ids() == before_q and all_job_count() == before_all
+
+
+def test_preflight_passes_a_good_job_and_prints_slurms_expected_start(slurm):
+    res = cli("submit", SMOKE, "-c", "local_slurm", "--dry-run")
+    assert res.returncode == 0 and "Slurm expects it to start at" in res.stdout, res.stdout + res.stderr
+
+
+def test_multi_node_rendezvous_on_a_loopback_address_is_refused():
+    from core.runtime import DistEnv, DistEnvError, check_rendezvous
+
+    two = DistEnv(0, 2, 0, 1, 0, 2, "localhost", 29500, "7", ("localhost", "other"))
+    with pytest.raises(DistEnvError, match="loopback"):
+        check_rendezvous(two, {})
+    check_rendezvous(two, {"loopback_rendezvous": True})  # the local cluster: every node is this host
+    check_rendezvous(DistEnv(0, 2, 0, 2, 0, 1, "127.0.0.1", 29500, "7", ("n1",)), {})  # one node: nothing to reach
