@@ -8,6 +8,8 @@ job comment (`run=...`) that core.submit writes, so a person can go from `squeue
 from __future__ import annotations
 
 import getpass
+import json
+import os
 import re
 import subprocess
 import time
@@ -29,13 +31,21 @@ class SlurmUnavailable(RuntimeError):
 
 
 def _run(cmd: list[str]) -> str:
+    conf = os.environ.get("SLURM_CONF")
+    if conf and not os.path.isfile(conf):  # Slurm's clients would retry for 60 s before saying so
+        raise SlurmUnavailable(f"SLURM_CONF={conf} is not a file: unset it or point it at the cluster's slurm.conf "
+                               f"(the local cluster's: bash slurm/local_cluster.sh conf)")
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     except FileNotFoundError:
         raise SlurmUnavailable(f"'{cmd[0]}' not found: is this a Slurm login node? "
                                f"(for the local cluster: bash slurm/local_cluster.sh up)") from None
+    except subprocess.TimeoutExpired:
+        raise SlurmUnavailable(f"{cmd[0]} did not answer within 60 s: is slurmctld up? "
+                               f"(for the local cluster: bash slurm/local_cluster.sh status)") from None
     if proc.returncode != 0:
-        raise SlurmUnavailable(f"{' '.join(cmd[:2])} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+        said = "; ".join(ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip())
+        raise SlurmUnavailable(f"{' '.join(cmd[:2])} failed: {said[:400]}")
     return proc.stdout
 
 
@@ -267,17 +277,126 @@ def watch(render, interval: float = 2.0, max_interval: float = 60.0, stop_when_i
         sleep(wait)
 
 
-def cancel(targets: list[str], user: Optional[str] = None) -> list[str]:
-    """Cancel jobs by id ('12', '12_3') or by name (every job named NAME or NAME-<step>). Returns the ids."""
-    user = user or getpass.getuser()
-    ids = [t for t in targets if re.fullmatch(r"\d+(_\d+)?", t)]
-    names = [t for t in targets if t not in ids]
-    if names:
-        live = _run(["squeue", "-h", "-u", user, "-o", "%A|%j"])
-        for line in live.splitlines():
-            jid, _, name = line.partition("|")
-            if any(name == n or name.startswith(n + "-") for n in names) and jid not in ids:
-                ids.append(jid)
+# Steps other than `main` that our plans submit, as `<name>-<step>`: core/plan.py's `merge` and a workload's
+# pre-step (sensitivity's `baseline`). Only used for jobs without a run folder to ask (not submitted by medhpc,
+# or whose run.json is not written yet); otherwise the run record's own step names decide.
+STEP_NAMES = ("merge", "baseline")
+JOB_ID = re.compile(r"\d+(_\d+)?")
+
+
+@dataclass
+class CancelResult:
+    cancelled: list[str] = field(default_factory=list)   # ids given to scancel
+    problems: list[str] = field(default_factory=list)    # one line per target refused or not found
+
+
+def _run_record(run_dir: Path) -> Optional[dict]:
+    try:
+        rec = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def belongs_to_run(run: str, job_name: str, comment: str, job_id: str) -> bool:
+    """Whether a queued job is a step of the run named `run`: its name is `run` (the main step) or `run-<step>`,
+    and its comment `run=<folder>` (core.submit writes it on every job) names a folder `<logs>/<run>/<id>` whose
+    run.json says name == run and lists <step>. So cancelling `smoke` never catches `smoke-test`'s jobs, even
+    though `smoke-test` reads like run `smoke` + step `test`. Jobs without a run folder (not submitted by medhpc,
+    or run.json not written yet) need `run` or `run-<one of STEP_NAMES>` as their name."""
+    if job_name == run:
+        step = "main"
+    elif job_name.startswith(run + "-"):
+        step = job_name[len(run) + 1:]
+    else:
+        return False
+    known = step == "main" or step in STEP_NAMES
+    if not comment.startswith("run="):
+        return known
+    folder = Path(comment.removeprefix("run=").replace("%A", job_id))
+    if folder.parent.name != run:  # run folders are <logs_dir>/<name>/<root id>: another run's job
+        return False
+    rec = _run_record(folder)
+    if rec is None:
+        return known
+    if rec.get("name") != run:
+        return False
+    steps = {st.get("name") for sub in [rec, *(rec.get("submissions") or [])] if isinstance(sub, dict)
+             for st in (sub.get("steps") or []) if isinstance(st, dict)}
+    return step == "main" or step in steps
+
+
+def _cancellable(state: str) -> bool:
+    """Still worth a scancel: pending or running, not already ending (COMPLETING) or ended."""
+    return _category(state) in ("pending", "running") and not state.startswith("COMPLETING")
+
+
+def _squeue_jobs(ids: list[str]) -> list[tuple[str, ...]]:
+    """(task id, array/job id, own job id, owner, name, state) of the queued jobs and tasks with these ids (any
+    user)."""
+    bases = sorted({i.split("_")[0] for i in ids}, key=int)
+    cmd = ["squeue", "-h", "-r", "-a", "-j", ",".join(bases), "-o", "%i|%F|%A|%u|%T|%j"]
+    try:
+        out = _run(cmd)
+    except SlurmUnavailable as e:
+        if "Invalid job id" in str(e):  # every id given has left the queue (or never existed)
+            return []
+        raise
+    rows = []
+    for line in out.splitlines():
+        parts = line.split("|", 5)
+        if len(parts) == 6:
+            task, array_id, job_id, owner, state, name = parts
+            rows.append((task.strip(), array_id.strip(), job_id.strip(), owner.strip(), name, state.strip()))
+    return rows
+
+
+def cancel(targets: list[str], user: Optional[str] = None, any_user: bool = False) -> CancelResult:
+    """Cancel by id ('12': a job or a whole array, '12_3': one task) or by run name (its steps: NAME and
+    NAME-<step>, see belongs_to_run; only `user`'s jobs). An id whose job belongs to another user than `user`
+    (default: the current one) is refused unless any_user. One squeue per kind of target, one scancel."""
+    me = user or getpass.getuser()
+    result = CancelResult()
+    ids = list(dict.fromkeys(t for t in targets if JOB_ID.fullmatch(t)))
+    names = list(dict.fromkeys(t for t in targets if not JOB_ID.fullmatch(t)))
+    chosen: list[str] = []
     if ids:
-        _run(["scancel", *ids])
-    return ids
+        rows = _squeue_jobs(ids)
+        for t in ids:
+            if "_" in t:  # one array task
+                mine = [r for r in rows if r[0] == t]
+            else:  # a job, a whole array (its array id) or one task by its own job id
+                mine = [r for r in rows if t in (r[1], r[2])]
+            if not [r for r in mine if _cancellable(r[5])]:
+                why = f"it is already ending: {mine[0][5]}" if mine else "finished, or a wrong id"
+                result.problems.append(f"no queued job {t} ({why}; see python launchers/status.py)")
+                continue
+            others = sorted({r[3] for r in mine} - {me})
+            if others and not any_user:
+                result.problems.append(f"refused {t}: job {t} ({mine[0][4]}) belongs to user {', '.join(others)}, "
+                                       f"not {me}; add --any-user to cancel another user's job")
+                continue
+            chosen.append(t)
+    if names:
+        jobs = []
+        for line in _run(["squeue", "-h", "-u", me, "-o", "%F|%T|%j|%k"]).splitlines():
+            jid, _, rest = line.partition("|")
+            state, _, rest = rest.partition("|")
+            if not _cancellable(state.strip()):
+                continue
+            if "|run=" in rest:  # names and comments are free text: split at our own comment's start
+                name, _, tail = rest.rpartition("|run=")
+                comment = "run=" + tail
+            else:
+                name, _, comment = rest.rpartition("|")
+            jobs.append((jid.strip(), name, comment))
+        for n in names:
+            found = list(dict.fromkeys(jid for jid, name, comment in jobs if belongs_to_run(n, name, comment, jid)))
+            if not found:
+                result.problems.append(f"no queued job of a run named {n} (user {me}; ids or names as "
+                                       f"python launchers/status.py shows them)")
+            chosen += [j for j in found if j not in chosen]
+    if chosen:
+        _run(["scancel", *chosen])
+        result.cancelled = chosen
+    return result

@@ -15,13 +15,26 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 PY = sys.executable
+LOCAL_CLUSTER = REPO / "slurm" / "local_cluster.sh"
+# The local cluster's own slurm.conf (never /etc/slurm): every Slurm client the tests start, directly or through
+# the launchers and submitit (and the jobs, which inherit sbatch's environment), talks to that cluster only.
+SLURM_CONF = str(Path(os.environ.get("SLURM_LOCAL_STATE") or "/var/lib/slurm-local") / "etc" / "slurm.conf")
+os.environ["SLURM_CONF"] = SLURM_CONF
+
+
+def cluster_up() -> None:
+    """`bash slurm/local_cluster.sh up` (idempotent); fails the test with the script's own message."""
+    res = subprocess.run(["bash", str(LOCAL_CLUSTER), "up"], capture_output=True, text=True, timeout=600)
+    if res.returncode != 0:
+        pytest.fail(f"local Slurm cluster did not start (exit {res.returncode}): {res.stderr.strip()[-2000:]}",
+                    pytrace=False)
 
 
 @pytest.fixture(scope="session")
 def slurm():
     """The project's own local cluster (idempotent `up`); fails loudly if it cannot start."""
-    subprocess.run(["bash", str(REPO / "slurm" / "local_cluster.sh"), "up"], check=True, capture_output=True,
-                   timeout=600)
+    cluster_up()
+    os.environ["SLURM_CONF"] = SLURM_CONF
     return "local_slurm"
 
 

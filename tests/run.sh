@@ -5,5 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launchers/setup.sh
 bash slurm/local_cluster.sh up
+# the local cluster keeps its own slurm.conf (never /etc/slurm): every Slurm client of the tests uses it
+SLURM_CONF=$(bash slurm/local_cluster.sh conf)
+export SLURM_CONF
 export OMP_NUM_THREADS=1
 exec .venv/bin/python -m pytest -q -p no:cacheprovider tests "$@"

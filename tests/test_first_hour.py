@@ -66,6 +66,8 @@ def test_dependent_jobs_carry_kill_on_invalid_dep_and_requeue_follows_the_worklo
 
 
 PREFLIGHT = {
+    "time beyond the partition's MaxTime": (("--set", "resources.time=2-00:00:00"), None, "resources.time",
+                                            "MaxTime of partition debug"),
     "memory beyond the nodes": (("--set", "resources.mem_gb=100"), None, "resources.mem_gb", "RealMemory"),
     "more nodes than the partition": (("--set", "resources.nodes=3"), {"max_nodes": None}, "resources.nodes",
                                       "(scontrol show partition) has 2"),

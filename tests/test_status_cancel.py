@@ -1,7 +1,13 @@
 """status.py / cancel.py against the real local Slurm: states as sacct reports them, one call each per refresh."""
 from __future__ import annotations
 
+import getpass
+import json
+import os
+import subprocess
 import time
+
+import pytest
 
 from conftest import cli, queue_ids, record, run_folder, sacct_states, wait_terminal
 
@@ -113,3 +119,86 @@ def test_watch_asks_sacct_only_when_a_job_left_the_queue(slurm, uname, tmp_path,
     calls.clear()
     rows = {r.job_id: r for r in refresher.query()}
     assert calls == ["squeue", "sacct"] and rows[job].state == "CANCELLED"  # it left the queue: sacct asked
+
+
+def test_cancel_by_name_cancels_only_that_runs_steps(slurm, uname, tmp_path):
+    """`cancel x` cancels run x (its array and its x-merge step) but neither run `x-test` (reads like x + step
+    test) nor run `x-merge` (its job has the very name of x's merge step): the run folder in the comment decides."""
+    common = ("-c", "local_slurm", "--set", f"outputs.logs_dir={tmp_path}", "--set", "smoke.sleep_s=60")
+    x = submit(ARRAY, *common, "--set", f"name={uname}x", "--set", "resources.array.items=2")
+    x_test = submit("jobs/tiny/smoke.yaml", *common, "--set", f"name={uname}x-test")
+    x_merge = submit("jobs/tiny/smoke.yaml", *common, "--set", f"name={uname}x-merge")
+    x_ids = [i for st in x["steps"] for i in st["job_ids"]]
+    others = [x_test["steps"][0]["job_ids"][0], x_merge["steps"][0]["job_ids"][0]]
+    assert [st["name"] for st in x["steps"]] == ["main", "merge"]
+
+    try:
+        res = cli("cancel", f"{uname}x")
+        assert res.returncode == 0, res.stderr
+        assert sorted(res.stdout.split()[1:]) == sorted(x_ids)
+        assert set(wait_terminal(x_ids).values()) == {"CANCELLED"}  # tasks (or the pending array) and merge
+        assert set(others) <= queue_ids()  # both other runs are still queued or running
+        assert all(s in ("PENDING", "RUNNING") for s in sacct_states(others).values())
+
+        again = cli("cancel", f"{uname}x")  # nothing of x is left: an error that names the run
+        assert again.returncode == 1 and f"no queued job of a run named {uname}x" in again.stderr
+        assert set(others) <= queue_ids()
+        assert cli("cancel", *others).returncode == 0
+        wait_terminal(others)
+    finally:
+        subprocess.run(["scancel", *x_ids, *others], capture_output=True)
+
+
+def test_belongs_to_run_uses_the_run_folder_then_known_step_names(tmp_path):
+    def folder(name, steps):
+        d = tmp_path / name / "7"
+        d.mkdir(parents=True)
+        (d / "run.json").write_text(json.dumps({"name": name, "steps": [{"name": s} for s in steps]}))
+        return f"run={d}"
+
+    own, longer = folder("smoke", ["main", "merge"]), folder("smoke-test", ["main"])
+    assert monitor.belongs_to_run("smoke", "smoke", own, "7")
+    assert monitor.belongs_to_run("smoke", "smoke-merge", own, "7")
+    assert not monitor.belongs_to_run("smoke", "smoke-baseline", own, "7")  # not a step of this run
+    assert not monitor.belongs_to_run("smoke", "smoke-test", longer, "7")
+    assert not monitor.belongs_to_run("smoke", "smoke-merge", f"run={tmp_path / 'smoke-merge' / '8'}", "8")
+    assert monitor.belongs_to_run("smoke", "smoke", f"run={tmp_path / 'smoke' / '%A'}", "9")  # no run.json yet
+    # jobs without our comment (sbatch by hand): the run's name or one of our step names only
+    assert monitor.belongs_to_run("smoke", "smoke-merge", "(null)", "5")
+    assert not monitor.belongs_to_run("smoke", "smoke-test", "(null)", "5")
+    assert not monitor.belongs_to_run("smoke", "smoked", "(null)", "5")
+
+
+def sbatch(*args: str) -> str:
+    out = subprocess.run(["sbatch", "--parsable", "--chdir=/tmp", "-o", "/dev/null", *args, "--wrap", "sleep 60"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().split(";")[0]
+
+
+def test_cancel_by_id_refuses_another_users_job_unless_any_user(slurm, uname):
+    me = getpass.getuser()
+    if os.geteuid() != 0:
+        pytest.skip("submitting as another user needs root (sbatch --uid)")
+    other = "nobody" if me != "nobody" else "daemon"
+    theirs = sbatch(f"--uid={other}", "-J", f"{uname}theirs")
+    mine = sbatch("-J", f"{uname}mine")
+    wait_until(lambda: {theirs, mine} <= queue_ids())
+
+    try:
+        res = cli("cancel", mine, theirs)  # mine is cancelled, theirs refused: exit 1, one line naming job and owner
+        assert res.returncode == 1 and res.stdout.split() == ["cancelled", mine]
+        assert res.stderr.strip() == (f"error: refused {theirs}: job {theirs} ({uname}theirs) belongs to user "
+                                      f"{other}, not {me}; add --any-user to cancel another user's job")
+        assert wait_terminal([mine]) == {mine: "CANCELLED"}
+        assert theirs in queue_ids()
+
+        missing = cli("cancel", "999999")
+        assert missing.returncode == 1 and "no queued job 999999" in missing.stderr
+        assert "Traceback" not in missing.stderr
+
+        res = cli("cancel", theirs, "--any-user")
+        assert res.returncode == 0 and res.stdout.split() == ["cancelled", theirs], res.stderr
+        assert wait_terminal([theirs]) == {theirs: "CANCELLED"}
+    finally:
+        subprocess.run(["scancel", mine, theirs], capture_output=True)
