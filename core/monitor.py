@@ -233,23 +233,66 @@ def last_log_line(row: JobRow) -> str:
     return lines[-1][:100] if lines else ""
 
 
+def by_run(rows: list[JobRow]) -> list[tuple[str, list[JobRow]]]:
+    """Rows grouped by their run folder (a run's array chunks, merge and later steps together), runs in the order
+    of their first job; jobs not submitted by us (no run folder) last."""
+    groups: dict[str, list[JobRow]] = {}
+    for r in rows:
+        groups.setdefault(r.run_dir, []).append(r)
+    return sorted(groups.items(), key=lambda kv: (kv[0] == "", min(_job_key(r.job_id) for r in kv[1])))
+
+
+def _job_key(job_id: str) -> tuple:
+    return tuple(int(x) if x.isdigit() else 0 for x in re.split(r"[_\[\]]", job_id) if x)
+
+
+def _run_state(rows: list[JobRow]) -> str:
+    states = {r.state for r in rows}
+    for s in ("RUNNING", "PENDING"):
+        if s in states:
+            return s
+    bad = sorted(st for st in states if _category(st) == "failed")
+    return bad[0] if bad else "COMPLETED"
+
+
 def format_table(rows: list[JobRow], with_log: bool = True) -> str:
+    """One block per run: a line naming the run, its state and its task counts, then its jobs."""
     if not rows:
         return "no jobs"
-    header = ["JOBID", "NAME", "STATE", "DONE/RUN/PEND/FAIL", "ELAPSED", "NODES/REASON", "RUN FOLDER"]
+    header = ["JOBID", "NAME", "STATE", "DONE/RUN/PEND/FAIL", "ELAPSED", "NODES/REASON"]
     if with_log:
         header.append("LAST LOG LINE")
-    table = [header]
-    for r in rows:
-        p = r.progress
-        prog = f"{p['done']}/{p['running']}/{p['pending']}/{p['failed']} of {len(r.states)}" if r.is_array else "-"
-        where = r.reason if r.active else r.nodes
-        line = [r.job_id, r.name[:24], r.state, prog, _fmt_seconds(r.seconds), where[:24], _short(r.run_dir)]
-        if with_log:  # finished-and-fine jobs' logs are not read: it keeps a refresh cheap with long histories
-            line.append(last_log_line(r) if r.active or r.progress["failed"] else "")
-        table.append(line)
-    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
+    table: list = [header]
+    for run_dir, jobs in by_run(rows):
+        tasks = {k: sum(r.progress[k] for r in jobs) for k in ("done", "running", "pending", "failed")}
+        total = sum(len(r.states) for r in jobs)
+        label = _short(run_dir) if run_dir else "(not submitted by medhpc: no run folder)"
+        table.append(f"run {label}: {_run_state(jobs)}, {len(jobs)} job{'s' if len(jobs) > 1 else ''}, tasks "
+                     f"{tasks['done']}/{tasks['running']}/{tasks['pending']}/{tasks['failed']} of {total}")
+        for r in sorted(jobs, key=lambda r: _job_key(r.job_id)):
+            p = r.progress
+            prog = f"{p['done']}/{p['running']}/{p['pending']}/{p['failed']} of {len(r.states)}" if r.is_array else "-"
+            where = r.reason if r.active else r.nodes
+            line = ["  " + r.job_id, r.name[:24], r.state, prog, _fmt_seconds(r.seconds), where[:24]]
+            if with_log:  # finished-and-fine jobs' logs are not read: it keeps a refresh cheap with long histories
+                line.append(last_log_line(r) if r.active or r.progress["failed"] else "")
+            table.append(line)
+    cells = [row for row in table if isinstance(row, list)]
+    widths = [max(len(str(row[i])) for row in cells) for i in range(len(header))]
+    return "\n".join(row if isinstance(row, str) else
+                     "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
+
+
+def as_json(rows: list[JobRow]) -> list[dict]:
+    """The same grouping for scripts: one object per run with its state, task counts and jobs."""
+    out = []
+    for run_dir, jobs in by_run(rows):
+        out.append({"run_dir": run_dir or None, "state": _run_state(jobs),
+                    "tasks": {k: sum(r.progress[k] for r in jobs) for k in ("done", "running", "pending", "failed")},
+                    "jobs": [{"job_id": r.job_id, "name": r.name, "state": r.state, "elapsed_s": r.seconds,
+                              "nodes": r.nodes, "reason": r.reason, "tasks": dict(r.states)}
+                             for r in sorted(jobs, key=lambda r: _job_key(r.job_id))]})
+    return out
 
 
 def _short(path: str) -> str:

@@ -4,6 +4,7 @@
   python launchers/status.py                 # once
   python launchers/status.py --watch         # refresh with back-off (2 s doubling to 60 s) until all finish
   python launchers/status.py --name smoke    # only jobs whose name starts with smoke
+  python launchers/status.py --json          # runs with their jobs and task counts, for scripts
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ def main(argv=None) -> int:
     p.add_argument("--user", default=None)
     p.add_argument("--name", default=None, help="only jobs whose name starts with this")
     p.add_argument("--no-log", action="store_true", help="leave out the last log line")
+    p.add_argument("--json", action="store_true", help="print the runs and their jobs as JSON (for scripts)")
     args = p.parse_args(argv)
     from core import monitor
 
@@ -35,7 +37,13 @@ def main(argv=None) -> int:
         return monitor.format_table(rows, with_log=not args.no_log), any(r.active for r in rows)
 
     try:
-        if args.watch:
+        if args.json:
+            import json
+
+            rows = monitor.query(args.user, args.since)
+            rows = [r for r in rows if r.name.startswith(args.name)] if args.name else rows
+            print(json.dumps(monitor.as_json(rows), indent=1))
+        elif args.watch:
             monitor.watch(render, args.interval, args.max_interval)
         else:
             print(render()[0])

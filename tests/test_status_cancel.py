@@ -61,6 +61,11 @@ def test_status_shows_completed_failed_pending_cancelled_and_cancel_by_id_and_na
     assert "COMPLETED" in lines[ok_id] and "3/0/0/0 of 3" in lines[ok_id]
     assert "FAILED" in lines[bad_id] and "1/0/0/1 of 2" in lines[bad_id]
     assert "PENDING" in lines[merge_id]
+    # one block per run: the slow array and its merge step sit under the same run line
+    runs = {r["run_dir"]: r for r in json.loads(cli("status", "--name", uname, "--json").stdout)}
+    slow_run = runs[slow["run_dir"]]
+    assert [j["job_id"] for j in slow_run["jobs"]] == [slow_id, merge_id] and slow_run["state"] == "RUNNING"
+    assert sum(1 for ln in table.stdout.splitlines() if ln.startswith("run ")) == len(runs)
 
     by_id = cli("cancel", single_id)
     assert by_id.returncode == 0 and single_id in by_id.stdout
