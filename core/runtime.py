@@ -67,6 +67,15 @@ def ignore_preemption_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def job_ref(environ: Optional[dict] = None) -> str:
+    """This task's job as Slurm names it: ARRAYID_TASKID for an array task (what scontrol requeue takes), else the
+    job id; the local executor's id; else this process."""
+    environ = os.environ if environ is None else environ
+    if environ.get("SLURM_ARRAY_JOB_ID") and environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
+    return environ.get("SLURM_JOB_ID") or environ.get("SUBMITIT_LOCAL_JOB_ID") or str(os.getpid())
+
+
 def restart_count(environ: Optional[dict] = None) -> int:
     """How often Slurm has requeued this job (SLURM_RESTART_COUNT; 0 for a first run and on the local executor)."""
     environ = os.environ if environ is None else environ
@@ -258,11 +267,9 @@ class TaskEntry:
     run_dir_template: str
 
     def context(self, task_index: Optional[int], items: Optional[list]) -> TaskContext:
-        import submitit
-
         run_dir = run_folder.resolve_run_dir(self.run_dir_template)
         return TaskContext(
-            run_dir=run_dir, step=self.step, job_id=str(submitit.JobEnvironment().job_id), root_id=run_dir.name,
+            run_dir=run_dir, step=self.step, job_id=job_ref(), root_id=run_dir.name,
             dist=dist_env(), hostname=os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
             task_index=task_index, items=items, accelerator=self.cluster_data.get("accelerator", "cpu"),
             executor=self.cluster_data.get("executor", "local"), cluster=self.cluster_data)
