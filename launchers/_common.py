@@ -6,6 +6,10 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+import warnings  # noqa: E402
+
+# libraries' deprecation notices (transformers, peft) are for their callers' developers, not for a person submitting
+warnings.filterwarnings("ignore", category=FutureWarning)
 # pydantic otherwise scans every installed package's entry points for plugins at first use (~20 ms per launch)
 os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
