@@ -339,7 +339,10 @@ class Trainer:
         bar.close()
         if writer:
             writer.close()
-        return {"steps": step, "start_step": start_step, "final_loss": self.history[-1]["loss"] if self.history
+        loss_png = self.ctx.run_dir / "results" / "loss.png"
+        if rank0:
+            plot_losses(metrics, loss_png)
+        return {"steps": step, "start_step": start_step, "loss_plot": str(loss_png), "final_loss": self.history[-1]["loss"] if self.history
                 else None, "losses": [h["loss"] for h in self.history], "resumed_checksum": resumed_checksum,
                 "saved_checksum": saved_checksum, "checksum": weights_checksum(self.engine),
                 "restart_count": restart_count(),
@@ -365,6 +368,31 @@ class Trainer:
         why = "local executor" if self.ctx.executor != "slurm" else f"{restart_count()} requeues used"
         raise Preempted(f"{PREEMPT['signal']} received: checkpoint saved at step {step}, not requeued ({why}); "
                         f"continue with: python launchers/submit.py SPEC --resume {self.ctx.run_dir}")
+
+
+def plot_losses(metrics_csv: Path, png: Path) -> None:
+    """The loss curve of the whole run (every step once, across requeues) from metrics.csv, with its parts."""
+    if not metrics_csv.is_file():
+        return
+    from core.run_folder import atomic_path
+    from core.workloads.common import pyplot
+
+    rows = list(csv.DictReader(metrics_csv.open()))
+    if not rows:
+        return
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = [int(r["step"]) for r in rows]
+    for key in [k for k in rows[0] if k == "loss" or k.endswith("_loss")]:
+        ax.plot(steps, [float(r[key]) for r in rows], label=key, lw=1.5 if key == "loss" else 1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean over ranks)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
 
 
 def _tensorboard(folder: Path):

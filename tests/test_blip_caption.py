@@ -136,6 +136,7 @@ def test_zero2_two_ranks_train_checkpoint_adapters_and_beat_the_untrained_captio
     assert [r["id"] for r in rows] == split["test"] and len(rows) == trained["images"] >= 8
     assert split["skipped_images"] == {"syn00047": split["skipped_images"]["syn00047"]}
     assert (zero2 / "results" / "metrics.png").stat().st_size > 1000
+    assert (zero2 / "results" / "loss.png").stat().st_size > 1000  # the engine draws every training run's loss
 
 
 def adapter_captions(run_dir: Path, workdir) -> tuple[dict, dict]:
