@@ -91,3 +91,14 @@ def all_job_count() -> int:
     out = subprocess.run(["sacct", "-X", "-n", "-a", "-S", "now-1days", "-o", "JobID"], capture_output=True,
                          text=True, check=True).stdout
     return len(out.split()) + len(queue_ids())
+
+
+def final_state(job_id: str, timeout: float = 900) -> str:
+    """The job's state once it is over, after any requeues (sacct shows the newest run of a job)."""
+    t0 = time.time()
+    while True:
+        state = wait_terminal([job_id], timeout=timeout)[job_id]
+        if state in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}:
+            return state
+        assert time.time() - t0 < timeout, f"job {job_id} still {state} after {timeout}s"
+        time.sleep(1)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli, queue_ids, record, run_folder, wait_terminal
+from conftest import cli, final_state, queue_ids, record, run_folder
 
 SPEC = "jobs/tiny/blip_medtrinity.yaml"
 
@@ -94,14 +94,6 @@ def submit(workdir, name, *extra, cluster=("-c", "local_slurm", "--set", "resour
     run_dir = run_folder(res.stdout)
     return run_dir, record(run_dir)["steps"][0]["job_ids"][0]
 
-
-def final_state(job, timeout=900):
-    t0 = time.time()
-    while True:
-        state = wait_terminal([job], timeout=timeout)[job]
-        if state in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"} or time.time() - t0 > timeout:
-            return state
-        time.sleep(1)
 
 
 def losses(run_dir: Path) -> list[tuple[int, float]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli, record, run_folder, sacct_states, wait_terminal
+from conftest import cli, final_state, record, run_folder
 
 SPEC = "jobs/tiny/pangu_lm.yaml"
 STEPS = 240
@@ -60,16 +60,6 @@ def wait_for(pred, timeout=300, what="condition"):
         time.sleep(0.2)
 
 
-def finished(job_id: str, timeout=600) -> str:
-    """Final state after any requeues (sacct shows the newest run of the job)."""
-    t0 = time.time()
-    while True:
-        state = wait_terminal([job_id], timeout=timeout)[job_id]
-        if state in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}:
-            return state
-        assert time.time() - t0 < timeout
-        time.sleep(1)
-
 
 def assert_same_losses(run_dir: Path, reference: list[tuple[int, float]]):
     got = metrics(run_dir)
@@ -82,7 +72,7 @@ def assert_same_losses(run_dir: Path, reference: list[tuple[int, float]]):
 def reference(slurm, model_dir, logs):
     """An uninterrupted 2-rank ZeRO-2 fp32 run: the losses every interrupted run must reproduce."""
     run_dir, job = submit(*common(model_dir, logs, "ref"))
-    assert finished(job) == "COMPLETED"
+    assert final_state(job) == "COMPLETED"
     return run_dir, metrics(run_dir)
 
 
@@ -103,7 +93,7 @@ def test_zero2_two_nodes_loss_goes_down_and_both_ranks_report(reference):
 def test_zero3_bf16_two_nodes_trains(slurm, model_dir, logs):
     run_dir, job = submit(*common(model_dir, logs, "z3", "--set", "deepspeed.stage=3",
                                   "--set", "deepspeed.precision=bf16", "--set", "train.steps=40"))
-    assert finished(job) == "COMPLETED"
+    assert final_state(job) == "COMPLETED"
     losses = [l for _, l in metrics(run_dir)]
     assert len(losses) == 40 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.2
     meta = json.loads((run_dir / "checkpoints" / "step00000040" / "COMPLETE").read_text())
@@ -116,7 +106,7 @@ def test_scontrol_requeue_resumes_exactly(reference, model_dir, logs):
     run_dir, job = submit(*common(model_dir, logs, "requeue"))
     wait_for(lambda: (run_dir / "checkpoints" / "latest").exists(), what="a first checkpoint")
     subprocess.run(["scontrol", "requeue", job], check=True)
-    assert finished(job) == "COMPLETED"
+    assert final_state(job) == "COMPLETED"
     res = result(run_dir)
     assert res["start_step"] > 0 and res["steps"] == STEPS
     assert_same_losses(run_dir, reference[1])
@@ -127,7 +117,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(reference, m
     wait_for(lambda: (run_dir / "metrics.csv").exists() and len(metrics(run_dir)) > 15, what="training to start")
     # the signal Slurm sends before the time limit (--signal=USR2@N), delivered to every task of the step
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
-    assert finished(job) == "COMPLETED"
+    assert final_state(job) == "COMPLETED"
     log = next((run_dir / "submitit").glob(f"{job}_0_log.out")).read_text()
     assert "received SIGUSR2" in log and "requeue" in log
     res = result(run_dir)
@@ -137,15 +127,15 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(reference, m
 
 def test_sigkill_during_a_save_resumes_from_the_last_complete_checkpoint(reference, model_dir, logs):
     run_dir, job = submit(*common(model_dir, logs, "killed"), env={"MEDHPC_FAULT": "kill@after_shards:40"})
-    assert finished(job) == "FAILED"
+    assert final_state(job) == "FAILED"
     ck = run_dir / "checkpoints"
     assert (ck / "latest").read_text() == "step00000020"
     assert (ck / ".staging" / "step00000040").is_dir() and not (ck / "step00000040").exists()
     res = cli("submit", *common(model_dir, logs, "killed"), "--resume", str(run_dir))
     assert res.returncode == 0, res.stderr
-    assert finished(job) in {"FAILED"}  # the old job stays failed; the new one continues in the same folder
+    assert final_state(job) in {"FAILED"}  # the old job stays failed; the new one continues in the same folder
     new_job = record(run_dir)["steps"][0]["job_ids"][0]
-    assert new_job != job and finished(new_job) == "COMPLETED"
+    assert new_job != job and final_state(new_job) == "COMPLETED"
     assert result(run_dir)["start_step"] == 20
     assert_same_losses(run_dir, reference[1])
     assert len(record(run_dir)["submissions"]) == 2
@@ -159,7 +149,7 @@ def test_two_rank_zero2_checkpoint_resumes_on_one_rank_through_universal(referen
               "--set", f"train.steps={STEPS + 5}", "--resume", str(run_dir))
     assert res.returncode == 0, res.stderr
     job = record(run_dir)["steps"][0]["job_ids"][0]
-    assert finished(job) == "COMPLETED"
+    assert final_state(job) == "COMPLETED"
     out = result(run_dir)
     assert out["world_size"] == 1 and out["start_step"] == STEPS and out["steps"] == STEPS + 5
     assert out["resumed_checksum"] == pytest.approx(out["saved_checksum"], rel=1e-6, abs=1e-5)
@@ -191,7 +181,7 @@ def test_zero_to_fp32_output_loads_into_the_hf_model_strictly(reference, model_d
 
 def test_incomplete_checkpoints_stop_the_run_and_fresh_moves_them_aside(slurm, model_dir, logs):
     run_dir, job = submit(*common(model_dir, logs, "corrupt", "--set", "train.steps=20"))
-    assert finished(job) == "COMPLETED"
+    assert final_state(job) == "COMPLETED"
     ck = run_dir / "checkpoints"
     # a save that never completed: no marker. Remove the complete ones so only the broken one is left.
     for d in ck.glob("step*"):
@@ -199,7 +189,7 @@ def test_incomplete_checkpoints_stop_the_run_and_fresh_moves_them_aside(slurm, m
     before = sorted(str(p.relative_to(ck)) for p in ck.rglob("*"))
     res = cli("submit", *common(model_dir, logs, "corrupt", "--set", "train.steps=30"), "--resume", str(run_dir))
     job2 = record(run_dir)["steps"][0]["job_ids"][0]
-    assert finished(job2) == "FAILED"
+    assert final_state(job2) == "FAILED"
     log = next((run_dir / "submitit").glob(f"{job2}_0_log.out")).read_text()
     assert "none is complete" in log and "--fresh" in log
     assert sorted(str(p.relative_to(ck)) for p in ck.rglob("*")) == before  # nothing overwritten
@@ -207,19 +197,19 @@ def test_incomplete_checkpoints_stop_the_run_and_fresh_moves_them_aside(slurm, m
               "--fresh")
     assert res.returncode == 0, res.stderr
     job3 = record(run_dir)["steps"][0]["job_ids"][0]
-    assert finished(job3) == "COMPLETED"
+    assert final_state(job3) == "COMPLETED"
     assert result(run_dir)["start_step"] == 0
     assert list(run_dir.glob("checkpoints.discarded-*"))
 
 
 def test_truncated_complete_checkpoint_is_a_clear_error(slurm, model_dir, logs):
     run_dir, job = submit(*common(model_dir, logs, "trunc", "--set", "train.steps=20"))
-    assert finished(job) == "COMPLETED"
+    assert final_state(job) == "COMPLETED"
     victim = run_dir / "checkpoints" / "step00000020" / "mp_rank_00_model_states.pt"
     victim.write_bytes(victim.read_bytes()[:1000])
     cli("submit", *common(model_dir, logs, "trunc", "--set", "train.steps=30"), "--resume", str(run_dir))
     job2 = record(run_dir)["steps"][0]["job_ids"][0]
-    assert finished(job2) == "FAILED"
+    assert final_state(job2) == "FAILED"
     log = next((run_dir / "submitit").glob(f"{job2}_0_log.out")).read_text()
     assert "step00000020 is marked complete but cannot be loaded" in log
     assert victim.stat().st_size == 1000
@@ -238,7 +228,7 @@ def test_real_time_limit_signal_requeues_and_finishes_every_step_once(slurm, mod
                           "--set", f"model.path={model_dir}", "--set", f"outputs.logs_dir={logs}",
                           "--set", "resources.nodes=2", "--set", "train.steps=1000000",
                           "--set", "train.checkpoint_every=0", "--set", "resources.time=1")
-    assert finished(job, timeout=600) == "FAILED"  # stopped after its one requeue, checkpoint saved
+    assert final_state(job, timeout=600) == "FAILED"  # stopped after its one requeue, checkpoint saved
     log = next((run_dir / "submitit").glob(f"{job}_0_log.out")).read_text()
     assert log.count("received SIGUSR2") >= 2 and "requeue" in log
     saved = [int(m) for m in re.findall(r"checkpoint step(\d{8}) saved", log)]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, cli, record, run_folder, wait_terminal
+from conftest import REPO, cli, final_state, record, run_folder
 
 SPEC = "jobs/tiny/vitp_lung.yaml"
 FULL = "jobs/vitp_lung.yaml"
@@ -49,16 +49,6 @@ def submit(paths, name, *extra, fmt="folders"):
     return run_dir, record(run_dir)["steps"][0]["job_ids"][0]
 
 
-def finished(job: str, timeout: float = 600) -> str:
-    """Final state after any requeue (sacct shows the newest run of the job); the timeout only guards a hang."""
-    t0 = time.time()
-    while True:
-        state = wait_terminal([job], timeout=timeout)[job]
-        if state in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}:
-            return state
-        assert time.time() - t0 < timeout
-        time.sleep(1)
-
 
 def losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader((run_dir / "metrics.csv").open())]
@@ -76,7 +66,7 @@ def read_csv(path: Path) -> list[dict]:
 def trained(slurm, dataset):
     """One 2-rank ZeRO-3 run (n1 + n2) on the folders format: the reference every other run is compared with."""
     run_dir, job = submit(dataset, "vitp_ref")
-    assert finished(job) == "COMPLETED", sorted((run_dir / "submitit").glob("*log.out"))
+    assert final_state(job) == "COMPLETED", sorted((run_dir / "submitit").glob("*log.out"))
     return run_dir
 
 
@@ -381,7 +371,7 @@ def test_scontrol_requeue_resumes_exactly_on_the_vitp_format(trained, dataset):
         assert time.time() - t0 < 600, "no checkpoint"
         time.sleep(0.2)
     subprocess.run(["scontrol", "requeue", job], check=True)
-    assert finished(job) == "COMPLETED"
+    assert final_state(job) == "COMPLETED"
     res = rank0(run_dir)
     assert 0 < res["start_step"] < STEPS and res["steps"] == STEPS and res["restart_count"] >= 1
     got, ref = losses(run_dir), losses(trained)
