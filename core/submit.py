@@ -195,6 +195,9 @@ def submit(plan: Plan, raw_spec: dict, spec_file: str, resume_dir: Optional[Path
                                                              if k in previous}])
         record["submissions"].append({"submitted_at": record["submitted_at"], "steps": steps_record})
     run_folder.write_record(run_dir, record)
+    for link in run_dir.parent.glob(".submission_file_*.sh"):  # submitit leaves a link next to the run folder
+        if link.is_symlink() and run_dir.resolve() in link.resolve().parents:
+            link.unlink()
     return Submission(run_dir, record, jobs)
 
 

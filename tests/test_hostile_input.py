@@ -158,3 +158,30 @@ def test_resume_refuses_a_folder_of_another_run(tmp_path):
     mine.mkdir(parents=True)
     write_record(mine, {"name": "smoke"})
     assert find_run(spec, str(mine)) == mine.resolve()
+
+
+def test_shell_in_accepted_values_never_runs_and_nothing_lands_outside_the_run_folder(slurm, tmp_path):
+    """Values that are data (a message, an env value) may hold shell syntax: they travel in the job's pickle and
+    environment, never through a shell, so the canary file is never created; every file the job writes is under
+    its run folder."""
+    import json
+
+    from conftest import cli, final_state, record, run_folder
+
+    canary = tmp_path / "CANARY"
+    shell = f"$(touch {canary}) `touch {canary}`; touch {canary}"
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"name: canary\nworkload: smoke\nresources: {{time: 5}}\nsmoke: {{message: {json.dumps(shell)}}}\n"
+                    f"env: {{GREETING: {json.dumps(shell)}}}\noutputs: {{logs_dir: {tmp_path / 'logs'}}}\n")
+    before = set(tmp_path.iterdir())
+    res = cli("submit", str(spec), "-c", "local_slurm")
+    assert res.returncode == 0, res.stderr
+    run_dir = run_folder(res.stdout)
+    assert final_state(record(run_dir)["steps"][0]["job_ids"][0]) == "COMPLETED"
+    (task,) = [json.loads(p.read_text()) for p in (run_dir / "tasks").glob("*.json")]
+    assert task["result"]["message"] == shell  # the text arrived as text
+    assert not canary.exists()
+    assert set(tmp_path.iterdir()) - before == {tmp_path / "logs"}
+    outside = [p for p in (tmp_path / "logs").rglob("*")
+               if not (p == run_dir or run_dir in p.parents or p.parent == tmp_path / "logs" or p.name == "latest")]
+    assert outside == [], outside
