@@ -24,6 +24,7 @@ WORKLOADS: dict[str, str] = {
     "dia_pangu": "core.workloads.dia_pangu",
     "vitp_lung": "core.workloads.vitp_lung",
     "blip_caption": "core.workloads.blip_caption",
+    "gigapath_distill": "core.workloads.gigapath_distill",
 }
 
 
