@@ -375,7 +375,7 @@ def plot_losses(metrics_csv: Path, png: Path) -> None:
     if not metrics_csv.is_file():
         return
     from core.run_folder import atomic_path
-    from core.workloads.common import pyplot
+    from core.plotting import pyplot
 
     rows = list(csv.DictReader(metrics_csv.open()))
     if not rows:

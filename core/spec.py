@@ -441,13 +441,16 @@ def control_characters(data: Any, path: str = "") -> list[tuple[str, str]]:
 
 def _model_at(model: type[BaseModel], loc: tuple) -> Optional[type[BaseModel]]:
     """The pydantic model class that owns the field at `loc` (for 'did you mean' suggestions)."""
+    free = False
     for part in loc:
-        if isinstance(part, int):
+        if isinstance(part, int) or free:  # a list index, or the key of a mapping field (models.<name>)
+            free = False
             continue
         field = model.model_fields.get(part)
         if field is None:
             return None
         ann = field.annotation
+        free = getattr(ann, "__origin__", None) is dict
         candidates = [ann, *getattr(ann, "__args__", ())]
         nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
         if nxt is None:
@@ -509,13 +512,17 @@ def apply_override(data: dict, assignment: str, model: type[BaseModel]) -> None:
         value = load_yaml(raw, "--set") if raw.strip() else ""
     except YamlError:
         value = raw
-    node, cls = data, model
+    node, cls, free = data, model, False
     for i, part in enumerate(parts):
         owner = cls
-        if owner is not None and part not in owner.model_fields:
+        if free:  # a key of a mapping field (models.<name>): any name, then the mapping's value schema
+            free = False
+        elif owner is not None and part not in owner.model_fields:
             near = difflib.get_close_matches(part, list(owner.model_fields), n=1, cutoff=0.5)
             hint = f"did you mean '{'.'.join(parts[:i] + [near[0]])}'? " if near else ""
             raise SpecError("--set", [(key, f"unknown key. {hint}Valid keys here: {', '.join(sorted(owner.model_fields))}")])
+        if owner is not None and part in getattr(owner, "model_fields", {}):
+            free = getattr(owner.model_fields[part].annotation, "__origin__", None) is dict
         cls = _model_at(owner, (part,)) if owner is not None else None
         if i == len(parts) - 1:
             node[part] = value

@@ -163,3 +163,11 @@ def test_only_the_registry_reaches_workloads_and_the_engine_knows_no_model_or_sc
             assert not any(n.startswith("core.workloads.") for n in names), f"{path} imports a workload: {names}"
     engine = (REPO / "core" / "engine.py").read_text()
     assert "core.models" not in engine and "scontrol" not in engine and "SLURM_" not in engine
+
+
+def test_set_reaches_into_named_models():
+    spec, _ = load_spec(REPO / "jobs" / "tiny" / "gigapath_distill.yaml", ("models.teacher.path=/x/teacher",))
+    assert spec.models["teacher"].path == "/x/teacher"
+    with pytest.raises(SpecError) as e:
+        load_spec(REPO / "jobs" / "tiny" / "gigapath_distill.yaml", ("models.teacher.pth=/x",))
+    assert "did you mean 'path'" in str(e.value)

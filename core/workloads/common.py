@@ -1,10 +1,11 @@
 """Small steps that several workloads share: text files of prompts, the decoder's layer count for planning,
-next-token log-probabilities, and a headless pyplot."""
+next-token log-probabilities, and a headless pyplot (core.plotting)."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional
 
+from core.plotting import pyplot  # noqa: F401  (workloads draw through it)
 from core.spec import FieldError
 
 
@@ -44,13 +45,3 @@ def next_token_logprobs(logits, ids):
     lp = torch.log_softmax(logits.reshape(-1, logits.shape[-1]).float(), dim=-1)
     target = ids.reshape(-1)[1:].to(lp.device)
     return lp[:-1].gather(1, target.unsqueeze(1)).squeeze(1)
-
-
-def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend (jobs have no display)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
