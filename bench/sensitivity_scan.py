@@ -6,14 +6,20 @@
    identical per-layer results;
 2. wall time of the scan as a Slurm array on the two local nodes vs the same scan in one process (target <= 0.65x);
 3. per-task overhead (Slurm start + imports + model load) as a share of each array task's wall time, for the tiny
-   model and a ~300M-parameter Pangu shape, with layers_per_task 1 and 4.
+   model and a ~300M-parameter Pangu shape, with layers_per_task 1 and 4; and what each task reads: bytes of
+   weights (layers min(task)..L-1 + norm + head, target <= 0.55 of the model on average) and bytes of the
+   baseline (its own layers' rows, target <= 1/L of the file + header);
+4. import time of the task entry (core.runtime + the workload module) per workload in a fresh interpreter, the
+   inference stack (torch, transformers' Llama, safetensors) that baseline / scan / merge / prune import, and
+   whether DeepSpeed was imported.
 
-  .venv/bin/python bench/sensitivity_scan.py [--skip-300m]
+  .venv/bin/python bench/sensitivity_scan.py [--skip-300m] [--only 300m] [--per-task 1] [--skip-count]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -23,6 +29,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 PY = sys.executable
+# sacct / sbatch find the local cluster's slurm.conf through SLURM_CONF, as launchers/_common.py sets it
+_LOCAL_CONF = Path(os.environ.get("SLURM_LOCAL_STATE") or "/var/lib/slurm-local") / "etc" / "slurm.conf"
+if not os.environ.get("SLURM_CONF") and not Path("/etc/slurm/slurm.conf").exists() and _LOCAL_CONF.is_file():
+    os.environ["SLURM_CONF"] = str(_LOCAL_CONF)
 
 
 def count_evaluations(tmp: Path) -> None:
@@ -55,8 +65,11 @@ def count_evaluations(tmp: Path) -> None:
 
 
 def submit(spec: str, *sets: str) -> Path:
-    out = subprocess.run([PY, "launchers/submit.py", spec, "-c", "local_slurm", *[x for s in sets for x in ("--set", s)]],
-                         capture_output=True, text=True, cwd=REPO, check=True).stdout
+    proc = subprocess.run([PY, "launchers/submit.py", spec, "-c", "local_slurm",
+                           *[x for s in sets for x in ("--set", s)]], capture_output=True, text=True, cwd=REPO)
+    if proc.returncode:
+        raise RuntimeError(f"submit {spec} {sets} failed:\n{proc.stdout}\n{proc.stderr}")
+    out = proc.stdout
     return Path(next(ln for ln in out.splitlines() if ln.startswith("run folder: ")).split(": ", 1)[1])
 
 
@@ -73,7 +86,7 @@ def wait_merge(run_dir: Path, timeout=3600) -> float:
     raise TimeoutError(run_dir)
 
 
-def task_overheads(run_dir: Path) -> list[float]:
+def task_overheads(run_dir: Path, reads: list | None = None) -> list[float]:
     rec = json.loads((run_dir / "run.json").read_text())
     arr = [s for s in rec["steps"] if s["name"] == "main"][0]["job_ids"][0]
     out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", arr, "-o", "JobID,ElapsedRaw"], capture_output=True,
@@ -85,6 +98,8 @@ def task_overheads(run_dir: Path) -> list[float]:
         jid = next((k for k in elapsed if k.endswith(f"_{t['task_index']}")), None)
         if jid and elapsed[jid] > 0:
             shares.append(max(0.0, 1 - t["result"]["scan_s"] / elapsed[jid]))
+        if reads is not None:
+            reads.append(t["result"])
     return shares
 
 
@@ -112,28 +127,84 @@ def wall_array_vs_inprocess(tmp: Path, label: str, folder: Path, per_task: int) 
     t0 = time.time()
     arr_dir = submit("jobs/tiny/pangu_sensitivity.yaml", *sets)
     array = wait_merge(arr_dir) - t0
-    shares = task_overheads(arr_dir)
+    reads: list = []
+    shares = task_overheads(arr_dir, reads)
     print(f"{label} ({n_layers} layers), layers_per_task={per_task}: array on n1+n2 {array:.1f} s vs one process "
           f"{inproc:.1f} s = {array / inproc:.2f}x (target <= 0.65x); per-task overhead "
           f"{100 * sum(shares) / max(len(shares), 1):.0f}% of task wall time ({len(shares)} tasks)")
+    w = [r["weights_read_bytes"] / r["weights_total_bytes"] for r in reads if r.get("weights_read_bytes")]
+    b = [r["baseline_read_bytes"] / r["baseline_total_bytes"] for r in reads if r.get("baseline_read_bytes")]
+    if w and b:
+        print(f"  weights read per task: mean {100 * sum(w) / len(w):.1f}% of the model (max {100 * max(w):.1f}%, "
+              f"target <= 55%); baseline read per task: mean {100 * sum(b) / len(b):.2f}% of the file (max "
+              f"{100 * max(b):.2f}%; 1/L = {100 / n_layers:.2f}%, {reads[0]['baseline_total_bytes']:,} bytes)")
+
+
+IMPORT_PROBE = r"""
+import sys, time
+t0 = time.perf_counter()
+from core.runtime import TaskEntry
+from core import workloads
+workloads.get(sys.argv[1])
+t1 = time.perf_counter()
+if sys.argv[2] == "stack":
+    import torch, safetensors.torch
+    from transformers import LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+t2 = time.perf_counter()
+print(f"{t1 - t0:.3f} {t2 - t1:.3f} {int(any(m.split('.')[0] == 'deepspeed' for m in sys.modules))}")
+"""
+
+
+def import_times(repeats: int = 3) -> None:
+    from core import workloads
+
+    for name in workloads.WORKLOADS:
+        entry = []
+        for _ in range(repeats):
+            proc = subprocess.run([PY, "-c", IMPORT_PROBE, name, "entry"], capture_output=True, text=True, cwd=REPO)
+            if proc.returncode:
+                break
+            out = proc.stdout.split()
+            entry.append(float(out[0]))
+        if not entry:
+            print(f"task entry import, {name}: failed: {proc.stderr.strip().splitlines()[-1:]}")
+            continue
+        print(f"task entry import, {name}: {min(entry):.3f} s (best of {repeats}); deepspeed imported: "
+              f"{bool(int(out[2]))}")
+    stack = [subprocess.run([PY, "-c", IMPORT_PROBE, "sensitivity", "stack"], capture_output=True, text=True,
+                            cwd=REPO, check=True).stdout.split() for _ in range(repeats)]
+    ds = [subprocess.run([PY, "-c", "import time; t = time.perf_counter(); import deepspeed; "
+                                    "print(time.perf_counter() - t)"], capture_output=True, text=True,
+                         check=True).stdout.split()[-1] for _ in range(repeats)]
+    print(f"inference stack (torch, transformers Llama, safetensors) on top: {min(float(x[1]) for x in stack):.2f} s; "
+          f"deepspeed imported: {bool(int(stack[0][2]))}; importing deepspeed would add "
+          f"{min(float(x) for x in ds):.2f} s")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-300m", action="store_true")
+    ap.add_argument("--only", choices=["tiny", "300m"], help="scan only this shape")
+    ap.add_argument("--per-task", type=int, action="append", help="layers per task (default: tiny 1 and 3, 300M 1 "
+                                                                   "and 4)")
+    ap.add_argument("--skip-count", action="store_true", help="skip the decoder-layer evaluation count")
     args = ap.parse_args()
     subprocess.run(["bash", str(REPO / "slurm/local_cluster.sh"), "up"], check=True, capture_output=True)
     from core.models.pangu import write_tiny_pangu
 
-    with tempfile.TemporaryDirectory(dir=REPO / "logs") as t:
+    import_times()
+    with tempfile.TemporaryDirectory(prefix="sensitivity_bench-") as t:  # under /tmp: the profile's logs_roots
         tmp = Path(t)
-        count_evaluations(tmp)
-        tiny = write_tiny_pangu(tmp / "tiny6", layers=6)
-        for per in (1, 3):
-            wall_array_vs_inprocess(tmp, "tiny", tiny, per)
-        if not args.skip_300m:
+        if not args.skip_count:
+            count_evaluations(tmp)
+        if args.only in (None, "tiny"):
+            tiny = write_tiny_pangu(tmp / "tiny6", layers=6)
+            for per in args.per_task or (1, 3):
+                wall_array_vs_inprocess(tmp, "tiny", tiny, per)
+        if not args.skip_300m and args.only in (None, "300m"):
             mid = write_tiny_pangu(tmp / "p300m", layers=12, hidden=1536, heads=16, kv_heads=4, intermediate=4096)
-            for per in (1, 4):
+            for per in args.per_task or (1, 4):
                 wall_array_vs_inprocess(tmp, "300M", mid, per)
 
 

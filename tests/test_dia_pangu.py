@@ -16,25 +16,37 @@ SPEC = "jobs/tiny/dia_pangu.yaml"
 
 
 # ---------------------------------------------------------------- shapes on the meta device
-def test_full_size_vit3d_and_perceiver_parameter_counts():
+def test_full_size_vit3d_perceiver_and_fc_parameter_counts():
     import torch
 
     from core.models.perceiver import PerceiverResampler
     from core.models.vit3d import ViT3D
 
     with torch.device("meta"):
-        vit, per = ViT3D(), PerceiverResampler(out_dim=4096)
+        vit, per = ViT3D(), PerceiverResampler()
     patch = 3 * 32 * 32 * 4                                   # 12288 values per 32x32x4 patch
     embed = 2 * patch + patch * 768 + 768 + 2 * 768           # LN, Linear(12288, 768), LN
-    pos = (8 + 8 + 16) * 256                                  # one learned table per axis, 256 features each
-    attn = 2 * 768 + 768 * 3 * 512 + 512 * 768 + 768          # LN, qkv (no bias), out
-    ff = 2 * 768 + 768 * 2048 + 2048 + 2048 * 768 + 768       # LN, 768->2048->768
-    assert sum(p.numel() for p in vit.parameters()) == embed + pos + 12 * (attn + ff) + 2 * 768 == 66_176_768
-    assert vit.cfg.tokens == 1024
+    pos = (16 + 16 + 128) * 256                               # RadFM's tables for a 512^3 design volume
+    attn = 2 * 768 + 768 * 3 * 512 + 512 * 768 + 768          # PreNorm LN, qkv (no bias), out
+    ff = 2 * 768 + 768 * 2048 + 2048 + 2048 * 768 + 768       # PreNorm LN, 768->2048->768
+    assert sum(p.numel() for p in vit.parameters()) == embed + pos + 12 * (attn + ff) == 66_208_000  # no final LN
+    assert vit.cfg.tokens == 1024 and vit.cfg.grid == (8, 8, 16) and vit.cfg.table_rows == (16, 16, 128)
     p_attn = 4 * 768 + 768 * 512 + 768 * 1024 + 512 * 768     # 2 LN, q, kv, out (no biases)
     p_ff = 2 * 768 + 2 * 768 * 3072                           # LN, x4 feed-forward without biases
-    total = 32 * 768 + 4 * 768 + 6 * (p_attn + p_ff) + 2 * 768 + 768 * 4096 + 4096
-    assert sum(p.numel() for p in per.parameters()) == total == 40_955_392
+    total = 32 * 768 + 6 * (p_attn + p_ff) + 2 * 768          # latents, layers, final LN (no media position)
+    assert sum(p.numel() for p in per.parameters()) == total == 37_802_496
+
+
+def test_position_table_is_read_with_radfm_strides():
+    import torch
+
+    from core.models.vit3d import ViT3D
+
+    with torch.device("meta"):
+        vit = ViT3D()
+    rows = vit.pos_embedding.rows_for
+    assert rows(8, 16, "cpu").tolist() == [1, 3, 5, 7, 9, 11, 13, 15]
+    assert rows(16, 128, "cpu").tolist() == list(range(7, 128, 8))
 
 
 # ---------------------------------------------------------------- the image block
@@ -50,7 +62,8 @@ def tiny_model(tmp_path_factory):
     folder = write_tiny_pangu(tmp_path_factory.mktemp("m") / "pangu")
     tok = load_tokenizer(folder)
     torch.manual_seed(0)
-    return DiaPangu(load_pangu(folder, dtype=torch.float32), tok, TINY_VIT, TINY_PERCEIVER), tok
+    model = DiaPangu(load_pangu(folder, dtype=torch.float32), tok, TINY_VIT, TINY_PERCEIVER, train_head=True)
+    return model.eval(), tok  # eval: no dropout in the ViT, so two passes over one volume agree
 
 
 def test_image_token_embeddings_are_the_projected_latents_and_labels_are_ignored(tiny_model):
@@ -74,6 +87,8 @@ def test_image_token_embeddings_are_the_projected_latents_and_labels_are_ignored
     assert torch.equal(emb[0, 1], model.markers.weight[0]) and torch.equal(emb[0, 34], model.markers.weight[1])
     text = tok.decode(ids[0, 35:][labels[0, 35:] == -100])
     assert 'The "pleural effusion" is positive.' in text and 'The "cardiomegaly" is negative.' in text
+    assert text.strip().endswith("any abnormalities is essential.")  # Dia-LLaMA's instruction closes the prompt
+    assert text.index('"no finding"') < text.index("Based on the above visual information")
     report = labels[0][labels[0] != -100]
     assert report[-1] == tok.eos_token_id and (labels[0, :35] == -100).all()
     assert tok.decode(report[:-1]).strip() == case.finding
@@ -90,18 +105,33 @@ def test_disease_call_uses_the_training_feature_path(tiny_model):
     assert torch.equal(calls, logits.argmax(-1)) and calls.shape == (2, 14)
 
 
-def test_init_from_dia_llama_checkpoint_loads_fitting_keys_and_lists_the_rest(tiny_model, tmp_path):
+def test_init_from_tiny_dia_llama_checkpoint_loads_every_tensor_and_refuses_leftovers(tiny_model, tmp_path):
     import torch
+    from safetensors.torch import save_file
 
-    from core.workloads.dia_pangu import init_from_checkpoint
+    from core.models.dia_pangu import DiaCheckpointError, load_dia_llama, to_dia_llama, vision_state
 
     model, _ = tiny_model
-    good = torch.full_like(model.perceiver.latents, 0.5)
-    torch.save({"embedding_layer.perceiver.latents": good, "embedding_layer.vision_encoder.pos_h":
-                torch.zeros(99, 3), "embedding_layer.fc.weight": torch.zeros(4, 4)}, tmp_path / "dia.pth")
-    out = init_from_checkpoint(model, str(tmp_path / "dia.pth"))
-    assert out["loaded"] == ["perceiver.latents"] and torch.equal(model.perceiver.latents, good)
-    assert sorted(out["skipped"]) == ["embedding_layer.fc.weight", "embedding_layer.vision_encoder.pos_h"]
+    state = {k: torch.randn_like(v) for k, v in to_dia_llama(model).items()}
+    state["embedding_layer.weight"] = torch.zeros(16, 64)
+    state["lang_model.base_model.model.lm_head.weight"] = torch.zeros(16, 64)
+    (tmp_path / "folder").mkdir()
+    save_file(state, str(tmp_path / "folder" / "model.safetensors"))
+    before = {k: v.clone() for k, v in vision_state(model).items()}
+    try:
+        report = load_dia_llama(model, tmp_path / "folder")  # a folder holding model.safetensors
+        after = to_dia_llama(model)
+        assert all(torch.equal(after[k], state[k]) for k in after)
+        assert report["counts"] == {"loaded": len(after), "unused": 2}
+        assert {u["key"] for u in report["unused"]} == {"embedding_layer.weight", "lang_model.*"}
+        bad = dict(state, **{"embedding_layer.extra": torch.zeros(1)})
+        save_file(bad, str(tmp_path / "bad.safetensors"))
+        with pytest.raises(DiaCheckpointError, match=r"1 key\(s\) not known: embedding_layer.extra"):
+            load_dia_llama(model, tmp_path / "bad.safetensors")
+    finally:
+        with torch.no_grad():
+            for k, v in vision_state(model).items():
+                v.copy_(before[k])
 
 
 # ---------------------------------------------------------------- metrics
@@ -112,7 +142,8 @@ def test_report_metrics_identical_and_pinned():
             "b": "the heart size is normal and the lungs are clear ."}
     same = report_metrics(refs, refs)
     assert all(v == pytest.approx(1.0, abs=1e-6) for v in same.values()), same
-    pinned = report_metrics(refs, {"a": "there is a pleural effusion .", "b": "the heart is enlarged ."})
+    assert all(v == pytest.approx(1.0, abs=1e-6) for v in report_metrics(refs, refs, tokenize="raw").values())
+    pinned = report_metrics(refs, {"a": "there is a pleural effusion .", "b": "the heart is enlarged ."})  # PTB
     expected = {"BLEU-1": 0.29261598909755715, "BLEU-2": 0.23461473794521265, "BLEU-3": 0.15360206361241102,
                 "BLEU-4": 2.511193149717911e-05, "METEOR": 0.18732143608718646, "ROUGE-L": 0.5385566960395081}
     for k, v in expected.items():
@@ -192,7 +223,10 @@ def workdir(tmp_path_factory):
     from core.models.pangu import write_tiny_pangu
 
     root = tmp_path_factory.mktemp("dia")
-    return {"model": write_tiny_pangu(root / "pangu"), **write_synthetic(root / "ctrg", n_test=12), "root": root}
+    from core.models.chexbert import write_tiny_chexbert
+
+    return {"model": write_tiny_pangu(root / "pangu"), **write_synthetic(root / "ctrg", n_test=12), "root": root,
+            "chexbert": write_tiny_chexbert(root / "chexbert")}
 
 
 def submit_dia(workdir, name, *extra):
@@ -200,7 +234,7 @@ def submit_dia(workdir, name, *extra):
               "--set", "model.make_tiny=false", "--set", f"data.path={workdir['data_dir']}",
               "--set", f"data.annotation={workdir['annotation']}", "--set", f"data.labels_csv={workdir['labels_csv']}",
               "--set", "data.make_synthetic=false", "--set", f"outputs.logs_dir={workdir['root'] / 'logs'}",
-              "--set", "resources.nodes=2", *extra)
+              "--set", f"dia.chexbert={workdir['chexbert']}", "--set", "resources.nodes=2", *extra)
     assert res.returncode == 0, res.stderr + res.stdout
     run_dir = run_folder(res.stdout)
     return run_dir, record(run_dir)["steps"][0]["job_ids"][0]
@@ -239,7 +273,11 @@ def test_two_rank_zero3_training_loss_decreases_and_disease_call_beats_chance(tr
     hits = sum(json.loads(r["GT_labels"])[k] == json.loads(r["Pred_labels"])[k] for r in out)
     assert len(out) == 12 and hits >= 10  # chance is 6 of 12 (P(>= 10 of 12 | chance) < 2%)
     metrics = json.loads((trained / "results" / "metrics.json").read_text())
-    assert set(metrics) >= {"BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "micro_precision", "micro_recall", "micro_f1"}
+    assert set(metrics) >= {"BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "head_micro_precision", "head_micro_recall",
+                            "head_micro_f1", "ce_precision_micro", "ce_recall_micro", "ce_f1_micro", "ce_f1_macro"}
+    assert metrics["nlg_tokenization"] == "raw" and metrics["nlg_raw"]["BLEU-4"] == metrics["BLEU-4"]
+    assert metrics["ce_num_examples"] == 12 and all(len(json.loads(r["Pred_chexbert"])) == 14 for r in out)
+    assert rank0_result(trained)["activation_checkpointing"] is True
     assert (trained / "results" / "metrics.png").stat().st_size > 1000
     hosts = {json.loads(p.read_text())["host"] for p in (trained / "tasks").glob("main.rank*.json")}
     assert hosts == {"n1", "n2"}
@@ -252,7 +290,8 @@ def test_frozen_parts_do_not_change_and_checkpoints_hold_only_trainable_tensors(
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(trained / "checkpoints"), tag="step00000060")
     assert state and not any(k.startswith(("llm.", "vit.")) for k in state)
-    assert {k.split(".")[0] for k in state} == {"perceiver", "disease", "markers"}
+    assert {k.split(".")[0] for k in state} == {"perceiver", "fc", "disease", "markers"}
+    assert not any(k.startswith("disease.group_cls_head") for k in state)  # loaded from Dia-LLaMA, never trained
 
 
 def test_requeue_in_the_middle_resumes_and_results_have_one_row_per_case(slurm, workdir):
@@ -285,7 +324,7 @@ def test_pruned_llm_evaluated_with_the_trained_dia_pangu(slurm, trained, workdir
     assert final_state(merge) == "COMPLETED"
     table = pd.read_csv(run_dir / "pruning_eval.csv")
     assert list(table["layers"]) == [3, 4] or list(table["layers"]) == [4, 3]
-    for col in ("dia_BLEU-4", "dia_METEOR", "dia_ROUGE-L", "dia_micro_f1"):
+    for col in ("dia_BLEU-4", "dia_METEOR", "dia_ROUGE-L", "dia_head_micro_f1"):
         assert table[col].notna().all()
     unpruned = list(csv.DictReader((run_dir / "dia_eval" / "ratio_0.00" / "dia-pangu.csv").open()))
     trained_rows = {r["ID"]: r for r in csv.DictReader((trained / "results" / "dia-pangu.csv").open())}

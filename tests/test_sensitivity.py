@@ -121,7 +121,25 @@ def test_starting_at_the_masked_layer_from_baseline_hidden_states_gives_identica
         assert a[layer] == pytest.approx(b[layer], abs=1e-6, rel=1e-5)
 
 
-def test_bi_and_angular_agree_with_hidden_states(model, model_dir):
+def direct_states(model, ids):
+    """X_0..X_L computed by hand: the embedding, then each decoder layer in turn (no final norm)."""
+    import torch
+
+    with torch.no_grad():
+        h = model.model.embed_tokens(ids)
+        pos = torch.arange(ids.shape[1]).unsqueeze(0)
+        emb = model.model.rotary_emb(h, pos)
+        xs = [h[0]]
+        for layer in model.model.layers:
+            out = layer(h, attention_mask=None, position_ids=pos, position_embeddings=emb)
+            h = out[0] if isinstance(out, tuple) else out
+            xs.append(h[0])
+    return xs
+
+
+def test_bi_and_angular_agree_with_a_direct_computation(model, model_dir):
+    """ShortGPT's BI: 1 - cos(X_l, X_{l+1}) over tokens, the last layer's X_L un-normed; Gromov's angular
+    distance: arccos(cos) / pi between the inputs of layers l and l+n on the last token."""
     import torch
 
     from core.models.pangu import load_tokenizer
@@ -129,15 +147,69 @@ def test_bi_and_angular_agree_with_hidden_states(model, model_dir):
 
     tok = load_tokenizer(model_dir)
     prompts = encode(tok, ["The chest CT shows", "胸部CT平扫："], 32)
-    per = hidden_metrics(model, prompts, "cpu")
+    xs = direct_states(model, prompts[1])
+
+    def cos(a, b):
+        return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+
+    for n in (1, 2, 3):
+        per = hidden_metrics(model, prompts, "cpu", block_size=n)
+        for layer in range(LAYERS):
+            assert per[layer]["bi"][1] == pytest.approx(float((1 - cos(xs[layer], xs[layer + 1])).mean()),
+                                                        rel=1e-4, abs=1e-6)
+            if layer + n <= LAYERS:
+                c = cos(xs[layer][-1], xs[layer + n][-1]).clamp(-1, 1)
+                assert per[layer]["angular"][1] == pytest.approx(float(torch.arccos(c) / math.pi), rel=1e-4, abs=1e-6)
+            else:
+                assert "angular" not in per[layer]
+    # the last layer's BI is taken before the final norm: transformers' hidden_states[L] is the normed one (the
+    # tiny model's norm weight is all ones, a per-token scale that cos ignores: give it a real model's spread)
+    norm = model.model.norm.weight
+    saved = norm.detach().clone()
+    try:
+        with torch.no_grad():
+            norm.copy_(torch.linspace(0.2, 3.0, norm.numel()))
+            hs = model(input_ids=prompts[1], output_hidden_states=True).hidden_states
+            assert torch.allclose(hs[LAYERS][0], model.model.norm(xs[LAYERS]), atol=1e-5)
+            normed = float((1 - cos(hs[LAYERS - 1][0], hs[LAYERS][0])).mean())
+            last = hidden_metrics(model, prompts, "cpu")[LAYERS - 1]["bi"][1]
+        assert last == pytest.approx(float((1 - cos(xs[LAYERS - 1], xs[LAYERS])).mean()), rel=1e-4)
+        assert abs(last - normed) > 1e-3
+    finally:
+        with torch.no_grad():
+            norm.copy_(saved)
+
+
+def test_angular_blocks_are_scanned_and_merged(model_dir, tmp_path):
+    from core.workloads import sensitivity as sens
+
+    spec, _ = spec_for(model_dir, "scan.metric=angular", "scan.block_size=2")
+    sens.run(spec, ctx_for(tmp_path, items=None))
+    out = sens.merge(spec, ctx_for(tmp_path, step="merge"))
+    assert out["layers"] == LAYERS - 1  # blocks start at 0..L-2
+    from core.spec import FieldError
+
+    with pytest.raises(FieldError, match="metric angular"):
+        sens.plan(spec_for(model_dir, "scan.metric=bi", "scan.block_size=2")[0])
+    with pytest.raises(FieldError, match=r"cannot start at \[5\]"):
+        sens.plan(spec_for(model_dir, "scan.metric=angular", "scan.block_size=2", "scan.layers=[0, 5]")[0])
+
+
+def test_qv_and_v_masks_give_the_same_scores_and_k_qkv_differ(model, model_dir, tmp_path):
+    """Zero V and softmax(QK^T) V is 0 whatever Q is: qv and v give identical outputs; k (uniform attention
+    over V) and qkv are other masks."""
+    import torch
+
+    from core.workloads.sensitivity import LayerMask
+
+    x = ids(model_dir)
+    out = {}
     with torch.no_grad():
-        hs = model(input_ids=prompts[1], output_hidden_states=True).hidden_states
-    a, b = hs[3][0], hs[4][0]
-    cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
-    assert per[3]["bi"][1] == pytest.approx(float((1 - cos).mean()), rel=1e-5)
-    assert per[3]["angular"][1] == pytest.approx(float((torch.arccos(cos.clamp(-1, 1)) / math.pi).mean()), rel=1e-5)
-
-
+        for mode in ("qv", "v", "k", "qkv"):
+            with LayerMask(model, 2, mode):
+                out[mode] = model(input_ids=x).logits.clone()
+    assert torch.equal(out["qv"], out["v"]) and torch.equal(out["qkv"], out["v"])
+    assert not torch.equal(out["k"], out["v"])
 # ---------------------------------------------------------------- through Slurm
 @pytest.fixture(scope="module")
 def local_scan(model_dir, tmp_path_factory):
@@ -260,3 +332,220 @@ def test_bad_scan_input_is_refused_before_submission(slurm, model_dir, tmp_path,
 def test_ratio_outside_zero_one_is_refused(model_dir):
     with pytest.raises(SpecError, match=r"every ratio must lie in \(0, 1\)"):
         spec_for(model_dir, "prune.ratios=[0.2, 1.5]", path=PRUNE)
+
+
+# ---------------------------------------------------------------- a task reads only what it needs
+def shard_copy(src: Path, dst: Path, shards: int = 3) -> Path:
+    """The model folder re-written as `shards` safetensors shards with model.safetensors.index.json."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy2(f, dst / f.name)
+    state = load_file(str(src / "model.safetensors"))
+    keys = sorted(state)
+    weight_map = {}
+    for s in range(shards):
+        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: state[k] for k in keys[s::shards]}
+        save_file(part, str(dst / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return dst
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_partial_load_scan_is_bit_identical_to_the_full_in_process_scan(model_dir, tmp_path, dtype):
+    """Each task builds only layers min(its layers)..L-1 + norm + LM head from a sharded folder and reads only its
+    layers' baseline rows; every layer and mode gives exactly the full model's numbers."""
+    import torch
+
+    from core.models.pangu import _header_bytes, load_pangu
+    from core.workloads import sensitivity as sens
+
+    sharded = shard_copy(model_dir, tmp_path / "sharded")
+    spec, _ = spec_for(sharded, f"scan.dtype={dtype}")
+    run_dir = tmp_path / "run"
+    sens.baseline(spec, ctx_for(run_dir, step="baseline"))
+    full = load_pangu(model_dir, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype],
+                      attn_implementation="sdpa").eval()
+    base = sens.read_baseline(run_dir)
+    total_weights = sum(f.stat().st_size for f in sharded.glob("*.safetensors"))
+    for mode in sens.MODES:
+        spec, _ = spec_for(sharded, f"scan.dtype={dtype}", f"scan.mode={mode}")
+        for layer in range(LAYERS):
+            res = sens.run(spec, ctx_for(run_dir, items=[layer]))
+            got = json.loads((run_dir / "layers" / f"layer_{layer:03d}.json").read_text())["values"]
+            want = sens.scan_layer(full, base, layer, mode, True, "cpu")["logprob"]
+            assert got == want, (mode, layer)
+            assert res["weights_total_bytes"] == total_weights
+            if mode == "qv":  # bytes read shrink with the start layer; the baseline: one layer's rows
+                assert res["weights_read_bytes"] < total_weights * (LAYERS - layer + 1) / LAYERS
+                header = _header_bytes(sens.baseline_path(run_dir))
+                assert res["baseline_read_bytes"] <= res["baseline_total_bytes"] / LAYERS + header
+    # the tail holds no embedding and no earlier layer
+    from core.models.pangu import load_pangu_tail
+
+    tail = load_pangu_tail(sharded, 4, dtype=torch.float32)
+    names = {n for n, _ in tail.named_parameters()}
+    assert not any("embed" in n for n in names) and len(tail.layers) == LAYERS - 4
+    with pytest.raises(IndexError):
+        tail.layer(3)
+
+
+def test_baseline_stores_one_tensor_per_layer(model_dir, tmp_path):
+    from safetensors import safe_open
+
+    from core.workloads import sensitivity as sens
+
+    spec, _ = spec_for(model_dir)
+    sens.baseline(spec, ctx_for(tmp_path, step="baseline"))
+    with safe_open(str(sens.baseline_path(tmp_path)), "pt") as st:
+        keys = set(st.keys())
+        n = int(st.metadata()["prompts"])
+        assert {f"hidden.layer{i:03d}" for i in range(LAYERS)} <= keys
+        tokens = sum(st.get_tensor(f"p{i}.ids").numel() for i in range(n))
+        assert st.get_slice("hidden.layer002").get_shape()[0] == tokens
+        assert all(f"p{i}.{f}" in keys for i in range(n) for f in ("ids", "target_lp", "last_lp"))
+    only = sens.read_baseline(tmp_path, layers=[2], fields=("target_lp",))
+    assert len(only) == n and all(set(b["hidden"]) == {2} and "last_lp" not in b for b in only)
+
+
+# ---------------------------------------------------------------- lean task start
+LEAN_STEPS = r'''
+import json, sys
+from core.runtime import TaskEntry
+from core.spec import load_spec
+
+model, run_dir, out = sys.argv[1], sys.argv[2], {}
+sets = (f"model.path={model}", "model.make_tiny=false")
+scan = load_spec("jobs/tiny/pangu_sensitivity.yaml", sets)[1]
+prune = load_spec("jobs/tiny/pangu_prune.yaml", sets + ("prune.layers=[1]",))[1]
+cluster = {"accelerator": "cpu", "executor": "local"}
+for name, raw, workload, entry, items in [("baseline", scan, "sensitivity", "baseline", None),
+                                          ("scan", scan, "sensitivity", "run", [2, 3]),
+                                          ("merge", {**scan, "scan": {**scan["scan"], "layers": [2, 3]}},
+                                           "sensitivity", "merge", None),
+                                          ("prune", prune, "prune", "run", [0.0, "layers"])]:
+    step = {"baseline": "baseline", "scan": "main", "merge": "merge", "prune": "main"}[name]
+    d = run_dir + ("/prune" if name == "prune" else "/scan")
+    TaskEntry(spec_data=raw, cluster_data=cluster, workload=workload, entry=entry, step=step,
+              run_dir_template=d)(0 if items else None, items)
+    out[name] = sorted(m for m in sys.modules if m.split(".")[0] == "deepspeed")
+print("LEAN " + json.dumps(out))
+'''
+
+
+def test_inference_steps_do_not_import_deepspeed(model_dir, tmp_path):
+    """baseline, scan, merge and the prune evaluation run through the task entry in a fresh interpreter without
+    DeepSpeed ever being imported."""
+    import os
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", LEAN_STEPS, str(model_dir), str(tmp_path)], capture_output=True,
+                         text=True, cwd=Path(__file__).resolve().parents[1],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(next(ln for ln in res.stdout.splitlines() if ln.startswith("LEAN "))[5:])
+    assert out == {"baseline": [], "scan": [], "merge": [], "prune": []}
+    assert (tmp_path / "scan" / "sensitivity.csv").is_file() and (tmp_path / "prune" / "evals").is_dir()
+
+
+# ---------------------------------------------------------------- layers_per_task: auto
+@pytest.mark.parametrize("start_s", [1e-4, 0.05, 1e6])
+def test_auto_layers_per_task_keeps_the_start_share_under_the_limit(model_dir, start_s):
+    from core.workloads import sensitivity as sens
+
+    spec, _ = spec_for(model_dir, "scan.layers_per_task=auto", f"scan.task_start_s={start_s}",
+                       "scan.device_tflops=0.001", "scan.read_gb_s=100")
+    shape = sens.plan(spec)
+    per, layers = shape.items_per_task, list(range(LAYERS))
+    note = next(n for n in shape.notes if n.startswith("layers_per_task auto:"))
+    assert f"auto: {per} (" in note and "start share" in note
+    share = sens.start_share(sens.task_costs(spec, layers, per))
+    if per < LAYERS or share <= 0.2:
+        assert share <= 0.2 and "<= 20% (max_start_share)" in note
+    else:
+        assert "even with every layer in one task" in note
+    if per > 1:  # one fewer per task would start too much
+        assert sens.start_share(sens.task_costs(spec, layers, per - 1)) > 0.2
+    if start_s == 1e-4:
+        assert per == 1
+    if start_s == 1e6:
+        assert per == LAYERS
+
+
+def test_layers_per_task_stays_one_by_default(model_dir):
+    from core.workloads import sensitivity as sens
+
+    shape = sens.plan(spec_for(model_dir)[0])
+    assert shape.items_per_task == 1 and not shape.notes
+
+
+# ---------------------------------------------------------------- the pruned folder
+def test_pruned_folder_is_sharded_indexed_and_carries_every_non_weight_file(model_dir, tmp_path):
+    """From a sharded source with tokenizer files, a generation config and auto_map code: shards streamed layer by
+    layer (none above the size limit unless one layer is bigger), an index naming every tensor, every non-weight
+    file copied, and from_pretrained gives what the full model gives with those layers skipped."""
+    import torch
+    from safetensors import safe_open
+    from transformers import LlamaForCausalLM
+
+    from core.workloads.prune import write_pruned
+    from core.workloads.sensitivity import LayerMask
+
+    src = shard_copy(model_dir, tmp_path / "src", shards=2)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_openpangu_dense.PanguEmbeddedForCausalLM"}
+    (src / "config.json").write_text(json.dumps(cfg))
+    extras = {"modeling_openpangu_dense.py": "# remote code\n", "configuration_openpangu_dense.py": "# config\n",
+              "generation_config.json": "{}", "special_tokens_map.json": "{}"}
+    for name, text in extras.items():
+        (src / name).write_text(text)
+    layer_bytes = sum(t.numel() * t.element_size() for n, t in
+                      LlamaForCausalLM.from_pretrained(model_dir).state_dict().items() if n.startswith("model.layers.0."))
+    limit = 2 * layer_bytes
+    dst = tmp_path / "pruned"
+    rec = write_pruned(src, dst, [1, 4], max_shard_bytes=limit)
+    shards = sorted(dst.glob("*.safetensors"))
+    assert rec["shards"] == len(shards) > 2 and all(f"-of-{len(shards):05d}" in s.name for s in shards)
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    stored = {}
+    for shard in shards:
+        with safe_open(str(shard), "pt") as st:
+            keys = list(st.keys())
+            stored.update({k: shard.name for k in keys})
+            layers_in = {k.split(".")[2] for k in keys if k.startswith("model.layers.")}
+            assert sum(st.get_tensor(k).numel() * st.get_tensor(k).element_size() for k in keys) <= limit \
+                or len(layers_in) <= 1
+    assert index["weight_map"] == stored
+    assert {int(k.split(".")[2]) for k in stored if k.startswith("model.layers.")} == set(range(LAYERS - 2))
+    for name in [*extras, "tokenizer.model", "tokenizer_config.json"]:
+        assert (dst / name).read_bytes() == (src / name).read_bytes(), name
+    assert json.loads((dst / "config.json").read_text())["auto_map"] == cfg["auto_map"]
+    pruned = LlamaForCausalLM.from_pretrained(dst, dtype=torch.float32).eval()
+    full = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    assert pruned.config.num_hidden_layers == LAYERS - 2
+    x = ids(model_dir)
+    with torch.no_grad(), LayerMask(full, 1, "block"), LayerMask(full, 4, "block"):
+        want = full(input_ids=x).logits
+    with torch.no_grad():
+        got = pruned(input_ids=x).logits
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_kl_metric_reads_only_last_lp_and_matches_the_full_model(model_dir, model, tmp_path):
+    from core.workloads import sensitivity as sens
+
+    spec, _ = spec_for(model_dir, "scan.metric=kl")
+    sens.baseline(spec, ctx_for(tmp_path, step="baseline"))
+    res = sens.run(spec, ctx_for(tmp_path, items=[2, 3]))
+    assert res["layers"] == [2, 3]
+    base = sens.read_baseline(tmp_path)
+    for layer in (2, 3):
+        got = json.loads((tmp_path / "layers" / f"layer_{layer:03d}.json").read_text())
+        assert got["metric"] == "kl" and got["values"] == sens.scan_layer(model, base, layer, "qv", True, "cpu")["kl"]
+        assert all(v > 0 for v in got["values"])

@@ -167,3 +167,105 @@ def write_tiny_pangu(folder, layers: int = TINY_LAYERS, hidden: int = 64, heads:
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 512}, indent=2))
     return folder
+
+
+# ---------------------------------------------------------------- reading only part of a model
+def _header_bytes(path: Path) -> int:
+    """Bytes of a safetensors file's header (8-byte length + JSON), what safe_open reads before any tensor."""
+    with open(path, "rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little")
+
+
+def weight_map(folder) -> dict[str, str]:
+    """Tensor name -> shard file name: from model.safetensors.index.json, else from the shards' own headers."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return dict(json.loads(index.read_text())["weight_map"])
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        raise ModelFolderError(f"{folder}: no *.safetensors weights")
+    out = {}
+    for shard in shards:
+        with safe_open(str(shard), "pt") as st:
+            out.update({k: shard.name for k in st.keys()})
+    return out
+
+
+def read_tensors(folder, names, dtype=None, stats: Optional[dict] = None) -> dict:
+    """Just the named tensors from the folder's shards (safe_open: each shard's header, then only those tensors);
+    `stats` gets bytes_read (headers + tensors) and bytes_total (all shards)."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    wmap = weight_map(folder)
+    by_shard: dict[str, list[str]] = {}
+    for name in names:
+        if name not in wmap:
+            raise ModelFolderError(f"{folder}: no tensor {name!r} in the safetensors shards")
+        by_shard.setdefault(wmap[name], []).append(name)
+    out, read = {}, 0
+    for shard, keys in sorted(by_shard.items()):
+        read += _header_bytes(folder / shard)
+        with safe_open(str(folder / shard), "pt") as st:
+            for k in keys:
+                t = st.get_tensor(k)
+                read += t.numel() * t.element_size()
+                out[k] = t.to(dtype) if dtype is not None else t
+    if stats is not None:
+        stats["bytes_read"] = stats.get("bytes_read", 0) + read
+        stats["bytes_total"] = sum((folder / f).stat().st_size for f in set(wmap.values()))
+    return out
+
+
+def load_pangu_tail(folder, start: int, dtype=None, device=None, attn_implementation: str = "sdpa",
+                    stats: Optional[dict] = None):
+    """Decoder layers start..L-1, the final norm and the LM head of the folder's model, and nothing else (no
+    embedding, no earlier layer): only those tensors are read from the shards. The layers are the same
+    transformers modules (LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding) that `load_pangu` builds, with
+    the same weights in the same dtype, so what they compute is bit-identical. `layer(l)` takes the original
+    layer index."""
+    import torch
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+
+    folder = Path(folder)
+    dtype = dtype or torch.bfloat16
+    config = llama_config(read_config(folder))
+    config._attn_implementation = attn_implementation
+    total = config.num_hidden_layers
+    if not 0 <= start < total:
+        raise ValueError(f"start layer {start} outside 0..{total - 1}")
+    wmap = weight_map(folder)
+    names = [k for k in wmap if k.startswith("model.layers.") and int(k.split(".")[2]) >= start
+             and not k.endswith("rotary_emb.inv_freq")]
+    head = "lm_head.weight" if "lm_head.weight" in wmap else "model.embed_tokens.weight"  # tied embeddings
+    tensors = read_tensors(folder, names + ["model.norm.weight", head], dtype=dtype, stats=stats)
+
+    class PanguTail(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config, self.first_layer, self.num_layers = config, start, total
+            with torch.device("meta"):
+                self.layers = torch.nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(start, total))
+                self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+                self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.rotary_emb = LlamaRotaryEmbedding(config=config)
+
+        def layer(self, index: int):
+            if index < self.first_layer:
+                raise IndexError(f"layer {index} was not loaded (this model holds layers {self.first_layer}.."
+                                 f"{self.num_layers - 1})")
+            return self.layers[index - self.first_layer]
+
+    model = PanguTail()
+    state = {f"layers.{int(k.split('.')[2]) - start}.{k.split('.', 3)[3]}": v for k, v in tensors.items()
+             if k.startswith("model.layers.")}
+    state["norm.weight"] = tensors["model.norm.weight"]
+    state["lm_head.weight"] = tensors[head]
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not k.startswith("rotary_emb.")]
+    if missing or unexpected:
+        raise ModelFolderError(f"{folder}: tensors missing {missing} / unexpected {unexpected} for layers {start}..")
+    return model.to(device).eval() if device is not None else model.eval()

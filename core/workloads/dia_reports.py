@@ -1,8 +1,11 @@
 """Dia-Pangu's prompts, report generation and scoring: shared by the training workload (`dia_pangu`, which
 evaluates after training) and the pruning workload (`prune`, which evaluates a trained run on each pruned LLM).
 
-Generation on the test split: each rank takes its share, the rows are gathered into one CSV; BLEU-1..4 / METEOR /
-ROUGE-L with pycocoevalcap, clinical precision / recall / F1 of the 14 disease calls, a metrics JSON and a plot.
+Generation on the test split: each rank takes its share, the rows are gathered into one CSV. Scores in
+`metrics.json`: BLEU-1..4 / METEOR / ROUGE-L with pycocoevalcap on the raw report strings as Dia-LLaMA computes them
+(`nlg_tokenization: raw`; PTB-tokenised ones on request, under `nlg_ptb`), Dia-LLaMA's clinical efficacy (`ce_*`:
+the CheXbert labeler run on the reference and the generated reports) when `dia.chexbert` names a labeler, and the
+disease head's own calls against the dataset labels (`head_*`); plus a plot.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import json
 import logging
 from pathlib import Path
 
-from core.data.ctrg import CONDITIONS, Case, load_volume
+from core.data.ctrg import CONDITIONS, Case, diagnosis_text, load_volume
 from core.models.pangu import bos_encode
 from core.run_folder import atomic_path, read_record, write_json_atomic
 from core.spec import parse_spec
@@ -21,16 +24,19 @@ log = logging.getLogger("dia_pangu")
 
 
 class Prompts:
-    """Token ids for one case: BOS, image block, question, diagnostic sentences, then (training) the report."""
+    """Token ids for one case, Dia-LLaMA's layout: BOS, the image block, the diagnostic sentences and the
+    instruction (`dia.question`, empty by default, before them), then (training) the report and EOS."""
 
     def __init__(self, tokenizer, model, spec):
         self.tok, self.model, self.spec = tokenizer, model, spec
 
-    def prefix(self, labels: list[int]) -> list[int]:
-        from core.models.dia_pangu import diagnosis_text
+    def text(self, labels: list[int]) -> str:
+        dia = self.spec.dia
+        question = dia.question.strip()
+        return (question + " " if question else "") + diagnosis_text(labels) + dia.guide
 
-        text = f" {self.spec.dia.question} {diagnosis_text(labels)} Findings:"
-        bos, *words = bos_encode(self.tok, text)
+    def prefix(self, labels: list[int]) -> list[int]:
+        bos, *words = bos_encode(self.tok, self.text(labels))
         return [bos] + self.model.image_block_ids() + words
 
     def training(self, case: Case):
@@ -50,53 +56,73 @@ def evaluate(spec, ctx, session, engine, prompts, cases: list[Case], dtype) -> d
     rows = generate_rows(engine.module, prompts, cases, spec, session.device, dtype, session.rank,
                          session.dist.world_size)
     ordered = session.gather_rows(rows, "ID", [c.id for c in cases])
-    return {} if ordered is None else write_results(ctx.run_dir, ordered)
+    return {} if ordered is None else write_results(ctx.run_dir, ordered, spec=spec, device=session.device)
+
+
+def generation_kwargs(spec) -> dict:
+    """The decoding settings of `dia.decoding`: Dia-LLaMA's sampling (top-k 50; temperature / top-p as given) or
+    greedy. Passed explicitly, so a model folder's generation_config.json does not change them."""
+    dia = spec.dia
+    if dia.decoding == "greedy":
+        return {"do_sample": False}
+    return {"do_sample": True, "top_k": dia.top_k, "top_p": dia.top_p, "temperature": dia.temperature}
 
 
 def generate_rows(model, prompts, cases: list[Case], spec, device, dtype, rank: int = 0, world: int = 1) -> list[dict]:
     """Reports for this rank's share of the cases (core.engine.padded_share: the same number of generations on
-    every rank)."""
+    every rank). With sampling, the generator is seeded with `dia.seed` + the case's position before each case, so
+    a report does not depend on the number of ranks."""
     import torch
 
     from core.engine import padded_share
 
     model.eval()
     vit = model.vit.cfg
+    gen = generation_kwargs(spec)
     rows = []
     with torch.no_grad():
-        for case, keep in padded_share(cases, rank, world):
-            vol = load_volume(case.volume, vit.image_size, vit.frames).unsqueeze(0).to(device, dtype)
+        for r, (case, keep) in enumerate(padded_share(cases, rank, world)):
+            vol = load_volume(case.volume, vit.image_size, vit.frames, vit.design_size).unsqueeze(0).to(device, dtype)
             calls, latents = model.predict_diseases(vol)
             pred_labels = calls[0].tolist()
             ids = torch.tensor([prompts.prefix(pred_labels)], device=device)
+            if gen["do_sample"]:
+                torch.manual_seed(spec.dia.seed + (rank + r * world if keep else 0))
             out = model.llm.generate(inputs_embeds=model.embed(ids, latents), attention_mask=torch.ones_like(ids),
-                                     max_new_tokens=spec.dia.max_new_tokens, do_sample=False,
-                                     eos_token_id=prompts.tok.eos_token_id, pad_token_id=prompts.tok.pad_token_id,
-                                     synced_gpus=world > 1)
+                                     max_new_tokens=spec.dia.max_new_tokens, eos_token_id=prompts.tok.eos_token_id,
+                                     pad_token_id=prompts.tok.pad_token_id, synced_gpus=world > 1, **gen)
             text = prompts.tok.decode(out[0], skip_special_tokens=True).strip()
             if keep:
-                rows.append({"ID": case.id, "Question": spec.dia.question, "Ground Truth": case.finding, "Pred": text,
-                             "GT_labels": json.dumps(case.labels), "Pred_labels": json.dumps(pred_labels)})
+                rows.append({"ID": case.id, "Question": prompts.text(pred_labels), "Ground Truth": case.finding,
+                             "Pred": text, "GT_labels": json.dumps(case.labels), "Pred_labels": json.dumps(pred_labels)})
     return rows
 
 
 FROZEN_VISION = "vision_frozen.safetensors"
 
 
+def frozen_vision(model) -> dict:
+    """The frozen vision-side tensors under their model names: the 3D ViT, and the diagnostic head where it is
+    frozen (checkpoints hold only trained tensors)."""
+    return {n: p for n, p in model.named_parameters()
+            if not p.requires_grad and n.startswith(("vit.", "disease.", "perceiver.", "fc.", "markers."))}
+
+
 def save_frozen_vision(model, run_dir: Path) -> None:
-    """The frozen 3D ViT once per run (checkpoints leave frozen weights out), so a trained run can be rebuilt."""
+    """The frozen vision tensors once per run, so a trained run can be rebuilt (load_trained)."""
     from safetensors.torch import save_file
 
     path = Path(run_dir) / FROZEN_VISION
     if path.is_file():
         return
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.vit.state_dict().items()}, str(tmp))
+        save_file({k: v.detach().contiguous().cpu() for k, v in frozen_vision(model).items()}, str(tmp))
 
 
 def load_trained(dia_run: Path, llm_folder: Path, device, dtype):
-    """A trained Dia-Pangu from its run folder (spec, frozen ViT, newest complete checkpoint of the trainable
-    tensors), on top of the LLM in `llm_folder` (e.g. a pruned openPangu). Returns (model, prompts, spec)."""
+    """A trained Dia-Pangu from its run folder (spec, frozen vision tensors, newest complete checkpoint of the
+    trainable tensors), on top of the LLM in `llm_folder` (e.g. a pruned openPangu). Returns (model, prompts, spec)."""
+    import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import load_file
 
@@ -114,8 +140,16 @@ def load_trained(dia_run: Path, llm_folder: Path, device, dtype):
         raise FileNotFoundError(f"{dia_run}: no complete checkpoint or no {FROZEN_VISION}: not a finished Dia-Pangu run")
     tok = load_tokenizer(llm_folder)
     vit_cfg, per_cfg = vision_configs(spec.dia.size)
-    model = DiaPangu(load_pangu(llm_folder, dtype=dtype), tok, vit_cfg, per_cfg, spec.dia.contrastive_weight)
-    model.vit.load_state_dict(load_file(str(dia_run / FROZEN_VISION)))
+    model = DiaPangu(load_pangu(llm_folder, dtype=dtype), tok, vit_cfg, per_cfg, spec.dia.contrastive_weight,
+                     train_head=spec.dia.train_head)
+    frozen = load_file(str(dia_run / FROZEN_VISION))
+    want = frozen_vision(model)
+    if set(frozen) != set(want):
+        raise ValueError(f"{dia_run}: {FROZEN_VISION} holds {sorted(set(frozen) ^ set(want))[:5]} unlike this "
+                         f"model's frozen vision tensors (a run of an older Dia-Pangu layout?)")
+    with torch.no_grad():
+        for name, value in frozen.items():
+            want[name].copy_(value)
     state = get_fp32_state_dict_from_zero_checkpoint(str(dia_run / "checkpoints"), tag=done[-1][1])
     missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in state]
     if missing:
@@ -124,36 +158,68 @@ def load_trained(dia_run: Path, llm_folder: Path, device, dtype):
     return model.to(device, dtype).eval(), Prompts(tok, model, spec), spec
 
 
-def write_results(run_dir: Path, rows: list[dict], folder: str = "results") -> dict:
-    from core.metrics import clinical_prf, report_metrics
+CSV_COLUMNS = ["ID", "Question", "Ground Truth", "Pred", "GT_labels", "Pred_labels"]
 
+
+def write_results(run_dir: Path, rows: list[dict], folder: str = "results", spec=None, device="cpu") -> dict:
+    """The CSV, metrics.json and metrics.png of one evaluation. `spec` (the Dia-Pangu spec) chooses the report
+    metrics' tokenization (default raw, Dia-LLaMA's) and the CheXbert labeler (none without it)."""
+    from core.metrics import chexbert_scores, clinical_prf, report_metrics
+
+    dia = spec.dia if spec is not None else None
     results = Path(run_dir) / folder
     results.mkdir(parents=True, exist_ok=True)
+    refs, preds = {r["ID"]: r["Ground Truth"] for r in rows}, {r["ID"]: r["Pred"] for r in rows}
+    how = dia.nlg_tokenization if dia is not None else "raw"
+    first = "ptb" if how == "ptb" else "raw"
+    scores = report_metrics(refs, preds, tokenize=first)
+    metrics: dict = {**scores, "nlg_tokenization": first, f"nlg_{first}": dict(scores)}
+    if how == "both":
+        metrics["nlg_ptb"] = report_metrics(refs, preds, tokenize="ptb")
+    columns = list(CSV_COLUMNS)
+    if dia is not None and dia.chexbert:
+        from core.models.chexbert import CheXbertLabeler
+
+        labeler = CheXbertLabeler(dia.chexbert, dia.chexbert_tokenizer, device=device)
+        gt_codes = labeler.label([r["Ground Truth"] for r in rows])
+        pred_codes = labeler.label([r["Pred"] for r in rows])
+        for r, g, p in zip(rows, gt_codes, pred_codes):
+            r["GT_chexbert"], r["Pred_chexbert"] = json.dumps(g), json.dumps(p)
+        columns += ["GT_chexbert", "Pred_chexbert"]
+        metrics.update(chexbert_scores(gt_codes, pred_codes, CONDITIONS))
+        metrics["chexbert"] = str(dia.chexbert)
+    else:
+        metrics["chexbert"] = None  # no labeler given (dia.chexbert): no ce_* scores
+    head = clinical_prf([json.loads(r["GT_labels"]) for r in rows], [json.loads(r["Pred_labels"]) for r in rows],
+                        CONDITIONS)
+    metrics.update({f"head_{k}": v for k, v in head.items()})
+    metrics["cases"] = len(rows)
     csv_path = results / "dia-pangu.csv"
     with csv_path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=["ID", "Question", "Ground Truth", "Pred", "GT_labels", "Pred_labels"])
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    scores = report_metrics({r["ID"]: r["Ground Truth"] for r in rows}, {r["ID"]: r["Pred"] for r in rows})
-    clinical = clinical_prf([json.loads(r["GT_labels"]) for r in rows], [json.loads(r["Pred_labels"]) for r in rows],
-                            CONDITIONS)
-    metrics = {**scores, **{k: v for k, v in clinical.items() if k != "per_disease_f1"},
-               "per_disease_f1": clinical["per_disease_f1"], "cases": len(rows)}
     write_json_atomic(results / "metrics.json", metrics)
     plot_metrics(metrics, results / "metrics.png")
     log.info("%d reports -> %s; metrics -> %s", len(rows), csv_path, results / "metrics.json")
+    headline = [*scores, "ce_f1_micro", "ce_f1_macro", "ce_precision_micro", "ce_recall_micro", "ce_auc_macro",
+                "head_micro_f1", "head_macro_f1", "head_micro_precision", "head_micro_recall", "cases"]
     return {"csv": str(csv_path), "metrics": str(results / "metrics.json"),
-            **{k: v for k, v in metrics.items() if k != "per_disease_f1"}}
+            **{k: metrics[k] for k in headline if k in metrics}}
 
 
 def plot_metrics(metrics: dict, path: Path) -> None:
     plt = pyplot()
-    names = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "micro_precision", "micro_recall", "micro_f1"]
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.bar(names, [metrics[n] for n in names], color=["tab:blue"] * 6 + ["tab:green"] * 3)
+    nlg = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L"]
+    clinical = (["ce_precision_micro", "ce_recall_micro", "ce_f1_micro"] if metrics.get("chexbert") else []) + \
+        ["head_micro_precision", "head_micro_recall", "head_micro_f1"]
+    names = nlg + clinical
+    colors = ["tab:blue"] * len(nlg) + ["tab:red"] * (len(clinical) - 3) + ["tab:green"] * 3
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    ax.bar(names, [metrics[n] for n in names], color=colors)
     ax.set_ylim(0, 1)
-    ax.set_title(f"Dia-Pangu on {metrics['cases']} cases")
-    ax.tick_params(axis="x", rotation=30)
+    ax.set_title(f"Dia-Pangu on {metrics['cases']} cases (report metrics: {metrics['nlg_tokenization']} strings)")
+    ax.tick_params(axis="x", rotation=35)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -2,8 +2,9 @@
 
 Each task removes the least sensitive layers at its ratio (from a scan's sensitivity.csv), or an explicit
 `prune.layers` list, writes a model folder that transformers loads with `from_pretrained` (safetensors with the
-surviving layers renumbered, config.json with the new layer count, the tokenizer copied, and `pruning.json`
-naming the original layers that survived), then evaluates it on held-out text: perplexity, and the log-prob
+surviving layers renumbered, streamed layer by layer into shards with model.safetensors.index.json, config.json
+with the new layer count, every non-weight file of the source copied, and `pruning.json` naming the original
+layers that survived), then evaluates it on held-out text: perplexity, and the log-prob
 distance to the unpruned model (the scan's `logprob` metric). Item 0.0 evaluates the unpruned model. The merge
 writes `pruning_eval.csv` and a plot of quality against ratio.
 """
@@ -18,7 +19,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, PositiveInt, field_validator
 
-from core.run_folder import atomic_path, is_run, write_json_atomic
+from core.run_folder import is_run, write_json_atomic
 from core.runtime import TaskContext
 from core.spec import FieldError, JobSpec, Strict
 from core.workloads import Shape, Workload
@@ -34,6 +35,7 @@ class PruneSection(Strict):
     layers: Optional[list[int]] = Field(None, description="explicit layers to remove instead of ratios")
     max_tokens: PositiveInt = 128
     dtype: Literal["bf16", "fp32"] = "bf16"
+    max_shard_gb: float = Field(2.0, gt=0, description="size of the pruned folder's safetensors shards")
     dia_run: Optional[str] = Field(None, description="a finished Dia-Pangu (stage 1) run folder: also evaluate "
                                                      "report generation with each pruned LLM")
     dia_eval_limit: Optional[PositiveInt] = Field(None, description="evaluate only the first N test cases")
@@ -84,36 +86,120 @@ def layers_to_remove(spec, ratio, total: int) -> list[int]:
     return sorted(df.nsmallest(round(ratio * total), "mean")["layer"].tolist())
 
 
-def write_pruned(src: Path, dst: Path, remove: list[int]) -> dict:
-    """A loadable model folder without the layers in `remove` (renumbered), plus pruning.json."""
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def _renumber(key: str, new_index: dict[int, int]) -> Optional[str]:
+    """model.layers.<old>.x -> model.layers.<new>.x; None for a removed layer; other keys unchanged."""
+    if not key.startswith("model.layers."):
+        return key
+    parts = key.split(".")
+    old = int(parts[2])
+    if old not in new_index:
+        return None
+    parts[2] = str(new_index[old])
+    return ".".join(parts)
+
+
+def write_pruned(src: Path, dst: Path, remove: list[int], max_shard_bytes: int = 2 * 1024 ** 3) -> dict:
+    """A loadable model folder without the layers in `remove` (renumbered), plus pruning.json.
+
+    The weights stream layer by layer: the embedding, then each surviving layer, then the final norm and head
+    are read from the source shards (safe_open, one layer's tensors at a time) into the current output shard,
+    which is written once it would grow past `max_shard_bytes`; so at most one shard is held in memory. Shards
+    are named model-0000k-of-0000n.safetensors with model.safetensors.index.json. Every non-weight file of the
+    source folder (tokenizer files, generation config, the *.py that config.json's auto_map names) is copied."""
+    from contextlib import ExitStack
+
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from core.models.pangu import weight_map
+
+    src, dst = Path(src), Path(dst)
     cfg = json.loads((src / "config.json").read_text())
     total = cfg["num_hidden_layers"]
     keep = [i for i in range(total) if i not in set(remove)]
     new_index = {old: new for new, old in enumerate(keep)}
-    tensors = {}
-    for f in sorted(src.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            for key in st.keys():
-                parts = key.split(".")
-                if key.startswith("model.layers."):
-                    old = int(parts[2])
-                    if old not in new_index:
-                        continue
-                    parts[2] = str(new_index[old])
-                tensors[".".join(parts)] = st.get_tensor(key)
+    wmap = weight_map(src)
+    groups: dict = {}  # "pre" (embedding etc.), each kept layer, "post" (norm, head): source keys in that order
+    for key in wmap:
+        if key.startswith("model.layers."):
+            old = int(key.split(".")[2])
+            if old in new_index:
+                groups.setdefault(old, []).append(key)
+        else:
+            groups.setdefault("post" if key.startswith(("model.norm", "lm_head")) else "pre", []).append(key)
+    order = [g for g in ("pre", *keep, "post") if g in groups]
+
     dst.mkdir(parents=True, exist_ok=True)
-    with atomic_path(dst / "model.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-    (dst / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": len(keep)}, indent=2))
-    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-    record = {"source": str(src), "original_layers": total, "removed": sorted(remove), "kept_original_layers": keep}
-    (dst / "pruning.json").write_text(json.dumps(record, indent=2))
+    for stale in [*dst.glob("*.safetensors"), *(dst / n for n in WEIGHT_INDEXES)]:
+        stale.unlink(missing_ok=True)  # a requeued task rewrites the folder whole
+    written: list[tuple[Path, list[str]]] = []
+    buffer: dict = {}
+    size = 0
+
+    def flush():
+        nonlocal buffer, size
+        if buffer:
+            part = dst / f"part-{len(written) + 1:05d}.safetensors.tmp"
+            save_file(buffer, str(part), metadata={"format": "pt"})
+            written.append((part, list(buffer)))
+            buffer, size = {}, 0
+
+    total_size = 0
+    with ExitStack() as stack:
+        handles = {}
+        for group in order:
+            tensors = {}
+            for key in groups[group]:
+                shard = wmap[key]
+                if shard not in handles:
+                    handles[shard] = stack.enter_context(safe_open(str(src / shard), "pt"))
+                tensors[_renumber(key, new_index)] = handles[shard].get_tensor(key)
+            nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+            if size and size + nbytes > max_shard_bytes:
+                flush()
+            buffer.update(tensors)
+            size += nbytes
+            total_size += nbytes
+            del tensors
+        flush()
+    n = len(written)
+    weight_index = {}
+    for k, (part, keys) in enumerate(written, 1):
+        name = f"model-{k:05d}-of-{n:05d}.safetensors"
+        part.replace(dst / name)
+        weight_index.update({key: name for key in keys})
+    write_json_atomic(dst / "model.safetensors.index.json",
+                      {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_index.items()))})
+    new_cfg = {**cfg, "num_hidden_layers": len(keep)}
+    for key, value in cfg.items():  # per-layer lists (e.g. layer_types) lose the removed layers' entries
+        if isinstance(value, list) and len(value) == total and key != "architectures":
+            new_cfg[key] = [value[i] for i in keep]
+    write_json_atomic(dst / "config.json", new_cfg)
+    for f in sorted(src.iterdir()):
+        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name not in (*WEIGHT_INDEXES, "config.json",
+                                                                                   "pruning.json"):
+            shutil.copy2(f, dst / f.name)
+    for ref in _auto_map_modules(cfg):
+        if not (src / f"{ref}.py").is_file():
+            log.warning("config.json auto_map names %s.py, which %s does not have", ref, src)
+    record = {"source": str(src), "original_layers": total, "removed": sorted(remove), "kept_original_layers": keep,
+              "shards": n}
+    write_json_atomic(dst / "pruning.json", record)
     return record
+
+
+def _auto_map_modules(cfg: dict) -> set[str]:
+    """The module files that config.json's auto_map points at ("modeling_x.Class" or "repo--modeling_x.Class")."""
+    refs = set()
+    for value in (cfg.get("auto_map") or {}).values():
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if v:
+                refs.add(v.split("--")[-1].rsplit(".", 1)[0])
+    return refs
 
 
 def evaluate(model, tokenizer, lines: list[str], max_tokens: int, device, reference=None) -> dict:
@@ -163,7 +249,7 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
         else:
             label = "layers" if ratio == "layers" else f"{ratio:.2f}"
             folder = ctx.path("pruned", f"ratio_{label}")
-            record = write_pruned(src, folder, remove)
+            record = write_pruned(src, folder, remove, max_shard_bytes=int(pr.max_shard_gb * 1024 ** 3))
             pruned = load_pangu(folder, dtype=dtype).to(device).eval()
             res = evaluate(pruned, tok, lines, pr.max_tokens, device, reference=base["per_line"])
             res.pop("per_line")
@@ -180,7 +266,7 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
     return {"results": results}
 
 
-DIA_COLUMNS = ("BLEU-4", "METEOR", "ROUGE-L", "micro_f1")
+DIA_COLUMNS = ("BLEU-4", "METEOR", "ROUGE-L", "head_micro_f1")
 
 
 def dia_evaluation(spec: JobSpec, ctx: TaskContext, llm_folder: Path, ratio, device, dtype) -> dict:
@@ -194,7 +280,7 @@ def dia_evaluation(spec: JobSpec, ctx: TaskContext, llm_folder: Path, ratio, dev
     cases = cases[: spec.prune.dia_eval_limit] if spec.prune.dia_eval_limit else cases
     rows = generate_rows(model, prompts, cases, dspec, device, dtype)
     label = "layers" if ratio == "layers" else f"{ratio:.2f}"
-    metrics = write_results(ctx.run_dir, rows, folder=f"dia_eval/ratio_{label}")
+    metrics = write_results(ctx.run_dir, rows, folder=f"dia_eval/ratio_{label}", spec=dspec, device=device)
     return {f"dia_{k}": metrics[k] for k in DIA_COLUMNS}
 
 
