@@ -87,11 +87,11 @@ def test_full_size_spec_counts_the_vit_b16_classifier_on_the_meta_device(dataset
     assert size.total == timm_count == 86_567_656 - (768 * 1000 + 1000) + (768 * 4 + 4) == 85_801_732
     assert (size.layers, size.hidden, size.heads, size.vocab) == (12, 768, 12, 4)
     # the plan of the full spec on the A100 profile estimates this classifier and fits one device
-    res = cli("submit", FULL, "-c", "cuda_a100", "--dry-run", "--set", "model.path=null", *data_args(dataset))
+    res = cli("submit", FULL, "-c", "cuda_a100", "--dry-run", "--no-preflight", "--set", "model.path=null", *data_args(dataset))
     assert res.returncode == 0, res.stderr
     est = float(res.stdout.split("memory: est. ")[1].split(" GiB/device")[0])
     assert 0 < est < 80 and "of 80 GiB" in res.stdout and "split by patient: train 35 / val 9 / test 9" in res.stdout
-    res = cli("submit", FULL, "-c", "cuda_a100", "--dry-run", "--set", "model.path=null", "--set", "model.seq_len=2048",
+    res = cli("submit", FULL, "-c", "cuda_a100", "--dry-run", "--no-preflight", "--set", "model.path=null", "--set", "model.seq_len=2048",
               *data_args(dataset))
     assert res.returncode == 2 and res.stderr.startswith("error: ") and "model.seq_len" in res.stderr
     assert "set model.seq_len: 197" in res.stderr and "Traceback" not in res.stderr
