@@ -366,6 +366,15 @@ def activate(acc: Accelerator):
     return torch.device(acc.device)
 
 
+def bf16_supported(acc: Accelerator) -> bool:
+    """Whether this task's device computes in bf16 (CUDA before Ampere does not; CPU and Ascend do)."""
+    if acc.kind != "cuda":
+        return True
+    import torch
+
+    return bool(torch.cuda.is_bf16_supported())
+
+
 def task_device(ctx: TaskContext):
     """The device of a single-process task (no process group): the profile's accelerator, bound and checked."""
     return activate(resolve_accelerator(ctx.accelerator, ctx.dist, ctx.cluster))

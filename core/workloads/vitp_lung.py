@@ -299,12 +299,13 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
     import torch.nn.functional as F
 
     from core import engine as eng
-    from core.data.prefetch import Prefetcher
     from core.data.lung_ct import train_slice
+    from core.data.prefetch import Prefetcher
     from core.models.classifier import build
+    from core.runtime import bf16_supported
 
     session = eng.start(spec, ctx)
-    if session.acc.kind == "cuda" and session.precision == "bf16" and not torch.cuda.is_bf16_supported():
+    if session.precision == "bf16" and not bf16_supported(session.acc):
         raise RuntimeError("deepspeed.precision bf16 but this CUDA device has no bf16: use fp16 or fp32")
     found, splits = session.rank0_first(lambda: prepare(spec, ctx, session.rank))
     torch.manual_seed(spec.train.seed)
