@@ -102,3 +102,12 @@ def final_state(job_id: str, timeout: float = 900) -> str:
             return state
         assert time.time() - t0 < timeout, f"job {job_id} still {state} after {timeout}s"
         time.sleep(1)
+
+
+def requeue_once_checkpointed(run_dir: Path, job_id: str, timeout: float = 600) -> None:
+    """Wait for the run's first complete checkpoint, then `scontrol requeue` the job (the resume tests)."""
+    t0 = time.time()
+    while not (run_dir / "checkpoints" / "latest").exists():
+        assert time.time() - t0 < timeout, f"no checkpoint in {run_dir} after {timeout}s"
+        time.sleep(0.2)
+    subprocess.run(["scontrol", "requeue", job_id], check=True)

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import cli, final_state, queue_ids, record, run_folder
+from conftest import requeue_once_checkpointed, cli, final_state, queue_ids, record, run_folder
 
 SPEC = "jobs/tiny/blip_medtrinity.yaml"
 
@@ -164,11 +162,7 @@ def test_saved_adapter_loads_with_peft_and_gives_the_same_captions(zero2, workdi
 
 def test_requeue_resumes_exactly(zero2, workdir):
     run_dir, job = submit(workdir, "blip_requeue", *STEPS, "--set", "caption.evaluate=false")
-    t0 = time.time()
-    while not (run_dir / "checkpoints" / "latest").exists():
-        assert time.time() - t0 < 600, "no checkpoint"
-        time.sleep(0.2)
-    subprocess.run(["scontrol", "requeue", job], check=True)
+    requeue_once_checkpointed(run_dir, job)
     assert final_state(job) == "COMPLETED"
     result = json.loads((run_dir / "tasks" / "main.rank0.json").read_text())["result"]
     assert result["start_step"] > 0 and result["restart_count"] >= 1

@@ -8,12 +8,11 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, cli, final_state, record, run_folder
+from conftest import requeue_once_checkpointed, REPO, cli, final_state, record, run_folder
 
 SPEC = "jobs/tiny/vitp_lung.yaml"
 FULL = "jobs/vitp_lung.yaml"
@@ -366,11 +365,7 @@ def test_scontrol_requeue_resumes_exactly_on_the_vitp_format(trained, dataset):
     """The same run from the ViTP jsonl (same patients and slices, so the same split and batches), requeued by
     `scontrol requeue` once a checkpoint exists: every step once, the reference's losses and predictions."""
     run_dir, job = submit(dataset, "vitp_requeue", fmt="vitp")
-    t0 = time.time()
-    while not (run_dir / "checkpoints" / "latest").exists():
-        assert time.time() - t0 < 600, "no checkpoint"
-        time.sleep(0.2)
-    subprocess.run(["scontrol", "requeue", job], check=True)
+    requeue_once_checkpointed(run_dir, job)
     assert final_state(job) == "COMPLETED"
     res = rank0(run_dir)
     assert 0 < res["start_step"] < STEPS and res["steps"] == STEPS and res["restart_count"] >= 1

@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from core.spec import FieldError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 SPLITS = ("train", "val", "test")
@@ -37,12 +39,8 @@ CLS_CHOICES = re.compile(r"<cls>\s*:\s*(.+?)\s*\.?\s*$", re.S)
 LUNG_WINDOW = (-600.0, 1500.0)   # DICOM window (center, width) in HU
 
 
-class DatasetError(ValueError):
-    """A dataset problem tied to the spec field that points at the file (data.path, data.labels_csv, data.meta)."""
-
-    def __init__(self, field: str, message: str):
-        self.field, self.message = field, message
-        super().__init__(f"{field}: {message}")
+class DatasetError(FieldError):
+    """A dataset problem tied to the spec field that points at the file (data.path, data.labels_csv, ...)."""
 
 
 @dataclass

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from core.spec import FieldError
+
 TILE_NAME = re.compile(r"^(\d+)x_(\d+)y\.(png|jpe?g)$", re.IGNORECASE)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 WSI_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi"}
@@ -27,10 +29,8 @@ SLIDE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,199}$")
 DONE = "dataset.csv"      # written last by the tiling, as GigaPath's process_slide does: a complete tile folder
 
 
-class DatasetError(ValueError):
-    def __init__(self, field_name: str, message: str):
-        self.field, self.message = field_name, message
-        super().__init__(f"{field_name}: {message}")
+class DatasetError(FieldError):
+    """A dataset problem tied to the spec field that points at the file (data.path, data.labels_csv, ...)."""
 
 
 @dataclass
