@@ -123,8 +123,19 @@ def _memory(spec: JobSpec, cluster: Cluster, tasks_per_node: int):
                     device_gib=cluster.device_mem_gb if cluster.accelerator != "cpu" else None)
 
 
-def workload_shape(spec: JobSpec, source: str, resume_dir=None):
-    """The workload's own steps and items (layers, ratios), from its torch-free planner, if it has one."""
+def _takes_cluster(planner) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(planner).parameters
+    except (TypeError, ValueError):
+        return False
+    return "cluster" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def workload_shape(spec: JobSpec, source: str, resume_dir=None, cluster: Optional[Cluster] = None):
+    """The workload's own steps and items (layers, ratios), from its torch-free planner, if it has one. A planner
+    that declares a `cluster` parameter gets the profile (e.g. a per-cluster task start cost); others do not."""
     planner = workloads.get(spec.workload).plan
     if planner is None:
         if resume_dir is not None:
@@ -132,6 +143,8 @@ def workload_shape(spec: JobSpec, source: str, resume_dir=None):
                                                           f"to complete; use --resume")])
         return None
     try:
+        if cluster is not None and _takes_cluster(planner):
+            return planner(spec, resume_dir, cluster=cluster)
         return planner(spec, resume_dir)
     except FieldError as e:
         raise SpecError(source, [(e.field, e.message)]) from None
@@ -199,7 +212,7 @@ def make_plan(spec: JobSpec, cluster: Cluster, source: str = "spec", force: bool
     steps: list[Step] = []
     problems: list[tuple[str, str]] = []
     try:
-        shape = workload_shape(spec, source, resume_dir)
+        shape = workload_shape(spec, source, resume_dir, cluster)
     except SpecError as e:
         if not keep_going:
             raise

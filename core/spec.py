@@ -374,6 +374,9 @@ class Cluster(Strict):
     hccl_connect_timeout: PositiveInt = Field(1200, description="HCCL_CONNECT_TIMEOUT (npu)")
     hccl_exec_timeout: PositiveInt = Field(1800, description="HCCL_EXEC_TIMEOUT (npu)")
     hccl_if_base_port: PositiveInt = Field(60000, description="HCCL_IF_BASE_PORT; each job gets a 256-port window")
+    task_start_s: float = Field(20.0, gt=0, description="seconds one array task spends starting (scheduling, "
+                                                         "imports, reading the model's config) before its work; "
+                                                         "planners size tasks with it (scan.layers_per_task: auto)")
     signal_s_before_timeout: PositiveInt = 120
     max_requeues: int = Field(3, ge=0)
     python: Optional[str] = Field(None, description="python command on the nodes; default: this interpreter")

@@ -48,7 +48,8 @@ class Workload:
     section:  the key of its own spec section (e.g. "scan"), validated with `Section`; None if it has none
     Data:     the schema of its `data:` section (default: core.spec.DataSpec)
     trains:   it runs the engine's train loop, so it reads `train:` and `peft:` (defaults filled in)
-    plan:     torch-free `(spec, resume_dir | None) -> Shape | None`; may raise core.spec.FieldError
+    plan:     torch-free `(spec, resume_dir | None[, cluster=Cluster]) -> Shape | None`; may raise
+              core.spec.FieldError; the plan passes `cluster=` (the profile) only to planners that declare it
     model_size: `(spec) -> core.model_sizes.ModelSize | None` for the memory estimate of DeepSpeed specs
               (default: the decoder LLM named by model.path / model.preset)
     models:   extra named models it needs under `models:` (e.g. ("teacher", "student"))

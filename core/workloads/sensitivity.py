@@ -52,8 +52,9 @@ class ScanSection(Strict):
         1, description="layers per array task; auto: the fewest that keep the start cost under max_start_share")
     max_start_share: float = Field(0.2, gt=0, lt=1, description="auto: the most of the scan's task time that may go "
                                                                   "to starting tasks")
-    task_start_s: float = Field(20.0, gt=0, description="auto: fixed start cost of a task (Slurm start, imports, "
-                                                         "tokenizer); bench/sensitivity_scan.py measures it")
+    task_start_s: Optional[float] = Field(
+        None, gt=0, description="auto: fixed start cost of a task (Slurm start, imports, tokenizer); default: the "
+                                "cluster profile's task_start_s; bench/sensitivity_scan.py measures it")
     read_gb_s: float = Field(1.0, gt=0, description="auto: GB/s at which a task reads weights and baseline")
     device_tflops: float = Field(20.0, gt=0, description="auto: effective TFLOP/s of one task's device on one prompt")
     max_prompt_tokens: PositiveInt = 64
@@ -72,8 +73,9 @@ def done_layers(run_dir: Path) -> set[int]:
     return {json.loads(p.read_text())["layer"] for p in folder.glob("layer_*.json")} if folder.is_dir() else set()
 
 
-def plan(spec: JobSpec, resume_dir: Optional[Path] = None) -> Shape:
-    """baseline -> one array task per layer (or layers_per_task) -> merge; bi / angular: one task -> merge."""
+def plan(spec: JobSpec, resume_dir: Optional[Path] = None, cluster=None) -> Shape:
+    """baseline -> one array task per layer (or layers_per_task) -> merge; bi / angular: one task -> merge.
+    `cluster` (the profile, when the plan passes it) gives `auto` its per-cluster task start cost."""
     scan = spec.scan
     text_lines(scan.prompts, "scan.prompts")
     total = decoder_layers(spec)
@@ -99,14 +101,26 @@ def plan(spec: JobSpec, resume_dir: Optional[Path] = None) -> Shape:
         missing = [layer for layer in layers if layer not in done]
         if not missing:
             raise FieldError("--resume-missing", f"every layer already has a result in {resume_dir}")
-        per, notes = layers_per_task(spec, missing)
+        per, notes = layers_per_task(spec, missing, cluster)
         return Shape(items=missing, items_per_task=per, pre=None,
                      notes=[f"resubmitting only the {len(missing)} missing layers: {missing}", *notes])
-    per, notes = layers_per_task(spec, layers)
+    per, notes = layers_per_task(spec, layers, cluster)
     return Shape(items=layers, items_per_task=per, pre="baseline", notes=notes)
 
 
-def task_costs(spec: JobSpec, layers: list[int], per: int) -> list[tuple[float, float]]:
+DEFAULT_TASK_START_S = 20.0  # core.spec.Cluster.task_start_s's default, for a plan made without a profile
+
+
+def task_start(spec: JobSpec, cluster=None) -> tuple[float, str]:
+    """(start seconds of one task, where that figure came from): scan.task_start_s, else the profile's."""
+    if spec.scan.task_start_s is not None:
+        return spec.scan.task_start_s, "scan.task_start_s"
+    if cluster is not None:
+        return cluster.task_start_s, f"profile {cluster.name}'s task_start_s"
+    return DEFAULT_TASK_START_S, "default task_start_s"
+
+
+def task_costs(spec: JobSpec, layers: list[int], per: int, cluster=None) -> list[tuple[float, float]]:
     """Estimated (start seconds, layer-work seconds) of each task when `layers` go `per` to a task (in order,
     as the plan slices them). Start: the fixed cost plus reading the weights from min(task layers) to the end
     (reuse_hidden) or all of them, and the task's baseline rows. Work: prompts x tokens x the decoder layers each
@@ -129,13 +143,14 @@ def task_costs(spec: JobSpec, layers: list[int], per: int) -> list[tuple[float, 
     act_bytes = 4 if scan.dtype == "fp32" else 2
     flops = scan.device_tflops * 1e12
     bw = scan.read_gb_s * 1e9
+    start_s = task_start(spec, cluster)[0]
     out = []
     for i in range(0, len(layers), per):
         chunk = layers[i:i + per]
         first = min(chunk) if scan.reuse_hidden else 0
         weight_bytes = ((total - first) * layer_params + head_params * (1 if scan.reuse_hidden else 2)) * wbytes
         base_bytes = len(chunk) * tokens * h * act_bytes if scan.reuse_hidden else 0
-        start = scan.task_start_s + (weight_bytes + base_bytes) / bw
+        start = start_s + (weight_bytes + base_bytes) / bw
         work = sum(tokens * 2 * ((total - (layer if scan.reuse_hidden else 0)) * layer_params + head_params)
                    for layer in chunk) / flops
         out.append((start, work))
@@ -147,21 +162,23 @@ def start_share(costs: list[tuple[float, float]]) -> float:
     return start / (start + sum(c[1] for c in costs))
 
 
-def layers_per_task(spec: JobSpec, layers: list[int]) -> tuple[int, list[str]]:
+def layers_per_task(spec: JobSpec, layers: list[int], cluster=None) -> tuple[int, list[str]]:
     """scan.layers_per_task, or for `auto` the fewest layers per task (the most tasks running side by side) whose
-    estimated start cost stays within scan.max_start_share of the scan's task time; with the reason as notes."""
+    estimated start cost stays within scan.max_start_share of the scan's task time; with the reason as notes.
+    The fixed start cost of a task is scan.task_start_s, else the cluster profile's task_start_s."""
     scan = spec.scan
     if scan.layers_per_task != "auto":
         return scan.layers_per_task, []
     limit = scan.max_start_share
     shares = {}
     for per in range(1, len(layers) + 1):
-        shares[per] = start_share(task_costs(spec, layers, per))
+        shares[per] = start_share(task_costs(spec, layers, per, cluster))
         if shares[per] <= limit:
             break
-    costs = task_costs(spec, layers, per)
+    costs = task_costs(spec, layers, per, cluster)
+    start_s, source = task_start(spec, cluster)
     why = (f"layers_per_task auto: {per} ({len(costs)} tasks); estimated start {costs[0][0]:.1f}-{costs[-1][0]:.1f} "
-           f"s per task (task_start_s {scan.task_start_s:g} + weights from its first layer at {scan.read_gb_s:g} GB/s) "
+           f"s per task (task_start_s {start_s:g} from {source} + weights from its first layer at {scan.read_gb_s:g} GB/s) "
            f"vs layer work {costs[-1][1]:.1f}-{costs[0][1]:.1f} s (prompts x {scan.max_prompt_tokens} tokens x "
            f"layers left at {scan.device_tflops:g} TFLOP/s): start share {100 * shares[per]:.0f}%")
     if shares[per] <= limit:
