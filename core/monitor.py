@@ -255,43 +255,105 @@ def _run_state(rows: list[JobRow]) -> str:
     return bad[0] if bad else "COMPLETED"
 
 
+def study_of(run_dir: str) -> Optional[tuple[str, str, str]]:
+    """(study folder, study name, step) when the run is a step of a study (its run.json says so), else None."""
+    if not run_dir:
+        return None
+    rec = _run_record(Path(run_dir))
+    if not rec or not rec.get("study"):
+        return None
+    return str(rec["study"]), str(rec.get("study_name") or ""), str(rec.get("study_step") or "")
+
+
+def _failed_for_real(jobs: list[JobRow]) -> bool:
+    """A run whose own tasks failed (not merely cancelled because an earlier step failed)."""
+    return any(_category(s) == "failed" and not s.startswith("CANCELLED") for r in jobs for s in r.states.values())
+
+
+def by_study(rows: list[JobRow]) -> list[tuple[Optional[tuple[str, str]], list[tuple[str, str, list[JobRow]]]]]:
+    """by_run's groups, with the runs of one study together: [((study folder, name) | None, [(run folder, step,
+    rows)])], in the order of each group's first job."""
+    out: list = []
+    index: dict[str, int] = {}
+    for run_dir, jobs in by_run(rows):
+        st = study_of(run_dir)
+        if st is None:
+            out.append((None, [(run_dir, "", jobs)]))
+            continue
+        if st[0] not in index:
+            index[st[0]] = len(out)
+            out.append(((st[0], st[1]), []))
+        out[index[st[0]]][1].append((run_dir, st[2], jobs))
+    return out
+
+
+def study_state(runs: list[tuple[str, str, list[JobRow]]]) -> tuple[str, list[str]]:
+    """(state, failed steps): FAILED when a step's own tasks failed (the steps Slurm cancelled after it are not
+    named), else RUNNING / PENDING / CANCELLED / COMPLETED as for a run."""
+    failed = [step for _, step, jobs in runs if _failed_for_real(jobs)]
+    state = _run_state([r for _, _, jobs in runs for r in jobs])
+    if failed and state not in ("RUNNING", "PENDING"):
+        state = "FAILED"
+    return state, failed
+
+
 def format_table(rows: list[JobRow], with_log: bool = True) -> str:
-    """One block per run: a line naming the run, its state and its task counts, then its jobs."""
+    """One block per run: a line naming the run, its state and its task counts, then its jobs. The runs of a
+    study come together under a line naming the study, its state and the step that failed."""
     if not rows:
         return "no jobs"
     header = ["JOBID", "NAME", "STATE", "DONE/RUN/PEND/FAIL", "ELAPSED", "NODES/REASON"]
     if with_log:
         header.append("LAST LOG LINE")
     table: list = [header]
-    for run_dir, jobs in by_run(rows):
-        tasks = {k: sum(r.progress[k] for r in jobs) for k in ("done", "running", "pending", "failed")}
-        total = sum(len(r.states) for r in jobs)
-        label = _short(run_dir) if run_dir else "(not submitted by medhpc: no run folder)"
-        table.append(f"run {label}: {_run_state(jobs)}, {len(jobs)} job{'s' if len(jobs) > 1 else ''}, tasks "
-                     f"{tasks['done']}/{tasks['running']}/{tasks['pending']}/{tasks['failed']} of {total}")
-        for r in sorted(jobs, key=lambda r: _job_key(r.job_id)):
-            p = r.progress
-            prog = f"{p['done']}/{p['running']}/{p['pending']}/{p['failed']} of {len(r.states)}" if r.is_array else "-"
-            where = r.reason if r.active else r.nodes
-            line = ["  " + r.job_id, r.name[:24], r.state, prog, _fmt_seconds(r.seconds), where[:24]]
-            if with_log:  # finished-and-fine jobs' logs are not read: it keeps a refresh cheap with long histories
-                line.append(last_log_line(r) if r.active or r.progress["failed"] else "")
-            table.append(line)
+    for study, runs in by_study(rows):
+        if study is not None:
+            state, failed = study_state(runs)
+            table.append(f"study {study[1]} {_short(study[0])}: {state}, {len(runs)} step run"
+                         f"{'s' if len(runs) > 1 else ''}" + (f"; failed step: {', '.join(failed)}" if failed else ""))
+        for run_dir, step, jobs in runs:
+            _run_block(table, run_dir, jobs, with_log, f" (step {step})" if study is not None else "")
     cells = [row for row in table if isinstance(row, list)]
     widths = [max(len(str(row[i])) for row in cells) for i in range(len(header))]
     return "\n".join(row if isinstance(row, str) else
                      "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
 
 
+def _run_block(table: list, run_dir: str, jobs: list[JobRow], with_log: bool, step_label: str) -> None:
+    tasks = {k: sum(r.progress[k] for r in jobs) for k in ("done", "running", "pending", "failed")}
+    total = sum(len(r.states) for r in jobs)
+    label = _short(run_dir) if run_dir else "(not submitted by medhpc: no run folder)"
+    table.append(f"run {label}{step_label}: {_run_state(jobs)}, {len(jobs)} job{'s' if len(jobs) > 1 else ''}, "
+                 f"tasks {tasks['done']}/{tasks['running']}/{tasks['pending']}/{tasks['failed']} of {total}")
+    for r in sorted(jobs, key=lambda r: _job_key(r.job_id)):
+        p = r.progress
+        prog = f"{p['done']}/{p['running']}/{p['pending']}/{p['failed']} of {len(r.states)}" if r.is_array else "-"
+        where = r.reason if r.active else r.nodes
+        line = ["  " + r.job_id, r.name[:24], r.state, prog, _fmt_seconds(r.seconds), where[:24]]
+        if with_log:  # finished-and-fine jobs' logs are not read: it keeps a refresh cheap with long histories
+            line.append(last_log_line(r) if r.active or r.progress["failed"] else "")
+        table.append(line)
+
+
+def _run_json(run_dir: str, jobs: list[JobRow]) -> dict:
+    return {"run_dir": run_dir or None, "state": _run_state(jobs),
+            "tasks": {k: sum(r.progress[k] for r in jobs) for k in ("done", "running", "pending", "failed")},
+            "jobs": [{"job_id": r.job_id, "name": r.name, "state": r.state, "elapsed_s": r.seconds,
+                      "nodes": r.nodes, "reason": r.reason, "tasks": dict(r.states)}
+                     for r in sorted(jobs, key=lambda r: _job_key(r.job_id))]}
+
+
 def as_json(rows: list[JobRow]) -> list[dict]:
-    """The same grouping for scripts: one object per run with its state, task counts and jobs."""
+    """The same grouping for scripts: one object per run with its state, task counts and jobs; the runs of a study
+    in one object {study_dir, study, state, failed_steps, runs: [run object + its step]}."""
     out = []
-    for run_dir, jobs in by_run(rows):
-        out.append({"run_dir": run_dir or None, "state": _run_state(jobs),
-                    "tasks": {k: sum(r.progress[k] for r in jobs) for k in ("done", "running", "pending", "failed")},
-                    "jobs": [{"job_id": r.job_id, "name": r.name, "state": r.state, "elapsed_s": r.seconds,
-                              "nodes": r.nodes, "reason": r.reason, "tasks": dict(r.states)}
-                             for r in sorted(jobs, key=lambda r: _job_key(r.job_id))]})
+    for study, runs in by_study(rows):
+        if study is None:
+            out += [_run_json(run_dir, jobs) for run_dir, _, jobs in runs]
+            continue
+        state, failed = study_state(runs)
+        out.append({"study_dir": study[0], "study": study[1], "state": state, "failed_steps": failed,
+                    "runs": [{**_run_json(run_dir, jobs), "step": step} for run_dir, step, jobs in runs]})
     return out
 
 
@@ -369,6 +431,15 @@ def belongs_to_run(run: str, job_name: str, comment: str, job_id: str) -> bool:
     return step == "main" or step in steps
 
 
+def belongs_to_study(study: str, comment: str, job_id: str) -> bool:
+    """Whether a queued job is a step of the study named `study`: its run folder's run.json (core.study writes
+    `study_name` there) says so. Cancelling a study by its name cancels every step's jobs."""
+    if not comment.startswith("run="):
+        return False
+    rec = _run_record(Path(comment.removeprefix("run=").replace("%A", job_id)))
+    return bool(rec) and rec.get("study_name") == study
+
+
 def _cancellable(state: str) -> bool:
     """Still worth a scancel: pending or running, not already ending (COMPLETING) or ended."""
     return _category(state) in ("pending", "running") and not state.startswith("COMPLETING")
@@ -434,7 +505,8 @@ def cancel(targets: list[str], user: Optional[str] = None, any_user: bool = Fals
                 name, _, comment = rest.rpartition("|")
             jobs.append((jid.strip(), name, comment))
         for n in names:
-            found = list(dict.fromkeys(jid for jid, name, comment in jobs if belongs_to_run(n, name, comment, jid)))
+            found = list(dict.fromkeys(jid for jid, name, comment in jobs if belongs_to_run(n, name, comment, jid)
+                                       or belongs_to_study(n, comment, jid)))
             if not found:
                 result.problems.append(f"no queued job of a run named {n} (user {me}; ids or names as "
                                        f"python launchers/status.py shows them)")

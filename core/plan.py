@@ -217,6 +217,10 @@ def make_plan(spec: JobSpec, cluster: Cluster, source: str = "spec", force: bool
         if not keep_going:
             raise
         problems, shape = e.problems, None
+    if shape is not None and shape.problems:  # the planner knows the shape but a submission would be refused
+        if not keep_going:
+            raise SpecError(source, shape.problems)
+        problems = list(shape.problems)
     arr = res.array
     job_limit = min(x for x in (cluster.max_jobs_per_user, limits.get("MaxJobCount")) if x) \
         if (cluster.max_jobs_per_user or limits.get("MaxJobCount")) else None
@@ -261,7 +265,7 @@ def make_plan(spec: JobSpec, cluster: Cluster, source: str = "spec", force: bool
         steps.append(Step("main", "run", after=[s.name for s in steps], **common))
         if shape.merge:
             steps.append(Step("merge", "merge", after=["main"], **single))
-    elif (arr is None and shape is None) or problems:  # (a dry run past the planner's refusal: one task)
+    elif (arr is None and shape is None) or (problems and shape is None):  # (a dry run past the planner's refusal)
         steps.append(Step("main", "run", **common))
     else:
         if shape is not None:

@@ -125,6 +125,38 @@ def find_run(spec, run_dir: Optional[str]) -> Path:
     return runs[-1]
 
 
+# ---------------------------------------------------------------- promised inputs (studies)
+# A study (core.study) plans every step before any has run: a later step's input (a scan's sensitivity.csv, a
+# trained run folder) is then a path an earlier step of the same study will produce. While a study plans or
+# submits, it registers the run folders its earlier steps will write (a placeholder before submission, the real
+# run folder after); planners accept a path inside one of them instead of insisting that it exists now.
+_PROMISED: dict[str, str] = {}   # resolved folder -> the study step that produces it
+
+
+@contextmanager
+def promises(folders: dict[str, str]) -> Iterator[None]:
+    """Within the block, paths inside `folders` (folder -> step name) count as promised by that step."""
+    saved = dict(_PROMISED)
+    _PROMISED.update({str(Path(f).resolve()): step for f, step in folders.items()})
+    try:
+        yield
+    finally:
+        _PROMISED.clear()
+        _PROMISED.update(saved)
+
+
+def promised_by(path) -> Optional[str]:
+    """The study step that will produce `path` (it lies in that step's run folder), or None."""
+    if not _PROMISED or not path:
+        return None
+    p = Path(path).resolve()
+    for folder, step in _PROMISED.items():
+        f = Path(folder)
+        if p == f or f in p.parents:
+            return step
+    return None
+
+
 # ---------------------------------------------------------------- the run record
 def read_record(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / RECORD).read_text())

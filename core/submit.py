@@ -161,9 +161,12 @@ def _local_failed(jobs: list) -> bool:
     return any(j.state not in ("DONE", "FINISHED", "COMPLETED") or j.exception() is not None for j in jobs)
 
 
-def submit(plan: Plan, raw_spec: dict, spec_file: str, resume_dir: Optional[Path] = None) -> Submission:
+def submit(plan: Plan, raw_spec: dict, spec_file: str, resume_dir: Optional[Path] = None,
+           after_ids: tuple[str, ...] = (), extra_record: Optional[dict] = None) -> Submission:
     """Submit every step of the plan in order and write the run record; returns the submitit jobs.
-    With resume_dir, the jobs run in that existing run folder (and find its checkpoints)."""
+    With resume_dir, the jobs run in that existing run folder (and find its checkpoints). `after_ids`: Slurm job
+    ids of other runs (a study's earlier steps) that the plan's first steps wait for (afterok); `extra_record`
+    goes into run.json (a study's folder and step name)."""
     local = plan.cluster.executor == "local"
     root = run_folder.local_root_id() if local else None
     previous = None
@@ -177,6 +180,8 @@ def submit(plan: Plan, raw_spec: dict, spec_file: str, resume_dir: Optional[Path
             steps_record.append({"name": step.name, "skipped": "a step it depends on failed (afterok)"})
             continue
         deps = [] if local else [j.split("_")[0] for a in step.after for j in _chunk_ids(jobs[a])]
+        if not step.after and not local:
+            deps = list(dict.fromkeys(after_ids))
         step_jobs, run_dir = _submit_step(plan, raw_spec, step, root, deps)
         if root is None:
             root = step_jobs[0].job_id.split("_")[0]
@@ -188,7 +193,7 @@ def submit(plan: Plan, raw_spec: dict, spec_file: str, resume_dir: Optional[Path
         "spec": raw_spec, "cluster": plan.cluster.model_dump(), "executor": plan.cluster.executor,
         "git": git_commit(), "user": getpass.getuser(), "submit_host": socket.gethostname(),
         "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_dir": str(run_dir), "root_id": root,
-        "plan": plan.describe(), "steps": steps_record, "python": sys.executable,
+        "plan": plan.describe(), "steps": steps_record, "python": sys.executable, **(extra_record or {}),
     }
     if previous is not None:  # keep the history of the run: every submission that worked in this folder
         record["submissions"] = previous.get("submissions", [{k: previous[k] for k in ("submitted_at", "steps")

@@ -5,6 +5,8 @@
   python launchers/submit.py jobs/tiny/smoke.yaml --cluster cluster_configs/local_slurm.yaml
   python launchers/submit.py jobs/tiny/smoke.yaml --dry-run    # plan + exact sbatch text, submits nothing
   python launchers/submit.py jobs/tiny/smoke.yaml --set resources.nodes=2 --set name=try2
+  python launchers/submit.py jobs/tiny/pangu_pruning_study.yaml -c local_slurm --wait   # a study: every step
+  python launchers/submit.py jobs/tiny/pangu_pruning_study.yaml -c local_slurm --resume-missing  # what failed
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from _common import fail, unexpected
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("spec", help="job spec YAML (jobs/...)")
+    p.add_argument("spec", help="job spec YAML (jobs/...), or a study spec (a top-level study: key) whose steps are "
+                                "submitted at once, chained with afterok")
     p.add_argument("--cluster", "-c", default=None,
                    help="cluster profile: a name in cluster_configs/ or a YAML path (default: the spec's cluster:, "
                         "then $MEDHPC_CLUSTER, then cluster_configs/default.yaml, then local)")
@@ -39,8 +42,137 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def study_main(args) -> int:
+    """A study spec (a top-level `study:` key): every step submitted at once, chained with afterok (core/study.py)."""
+    from pathlib import Path
+
+    from core import study as st
+    from core.run_folder import logs_dir_problem
+    from core.spec import SpecError, load_cluster
+
+    if args.resume is not None or args.fresh:
+        fail(f"{args.spec}: --resume / --fresh continue one run; a study takes --resume-missing (resubmits the "
+             f"steps that failed or never ran)\nnothing was submitted")
+    try:
+        study = st.load_study(args.spec, tuple(args.overrides))
+        study.force = args.force
+        profile, source = st.choose_study_cluster(study, args.cluster)
+        cluster = load_cluster(profile)
+        problem = logs_dir_problem(study.logs_dir, cluster.logs_roots)
+        if problem:
+            raise SpecError(args.spec, [("logs_dir", problem)])
+        resubmit = [s.name for s in study.steps if s.spec_file]
+        kept = {s.name: s.run for s in study.steps if s.run}
+        queued: set[str] = set()
+        previous = study_dir = None
+        stale: list[str] = []  # queued jobs of steps that are submitted again (an earlier step failed)
+        if args.resume_missing is not None:
+            study_dir = st.find_study(study, args.resume_missing or None)
+            previous = st.read_record(study_dir)
+            states = st.step_states(previous)
+            redo = {n for n, s in states.items() if s["state"] in ("failed", "cancelled", "not run")}
+            redo |= {s.name for s in study.steps if s.spec_file and s.name not in previous.get("steps", {})}
+            redo = {n for n in study.dependants(redo) if study.step(n).spec_file}
+            for name, s in states.items():
+                if name in redo or name not in {x.name for x in study.steps}:
+                    if s["state"] == "active":
+                        stale += previous["steps"][name].get("job_ids", [])
+                    continue
+                if s["state"] in ("done", "active"):
+                    kept[name] = Path(previous["steps"][name]["run_dir"])
+                    if s["state"] == "active":
+                        queued.add(name)
+            resubmit = [s.name for s in study.steps if s.name in redo]
+            if not resubmit:
+                raise ValueError(f"--resume-missing: every step of {study_dir} finished or is still queued "
+                                 f"({st.summary_line(previous, states)}); nothing to resubmit")
+        planned, problems = st.plan_all(study, cluster, resubmit, kept, queued, keep_going=args.dry_run)
+    except SpecError as e:
+        fail(f"{e}\nnothing was submitted")
+    except (FileNotFoundError, ValueError) as e:
+        fail(f"{e}\nnothing was submitted")
+    except Exception as e:
+        unexpected("planning the study", e)
+    n_jobs = 0
+    print(f"study {study.spec.study} ({args.spec}): {len(study.steps)} steps on {cluster.name} "
+          f"[{cluster.executor}, {cluster.accelerator}] (profile from {source})"
+          + (f"; resubmitting {', '.join(resubmit)}, keeping {', '.join(sorted(kept)) or 'nothing'}"
+             if previous else ""))
+    from core import submit as sub
+    from core.preflight import check
+
+    for s in study.steps:
+        p = planned[s.name]
+        if s.name not in resubmit:
+            why = "an existing run" if s.run else "kept: " + ("still queued" if s.name in queued else "finished")
+            print(f"step {s.name}: {kept.get(s.name)} ({why})")
+            continue
+        waits = [f"{a} ({'queued' if a in queued else 'kept, finished'})" if a in kept and study.step(a).spec_file
+                 else f"{a} (existing run)" if a in kept else a for a in s.after]
+        print(f"step {s.name}: {s.spec_file}" + (f"; afterok on every job of: {', '.join(waits)}" if waits
+                                                  else "; waits for no other step"))
+        if p.plan is None:
+            print("  (not planned: see the errors below)")
+            continue
+        for line in p.plan.describe().splitlines():
+            print(f"  {line}")
+        if p.plan.memory is None:
+            print(f"  {st.inference_memory(p.spec)}")
+        n_jobs += sum(len(x.chunks) if x.is_array else 1 for x in p.plan.steps)
+        if not args.no_preflight:
+            try:
+                checked = check(p.plan, sub.sbatch_texts(p.plan))
+            except Exception as e:
+                unexpected(f"checking step {s.name}", e)
+            for note in checked.notes:
+                print(f"  preflight: {note}")
+            problems += [(s.name, f, m) for f, m in checked.problems]
+    print(f"graph: " + "; ".join(f"{a} -> {s.name}" for s in study.steps for a in s.after) +
+          f" ({n_jobs} Slurm jobs to submit)" if any(s.after for s in study.steps) else "graph: no dependencies")
+    if problems:
+        print(f"{chr(10) if args.dry_run else ''}error: {args.spec}: a submission would be refused:", file=sys.stderr)
+        for step, field_name, message in problems:
+            print(f"  steps.{step}: {field_name}: {message}", file=sys.stderr)
+        print("nothing was submitted", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print("dry run: nothing submitted")
+        return 0
+    if stale:
+        why = st._cancel(stale)
+        print(f"cancelled the queued jobs of the steps submitted again: {' '.join(stale)}"
+              + (f" (scancel said: {why})" if why else ""))
+    study_dir = study_dir or st.make_study_dir(study)
+    try:
+        outcome = st.submit_study(study, planned, cluster, resubmit, study_dir, previous, sys.stdout)
+    except st.StudySubmitError as e:
+        fail(f"{e}\nstudy record: {study_dir / st.RECORD}", 1)
+    except Exception as e:
+        unexpected("submitting the study", e)
+    print(f"study folder: {study_dir}")
+    if cluster.executor == "slurm" and not args.wait:
+        print(f"follow it with: python launchers/status.py   (the study is one group)")
+        return 0
+    states = st.wait(outcome.record) if cluster.executor == "slurm" else st.step_states(outcome.record)
+    for name, s in states.items():
+        print(f"  {name}: {s['state']}" + (f" ({s['detail']})" if s["detail"] else ""))
+    print(f"study {study.spec.study}: {st.summary_line(outcome.record, states)}")
+    table = st.final_table(outcome.record)
+    if table is not None and all(s["state"] in ("done", "existing") for s in states.values()):
+        print(f"final table: {table} (and {table.with_suffix('.csv').name} beside it)\n")
+        print(table.read_text())
+        return 0
+    print(f"finish it with: python launchers/submit.py {args.spec} --resume-missing {study_dir}"
+          + (f" {' '.join(a for o in args.overrides for a in ('--set', o))}" if args.overrides else ""))
+    return 1
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from core.study import is_study
+
+    if is_study(args.spec):
+        return study_main(args)
     from core.plan import make_plan
     from core.secrets_guard import redact
     from core.spec import SpecError, choose_cluster, load_cluster, load_spec

@@ -25,6 +25,7 @@ WORKLOADS: dict[str, str] = {
     "vitp_lung": "core.workloads.vitp_lung",
     "blip_caption": "core.workloads.blip_caption",
     "gigapath_distill": "core.workloads.gigapath_distill",
+    "study_table": "core.workloads.study_table",
 }
 
 
@@ -39,6 +40,9 @@ class Shape:
     merge: bool = True                  # a merge step after the main step (afterok)
     samples: Optional[int] = None       # training samples (the plan derives the steps of train.epochs from it)
     notes: list[str] = field(default_factory=list)
+    # (field, why) a submission is refused for although the shape is known (an input file not on this machine):
+    # a real submit stops on them, a dry run prints the whole plan and then lists them
+    problems: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, PositiveInt, field_validator
 
-from core.run_folder import is_run, write_json_atomic
+from core.run_folder import is_run, promised_by, write_json_atomic
 from core.runtime import TaskContext
 from core.spec import FieldError, JobSpec, Strict
 from core.workloads import Shape, Workload
@@ -50,10 +50,15 @@ class PruneSection(Strict):
 
 
 def plan(spec: JobSpec, resume_dir: Optional[Path] = None) -> Shape:
-    """One array task per ratio (item 0.0: the unpruned model), then the merge; torch-free checks first."""
+    """One array task per ratio (item 0.0: the unpruned model), then the merge; torch-free checks first. In a study
+    (core.study) the scan's CSV and the Dia-Pangu run may be promised by earlier steps (run_folder.promised_by)."""
     pr = spec.prune
-    text_lines(pr.heldout, "prune.heldout")
-    if pr.dia_run and not is_run(Path(pr.dia_run)):
+    problems = []
+    try:
+        text_lines(pr.heldout, "prune.heldout")
+    except FieldError as e:  # not on this machine: a dry run still shows the ratios' tasks
+        problems.append((e.field, e.message))
+    if pr.dia_run and not is_run(Path(pr.dia_run)) and not promised_by(pr.dia_run):
         raise FieldError("prune.dia_run", f"{pr.dia_run} is not a run folder (no run.json); give logs/<name>/<id> of a "
                                           f"finished Dia-Pangu run")
     total = decoder_layers(spec)
@@ -62,14 +67,16 @@ def plan(spec: JobSpec, resume_dir: Optional[Path] = None) -> Shape:
         if bad or len(set(pr.layers)) >= total:
             raise FieldError("prune.layers", f"cannot remove {pr.layers} from a {total}-layer model "
                                              f"(indices 0..{total - 1}, at least one layer must stay)")
-        return Shape(items=[0.0, "layers"], pre=None)
-    if not pr.sensitivity_csv or not Path(pr.sensitivity_csv).is_file():
-        raise FieldError("prune.sensitivity_csv", f"sensitivity CSV {pr.sensitivity_csv!r} not found; run a scan "
-                                                  f"first (jobs/pangu_sensitivity.yaml) or give prune.layers")
+        return Shape(items=[0.0, "layers"], pre=None, problems=problems)
+    if not pr.sensitivity_csv or not (Path(pr.sensitivity_csv).is_file() or promised_by(pr.sensitivity_csv)):
+        problems.append(("prune.sensitivity_csv", f"sensitivity CSV {pr.sensitivity_csv!r} not found; run a scan "
+                                                  f"first (jobs/pangu_sensitivity.yaml) or give prune.layers"))
     too_many = [r for r in pr.ratios if round(r * total) >= total]
     if too_many:
         raise FieldError("prune.ratios", f"ratios {too_many} would remove every layer of a {total}-layer model")
-    return Shape(items=[0.0] + list(pr.ratios), pre=None)
+    notes = [f"prune.{k}: {v} (written by study step {promised_by(v)}, submitted before this one)"
+             for k, v in (("sensitivity_csv", pr.sensitivity_csv), ("dia_run", pr.dia_run)) if promised_by(v)]
+    return Shape(items=[0.0] + list(pr.ratios), pre=None, problems=problems, notes=notes)
 
 
 def layers_to_remove(spec, ratio, total: int) -> list[int]:
@@ -242,6 +249,9 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
     base = evaluate(base_model, tok, lines, pr.max_tokens, device)
     results = []
     for ratio in ctx.items:
+        from core.runtime import fault_point
+
+        fault_point("ratio", ratio)
         remove = layers_to_remove(spec, ratio, total)
         if not remove:
             res = {k: v for k, v in base.items() if k != "per_line"}

@@ -77,7 +77,11 @@ def plan(spec: JobSpec, resume_dir: Optional[Path] = None, cluster=None) -> Shap
     """baseline -> one array task per layer (or layers_per_task) -> merge; bi / angular: one task -> merge.
     `cluster` (the profile, when the plan passes it) gives `auto` its per-cluster task start cost."""
     scan = spec.scan
-    text_lines(scan.prompts, "scan.prompts")
+    problems = []
+    try:
+        text_lines(scan.prompts, "scan.prompts")
+    except FieldError as e:  # not on this machine: a dry run still shows the layers' tasks
+        problems.append((e.field, e.message))
     total = decoder_layers(spec)
     layers = scan.layers if scan.layers is not None else list(range(total))
     bad = [layer for layer in layers if not 0 <= layer < total]
@@ -95,7 +99,8 @@ def plan(spec: JobSpec, resume_dir: Optional[Path] = None, cluster=None) -> Shap
             raise FieldError("scan.layers", f"blocks of {scan.block_size} cannot start at {late} in a {total}-layer "
                                             f"model (last start: {total - scan.block_size})")
     if scan.metric in ("bi", "angular"):  # one pass gives every layer: a single task, then the merge
-        return Shape(items=None, pre=None, notes=[f"{scan.metric}: one forward pass scores all {len(layers)} layers"])
+        return Shape(items=None, pre=None, notes=[f"{scan.metric}: one forward pass scores all {len(layers)} layers"],
+                     problems=problems)
     if resume_dir is not None:
         done = done_layers(resume_dir)
         missing = [layer for layer in layers if layer not in done]
@@ -103,9 +108,13 @@ def plan(spec: JobSpec, resume_dir: Optional[Path] = None, cluster=None) -> Shap
             raise FieldError("--resume-missing", f"every layer already has a result in {resume_dir}")
         per, notes = layers_per_task(spec, missing, cluster)
         return Shape(items=missing, items_per_task=per, pre=None,
-                     notes=[f"resubmitting only the {len(missing)} missing layers: {missing}", *notes])
-    per, notes = layers_per_task(spec, layers, cluster)
-    return Shape(items=layers, items_per_task=per, pre="baseline", notes=notes)
+                     notes=[f"resubmitting only the {len(missing)} missing layers: {missing}", *notes],
+                     problems=problems)
+    if problems and scan.layers_per_task == "auto":  # auto counts the prompts: without them, one layer per task
+        per, notes = 1, ["layers_per_task auto: 1 (the prompts file is not here to size the tasks)"]
+    else:
+        per, notes = layers_per_task(spec, layers, cluster)
+    return Shape(items=layers, items_per_task=per, pre="baseline", notes=notes, problems=problems)
 
 
 DEFAULT_TASK_START_S = 20.0  # core.spec.Cluster.task_start_s's default, for a plan made without a profile

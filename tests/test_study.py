@@ -1,0 +1,242 @@
+"""The pruning study as one submission (core/study.py): the tiny study end to end through the real local Slurm
+from one command, its final table against the steps submitted one by one, a failure mid-study and
+--resume-missing, the full-size dry run, and bad study specs refused before anything is submitted."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import cli, record, run_folder
+
+STUDY = "jobs/tiny/pangu_pruning_study.yaml"
+FULL = "jobs/pangu_pruning_study.yaml"
+WAIT = 2400  # generous: 2 cores shared with other tests; no assert depends on speed
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    from core.data.ctrg import write_synthetic
+    from core.models.chexbert import write_tiny_chexbert
+    from core.models.pangu import write_tiny_pangu
+
+    root = tmp_path_factory.mktemp("study")
+    data = write_synthetic(root / "ctrg", n_test=4)
+    return {"root": root, "logs": root / "logs", "model": write_tiny_pangu(root / "pangu"), **data,
+            "chexbert": write_tiny_chexbert(root / "chexbert")}
+
+
+def jobs_named(prefix: str) -> list[str]:
+    """Jobs Slurm knows of (queued, or accounted today) whose name starts with `prefix` (a unique name per test,
+    so other tests' jobs on the same cluster never count)."""
+    acct = subprocess.run(["sacct", "-X", "-n", "-a", "-P", "-S", "now-1days", "-o", "JobID,JobName"],
+                          capture_output=True, text=True, check=True).stdout
+    queue = subprocess.run(["squeue", "-h", "-o", "%i|%j"], capture_output=True, text=True, check=True).stdout
+    return [ln for ln in (acct + queue).splitlines() if ln.partition("|")[2].strip().startswith(prefix)]
+
+
+def common_sets(work) -> list[str]:
+    """Every step on the test's own tiny model and logs folder; Dia-Pangu on the test's data, short."""
+    sets = [f"model.path={work['model']}", "model.make_tiny=false", f"outputs.logs_dir={work['logs']}",
+            f"dia:data.path={work['data_dir']}", f"dia:data.annotation={work['annotation']}",
+            f"dia:data.labels_csv={work['labels_csv']}", "dia:data.make_synthetic=false",
+            f"dia:dia.chexbert={work['chexbert']}", "dia:train.steps=10", "dia:train.checkpoint_every=10",
+            "dia:dia.eval_limit=4"]
+    return [x for s in sets for x in ("--set", s)]
+
+
+def study_dir_of(stdout: str) -> Path:
+    m = re.search(r"^study folder: (.+)$", stdout, re.M)
+    assert m, stdout
+    return Path(m.group(1))
+
+
+def study_record(study_dir: Path) -> dict:
+    return json.loads((study_dir / "study.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_study(slurm, work):
+    """ONE submit.py call for the whole tiny study, waited for (shared by the tests below)."""
+    res = cli("submit", STUDY, "-c", "local_slurm", "--wait", *common_sets(work), timeout=WAIT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    study_dir = study_dir_of(res.stdout)
+    return study_dir, study_record(study_dir), res.stdout
+
+
+def test_tiny_study_is_one_submission_and_its_table_equals_the_steps_one_by_one(tiny_study, work):
+    study_dir, rec, out = tiny_study
+    steps = rec["steps"]
+    assert list(steps) == ["dia", "scan", "prune", "table"] or set(steps) == {"dia", "scan", "prune", "table"}
+    for name in steps:  # every step's run names the study; its jobs carry afterok on the earlier steps' jobs
+        run = record(Path(steps[name]["run_dir"]))
+        assert run["study"] == str(study_dir) and run["study_step"] == name and run["study_name"] == rec["study"]
+    assert set(steps["prune"]["dependency"]) == set(steps["scan"]["job_ids"]) | set(steps["dia"]["job_ids"])
+    assert set(steps["table"]["dependency"]) == set(steps["scan"]["job_ids"]) | set(steps["prune"]["job_ids"])
+    assert steps["dia"]["dependency"] == [] and steps["scan"]["dependency"] == []
+    prune_spec = record(Path(steps["prune"]["run_dir"]))["spec"]["prune"]  # through the run record, never latest
+    assert prune_spec["sensitivity_csv"] == f"{steps['scan']['run_dir']}/sensitivity.csv"
+    assert prune_spec["dia_run"] == steps["dia"]["run_dir"] and "latest" not in json.dumps(prune_spec)
+    table_dir = Path(steps["table"]["run_dir"])
+    study_csv = (table_dir / "study_table.csv").read_text()
+    assert "final table:" in out and (table_dir / "study_table.md").read_text() in out
+    header = study_csv.splitlines()[0].split(",")
+    assert header[:5] == ["ratio", "layers", "removed", "removed_score_sum", "removed_score_max"]
+    assert {"perplexity", "logprob_distance", "dia_BLEU-4", "dia_head_micro_f1"} <= set(header)
+    assert len(study_csv.splitlines()) == 1 + 3  # unpruned + the tiny spec's two ratios
+
+    # the same steps one by one, each its own submit.py call: scan, then prune on that scan (and the study's
+    # Dia-Pangu run), then the table step on those two: the same table, to the last digit
+    base = common_sets(work)[:6]
+    res = cli("submit", "jobs/tiny/pangu_sensitivity.yaml", "-c", "local_slurm", "--wait", *base, timeout=WAIT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    scan = run_folder(res.stdout)
+    res = cli("submit", "jobs/tiny/pangu_prune.yaml", "-c", "local_slurm", "--wait", *base,
+              "--set", f"prune.sensitivity_csv={scan}/sensitivity.csv", "--set", f"prune.dia_run={steps['dia']['run_dir']}",
+              "--set", "prune.dia_eval_limit=4", timeout=WAIT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    prune = run_folder(res.stdout)
+    res = cli("submit", "jobs/tiny/pangu_study_table.yaml", "-c", "local_slurm", "--wait", *base,
+              "--set", f"table.sensitivity_csv={scan}/sensitivity.csv",
+              "--set", f"table.pruning_csv={prune}/pruning_eval.csv", timeout=WAIT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (run_folder(res.stdout) / "study_table.csv").read_text() == study_csv
+
+
+def test_status_shows_the_study_as_one_group(tiny_study):
+    study_dir, rec, _ = tiny_study
+    res = cli("status", "--json")
+    assert res.returncode == 0, res.stderr
+    groups = [g for g in json.loads(res.stdout) if g.get("study_dir") == str(study_dir)]
+    assert len(groups) == 1 and groups[0]["state"] == "COMPLETED"
+    assert {r["step"] for r in groups[0]["runs"]} == {"dia", "scan", "prune", "table"}
+    table = cli("status", "--no-log")
+    assert f"study {rec['study']}" in table.stdout and "COMPLETED" in table.stdout
+
+
+def test_failed_task_mid_study_cancels_the_rest_and_resume_missing_finishes_it(tiny_study, work, tmp_path):
+    """An existing Dia-Pangu run instead of training one; a prune task fails: the prune merge and the table are
+    cancelled by Slurm, the output and status name the failed step; --resume-missing keeps the scan (same job ids)
+    and submits prune and table again; the table then equals the first study's."""
+    _, first, _ = tiny_study
+    spec = tmp_path / "study.yaml"
+    text = Path(STUDY).read_text()
+    text = re.sub(r"  dia:.*?\n  scan:", f"  dia:\n    run: {first['steps']['dia']['run_dir']}\n  scan:", text,
+                  flags=re.S)
+    spec.write_text(text.replace("study: pangu_pruning_study_tiny", "study: study_fail_tiny"))
+    sets = [a for a in common_sets(work) if not a.startswith("dia:")]
+    sets = [a for i, a in enumerate(sets) if not (a == "--set" and sets[i + 1].startswith("dia:"))]
+    res = cli("submit", str(spec), "-c", "local_slurm", "--wait", *sets, env={"MEDHPC_FAULT": "fail@ratio:0.5"},
+              timeout=WAIT)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "FAILED at step prune" in res.stdout and "--resume-missing" in res.stdout
+    study_dir = study_dir_of(res.stdout)
+    rec = study_record(study_dir)
+    assert rec["steps"]["dia"]["existing"] is True
+    from core.study import step_states
+
+    states = step_states(rec)
+    assert states["scan"]["state"] == "done" and states["prune"]["state"] == "failed"
+    assert states["table"]["state"] == "cancelled"  # by Slurm: afterok can never be satisfied
+    status = json.loads(cli("status", "--json").stdout)
+    group = next(g for g in status if g.get("study_dir") == str(study_dir))
+    assert group["failed_steps"] == ["prune"]
+
+    res = cli("submit", str(spec), "-c", "local_slurm", "--wait", "--resume-missing", *sets, timeout=WAIT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "resubmitting prune, table" in res.stdout
+    again = study_record(study_dir)
+    assert again["steps"]["scan"]["job_ids"] == rec["steps"]["scan"]["job_ids"]  # kept, not rerun
+    assert again["steps"]["scan"]["run_dir"] == rec["steps"]["scan"]["run_dir"]
+    assert again["steps"]["prune"]["job_ids"] != rec["steps"]["prune"]["job_ids"]
+    assert again["steps"]["prune"]["dependency"] == []  # the scan has finished: nothing left to wait for
+    assert set(again["steps"]["table"]["dependency"]) == set(again["steps"]["prune"]["job_ids"])
+    first_table = (Path(first["steps"]["table"]["run_dir"]) / "study_table.csv").read_text()
+    assert (Path(again["steps"]["table"]["run_dir"]) / "study_table.csv").read_text() == first_table
+
+
+def test_full_size_dry_run_shows_every_job_its_dependencies_and_memory(slurm):
+    """No model folder or data on this machine: the estimates come from model.preset; the refusals a real submit
+    would stop on (the lab's data files) are listed after the whole graph, exit 2, nothing submitted."""
+    name = f"t{uuid.uuid4().hex[:8]}"
+    res = cli("submit", FULL, "-c", "ascend_910b", "--dry-run", "--no-preflight")
+    assert res.returncode == 2, res.stdout + res.stderr
+    out = res.stdout
+    for line in ("step dia: jobs/dia_pangu.yaml; waits for no other step",
+                 "step scan: jobs/pangu_sensitivity.yaml; waits for no other step",
+                 "step prune: jobs/pangu_prune.yaml; afterok on every job of: scan, dia",
+                 "step table: jobs/pangu_study_table.yaml; afterok on every job of: scan, prune"):
+        assert line in out
+    assert "step main: 1 job (2 nodes x 8 tasks" in out                        # Dia-Pangu training
+    assert "step baseline: 1 job" in out and "array of 34 tasks for 34 items" in out  # the scan, all 34 layers
+    assert "array of 4 tasks for 4 items" in out                                # unpruned + 3 ratios
+    assert out.count("step merge: 1 job") == 2
+    assert "memory: est." in out and "GiB/device of 64 GiB" in out              # DeepSpeed estimate (dia)
+    assert out.count("parameters in bf16 = 15.0 GiB per task") == 2             # scan and prune weights
+    assert "written by study step scan, submitted before this one" in out
+    assert "graph: scan -> prune; dia -> prune; scan -> table; prune -> table" in out
+    err = res.stderr
+    assert "steps.dia: data:" in err and "steps.scan: scan.prompts:" in err and "nothing was submitted" in err
+    # the same refusals as a real submission of the same study (which stops at the first step that fails)
+    real = cli("submit", FULL, "-c", "ascend_910b", "--no-preflight", "--set", f"name={name}")
+    assert real.returncode == 2 and "steps.dia (jobs/dia_pangu.yaml): data:" in real.stderr
+    assert "Traceback" not in real.stderr and jobs_named(name) == []
+
+
+BAD = {
+    "unknown_after": ("steps:\n  a: {spec: jobs/tiny/smoke.yaml}\n  b: {spec: jobs/tiny/smoke.yaml, after: [c]}\n",
+                      "steps.b.after[0]: unknown step 'c'"),
+    "cycle": ("steps:\n  a: {spec: jobs/tiny/smoke.yaml, after: [b]}\n  b: {spec: jobs/tiny/smoke.yaml, after: [a]}\n",
+              "in a cycle: a -> b -> a"),
+    "missing_spec": ("steps:\n  a: {spec: jobs/tiny/nope.yaml}\n", "steps.a.spec: job spec jobs/tiny/nope.yaml not found"),
+    "bad_override": ("steps:\n  a: {spec: jobs/tiny/smoke.yaml, set: [smoke.mesage=hi]}\n",
+                     "did you mean 'smoke.message'?"),
+    "unknown_ref": ("steps:\n  a: {spec: jobs/tiny/smoke.yaml, set: ['smoke.message=${step:zz}/x']}\n",
+                    "steps.a.set[0]: ${step:zz} names no step"),
+    "unknown_key": ("steps:\n  a: {spec: jobs/tiny/smoke.yaml, aftr: [b]}\n", "steps.a.aftr: unknown key"),
+    "both": ("steps:\n  a: {spec: jobs/tiny/smoke.yaml, run: logs}\n", "steps.a: give either spec:"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_study_spec_fails_before_anything_is_submitted(slurm, tmp_path, case):
+    body, needle = BAD[case]
+    path = tmp_path / f"{case}.yaml"
+    path.write_text(f"study: bad_{case}\n{body}")
+    name = f"t{uuid.uuid4().hex[:8]}"
+    res = cli("submit", str(path), "-c", "local_slurm", "--set", f"name={name}")
+    assert res.returncode == 2, res.stdout + res.stderr
+    first = res.stderr.splitlines()[0]
+    assert first.startswith(f"error: {path}") and needle in first, res.stderr
+    assert "nothing was submitted" in res.stderr and "Traceback" not in res.stderr
+    assert jobs_named(name) == []
+
+
+def test_set_for_an_unknown_step_is_refused(slurm):
+    res = cli("submit", STUDY, "-c", "local_slurm", "--set", "nosuch:train.steps=3", "--dry-run")
+    assert res.returncode == 2 and "unknown step 'nosuch'" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_auto_layers_per_task_uses_the_profiles_task_start_cost(tmp_path):
+    """The shared change: the plan hands the profile to the planner; auto uses its task_start_s and says so."""
+    from core.models.pangu import write_tiny_pangu
+    from core.plan import make_plan
+    from core.spec import load_cluster, load_spec
+
+    model = write_tiny_pangu(tmp_path / "m")
+    spec, _ = load_spec("jobs/tiny/pangu_sensitivity.yaml", (f"model.path={model}", "model.make_tiny=false",
+                                                             "scan.layers_per_task=auto"))
+    notes = {}
+    for name in ("local_slurm", "ascend_910b"):
+        cluster = load_cluster(name)
+        plan = make_plan(spec, cluster, limits={"MaxArraySize": 11})
+        notes[name] = next(n for n in plan.notes if n.startswith("layers_per_task auto:"))
+        assert f"task_start_s {cluster.task_start_s:g} from profile {name}'s task_start_s" in notes[name]
+    spec2, _ = load_spec("jobs/tiny/pangu_sensitivity.yaml", (f"model.path={model}", "model.make_tiny=false",
+                                                              "scan.layers_per_task=auto", "scan.task_start_s=0.0001"))
+    plan = make_plan(spec2, load_cluster("ascend_910b"), limits={"MaxArraySize": 11})
+    assert any("task_start_s 0.0001 from scan.task_start_s" in n for n in plan.notes)
