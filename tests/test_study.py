@@ -128,8 +128,8 @@ def test_failed_task_mid_study_cancels_the_rest_and_resume_missing_finishes_it(t
     text = re.sub(r"  dia:.*?\n  scan:", f"  dia:\n    run: {first['steps']['dia']['run_dir']}\n  scan:", text,
                   flags=re.S)
     spec.write_text(text.replace("study: pangu_pruning_study_tiny", "study: study_fail_tiny"))
-    sets = [a for a in common_sets(work) if not a.startswith("dia:")]
-    sets = [a for i, a in enumerate(sets) if not (a == "--set" and sets[i + 1].startswith("dia:"))]
+    pairs = common_sets(work)
+    sets = [x for i in range(0, len(pairs), 2) if not pairs[i + 1].startswith("dia:") for x in pairs[i:i + 2]]
     res = cli("submit", str(spec), "-c", "local_slurm", "--wait", *sets, env={"MEDHPC_FAULT": "fail@ratio:0.5"},
               timeout=WAIT)
     assert res.returncode == 1, res.stdout + res.stderr
