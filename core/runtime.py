@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -254,6 +255,9 @@ def context_dict(ctx: TaskContext) -> dict:
 def configure_logging() -> None:
     """Task output: one line per message, `[logger] message`, on stdout (Slurm's log file)."""
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s", stream=sys.stdout, force=True)
+    # DeepSpeed calls torch.distributed's renamed collectives on every step: one FutureWarning each, hundreds of lines
+    # burying the job's own log; they say nothing about the job
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 
 @dataclass

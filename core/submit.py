@@ -282,7 +282,13 @@ def _summary_lines(results: list, run_dir: Path) -> list[str]:
         lines.append(f"{name}: {path}")
     table = _headline(first.get("evaluation")) if isinstance(first.get("evaluation"), dict) else \
         _headline({k: v for k, v in first.items() if k not in SCALARS_LEFT_OUT})
-    if table:
+    before = dict(_headline(first["untrained"])) if isinstance(first.get("untrained"), dict) else {}
+    if table and before:  # the workload also scored the untrained model: both side by side
+        width = max(len(k) for k, _ in table)
+        cols = max(9, *(len(v) for _, v in table))
+        lines.append(f"{'':<{width}}  {'untrained':>{cols}}  {'trained':>{cols}}")
+        lines += [f"{k:<{width}}  {before.get(k, ''):>{cols}}  {v:>{cols}}" for k, v in table]
+    elif table:
         width = max(len(k) for k, _ in table)
         lines += [f"{k:<{width}}  {v}" for k, v in table]
     return lines

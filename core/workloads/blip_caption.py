@@ -200,6 +200,8 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
         result["evaluation"] = evaluate(spec, ctx, session, engine.module, batches, rows, test_rows, "trained")
         if rank == 0:
             plot(results, result["evaluation"], untrained)
+        if untrained:
+            result["untrained"] = untrained  # the submit summary prints both side by side
     result.update(train_rows=n, test_rows=len(test_rows), skipped_images=len(rows.failed),
                   trainable=sum(p.numel() for p in engine.module.parameters() if p.requires_grad))
     result.pop("losses", None)
