@@ -197,7 +197,10 @@ def load_volume(path: Path, image_size: int = 256, frames: int = 64, resize: int
 
 SENTENCES_POS = "There is a right pleural effusion."
 SENTENCES_NEG = "No pleural effusion is seen."
-OTHER = ["The heart size is normal.", "The lungs are clear.", "No pneumothorax.", "The mediastinum is unremarkable.",
+# what a reader writes next depends on the finding: the lung base next to an effusion collapses
+COMPANION_POS = "Adjacent atelectasis of the right lower lobe."
+COMPANION_NEG = "The lungs are clear."
+OTHER = ["The heart size is normal.", "No pneumothorax.", "The mediastinum is unremarkable.",
          "No focal consolidation.", "Mild degenerative changes of the spine."]
 
 
@@ -226,8 +229,10 @@ def write_synthetic(root, n_train: int = 24, n_val: int = 4, n_test: int = 8, sh
                 h, w, d = shape
                 vol[h // 2:, w // 2:, d // 3:] += 2.0
             nib.save(nib.Nifti1Image(vol, np.eye(4)), str(paths["data_dir"] / f"{cid}.nii.gz"))
-            others = rng.sample(OTHER, 2)
-            finding = " ".join([SENTENCES_POS if positive else SENTENCES_NEG] + others)
+            # CTRG-like findings from a sentence bank: the effusion sentence (what the volume shows), the sentence
+            # that goes with it, then one of the unrelated ones
+            finding = " ".join([SENTENCES_POS, COMPANION_POS] if positive else [SENTENCES_NEG, COMPANION_NEG])
+            finding += " " + rng.choice(OTHER)
             items.append({"id": cid, "finding": finding})
             labels = {d: "0" for d in CONDITIONS}  # CheXbert codes: 0 blank, 1 positive, 2 negative
             labels[SIGNAL] = "1" if positive else "2"

@@ -51,6 +51,8 @@ class DiaSection(Strict):
     chexbert_tokenizer: Optional[str] = Field(None, description="folder with bert-base-uncased's vocab.txt "
                                                                 "(default: dia.chexbert's folder)")
     evaluate: bool = True
+    baseline_eval: bool = Field(False, description="also score the untrained model on the same cases before training "
+                                                   "(results/untrained/): the summary and the plot show both")
     eval_split: Literal["val", "test"] = "test"
     eval_limit: Optional[PositiveInt] = Field(None, description="evaluate only the first N cases")
 
@@ -207,6 +209,13 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
                  spec.train.epochs, len(train), world, accum, steps)
     engine = eng.initialize(session, model, spec, steps=steps)
     prompts = Prompts(tok, model, spec)
+    untrained = None
+    if spec.dia.evaluate and spec.dia.baseline_eval and session.resume is None:
+        # before any step, on the same cases and decoding; its own RNG, so training draws what it would without it
+        with torch.random.fork_rng(devices=[]):
+            untrained = evaluate(spec, ctx, session, engine, prompts, cases[spec.dia.eval_split], dtype,
+                                 folder="results/untrained")
+        model.train()
     vit = model.vit.cfg
 
     def sample(k: int) -> int:
@@ -231,7 +240,10 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
     result.update(activation_checkpointing=checkpointing, total_steps=steps, train_cases=len(train),
                   init_from=init["counts"] if init else None)
     if spec.dia.evaluate:
-        result["evaluation"] = evaluate(spec, ctx, session, engine, prompts, cases[spec.dia.eval_split], dtype)
+        result["evaluation"] = evaluate(spec, ctx, session, engine, prompts, cases[spec.dia.eval_split], dtype,
+                                        baseline=ctx.run_dir / "results" / "untrained" / "metrics.json")
+        if untrained is not None:
+            result["untrained"] = untrained
     result.pop("losses", None)
     return result
 

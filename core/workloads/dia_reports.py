@@ -49,14 +49,18 @@ class Prompts:
         return torch.tensor([ids]), torch.tensor([labels])
 
 
-def evaluate(spec, ctx, session, engine, prompts, cases: list[Case], dtype) -> dict:
-    """Each rank generates for its share; rank 0 gathers, writes the CSV and scores it."""
+def evaluate(spec, ctx, session, engine, prompts, cases: list[Case], dtype, folder: str = "results",
+             baseline: Path | None = None) -> dict:
+    """Each rank generates for its share; rank 0 gathers, writes the CSV and scores it into `folder`. `baseline`:
+    the metrics.json of an earlier evaluation (the untrained model) drawn next to these in the plot."""
     if spec.dia.eval_limit:
         cases = cases[: spec.dia.eval_limit]
     rows = generate_rows(engine.module, prompts, cases, spec, session.device, dtype, session.rank,
                          session.dist.world_size)
     ordered = session.gather_rows(rows, "ID", [c.id for c in cases])
-    return {} if ordered is None else write_results(ctx.run_dir, ordered, spec=spec, device=session.device)
+    if ordered is None:
+        return {}
+    return write_results(ctx.run_dir, ordered, folder=folder, spec=spec, device=session.device, baseline=baseline)
 
 
 def generation_kwargs(spec) -> dict:
@@ -161,7 +165,8 @@ def load_trained(dia_run: Path, llm_folder: Path, device, dtype):
 CSV_COLUMNS = ["ID", "Question", "Ground Truth", "Pred", "GT_labels", "Pred_labels"]
 
 
-def write_results(run_dir: Path, rows: list[dict], folder: str = "results", spec=None, device="cpu") -> dict:
+def write_results(run_dir: Path, rows: list[dict], folder: str = "results", spec=None, device="cpu",
+                  baseline: Path | None = None) -> dict:
     """The CSV, metrics.json and metrics.png of one evaluation. `spec` (the Dia-Pangu spec) chooses the report
     metrics' tokenization (default raw, Dia-LLaMA's) and the CheXbert labeler (none without it)."""
     from core.metrics import chexbert_scores, clinical_prf, report_metrics
@@ -200,7 +205,8 @@ def write_results(run_dir: Path, rows: list[dict], folder: str = "results", spec
         w.writeheader()
         w.writerows(rows)
     write_json_atomic(results / "metrics.json", metrics)
-    plot_metrics(metrics, results / "metrics.png")
+    before = json.loads(Path(baseline).read_text()) if baseline is not None and Path(baseline).is_file() else None
+    plot_metrics(metrics, results / "metrics.png", before)
     log.info("%d reports -> %s; metrics -> %s", len(rows), csv_path, results / "metrics.json")
     headline = [*scores, "ce_f1_micro", "ce_f1_macro", "ce_precision_micro", "ce_recall_micro", "ce_auc_macro",
                 "head_micro_f1", "head_macro_f1", "head_micro_precision", "head_micro_recall", "cases"]
@@ -208,7 +214,8 @@ def write_results(run_dir: Path, rows: list[dict], folder: str = "results", spec
             **{k: metrics[k] for k in headline if k in metrics}}
 
 
-def plot_metrics(metrics: dict, path: Path) -> None:
+def plot_metrics(metrics: dict, path: Path, before: dict | None = None) -> None:
+    """Bars of the report and clinical metrics; with `before` (the untrained model's), its bars beside them."""
     plt = pyplot()
     nlg = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L"]
     clinical = (["ce_precision_micro", "ce_recall_micro", "ce_f1_micro"] if metrics.get("chexbert") else []) + \
@@ -216,7 +223,14 @@ def plot_metrics(metrics: dict, path: Path) -> None:
     names = nlg + clinical
     colors = ["tab:blue"] * len(nlg) + ["tab:red"] * (len(clinical) - 3) + ["tab:green"] * 3
     fig, ax = plt.subplots(figsize=(9, 3.5))
-    ax.bar(names, [metrics[n] for n in names], color=colors)
+    x = range(len(names))
+    if before is not None and all(n in before for n in names):
+        ax.bar([i - 0.2 for i in x], [before[n] for n in names], width=0.4, color="lightgray", label="untrained")
+        ax.bar([i + 0.2 for i in x], [metrics[n] for n in names], width=0.4, color=colors, label="trained")
+        ax.legend(fontsize=8)
+    else:
+        ax.bar(x, [metrics[n] for n in names], color=colors)
+    ax.set_xticks(list(x), names)
     ax.set_ylim(0, 1)
     ax.set_title(f"Dia-Pangu on {metrics['cases']} cases (report metrics: {metrics['nlg_tokenization']} strings)")
     ax.tick_params(axis="x", rotation=35)
