@@ -87,10 +87,31 @@ def queue_ids() -> set[str]:
     return set(out.split())
 
 
-def all_job_count() -> int:
-    out = subprocess.run(["sacct", "-X", "-n", "-a", "-S", "now-1days", "-o", "JobID"], capture_output=True,
-                         text=True, check=True).stdout
-    return len(out.split()) + len(queue_ids())
+def _known_jobs() -> dict[int, set[str]]:
+    """Every job Slurm knows of (queued, or accounted today): base job id -> job names."""
+    jobs: dict[int, set[str]] = {}
+    acct = subprocess.run(["sacct", "-X", "-n", "-a", "-P", "-S", "now-1days", "-o", "JobID,JobName"],
+                          capture_output=True, text=True, check=True).stdout
+    queue = subprocess.run(["squeue", "-h", "-o", "%i|%j"], capture_output=True, text=True, check=True).stdout
+    for line in (acct + queue).splitlines():
+        job, _, name = line.partition("|")
+        m = re.match(r"\d+", job.strip())
+        if m:
+            jobs.setdefault(int(m.group()), set()).add(name.strip())
+    return jobs
+
+
+def job_mark() -> int:
+    """The newest job id Slurm knows of now: `new_jobs(mark)` lists what was submitted after it."""
+    return max(_known_jobs(), default=0)
+
+
+def new_jobs(mark: int, name: str | None = None) -> dict[int, set[str]]:
+    """Jobs submitted after `mark` (with `name`: only those whose job name starts with it). Unlike comparing two
+    snapshots of the queue, earlier tests' jobs finishing in between do not count, so 'nothing was submitted'
+    holds on a busy machine."""
+    return {j: names for j, names in _known_jobs().items()
+            if j > mark and (name is None or any(n.startswith(name) for n in names))}
 
 
 def final_state(job_id: str, timeout: float = 900) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import requeue_once_checkpointed, cli, final_state, queue_ids, record, run_folder
+from conftest import cli, final_state, job_mark, new_jobs, record, requeue_once_checkpointed, run_folder
 
 SPEC = "jobs/tiny/blip_medtrinity.yaml"
 
@@ -78,11 +78,11 @@ BAD = {
 def test_bad_input_is_refused_before_submission_naming_the_field(workdir, case):
     extra, field = BAD[case]
     extra = tuple(e.replace("{root}", str(workdir["root"])) for e in extra)
-    before = queue_ids()
+    mark = job_mark()
     res = cli("submit", *args(workdir, "bad"), *extra)
     assert res.returncode == 2, res.stdout + res.stderr
     assert res.stderr.startswith("error: ") and field in res.stderr and "Traceback" not in res.stderr
-    assert "nothing was submitted" in res.stderr and queue_ids() == before
+    assert "nothing was submitted" in res.stderr and not new_jobs(mark)
     assert not (workdir["root"] / "logs" / "bad").exists()
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import all_job_count, cli, queue_ids
+from conftest import cli, job_mark, new_jobs
 
 SMOKE = "jobs/tiny/smoke.yaml"
 
@@ -33,7 +33,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_fails_clearly_and_submits_nothing(slurm, tmp_path, case):
     make_args, needles = CASES[case]
-    before_q, before_all = queue_ids(), all_job_count()
+    mark = job_mark()
     res = cli("submit", *make_args(tmp_path), "--cluster", "local_slurm") if case != "missing profile" else \
         cli("submit", *make_args(tmp_path))
     assert res.returncode != 0
@@ -41,7 +41,7 @@ def test_bad_input_fails_clearly_and_submits_nothing(slurm, tmp_path, case):
     for needle in needles:
         assert needle in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
-    assert queue_ids() == before_q and all_job_count() == before_all
+    assert not new_jobs(mark)
 
 
 def test_spec_errors_do_not_import_torch(tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import all_job_count, cli, queue_ids, record, run_folder, wait_terminal
+from conftest import cli, job_mark, new_jobs, record, run_folder, wait_terminal
 
 SPEC = "jobs/tiny/dia_pangu.yaml"
 
@@ -180,10 +180,10 @@ def _submit_with(paths, tmp_path):
 
 def test_missing_volume_is_refused_naming_the_file(slurm, dataset, tmp_path):
     (dataset["data_dir"] / "ct0001.nii.gz").unlink()
-    before = (queue_ids(), all_job_count())
+    mark = job_mark()
     res = _submit_with(dataset, tmp_path)
     assert res.returncode != 0 and "id ct0001 (train) has no volume" in res.stderr and "ct0001.nii.gz" in res.stderr
-    assert (queue_ids(), all_job_count()) == before
+    assert not new_jobs(mark)
 
 
 def test_annotation_id_without_volume_and_missing_folder(slurm, dataset, tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import all_job_count, cli, queue_ids, record, run_folder, sacct_states, wait_terminal
+from conftest import cli, job_mark, new_jobs, record, run_folder, sacct_states, wait_terminal
 
 from core.runtime import TaskContext
 from core.spec import SpecError, load_spec
@@ -322,11 +322,11 @@ def test_bad_scan_input_is_refused_before_submission(slurm, model_dir, tmp_path,
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     sets = tuple(s.replace("EMPTY", str(empty)) for s in sets)
-    before_q, before_all = queue_ids(), all_job_count()
+    mark = job_mark()
     res = cli("submit", SCAN, "-c", "local_slurm", "--set", f"model.path={model_dir}", "--set", "model.make_tiny=false",
               *[x for s in sets for x in ("--set", s)])
     assert res.returncode != 0 and needle in res.stderr and "nothing was submitted" in res.stderr
-    assert queue_ids() == before_q and all_job_count() == before_all
+    assert not new_jobs(mark)
 
 
 def test_ratio_outside_zero_one_is_refused(model_dir):

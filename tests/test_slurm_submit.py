@@ -6,7 +6,7 @@ import json
 import re
 import subprocess
 
-from conftest import all_job_count, cli, queue_ids, record, run_folder, sacct_states, wait_terminal
+from conftest import cli, job_mark, new_jobs, record, run_folder, sacct_states, wait_terminal
 
 SMOKE = "jobs/tiny/smoke.yaml"
 ARRAY = "jobs/tiny/smoke_array.yaml"
@@ -108,11 +108,11 @@ def test_merge_does_not_run_when_a_task_fails(slurm, uname, tmp_path):
 
 
 def test_dry_run_submits_nothing_and_prints_the_real_script(slurm, uname, tmp_path):
-    before_queue, before_all = queue_ids(), all_job_count()
+    mark = job_mark()
     args = (SMOKE, "-c", "local_slurm", "--set", f"name={uname}", "--set", f"outputs.logs_dir={tmp_path}")
     dry = submit(*args, "--dry-run")
     assert "nothing submitted" in dry.stdout
-    assert queue_ids() == before_queue and all_job_count() == before_all
+    assert not new_jobs(mark)
     assert not (tmp_path / uname).exists()
     printed = dry.stdout.split("# ---- sbatch script: step main ----\n", 1)[1].split("\ndry run:")[0]
     real = submit(*args)

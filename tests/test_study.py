@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
 
-from conftest import cli, record, run_folder
+from conftest import cli, new_jobs, record, run_folder
 
 STUDY = "jobs/tiny/pangu_pruning_study.yaml"
 FULL = "jobs/pangu_pruning_study.yaml"
@@ -28,15 +27,6 @@ def work(tmp_path_factory):
     data = write_synthetic(root / "ctrg", n_test=4)
     return {"root": root, "logs": root / "logs", "model": write_tiny_pangu(root / "pangu"), **data,
             "chexbert": write_tiny_chexbert(root / "chexbert")}
-
-
-def jobs_named(prefix: str) -> list[str]:
-    """Jobs Slurm knows of (queued, or accounted today) whose name starts with `prefix` (a unique name per test,
-    so other tests' jobs on the same cluster never count)."""
-    acct = subprocess.run(["sacct", "-X", "-n", "-a", "-P", "-S", "now-1days", "-o", "JobID,JobName"],
-                          capture_output=True, text=True, check=True).stdout
-    queue = subprocess.run(["squeue", "-h", "-o", "%i|%j"], capture_output=True, text=True, check=True).stdout
-    return [ln for ln in (acct + queue).splitlines() if ln.partition("|")[2].strip().startswith(prefix)]
 
 
 def common_sets(work) -> list[str]:
@@ -184,7 +174,7 @@ def test_full_size_dry_run_shows_every_job_its_dependencies_and_memory(slurm):
     # the same refusals as a real submission of the same study (which stops at the first step that fails)
     real = cli("submit", FULL, "-c", "ascend_910b", "--no-preflight", "--set", f"name={name}")
     assert real.returncode == 2 and "steps.dia (jobs/dia_pangu.yaml): data:" in real.stderr
-    assert "Traceback" not in real.stderr and jobs_named(name) == []
+    assert "Traceback" not in real.stderr and not new_jobs(0, name)
 
 
 BAD = {
@@ -213,7 +203,7 @@ def test_bad_study_spec_fails_before_anything_is_submitted(slurm, tmp_path, case
     first = res.stderr.splitlines()[0]
     assert first.startswith(f"error: {path}") and needle in first, res.stderr
     assert "nothing was submitted" in res.stderr and "Traceback" not in res.stderr
-    assert jobs_named(name) == []
+    assert not new_jobs(0, name)
 
 
 def test_set_for_an_unknown_step_is_refused(slurm):
