@@ -49,6 +49,12 @@ def _run(cmd: list[str]) -> str:
     return proc.stdout
 
 
+def slurm_output(cmd: list[str]) -> str:
+    """Run one Slurm client command (sacct, squeue, scancel ...) and return its stdout; SlurmUnavailable with
+    the client's own message when it is missing, hangs or fails."""
+    return _run(cmd)
+
+
 def expand_task_ids(job_id: str) -> list[str]:
     """'12_[3-5,9%2]' -> ['12_3', '12_4', '12_5', '12_9']; plain ids come back unchanged."""
     m = re.fullmatch(r"(\d+)_\[([^\]]+)\]", job_id)
@@ -60,6 +66,11 @@ def expand_task_ids(job_id: str) -> list[str]:
         a, _, b = part.partition("-")
         out += [f"{base}_{i}" for i in range(int(a), int(b or a) + 1)]
     return out
+
+
+def category(state: str) -> str:
+    """A Slurm state as done | running | pending | failed (how status.py counts tasks)."""
+    return _category(state)
 
 
 def _category(state: str) -> str:

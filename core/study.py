@@ -355,14 +355,14 @@ def step_states(record: dict) -> dict[str, dict]:
     if record.get("executor") == "slurm" and ids:
         numeric = [j for j in ids if j.isdigit()]
         if numeric:
-            acct = monitor._run(["sacct", "-X", "-n", "-P", "-j", ",".join(numeric), "-o", "JobID,State"])
+            acct = monitor.slurm_output(["sacct", "-X", "-n", "-P", "-j", ",".join(numeric), "-o", "JobID,State"])
             for line in acct.splitlines():
                 if "|" in line:
                     jid, state = line.split("|")[:2]
                     for t in monitor.expand_task_ids(jid):
                         states[t] = state.split()[0] if state else "UNKNOWN"
             try:
-                live = monitor._run(["squeue", "-h", "-r", "-j", ",".join(numeric), "-o", "%i|%T"])
+                live = monitor.slurm_output(["squeue", "-h", "-r", "-j", ",".join(numeric), "-o", "%i|%T"])
             except monitor.SlurmUnavailable:
                 live = ""  # every id has left the queue
             for line in live.splitlines():
@@ -382,7 +382,7 @@ def step_states(record: dict) -> dict[str, dict]:
             out[name] = {"state": st.get("state", "failed"), "detail": st.get("detail", "")}
             continue
         mine = {t: s for t, s in states.items() if t.split("_")[0] in st["job_ids"]}
-        cats = {t: monitor._category(s) for t, s in mine.items()}
+        cats = {t: monitor.category(s) for t, s in mine.items()}
         failed = sorted(t for t, s in mine.items() if s.startswith(FAILED_STATES))
         if failed:
             out[name] = {"state": "failed", "detail": ", ".join(f"{t} {mine[t]}" for t in failed[:5])}
@@ -413,6 +413,120 @@ def summary_line(record: dict, states: dict[str, dict]) -> str:
     return "; ".join([head, *rest])
 
 
+# ---------------------------------------------------------------- what to submit (fresh or --resume-missing)
+@dataclass
+class Selection:
+    """Which steps a submission submits and which it keeps. `kept`: step -> run folder that stays (run: steps,
+    and on --resume-missing the finished and still-queued steps); `queued`: the kept steps whose jobs are still
+    queued (later steps wait for them and are promised their outputs); `stale`: job ids still queued of steps
+    that are submitted again (an earlier step failed): cancelled before the new submission."""
+    resubmit: list[str]
+    kept: dict[str, Path]
+    queued: set[str] = field(default_factory=set)
+    stale: list[str] = field(default_factory=list)
+    study_dir: Optional[Path] = None  # the study folder resumed (None: a fresh submission)
+    previous: Optional[dict] = None   # its study.json
+    states: dict[str, dict] = field(default_factory=dict)  # its steps' states (step_states)
+
+
+REDO_STATES = ("failed", "cancelled", "not run")
+
+
+def select_steps(study: Study, resume_missing: Optional[str] = None) -> Selection:
+    """A fresh submission (resume_missing None) submits every spec: step. With resume_missing ('' = the newest
+    study folder, or one given): steps that failed, were cancelled or never ran, steps new to the study spec, and
+    every step after them are submitted again; the others keep their runs. Raises FileNotFoundError / ValueError
+    (no such study folder; nothing to resubmit)."""
+    kept = {s.name: s.run for s in study.steps if s.run}
+    if resume_missing is None:
+        return Selection([s.name for s in study.steps if s.spec_file], kept)
+    study_dir = find_study(study, resume_missing or None)
+    previous = read_record(study_dir)
+    states = step_states(previous)
+    redo = {n for n, s in states.items() if s["state"] in REDO_STATES}
+    redo |= {s.name for s in study.steps if s.spec_file and s.name not in previous.get("steps", {})}
+    redo = {n for n in study.dependants(redo) if study.step(n).spec_file}
+    ours = {s.name for s in study.steps}
+    queued: set[str] = set()
+    stale: list[str] = []
+    for name, s in states.items():
+        if name in redo or name not in ours:
+            if s["state"] == "active":
+                stale += previous["steps"][name].get("job_ids", [])
+            continue
+        if s["state"] in ("done", "active"):
+            kept[name] = Path(previous["steps"][name]["run_dir"])
+            if s["state"] == "active":
+                queued.add(name)
+    resubmit = [s.name for s in study.steps if s.name in redo]
+    if not resubmit:
+        raise ValueError(f"--resume-missing: every step of {study_dir} finished or is still queued "
+                         f"({summary_line(previous, states)}); nothing to resubmit")
+    return Selection(resubmit, kept, queued, stale, study_dir, previous, states)
+
+
+class StepCheckError(RuntimeError):
+    """A step's preflight raised (a bug or an environment problem): `step` and the original `cause`."""
+
+    def __init__(self, step: str, cause: BaseException):
+        super().__init__(f"step {step}: {type(cause).__name__}: {cause}")
+        self.step, self.cause = step, cause
+
+
+def preflight(planned: dict[str, PlannedStep], sel: Selection) -> dict[str, Any]:
+    """core.preflight.check of every planned step to submit: step -> its Preflight (notes, problems)."""
+    from core import submit as sub
+    from core.preflight import check
+
+    out = {}
+    for name in sel.resubmit:
+        p = planned[name]
+        if p.plan is None:
+            continue
+        try:
+            out[name] = check(p.plan, sub.sbatch_texts(p.plan))
+        except Exception as e:
+            raise StepCheckError(name, e) from e
+    return out
+
+
+def describe(study: Study, planned: dict[str, PlannedStep], cluster, source: str, sel: Selection,
+             checked: Optional[dict[str, Any]] = None) -> str:
+    """The study plan as submit.py prints it: the header, each step (kept ones with their run folder; submitted
+    ones with what they wait for, their plan, memory and preflight notes) and the graph."""
+    checked = checked or {}
+    lines = [f"study {study.spec.study} ({study.source}): {len(study.steps)} steps on {cluster.name} "
+             f"[{cluster.executor}, {cluster.accelerator}] (profile from {source})"
+             + (f"; resubmitting {', '.join(sel.resubmit)}, keeping {', '.join(sorted(sel.kept)) or 'nothing'}"
+                if sel.previous else "")]
+    n_jobs = 0
+    for s in study.steps:
+        p = planned[s.name]
+        if s.name not in sel.resubmit:
+            why = "an existing run" if s.run else "kept: " + ("still queued" if s.name in sel.queued else "finished")
+            lines.append(f"step {s.name}: {sel.kept.get(s.name)} ({why})")
+            continue
+        waits = [f"{a} ({'queued' if a in sel.queued else 'kept, finished'})" if a in sel.kept
+                 and study.step(a).spec_file else f"{a} (existing run)" if a in sel.kept else a for a in s.after]
+        lines.append(f"step {s.name}: {s.spec_file}" + (f"; afterok on every job of: {', '.join(waits)}" if waits
+                                                         else "; waits for no other step"))
+        if p.plan is None:
+            lines.append("  (not planned: see the errors below)")
+            continue
+        lines += [f"  {line}" for line in p.plan.describe().splitlines()]
+        if p.plan.memory is None:
+            lines.append(f"  {inference_memory(p.spec)}")
+        n_jobs += sum(len(x.chunks) if x.is_array else 1 for x in p.plan.steps)
+        if s.name in checked:
+            lines += [f"  preflight: {note}" for note in checked[s.name].notes]
+    if any(s.after for s in study.steps):
+        lines.append("graph: " + "; ".join(f"{a} -> {s.name}" for s in study.steps for a in s.after)
+                     + f" ({n_jobs} Slurm jobs to submit)")
+    else:
+        lines.append("graph: no dependencies")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- submission
 @dataclass
 class Outcome:
@@ -421,7 +535,7 @@ class Outcome:
     submitted: list[str]
 
 
-def _cancel(job_ids: list[str]) -> Optional[str]:
+def cancel_jobs(job_ids: list[str]) -> Optional[str]:
     """scancel these ids; None when done, else why not."""
     if not job_ids:
         return None
@@ -433,9 +547,11 @@ def _cancel(job_ids: list[str]) -> Optional[str]:
 
 
 def submit_study(study: Study, planned: dict[str, PlannedStep], cluster, resubmit: list[str],
-                 study_dir: Path, previous: Optional[dict], out) -> Outcome:
+                 study_dir: Path, previous: Optional[dict], out,
+                 prev_states: Optional[dict[str, dict]] = None) -> Outcome:
     """Submit the steps in `resubmit` (topological order) with afterok on the steps they wait for that are still
-    queued; the others keep their run folders from `previous` (or are run: steps). study.json is rewritten after
+    queued; the others keep their run folders from `previous` (or are run: steps). `prev_states`: the states
+    the selection was made on (Selection.states; queried again when not given). study.json is rewritten after
     every step, so even a failure half-way leaves the record of what is queued."""
     from core import submit as sub
 
@@ -449,7 +565,8 @@ def submit_study(study: Study, planned: dict[str, PlannedStep], cluster, resubmi
                                                             "steps": previous.get("steps", {})}]
     folders: dict[str, Path] = {}
     pending_ids: dict[str, list[str]] = {}  # steps whose jobs are queued: their ids
-    prev_states = step_states(previous) if previous else {}
+    if prev_states is None:
+        prev_states = step_states(previous) if previous else {}
     for s in study.steps:
         if s.name in resubmit:
             continue
@@ -477,7 +594,7 @@ def submit_study(study: Study, planned: dict[str, PlannedStep], cluster, resubmi
             submission = sub.submit(p.plan, p.raw, s.spec_file, after_ids=tuple(deps), extra_record=extra)
         except BaseException as e:
             ids = [j for n in submitted for j in record["steps"][n]["job_ids"]]
-            why = _cancel(ids) if slurm else None
+            why = cancel_jobs(ids) if slurm else None
             for n in submitted:
                 record["steps"][n]["state"] = "cancelled"
                 record["steps"][n]["detail"] = f"submission of step {s.name} failed"

@@ -44,8 +44,6 @@ def parse_args(argv=None):
 
 def study_main(args) -> int:
     """A study spec (a top-level `study:` key): every step submitted at once, chained with afterok (core/study.py)."""
-    from pathlib import Path
-
     from core import study as st
     from core.run_folder import logs_dir_problem
     from core.spec import SpecError, load_cluster
@@ -61,74 +59,20 @@ def study_main(args) -> int:
         problem = logs_dir_problem(study.logs_dir, cluster.logs_roots)
         if problem:
             raise SpecError(args.spec, [("logs_dir", problem)])
-        resubmit = [s.name for s in study.steps if s.spec_file]
-        kept = {s.name: s.run for s in study.steps if s.run}
-        queued: set[str] = set()
-        previous = study_dir = None
-        stale: list[str] = []  # queued jobs of steps that are submitted again (an earlier step failed)
-        if args.resume_missing is not None:
-            study_dir = st.find_study(study, args.resume_missing or None)
-            previous = st.read_record(study_dir)
-            states = st.step_states(previous)
-            redo = {n for n, s in states.items() if s["state"] in ("failed", "cancelled", "not run")}
-            redo |= {s.name for s in study.steps if s.spec_file and s.name not in previous.get("steps", {})}
-            redo = {n for n in study.dependants(redo) if study.step(n).spec_file}
-            for name, s in states.items():
-                if name in redo or name not in {x.name for x in study.steps}:
-                    if s["state"] == "active":
-                        stale += previous["steps"][name].get("job_ids", [])
-                    continue
-                if s["state"] in ("done", "active"):
-                    kept[name] = Path(previous["steps"][name]["run_dir"])
-                    if s["state"] == "active":
-                        queued.add(name)
-            resubmit = [s.name for s in study.steps if s.name in redo]
-            if not resubmit:
-                raise ValueError(f"--resume-missing: every step of {study_dir} finished or is still queued "
-                                 f"({st.summary_line(previous, states)}); nothing to resubmit")
-        planned, problems = st.plan_all(study, cluster, resubmit, kept, queued, keep_going=args.dry_run)
+        sel = st.select_steps(study, args.resume_missing)
+        planned, problems = st.plan_all(study, cluster, sel.resubmit, sel.kept, sel.queued, keep_going=args.dry_run)
     except SpecError as e:
         fail(f"{e}\nnothing was submitted")
     except (FileNotFoundError, ValueError) as e:
         fail(f"{e}\nnothing was submitted")
     except Exception as e:
         unexpected("planning the study", e)
-    n_jobs = 0
-    print(f"study {study.spec.study} ({args.spec}): {len(study.steps)} steps on {cluster.name} "
-          f"[{cluster.executor}, {cluster.accelerator}] (profile from {source})"
-          + (f"; resubmitting {', '.join(resubmit)}, keeping {', '.join(sorted(kept)) or 'nothing'}"
-             if previous else ""))
-    from core import submit as sub
-    from core.preflight import check
-
-    for s in study.steps:
-        p = planned[s.name]
-        if s.name not in resubmit:
-            why = "an existing run" if s.run else "kept: " + ("still queued" if s.name in queued else "finished")
-            print(f"step {s.name}: {kept.get(s.name)} ({why})")
-            continue
-        waits = [f"{a} ({'queued' if a in queued else 'kept, finished'})" if a in kept and study.step(a).spec_file
-                 else f"{a} (existing run)" if a in kept else a for a in s.after]
-        print(f"step {s.name}: {s.spec_file}" + (f"; afterok on every job of: {', '.join(waits)}" if waits
-                                                  else "; waits for no other step"))
-        if p.plan is None:
-            print("  (not planned: see the errors below)")
-            continue
-        for line in p.plan.describe().splitlines():
-            print(f"  {line}")
-        if p.plan.memory is None:
-            print(f"  {st.inference_memory(p.spec)}")
-        n_jobs += sum(len(x.chunks) if x.is_array else 1 for x in p.plan.steps)
-        if not args.no_preflight:
-            try:
-                checked = check(p.plan, sub.sbatch_texts(p.plan))
-            except Exception as e:
-                unexpected(f"checking step {s.name}", e)
-            for note in checked.notes:
-                print(f"  preflight: {note}")
-            problems += [(s.name, f, m) for f, m in checked.problems]
-    print(f"graph: " + "; ".join(f"{a} -> {s.name}" for s in study.steps for a in s.after) +
-          f" ({n_jobs} Slurm jobs to submit)" if any(s.after for s in study.steps) else "graph: no dependencies")
+    try:
+        checked = {} if args.no_preflight else st.preflight(planned, sel)
+    except st.StepCheckError as e:
+        unexpected(f"checking step {e.step}", e.cause)
+    print(st.describe(study, planned, cluster, source, sel, checked))
+    problems += [(name, f, m) for name, c in checked.items() for f, m in c.problems]
     if problems:
         print(f"{chr(10) if args.dry_run else ''}error: {args.spec}: a submission would be refused:", file=sys.stderr)
         for step, field_name, message in problems:
@@ -138,13 +82,14 @@ def study_main(args) -> int:
     if args.dry_run:
         print("dry run: nothing submitted")
         return 0
-    if stale:
-        why = st._cancel(stale)
-        print(f"cancelled the queued jobs of the steps submitted again: {' '.join(stale)}"
+    if sel.stale:
+        why = st.cancel_jobs(sel.stale)
+        print(f"cancelled the queued jobs of the steps submitted again: {' '.join(sel.stale)}"
               + (f" (scancel said: {why})" if why else ""))
-    study_dir = study_dir or st.make_study_dir(study)
+    study_dir = sel.study_dir or st.make_study_dir(study)
     try:
-        outcome = st.submit_study(study, planned, cluster, resubmit, study_dir, previous, sys.stdout)
+        outcome = st.submit_study(study, planned, cluster, sel.resubmit, study_dir, sel.previous, sys.stdout,
+                                  prev_states=sel.states)
     except st.StudySubmitError as e:
         fail(f"{e}\nstudy record: {study_dir / st.RECORD}", 1)
     except Exception as e:

@@ -230,3 +230,56 @@ def test_auto_layers_per_task_uses_the_profiles_task_start_cost(tmp_path):
                                                               "scan.layers_per_task=auto", "scan.task_start_s=0.0001"))
     plan = make_plan(spec2, load_cluster("ascend_910b"), limits={"MaxArraySize": 11})
     assert any("task_start_s 0.0001 from scan.task_start_s" in n for n in plan.notes)
+
+
+def _smoke_study(tmp_path, body: str, name: str = "sel"):
+    """A study of smoke steps with its logs under tmp_path; (Study, its root folder for study.json files)."""
+    from core.study import load_study
+
+    spec = tmp_path / f"{name}.yaml"
+    spec.write_text(f"study: {name}\nsteps:\n{body}")
+    study = load_study(spec, (f"outputs.logs_dir={tmp_path / 'logs'}",))
+    return study, tmp_path / "logs" / name
+
+
+def _write_study_record(root: Path, executor: str, steps: dict) -> Path:
+    d = root / "20260101-000000"
+    d.mkdir(parents=True)
+    (d / "study.json").write_text(json.dumps({"study": root.name, "executor": executor, "steps": steps}))
+    return d
+
+
+def test_resume_missing_selection_and_plan_text_come_from_core(tmp_path):
+    """core.study.select_steps decides what --resume-missing submits (failed step + its dependants; the rest is
+    kept) and core.study.describe writes the plan text submit.py prints."""
+    from core.spec import load_cluster
+    from core.study import describe, plan_all, select_steps
+
+    study, root = _smoke_study(tmp_path, "  a: {spec: jobs/tiny/smoke.yaml}\n"
+                                         "  b: {spec: jobs/tiny/smoke.yaml, after: [a]}\n"
+                                         "  c: {spec: jobs/tiny/smoke.yaml, set: ['smoke.message=${step:b}']}\n"
+                                         "  d: {spec: jobs/tiny/smoke.yaml}\n")
+    runs = {n: str(tmp_path / f"run_{n}") for n in "abcd"}
+    d = _write_study_record(root, "local", {
+        "a": {"run_dir": runs["a"], "job_ids": ["local"], "state": "done"},
+        "b": {"run_dir": runs["b"], "job_ids": ["local"], "state": "failed"},
+        "c": {"state": "not run", "job_ids": []},
+        "d": {"run_dir": runs["d"], "job_ids": ["local"], "state": "done"}})
+    sel = select_steps(study, "")
+    assert sel.study_dir == d.resolve() or sel.study_dir == d
+    assert sel.resubmit == ["b", "c"] and sel.kept == {"a": Path(runs["a"]), "d": Path(runs["d"])}
+    assert sel.queued == set() and sel.stale == []
+    fresh = select_steps(study, None)
+    assert fresh.resubmit == ["a", "b", "c", "d"] and fresh.kept == {} and fresh.previous is None
+    cluster = load_cluster("local")
+    planned, problems = plan_all(study, cluster, sel.resubmit, sel.kept, sel.queued)
+    assert problems == []
+    text = describe(study, planned, cluster, "--cluster", sel)
+    assert "; resubmitting b, c, keeping a, d" in text.splitlines()[0]
+    assert f"step a: {runs['a']} (kept: finished)" in text
+    assert "step b: jobs/tiny/smoke.yaml; afterok on every job of: a (kept, finished)" in text
+    assert text.splitlines()[-1] == "graph: a -> b; b -> c (2 Slurm jobs to submit)"
+    (d / "study.json").write_text(json.dumps({"study": "sel", "executor": "local", "steps": {
+        n: {"run_dir": runs[n], "job_ids": ["local"], "state": "done"} for n in "abcd"}}))
+    with pytest.raises(ValueError, match="nothing to resubmit"):
+        select_steps(study, str(d))
