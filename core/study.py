@@ -15,8 +15,8 @@ job ids of the steps it waits for; a failure half-way cancels what this submissi
 The study folder `<logs_dir>/<study>/<id>/study.json` lists each step's run folder and job ids; each step's
 run.json names the study (`study`, `study_name`, `study_step`), which is how status.py shows the study as one
 group and cancel.py cancels a study by its name. `--resume-missing` reads study.json: steps whose jobs all
-completed (or are still queued) keep their runs; failed and never-run steps, and every step after them, are
-submitted again, waiting only for the steps still queued.
+completed (or are still queued) keep their runs; failed, cancelled, lost (jobs neither queued nor accounted)
+and never-run steps, and every step after them, are submitted again, waiting only for the steps still queued.
 """
 from __future__ import annotations
 
@@ -345,13 +345,17 @@ FAILED_STATES = ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
 
 
 def step_states(record: dict) -> dict[str, dict]:
-    """Per study step: {'state': done|active|failed|cancelled|not run|existing, 'detail': text}. Slurm states
-    from one sacct and one squeue call over every job of the study; local steps from the record."""
+    """Per study step: {'state': done|active|failed|cancelled|lost|not run|existing, 'detail': text}. Slurm
+    states from one sacct and one squeue call over every job of the study; local steps from the record. A step
+    is `lost` when one of its job ids is neither in the queue nor in accounting (squeue knows a job as soon as
+    sbatch returns, so accounting lagging a fresh submission never makes a step lost; when squeue does not
+    answer, no step is called lost)."""
     from core import monitor
 
     steps = record.get("steps", {})
     ids = sorted({j for st in steps.values() for j in st.get("job_ids", [])}, key=lambda j: int(j) if j.isdigit() else 0)
     states: dict[str, str] = {}
+    queue_answered = True
     if record.get("executor") == "slurm" and ids:
         numeric = [j for j in ids if j.isdigit()]
         if numeric:
@@ -363,8 +367,10 @@ def step_states(record: dict) -> dict[str, dict]:
                         states[t] = state.split()[0] if state else "UNKNOWN"
             try:
                 live = monitor.slurm_output(["squeue", "-h", "-r", "-j", ",".join(numeric), "-o", "%i|%T"])
-            except monitor.SlurmUnavailable:
-                live = ""  # every id has left the queue
+            except monitor.SlurmUnavailable as e:
+                if "Invalid job id" not in str(e):  # squeue did not answer: no job can be called lost
+                    queue_answered = False
+                live = ""  # every id has left the queue (or never existed)
             for line in live.splitlines():
                 if "|" in line:
                     jid, state = line.split("|")[:2]
@@ -384,8 +390,14 @@ def step_states(record: dict) -> dict[str, dict]:
         mine = {t: s for t, s in states.items() if t.split("_")[0] in st["job_ids"]}
         cats = {t: monitor.category(s) for t, s in mine.items()}
         failed = sorted(t for t, s in mine.items() if s.startswith(FAILED_STATES))
+        unknown = [j for j in st["job_ids"] if not any(t.split("_")[0] == j for t in mine)]
         if failed:
             out[name] = {"state": "failed", "detail": ", ".join(f"{t} {mine[t]}" for t in failed[:5])}
+        elif unknown and queue_answered:
+            # squeue lists a job from the moment sbatch returns, while accounting may lag it: a job that neither
+            # the queue nor sacct knows will never run (purged, another cluster's id, a lost controller state)
+            out[name] = {"state": "lost", "detail": f"jobs {' '.join(unknown[:5])} neither queued (squeue) nor "
+                                                    f"known to accounting (sacct)"}
         elif any(c in ("running", "pending") for c in cats.values()) or len(mine) == 0:
             out[name] = {"state": "active", "detail": "queued or running"}
         elif all(c == "done" for c in cats.values()):
@@ -405,7 +417,7 @@ def summary_line(record: dict, states: dict[str, dict]) -> str:
         head = "FAILED at step " + ", ".join(f"{n} ({states[n]['detail']})" for n in by["failed"])
     elif by.get("active"):
         head = "RUNNING"
-    elif by.get("cancelled") or by.get("not run"):
+    elif by.get("cancelled") or by.get("not run") or by.get("lost"):
         head = "INCOMPLETE"
     else:
         head = "COMPLETED"
@@ -429,7 +441,7 @@ class Selection:
     states: dict[str, dict] = field(default_factory=dict)  # its steps' states (step_states)
 
 
-REDO_STATES = ("failed", "cancelled", "not run")
+REDO_STATES = ("failed", "cancelled", "not run", "lost")
 
 
 def select_steps(study: Study, resume_missing: Optional[str] = None) -> Selection:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli, new_jobs, record, run_folder
+from conftest import cli, job_mark, new_jobs, record, run_folder
 
 STUDY = "jobs/tiny/pangu_pruning_study.yaml"
 FULL = "jobs/pangu_pruning_study.yaml"
@@ -283,3 +283,37 @@ def test_resume_missing_selection_and_plan_text_come_from_core(tmp_path):
         n: {"run_dir": runs[n], "job_ids": ["local"], "state": "done"} for n in "abcd"}}))
     with pytest.raises(ValueError, match="nothing to resubmit"):
         select_steps(study, str(d))
+
+
+def test_a_step_whose_jobs_slurm_never_knew_is_lost_and_resubmitted_with_its_dependants(slurm, tmp_path):
+    """study.json names job ids for step b that neither squeue nor sacct knows: b is 'lost' (not 'active', which
+    --resume-missing would keep forever); a dry --resume-missing resubmits b and c (after b) and keeps a, whose
+    held job is still queued."""
+    import subprocess
+
+    from core.study import step_states
+
+    name = f"t{uuid.uuid4().hex[:8]}"
+    held = subprocess.run(["sbatch", "--parsable", "-H", "-p", "debug", "-J", name, "-o", "/dev/null",
+                           "--wrap", "true"], capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
+    try:
+        study, root = _smoke_study(tmp_path, "  a: {spec: jobs/tiny/smoke.yaml}\n"
+                                             "  b: {spec: jobs/tiny/smoke.yaml, after: [a]}\n"
+                                             "  c: {spec: jobs/tiny/smoke.yaml, after: [b]}\n", name="lost")
+        never = str(job_mark() + 100000)  # above every id Slurm has handed out
+        d = _write_study_record(root, "slurm", {
+            "a": {"run_dir": str(tmp_path / "run_a"), "job_ids": [held], "state": "submitted"},
+            "b": {"run_dir": str(tmp_path / "run_b"), "job_ids": [never], "state": "submitted"},
+            "c": {"run_dir": str(tmp_path / "run_c"), "job_ids": [], "state": "not run"}})
+        states = step_states(study_record(d))
+        assert states["a"]["state"] == "active"
+        assert states["b"]["state"] == "lost" and never in states["b"]["detail"]
+        assert "squeue" in states["b"]["detail"] and "sacct" in states["b"]["detail"]
+        res = cli("submit", study.source, "-c", "local_slurm", "--dry-run", "--no-preflight", "--resume-missing",
+                  str(d), "--set", f"outputs.logs_dir={tmp_path / 'logs'}")
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "; resubmitting b, c, keeping a" in res.stdout
+        assert f"step a: {tmp_path / 'run_a'} (kept: still queued)" in res.stdout
+        assert "step b: jobs/tiny/smoke.yaml; afterok on every job of: a (queued)" in res.stdout
+    finally:
+        subprocess.run(["scancel", held], capture_output=True)
