@@ -11,16 +11,18 @@ job id for arrays), so the first step is submitted with the template `.../%A` an
 id; local runs get a `local-<time>-<pid>` id.
 
 `atomic_path` / `write_text_atomic` / `write_json_atomic` are the one write-temp-then-rename helper every module
-uses, so a reader never sees half a file. Nothing here imports torch.
+uses, so a reader never sees half a file; `build_folder` does the same for a whole folder (the tiny models that
+several jobs of a study may write at once). Nothing here imports torch.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 RECORD = "run.json"
@@ -35,7 +37,7 @@ def atomic_path(path: Path, fsync: bool = False) -> Iterator[Path]:
     `path` as it was and removes the temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp{_writer_id()}")
     try:
         yield tmp
         if fsync:
@@ -48,6 +50,60 @@ def atomic_path(path: Path, fsync: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists() or tmp.is_symlink():
             tmp.unlink()
+
+
+def _writer_id() -> str:
+    """host + pid: unique among the processes of every node that shares the filesystem (a pid alone is not)."""
+    import socket
+
+    host = re.sub(r"[^A-Za-z0-9.\-]", "_", socket.gethostname())[:60]
+    return f"{os.getpid()}-{host}"
+
+
+def build_folder(target: Path, build: Callable[[Path], None], complete: Callable[[Path], bool]) -> Path:
+    """Build a folder once, safely under concurrent callers (processes on several nodes sharing the filesystem):
+    `build(tmp)` fills a private temporary folder next to `target`, which is then renamed to `target` in one step,
+    so a reader sees either no folder or a complete one. If another caller's folder got there first, ours is
+    discarded and theirs is used. A `target` that is already `complete` is returned untouched (idempotent); an
+    incomplete non-empty one (left by an interrupted writer) is moved aside to `<name>.incomplete-<pid>-<host>`
+    rather than deleted, then replaced."""
+    import errno
+    import shutil
+
+    target = Path(target)
+    if complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp{_writer_id()}")
+    if tmp.exists():  # a crash of this very pid on this host earlier
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    taken = (errno.ENOTEMPTY, errno.EEXIST)
+    try:
+        build(tmp)
+        if complete(target):  # another caller finished while we built
+            return target
+        try:
+            os.rename(tmp, target)  # atomic; also replaces an empty target folder
+            return target
+        except OSError as e:
+            if e.errno not in taken:
+                raise
+        if complete(target):
+            return target
+        try:
+            os.rename(target, target.with_name(f"{target.name}.incomplete-{_writer_id()}"))
+        except FileNotFoundError:
+            pass  # another caller moved it aside first
+        try:
+            os.rename(tmp, target)
+        except OSError as e:
+            if e.errno not in taken or not complete(target):
+                raise
+        return target
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text_atomic(path: Path, text: str, fsync: bool = False) -> Path:

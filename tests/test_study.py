@@ -317,3 +317,60 @@ def test_a_step_whose_jobs_slurm_never_knew_is_lost_and_resubmitted_with_its_dep
         assert "step b: jobs/tiny/smoke.yaml; afterok on every job of: a (queued)" in res.stdout
     finally:
         subprocess.run(["scancel", held], capture_output=True)
+
+
+def _write_tiny_models(root: str) -> dict:
+    """In a fresh process: the tiny writers of a study's make_tiny steps, then a load of what they return."""
+    import hashlib
+
+    from core.models.chexbert import load_checkpoint, write_tiny_chexbert
+    from core.models.pangu import load_pangu, load_tokenizer, write_tiny_pangu
+
+    folder = write_tiny_pangu(Path(root) / "pangu")
+    pth = write_tiny_chexbert(Path(root) / "chexbert")
+    model, tok = load_pangu(folder), load_tokenizer(folder)
+    state = load_checkpoint(pth)
+    return {"files": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())},
+            "layers": model.config.num_hidden_layers, "ids": tok.encode("pleural effusion"),
+            "chexbert_keys": len(state), "vocab": (pth.parent / "vocab.txt").read_text()}
+
+
+def test_two_processes_writing_the_same_tiny_models_both_get_complete_identical_folders(tmp_path):
+    """The tiny study starts Dia-Pangu and the scan at once, both with make_tiny on one model folder: two
+    processes write the same folders at the same time; both end with the same complete, loadable folder and no
+    temporary folder is left."""
+    import multiprocessing as mp
+
+    from core.models.pangu import TINY_FILES
+
+    with mp.get_context("spawn").Pool(2) as pool:
+        a, b = pool.map(_write_tiny_models, [str(tmp_path)] * 2)
+    assert a == b
+    assert set(TINY_FILES) <= set(a["files"]) and a["layers"] > 0 and a["ids"] and a["chexbert_keys"] > 0
+    assert "effusion" in a["vocab"].split()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chexbert", "pangu"]
+    assert sorted(p.name for p in (tmp_path / "chexbert").iterdir()) == ["chexbert.pth", "vocab.txt"]
+
+
+def test_build_folder_keeps_the_first_complete_folder_and_moves_an_incomplete_one_aside(tmp_path):
+    """core.run_folder.build_folder: a caller that finishes second discards its own folder and uses the winner's;
+    a leftover incomplete folder is moved aside, not mixed with the new files."""
+    from core.run_folder import build_folder
+
+    target = tmp_path / "m"
+    complete = lambda f: (f / "done").is_file()  # noqa: E731
+
+    def loser(tmp):  # while this caller builds, another one finishes and renames its folder into place
+        (tmp / "done").write_text("second")
+        build_folder(target, lambda t: (t / "done").write_text("first"), complete)
+
+    assert build_folder(target, loser, complete) == target
+    assert (target / "done").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary folder left
+    other = tmp_path / "n"
+    other.mkdir()
+    (other / "half").write_text("interrupted writer")
+    build_folder(other, lambda t: (t / "done").write_text("new"), complete)
+    assert sorted(p.name for p in other.iterdir()) == ["done"]
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("n.incomplete-")]
+    assert len(aside) == 1 and (aside[0] / "half").read_text() == "interrupted writer"

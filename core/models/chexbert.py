@@ -136,7 +136,10 @@ TINY_WORDS = ("the there is a no of and in with normal heart size lungs are clea
 
 def write_tiny_chexbert(folder, layers: int = 2, hidden: int = 64, seed: int = 0, name: str = "chexbert.pth") -> Path:
     """A small random CheXbert in chexbert.pth's format (real key names, `module.` prefix, model_state_dict) and a
-    vocab.txt beside it; returns the .pth path. Idempotent."""
+    vocab.txt beside it; returns the .pth path. Idempotent, and safe under concurrent callers (jobs of a study
+    that start at once, on any node): each file is written to a temporary name and renamed into place, vocab.txt
+    first, so whoever sees the .pth sees both complete; a second writer replaces them with the same content. (The
+    .pth's folder may hold other files, e.g. logs/tiny_models/, so files are renamed, not the folder.)"""
     import torch
     from transformers import BertConfig
 
@@ -146,7 +149,9 @@ def write_tiny_chexbert(folder, layers: int = 2, hidden: int = 64, seed: int = 0
         return pth
     folder.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "-"] + list(dict.fromkeys(TINY_WORDS))
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    from core.run_folder import atomic_path, write_text_atomic
+
+    write_text_atomic(folder / "vocab.txt", "\n".join(vocab) + "\n")
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=max(1, hidden // 64), intermediate_size=2 * hidden,
@@ -154,8 +159,6 @@ def write_tiny_chexbert(folder, layers: int = 2, hidden: int = 64, seed: int = 0
     model = build(config)
     state = {PREFIX + k: v for k, v in model.state_dict().items()
              if not k.endswith(("position_ids", "token_type_ids"))}
-    from core.run_folder import atomic_path
-
     with atomic_path(pth) as tmp:
         torch.save({"epoch": 0, "model_state_dict": state}, str(tmp))
     return pth

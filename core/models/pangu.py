@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from core.run_folder import atomic_path
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_CORPUS = REPO / "jobs" / "tiny" / "data" / "corpus.txt"
@@ -138,18 +137,28 @@ def tiny_config(vocab_size: int, layers: int = 4, hidden: int = 64, heads: int =
     }
 
 
+TINY_FILES = ("config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json")
+
+
 def write_tiny_pangu(folder, layers: int = TINY_LAYERS, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
                      intermediate: int = 128, seed: int = 0) -> Path:
     """Write a tiny openPangu-shaped model folder (config.json, model.safetensors with inv_freq buffers as the
-    real shards carry, tokenizer.model). Idempotent: an existing complete folder is left alone."""
+    real shards carry, tokenizer.model). Idempotent: an existing complete folder is left alone. Safe under
+    concurrent callers (the jobs of a study that start at once, on any node): the folder is built in a private
+    temporary folder beside it and renamed into place (core.run_folder.build_folder); the first one wins."""
+    from core.run_folder import build_folder
+
+    return build_folder(Path(folder), lambda tmp: _build_tiny_pangu(tmp, layers, hidden, heads, kv_heads,
+                                                                    intermediate, seed),
+                        lambda f: all((f / n).is_file() for n in TINY_FILES))
+
+
+def _build_tiny_pangu(folder: Path, layers: int, hidden: int, heads: int, kv_heads: int, intermediate: int,
+                      seed: int) -> None:
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaForCausalLM
 
-    folder = Path(folder)
-    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
     train_tiny_tokenizer(folder / "tokenizer.model")
     import sentencepiece as spm
 
@@ -162,11 +171,9 @@ def write_tiny_pangu(folder, layers: int = TINY_LAYERS, hidden: int = 64, heads:
     inv_freq = 1.0 / (cfg["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     for i in range(layers):
         state[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = inv_freq.clone()
-    with atomic_path(folder / "model.safetensors") as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 512}, indent=2))
-    return folder
 
 
 # ---------------------------------------------------------------- reading only part of a model
