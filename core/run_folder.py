@@ -147,8 +147,15 @@ def run_dir_template(spec, root: Optional[str] = None) -> str:
     return str(logs_root(spec) / (root or ROOT_TEMPLATE))
 
 
-def local_root_id() -> str:
-    return f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+def local_root_id(parent: Optional[Path] = None) -> str:
+    """`local-<time>-<pid>`; with `parent` (the spec's logs root) a `-2`, `-3` ... suffix when that folder is
+    taken (a study's local steps of one spec can start within the same second, from the same process)."""
+    base = f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    rid, n = base, 1
+    while parent is not None and (Path(parent) / rid).exists():
+        n += 1
+        rid = f"{base}-{n}"
+    return rid
 
 
 def resolve_run_dir(template: str, environ: Optional[dict] = None) -> Path:

@@ -520,7 +520,9 @@ def describe(study: Study, planned: dict[str, PlannedStep], cluster, source: str
             continue
         waits = [f"{a} ({'queued' if a in sel.queued else 'kept, finished'})" if a in sel.kept
                  and study.step(a).spec_file else f"{a} (existing run)" if a in sel.kept else a for a in s.after]
-        lines.append(f"step {s.name}: {s.spec_file}" + (f"; afterok on every job of: {', '.join(waits)}" if waits
+        local = cluster.executor != "slurm"  # no dependencies there: each step runs to its end before the next
+        wait_text = "; after the end of: " if local else "; afterok on every job of: "
+        lines.append(f"step {s.name}: {s.spec_file}" + (f"{wait_text}{', '.join(waits)}" if waits
                                                          else "; waits for no other step"))
         if p.plan is None:
             lines.append("  (not planned: see the errors below)")
@@ -533,7 +535,8 @@ def describe(study: Study, planned: dict[str, PlannedStep], cluster, source: str
             lines += [f"  preflight: {note}" for note in checked[s.name].notes]
     if any(s.after for s in study.steps):
         lines.append("graph: " + "; ".join(f"{a} -> {s.name}" for s in study.steps for a in s.after)
-                     + f" ({n_jobs} Slurm jobs to submit)")
+                     + (f" ({n_jobs} Slurm jobs to submit)" if cluster.executor == "slurm" else
+                        f" ({n_jobs} jobs, run one step after another by the {cluster.executor} executor)"))
     else:
         lines.append("graph: no dependencies")
     return "\n".join(lines)

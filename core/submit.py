@@ -168,7 +168,7 @@ def submit(plan: Plan, raw_spec: dict, spec_file: str, resume_dir: Optional[Path
     ids of other runs (a study's earlier steps) that the plan's first steps wait for (afterok); `extra_record`
     goes into run.json (a study's folder and step name)."""
     local = plan.cluster.executor == "local"
-    root = run_folder.local_root_id() if local else None
+    root = run_folder.local_root_id(run_folder.logs_root(plan.spec)) if local else None
     previous = None
     if resume_dir is not None:  # a folder from run_folder.find_run: a run of this spec
         root = resume_dir.name

@@ -102,10 +102,11 @@ def study_main(args) -> int:
     for name, s in states.items():
         print(f"  {name}: {s['state']}" + (f" ({s['detail']})" if s["detail"] else ""))
     print(f"study {study.spec.study}: {st.summary_line(outcome.record, states)}")
-    table = st.final_table(outcome.record)
-    if table is not None and all(s["state"] in ("done", "existing") for s in states.values()):
-        print(f"final table: {table} (and {table.with_suffix('.csv').name} beside it)\n")
-        print(table.read_text())
+    if all(s["state"] in ("done", "existing") for s in states.values()):
+        table = st.final_table(outcome.record)
+        if table is not None:
+            print(f"final table: {table} (and {table.with_suffix('.csv').name} beside it)\n")
+            print(table.read_text())
         return 0
     print(f"finish it with: python launchers/submit.py {args.spec} --resume-missing {study_dir}"
           + (f" {' '.join(a for o in args.overrides for a in ('--set', o))}" if args.overrides else ""))

@@ -277,8 +277,8 @@ def test_resume_missing_selection_and_plan_text_come_from_core(tmp_path):
     text = describe(study, planned, cluster, "--cluster", sel)
     assert "; resubmitting b, c, keeping a, d" in text.splitlines()[0]
     assert f"step a: {runs['a']} (kept: finished)" in text
-    assert "step b: jobs/tiny/smoke.yaml; afterok on every job of: a (kept, finished)" in text
-    assert text.splitlines()[-1] == "graph: a -> b; b -> c (2 Slurm jobs to submit)"
+    assert "step b: jobs/tiny/smoke.yaml; after the end of: a (kept, finished)" in text
+    assert text.splitlines()[-1] == "graph: a -> b; b -> c (2 jobs, run one step after another by the local executor)"
     (d / "study.json").write_text(json.dumps({"study": "sel", "executor": "local", "steps": {
         n: {"run_dir": runs[n], "job_ids": ["local"], "state": "done"} for n in "abcd"}}))
     with pytest.raises(ValueError, match="nothing to resubmit"):
@@ -374,3 +374,22 @@ def test_build_folder_keeps_the_first_complete_folder_and_moves_an_incomplete_on
     assert sorted(p.name for p in other.iterdir()) == ["done"]
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("n.incomplete-")]
     assert len(aside) == 1 and (aside[0] / "half").read_text() == "interrupted writer"
+
+
+def test_study_on_the_local_executor_runs_each_step_after_the_one_it_waits_for(tmp_path):
+    """One submit.py call on the default local executor: the second smoke step gets the first's run folder
+    through ${step:first} (its task sees it in smoke.message), study.json says both are done, exit 0."""
+    spec = tmp_path / "local_study.yaml"
+    spec.write_text("study: local_two\nsteps:\n  first: {spec: jobs/tiny/smoke.yaml}\n"
+                    "  second: {spec: jobs/tiny/smoke.yaml, set: ['smoke.message=after ${step:first}']}\n")
+    res = cli("submit", str(spec), "--set", f"outputs.logs_dir={tmp_path / 'logs'}", env={"MEDHPC_CLUSTER": ""})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "on local [local" in res.stdout and "study local_two: COMPLETED" in res.stdout
+    rec = study_record(study_dir_of(res.stdout))
+    assert rec["executor"] == "local" and [rec["steps"][n]["state"] for n in ("first", "second")] == ["done", "done"]
+    first, second = (Path(rec["steps"][n]["run_dir"]) for n in ("first", "second"))
+    assert first != second and record(first)["study_step"] == "first" and record(second)["study_step"] == "second"
+    task = json.loads(next((second / "tasks").glob("main*.json")).read_text())
+    assert task["result"]["message"] == f"after {first}"
+    assert record(second)["spec"]["smoke"]["message"] == f"after {first}"
+    assert list((first / "tasks").glob("main*.json"))  # the first step had run to its end before
