@@ -393,3 +393,34 @@ def test_study_on_the_local_executor_runs_each_step_after_the_one_it_waits_for(t
     assert task["result"]["message"] == f"after {first}"
     assert record(second)["spec"]["smoke"]["message"] == f"after {first}"
     assert list((first / "tasks").glob("main*.json"))  # the first step had run to its end before
+
+
+def test_cancel_by_study_name_cancels_every_steps_jobs_and_nothing_else(slurm, tmp_path):
+    """`cancel.py <study name>` on a queued study (two long smoke steps, the second afterok on the first):
+    every job of both steps ends CANCELLED; another run's job, queued at the same time, is untouched."""
+    import subprocess
+
+    from conftest import sacct_states, wait_terminal
+
+    study_name, other = f"cs{uuid.uuid4().hex[:8]}", f"t{uuid.uuid4().hex[:8]}"
+    logs = ("--set", f"outputs.logs_dir={tmp_path / 'logs'}", "--set", "smoke.sleep_s=900",
+            "--set", "resources.time=00:20:00")
+    res = cli("submit", "jobs/tiny/smoke.yaml", "-c", "local_slurm", "--no-preflight", "--set", f"name={other}", *logs)
+    assert res.returncode == 0, res.stdout + res.stderr
+    other_ids = record(run_folder(res.stdout))["steps"][0]["job_ids"]
+    try:
+        spec = tmp_path / "cancel_study.yaml"
+        spec.write_text(f"study: {study_name}\nsteps:\n  first: {{spec: jobs/tiny/smoke.yaml}}\n"
+                        f"  second: {{spec: jobs/tiny/smoke.yaml, after: [first]}}\n")
+        res = cli("submit", str(spec), "-c", "local_slurm", "--no-preflight", "--set", f"name={study_name}r", *logs)
+        assert res.returncode == 0, res.stdout + res.stderr
+        steps = study_record(study_dir_of(res.stdout))["steps"]
+        ids = [j for n in ("first", "second") for j in steps[n]["job_ids"]]
+        assert len(ids) == 2
+        res = cli("cancel", study_name)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert set(res.stdout.split()[1:]) == set(ids)  # "cancelled <ids>"
+        assert wait_terminal(ids) == {j: "CANCELLED" for j in ids}
+        assert sacct_states(other_ids)[other_ids[0]] in ("PENDING", "RUNNING")
+    finally:
+        subprocess.run(["scancel", *other_ids], capture_output=True)
