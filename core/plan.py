@@ -33,6 +33,7 @@ class Step:
     chunks: list[tuple[int, int]] = field(default_factory=list)  # [start, stop) task ranges, one Slurm array each
     parallelism: Optional[int] = None
     after: list[str] = field(default_factory=list)  # steps that must succeed first (afterok)
+    device: bool = True           # asks for the profile's accelerator (gres); False: the workload needs none
 
     @property
     def is_array(self) -> bool:
@@ -192,7 +193,9 @@ def make_plan(spec: JobSpec, cluster: Cluster, source: str = "spec", force: bool
     res = spec.resources
     notes: list[str] = []
     nodes = res.nodes
-    tasks_per_node = res.tasks_per_node or (cluster.devices_per_node if cluster.accelerator != "cpu" else 0) or 1
+    device = workloads.get(spec.workload).device
+    tasks_per_node = res.tasks_per_node or (cluster.devices_per_node if cluster.accelerator != "cpu" and device
+                                            else 0) or 1
     check_limits(spec, cluster, source, tasks_per_node)
     if cluster.accelerator != "cpu" and cluster.devices_per_node and tasks_per_node > cluster.devices_per_node:
         raise SpecError(source, [("resources.tasks_per_node",
@@ -280,6 +283,12 @@ def make_plan(spec: JobSpec, cluster: Cluster, source: str = "spec", force: bool
         if merge:
             steps.append(Step("merge", "merge", after=["main"], **single))
 
+    if not device:
+        for cpu_step in steps:
+            cpu_step.device = False
+        if cluster.accelerator != "cpu":
+            notes.append(f"workload {spec.workload} needs no {cluster.accelerator} device: its jobs run on CPU "
+                         f"and ask for no gres")
     plan = Plan(spec, cluster, steps, max_array, notes=notes, problems=problems)
     if spec.deepspeed is not None:
         from core.models.peft import PeftTargetError

@@ -131,10 +131,10 @@ def _check_nodes(plan: Plan, nodelist: str, where: str, out: Preflight) -> None:
         field_name = "resources.mem_gb" if spec.resources.mem_gb else "mem_gb_per_node"
         out.problems.append((field_name, f"{mem_gb:g} GB per node, but the nodes of {where} have at most "
                                          f"{mem_mb / 1024:.1f} GB (scontrol show node RealMemory)"))
-    if c.gres and c.accelerator != "cpu":
+    if c.gres and c.accelerator != "cpu" and any(s.device for s in plan.steps):
         kind = c.gres.split(":")[0]
         have = max(_gres_count(n.get("Gres", ""), kind) for n in nodes)
-        want = max(s.tasks_per_node for s in plan.steps)
+        want = max(s.tasks_per_node for s in plan.steps if s.device)
         if have < want:
             out.problems.append(("gres", f"{want} x {kind} per node requested (profile gres {c.gres}), but the nodes "
                                          f"of {where} have {have or 'no'} {kind} (scontrol show node Gres)"))

@@ -49,7 +49,7 @@ def _slurm_parameters(plan: Plan, step: Step, dependency: Optional[str], run_dir
     for key in ("partition", "account", "qos", "constraint", "exclude"):
         if getattr(c, key):
             params[key] = getattr(c, key)
-    if c.gres and c.accelerator != "cpu":
+    if c.gres and c.accelerator != "cpu" and step.device:
         params["gres"] = c.gres.format(devices=step.tasks_per_node)
     if c.setup:
         params["setup"] = list(c.setup)

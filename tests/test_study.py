@@ -424,3 +424,22 @@ def test_cancel_by_study_name_cancels_every_steps_jobs_and_nothing_else(slurm, t
         assert sacct_states(other_ids)[other_ids[0]] in ("PENDING", "RUNNING")
     finally:
         subprocess.run(["scancel", *other_ids], capture_output=True)
+
+
+def test_the_table_step_asks_for_no_accelerator_on_an_npu_profile():
+    """study_table declares it needs no device: on ascend_910b its sbatch script has no --gres (and one task),
+    while a device workload (smoke) on the same profile still asks for its NPUs."""
+    from core import submit as sub
+    from core.plan import make_plan
+    from core.spec import load_cluster, load_spec
+
+    cluster = load_cluster("ascend_910b")
+    table, _ = load_spec("jobs/pangu_study_table.yaml", ("resources.tasks_per_node=null",))
+    plan = make_plan(table, cluster, keep_going=True, limits={})
+    scripts = [t for texts in sub.sbatch_texts(plan).values() for t in texts]
+    assert scripts and not any("--gres" in t for t in scripts)
+    assert [s.tasks_per_node for s in plan.steps] == [1]
+    assert any("needs no npu device" in n for n in plan.notes)
+    smoke, _ = load_spec("jobs/tiny/smoke.yaml")
+    smoke_scripts = sub.sbatch_texts(make_plan(smoke, cluster, limits={}))
+    assert all("--gres=npu:1" in t for texts in smoke_scripts.values() for t in texts)

@@ -58,6 +58,8 @@ class Workload:
               (default: the decoder LLM named by model.path / model.preset)
     models:   extra named models it needs under `models:` (e.g. ("teacher", "student"))
     entries:  functions a step may call by name ("run", "merge", "baseline", ...)
+    device:   False for a workload that never touches the accelerator (e.g. the study table): its jobs ask for no
+              gres and default to one task per node, so a CPU-only step does not hold an NPU/GPU node's devices
     """
     run: Callable
     section: Optional[str] = None
@@ -70,6 +72,7 @@ class Workload:
     merge: Optional[Callable] = None
     entries: dict[str, Callable] = field(default_factory=dict)
     resumable: Optional[bool] = None    # a requeued job continues where it stopped (default: workloads that train)
+    device: bool = True                 # its tasks use the profile's accelerator; False: CPU only, no gres asked
 
     @property
     def has_merge(self) -> bool:

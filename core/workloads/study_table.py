@@ -108,4 +108,4 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
     return out
 
 
-WORKLOAD = Workload(run=run, section="table", Section=TableSection, plan=plan, resumable=True)
+WORKLOAD = Workload(run=run, section="table", Section=TableSection, plan=plan, resumable=True, device=False)
