@@ -50,12 +50,30 @@ def activation_bytes(size: ModelSize, seq: int, micro_batch: int, checkpointing:
     return acts + logits
 
 
+def _estimators():
+    """DeepSpeed's ZeRO-2/3 model-state estimators: arithmetic, run where the job is submitted. Importing them picks
+    an accelerator and, on a login node or laptop without one, warns "Setting accelerator to CPU"; that says nothing
+    about where the job will run, so that one message is dropped here (DS_ACCELERATOR in the environment would
+    instead reach the submitted jobs). A filter, because DeepSpeed sets its logger's level while importing."""
+    import logging
+
+    def not_the_cpu_notice(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Setting accelerator to CPU")
+
+    ds_logger = logging.getLogger("DeepSpeed")
+    ds_logger.addFilter(not_the_cpu_notice)
+    try:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+    finally:
+        ds_logger.removeFilter(not_the_cpu_notice)
+    return estimate_zero3_model_states_mem_needs, estimate_zero2_model_states_mem_needs
+
+
 def estimate(size: ModelSize, trainable: int, *, stage: int, precision: str, offload_optimizer: bool,
              offload_param: bool, devices_per_node: int, nodes: int, seq: int, micro_batch: int,
              checkpointing: bool, device_gib: float | None) -> MemoryEstimate:
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-
+    estimate_zero3_model_states_mem_needs, estimate_zero2_model_states_mem_needs = _estimators()
     frozen_params = max(size.total - trainable, 0)
     n_dev = max(devices_per_node, 1)
     bytes_per_weight = 4 if precision == "fp32" else 2

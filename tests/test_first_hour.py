@@ -155,3 +155,11 @@ def test_readme_main_job_learns_real_sentences_and_beats_the_untrained_model(tmp
     opening = sum(sentences(r["Pred"])[:2] == sentences(r["Ground Truth"])[:2] for r in rows)
     assert opening >= 7  # the effusion sentence and the one that goes with it: what the head called
     assert (results / "loss.png").stat().st_size > 1000 and (results / "metrics.png").stat().st_size > 1000
+
+
+def test_full_size_dry_run_estimate_prints_no_deepspeed_accelerator_notice():
+    """The estimate's DeepSpeed import on a machine without an accelerator does not tell the user 'Setting
+    accelerator to CPU': the job runs on the cluster's NPUs, not here."""
+    res = cli("submit", "jobs/dia_pangu.yaml", "-c", "ascend_910b", "--dry-run", "--no-preflight")
+    assert res.returncode == 2 and "memory: est." in res.stdout and "data.path" in res.stderr
+    assert "Setting accelerator" not in res.stdout + res.stderr and "WARNING" not in res.stdout + res.stderr
