@@ -87,17 +87,17 @@ def queue_ids() -> set[str]:
     return set(out.split())
 
 
-def _known_jobs() -> dict[int, set[str]]:
-    """Every job Slurm knows of (queued, or accounted today): base job id -> job names."""
-    jobs: dict[int, set[str]] = {}
-    acct = subprocess.run(["sacct", "-X", "-n", "-a", "-P", "-S", "now-1days", "-o", "JobID,JobName"],
+def _known_jobs() -> dict[int, set[tuple[str, str]]]:
+    """Every job Slurm knows of (queued, or accounted today): base job id -> {(job name, working directory)}."""
+    jobs: dict[int, set[tuple[str, str]]] = {}
+    acct = subprocess.run(["sacct", "-X", "-n", "-a", "-P", "-S", "now-1days", "-o", "JobID,JobName,WorkDir"],
                           capture_output=True, text=True, check=True).stdout
-    queue = subprocess.run(["squeue", "-h", "-o", "%i|%j"], capture_output=True, text=True, check=True).stdout
+    queue = subprocess.run(["squeue", "-h", "-o", "%i|%j|%Z"], capture_output=True, text=True, check=True).stdout
     for line in (acct + queue).splitlines():
-        job, _, name = line.partition("|")
+        job, name, workdir = (line.split("|") + ["", ""])[:3]
         m = re.match(r"\d+", job.strip())
         if m:
-            jobs.setdefault(int(m.group()), set()).add(name.strip())
+            jobs.setdefault(int(m.group()), set()).add((name.strip(), workdir.strip()))
     return jobs
 
 
@@ -106,12 +106,13 @@ def job_mark() -> int:
     return max(_known_jobs(), default=0)
 
 
-def new_jobs(mark: int, name: str | None = None) -> dict[int, set[str]]:
-    """Jobs submitted after `mark` (with `name`: only those whose job name starts with it). Unlike comparing two
-    snapshots of the queue, earlier tests' jobs finishing in between do not count, so 'nothing was submitted'
-    holds on a busy machine."""
-    return {j: names for j, names in _known_jobs().items()
-            if j > mark and (name is None or any(n.startswith(name) for n in names))}
+def new_jobs(mark: int, name: str | None = None) -> dict[int, set[tuple[str, str]]]:
+    """Jobs this checkout submitted after `mark` (sbatch's working directory is the repo: `cli` runs there), with
+    `name` only those whose job name starts with it. Unlike comparing two snapshots of the queue, earlier tests'
+    jobs finishing in between and another checkout's jobs on the same cluster do not count, so 'nothing was
+    submitted' holds on a busy machine."""
+    return {j: seen for j, seen in _known_jobs().items()
+            if j > mark and any(w == str(REPO) and (name is None or n.startswith(name)) for n, w in seen)}
 
 
 def final_state(job_id: str, timeout: float = 900) -> str:
