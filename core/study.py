@@ -676,11 +676,16 @@ def wait(record: dict, poll_s: float = 5.0, out=None) -> dict[str, dict]:
 
 
 def final_table(record: dict) -> Optional[Path]:
-    """The study_table.md of the study's table step, if one finished."""
-    from core.workloads.study_table import MD_NAME
+    """The markdown table a finished step reported (the study_table workload's `markdown` result), if any. Read
+    from the steps' task records, so the study needs no workload module (nothing outside core/workloads/ does)."""
+    from core.run_folder import task_records
 
     for st in record.get("steps", {}).values():
-        p = Path(st.get("run_dir") or "/nonexistent") / MD_NAME
-        if p.is_file():
-            return p
+        if not st.get("run_dir"):
+            continue
+        for rec in task_records(Path(st["run_dir"])):
+            result = rec.get("result")
+            md = Path(result["markdown"]) if isinstance(result, dict) and result.get("markdown") else None
+            if md is not None and md.is_file():
+                return md
     return None

@@ -126,8 +126,16 @@ def test_all_shipped_profiles_and_specs_validate():
     for p in (REPO / "cluster_configs").glob("*.yaml"):
         c = load_cluster(str(p))
         assert c.name == p.stem
+    from core.study import is_study, load_study
+
+    studies = 0
     for p in (REPO / "jobs").rglob("*.yaml"):
-        load_spec(p)
+        if is_study(p):  # a study spec: its schema, steps, references and spec files (its dry-run tests plan them)
+            load_study(p)
+            studies += 1
+        else:
+            load_spec(p)
+    assert studies == 2
 
 
 def test_workload_sections_and_shared_sections_are_checked_through_the_registry(tmp_path):
