@@ -70,11 +70,13 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 
 
 def wait_terminal(job_ids: list[str], expect_tasks: int | None = None, timeout: float = 240) -> dict[str, str]:
-    """Poll sacct until every job/task listed is in a terminal state (and, for arrays, all tasks are listed)."""
+    """Poll sacct until every job/task listed is in a terminal state (and, for arrays, all tasks are listed).
+    Every id asked for must be in accounting first: slurmdbd can record a fresh job a moment after another."""
     t0 = time.time()
     while True:
         states = sacct_states(job_ids)
-        done = states and all(s in TERMINAL for s in states.values())
+        seen = all(any(k == j or k.startswith(f"{j}_") for k in states) for j in job_ids)
+        done = states and seen and all(s in TERMINAL for s in states.values())
         if done and (expect_tasks is None or len(states) >= expect_tasks):
             return states
         if time.time() - t0 > timeout:
