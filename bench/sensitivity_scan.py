@@ -9,11 +9,16 @@
    model and a ~300M-parameter Pangu shape, with layers_per_task 1 and 4; and what each task reads: bytes of
    weights (layers min(task)..L-1 + norm + head, target <= 0.55 of the model on average) and bytes of the
    baseline (its own layers' rows, target <= 1/L of the file + header);
+   and the work inflation: CPU seconds of every job of the array (baseline, tasks, merge; sacct TotalCPU) over
+   the one-process scan's CPU seconds (target <= 1.3x);
 4. import time of the task entry (core.runtime + the workload module) per workload in a fresh interpreter, the
    inference stack (torch, transformers' Llama, safetensors) that baseline / scan / merge / prune import, and
    whether DeepSpeed was imported.
 
   .venv/bin/python bench/sensitivity_scan.py [--skip-300m] [--only 300m] [--per-task 1] [--skip-count]
+                                            [--prompts 64] [--prompt-tokens 128]
+--prompts N scans N prompts of --prompt-tokens tokens (the lab's scan has a few hundred of 128); the
+default is the tiny spec's 8 prompts of 32 tokens.
 """
 from __future__ import annotations
 
@@ -103,15 +108,47 @@ def task_overheads(run_dir: Path, reads: list | None = None) -> list[float]:
     return shares
 
 
-def wall_array_vs_inprocess(tmp: Path, label: str, folder: Path, per_task: int) -> None:
-    from core.runtime import TaskContext
+def _cpu_seconds(text: str) -> float:
+    """sacct's TotalCPU ([D-]HH:MM:SS, MM:SS.mmm) in seconds."""
+    days, _, clock = text.strip().rpartition("-")
+    parts = [float(x) for x in clock.split(":")]
+    while len(parts) < 3:
+        parts.insert(0, 0.0)
+    return (int(days) if days else 0) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
+
+
+def array_cpu_seconds(run_dir: Path) -> float:
+    """CPU seconds of every job of the run (baseline, array tasks, merge): the sum over their job steps."""
+    rec = json.loads((run_dir / "run.json").read_text())
+    ids = [j for s in rec["steps"] for j in s["job_ids"]]
+    out = subprocess.run(["sacct", "-n", "-P", "-j", ",".join(ids), "-o", "JobID,TotalCPU"], capture_output=True,
+                         text=True, check=True).stdout
+    return sum(_cpu_seconds(line.split("|")[1]) for line in out.splitlines() if "." in line.split("|")[0])
+
+
+def write_prompts(path: Path, n: int, tokens: int) -> Path:
+    """n distinct prompts of about `tokens` tokens each, made of the tiny corpus's sentences."""
+    lines = [ln.strip() for ln in (REPO / "jobs/tiny/data/corpus.txt").read_text().splitlines() if ln.strip()]
+    out = []
+    for i in range(n):
+        words, k = [], i
+        while len(words) < tokens:  # the tiny tokenizer gives about one token per word or more
+            words += lines[k % len(lines)].split()
+            k += 7
+        out.append(" ".join(words[:tokens]))
+    path.write_text("\n".join(out) + "\n")
+    return path
+
+
+def wall_array_vs_inprocess(tmp: Path, label: str, folder: Path, per_task: int, prompts: tuple = ()) -> None:
+    import resource
+
     from core.spec import load_spec
-    from core.workloads import sensitivity as sens
 
     sets = (f"model.path={folder}", "model.make_tiny=false", f"outputs.logs_dir={tmp / 'logs'}",
-            f"scan.layers_per_task={per_task}", "resources.array.parallelism=2", "scan.dtype=bf16")
-    spec, _ = load_spec(REPO / "jobs/tiny/pangu_sensitivity.yaml", sets)
-    t0 = time.time()
+            f"scan.layers_per_task={per_task}", "resources.array.parallelism=2", "scan.dtype=bf16", *prompts)
+    load_spec(REPO / "jobs/tiny/pangu_sensitivity.yaml", sets)  # a bad setting fails here, before any timing
+    t0, cpu0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     run_dir = tmp / f"inproc_{label}_{per_task}"
     run_dir.mkdir()
     n_layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
@@ -124,14 +161,18 @@ def wall_array_vs_inprocess(tmp: Path, label: str, folder: Path, per_task: int) 
     ) % (str(REPO), str(REPO / "jobs/tiny/pangu_sensitivity.yaml"), sets, str(run_dir), n_layers)], check=True,
         capture_output=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "2"})
     inproc = time.time() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    inproc_cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
     t0 = time.time()
     arr_dir = submit("jobs/tiny/pangu_sensitivity.yaml", *sets)
     array = wait_merge(arr_dir) - t0
     reads: list = []
     shares = task_overheads(arr_dir, reads)
+    array_cpu = array_cpu_seconds(arr_dir)
     print(f"{label} ({n_layers} layers), layers_per_task={per_task}: array on n1+n2 {array:.1f} s vs one process "
           f"{inproc:.1f} s = {array / inproc:.2f}x (target <= 0.65x); per-task overhead "
-          f"{100 * sum(shares) / max(len(shares), 1):.0f}% of task wall time ({len(shares)} tasks)")
+          f"{100 * sum(shares) / max(len(shares), 1):.0f}% of task wall time ({len(shares)} tasks; target <= 30%); "
+          f"work inflation {array_cpu:.1f} / {inproc_cpu:.1f} CPU s = {array_cpu / inproc_cpu:.2f}x (target <= 1.3x)")
     w = [r["weights_read_bytes"] / r["weights_total_bytes"] for r in reads if r.get("weights_read_bytes")]
     b = [r["baseline_read_bytes"] / r["baseline_total_bytes"] for r in reads if r.get("baseline_read_bytes")]
     if w and b:
@@ -189,6 +230,8 @@ def main():
     ap.add_argument("--per-task", type=int, action="append", help="layers per task (default: tiny 1 and 3, 300M 1 "
                                                                    "and 4)")
     ap.add_argument("--skip-count", action="store_true", help="skip the decoder-layer evaluation count")
+    ap.add_argument("--prompts", type=int, help="scan this many prompts (default: the tiny spec's 8)")
+    ap.add_argument("--prompt-tokens", type=int, default=128, help="tokens per prompt with --prompts")
     args = ap.parse_args()
     subprocess.run(["bash", str(REPO / "slurm/local_cluster.sh"), "up"], check=True, capture_output=True)
     from core.models.pangu import write_tiny_pangu
@@ -198,14 +241,19 @@ def main():
         tmp = Path(t)
         if not args.skip_count:
             count_evaluations(tmp)
+        prompts = () if not args.prompts else (
+            f"scan.prompts={write_prompts(tmp / 'prompts.txt', args.prompts, args.prompt_tokens)}",
+            f"scan.max_prompt_tokens={args.prompt_tokens}")
+        if prompts:
+            print(f"scanning {args.prompts} prompts of {args.prompt_tokens} tokens")
         if args.only in (None, "tiny"):
             tiny = write_tiny_pangu(tmp / "tiny6", layers=6)
             for per in args.per_task or (1, 3):
-                wall_array_vs_inprocess(tmp, "tiny", tiny, per)
+                wall_array_vs_inprocess(tmp, "tiny", tiny, per, prompts)
         if not args.skip_300m and args.only in (None, "300m"):
             mid = write_tiny_pangu(tmp / "p300m", layers=12, hidden=1536, heads=16, kv_heads=4, intermediate=4096)
             for per in args.per_task or (1, 4):
-                wall_array_vs_inprocess(tmp, "300M", mid, per)
+                wall_array_vs_inprocess(tmp, "300M", mid, per, prompts)
 
 
 if __name__ == "__main__":
