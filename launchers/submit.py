@@ -42,6 +42,21 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def refused_or_dry(args, problems: list[tuple[str, str]]) -> int | None:
+    """Exit code when the submission stops here: 2 with every problem a submit would be refused for (after a dry
+    run's plan and scripts, a blank line first), 0 for a clean dry run; None to go on and submit."""
+    if problems:
+        print(f"{chr(10) if args.dry_run else ''}error: {args.spec}: a submission would be refused:", file=sys.stderr)
+        for field_name, message in problems:
+            print(f"  {field_name}: {message}", file=sys.stderr)
+        print("nothing was submitted", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print("dry run: nothing submitted")
+        return 0
+    return None
+
+
 def study_main(args) -> int:
     """A study spec (a top-level `study:` key): every step submitted at once, chained with afterok (core/study.py)."""
     from core import study as st
@@ -73,15 +88,9 @@ def study_main(args) -> int:
         unexpected(f"checking step {e.step}", e.cause)
     print(st.describe(study, planned, cluster, source, sel, checked))
     problems += [(name, f, m) for name, c in checked.items() for f, m in c.problems]
-    if problems:
-        print(f"{chr(10) if args.dry_run else ''}error: {args.spec}: a submission would be refused:", file=sys.stderr)
-        for step, field_name, message in problems:
-            print(f"  steps.{step}: {field_name}: {message}", file=sys.stderr)
-        print("nothing was submitted", file=sys.stderr)
-        return 2
-    if args.dry_run:
-        print("dry run: nothing submitted")
-        return 0
+    stop = refused_or_dry(args, [(f"steps.{step}: {field_name}", message) for step, field_name, message in problems])
+    if stop is not None:
+        return stop
     if sel.stale:
         why = st.cancel_jobs(sel.stale)
         print(f"cancelled the queued jobs of the steps submitted again: {' '.join(sel.stale)}"
@@ -96,7 +105,7 @@ def study_main(args) -> int:
         unexpected("submitting the study", e)
     print(f"study folder: {study_dir}")
     if cluster.executor == "slurm" and not args.wait:
-        print(f"follow it with: python launchers/status.py   (the study is one group)")
+        print("follow it with: python launchers/status.py   (the study is one group)")
         return 0
     states = st.wait(outcome.record) if cluster.executor == "slurm" else st.step_states(outcome.record)
     for name, s in states.items():
@@ -166,16 +175,9 @@ def main(argv=None) -> int:
             for i, text in enumerate(scripts):
                 label = f"step {step}" + (f", array chunk {i + 1}/{len(scripts)}" if len(scripts) > 1 else "")
                 print(f"\n# ---- sbatch script: {label} ----\n{text}")
-    if problems:
-        print(f"{'' if not args.dry_run else chr(10)}error: {args.spec}: a submission would be refused:",
-              file=sys.stderr)
-        for field_name, message in problems:
-            print(f"  {field_name}: {message}", file=sys.stderr)
-        print("nothing was submitted", file=sys.stderr)
-        return 2
-    if args.dry_run:
-        print("dry run: nothing submitted")
-        return 0
+    stop = refused_or_dry(args, problems)
+    if stop is not None:
+        return stop
 
     if resume_dir is not None:
         print(f"resuming in {resume_dir}")
