@@ -39,7 +39,7 @@ def main():
     from core.models.pangu import load_pangu, load_tokenizer, write_tiny_pangu
     from core.models.perceiver import TINY_PERCEIVER
     from core.models.vit3d import TINY_VIT
-    from core.spec import load_spec
+    from core.config import load_spec
     from core.workloads.dia_reports import Prompts
 
     torch.set_num_threads(1)

@@ -45,7 +45,7 @@ def count_evaluations(tmp: Path) -> None:
 
     from core.models.pangu import write_tiny_pangu
     from core.runtime import TaskContext
-    from core.spec import load_spec
+    from core.config import load_spec
     from core.workloads import sensitivity as sens
 
     folder = write_tiny_pangu(tmp / "p34", layers=34, hidden=64, intermediate=128)
@@ -143,7 +143,7 @@ def write_prompts(path: Path, n: int, tokens: int) -> Path:
 def wall_array_vs_inprocess(tmp: Path, label: str, folder: Path, per_task: int, prompts: tuple = ()) -> None:
     import resource
 
-    from core.spec import load_spec
+    from core.config import load_spec
 
     sets = (f"model.path={folder}", "model.make_tiny=false", f"outputs.logs_dir={tmp / 'logs'}",
             f"scan.layers_per_task={per_task}", "resources.array.parallelism=2", "scan.dtype=bf16", *prompts)
@@ -154,7 +154,7 @@ def wall_array_vs_inprocess(tmp: Path, label: str, folder: Path, per_task: int, 
     n_layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
     subprocess.run([PY, "-c", (
         "import sys; sys.path.insert(0, %r)\n"
-        "from core.spec import load_spec\nfrom core.runtime import TaskContext\nfrom core.workloads import sensitivity as s\n"
+        "from core.config import load_spec\nfrom core.runtime import TaskContext\nfrom core.workloads import sensitivity as s\n"
         "spec, _ = load_spec(%r, %r)\n"
         "mk = lambda step, items=None: TaskContext(run_dir=__import__('pathlib').Path(%r), step=step, job_id='x', root_id='x', items=items)\n"
         "s.baseline(spec, mk('baseline')); s.run(spec, mk('main', list(range(%d)))); s.merge(spec, mk('merge'))\n"

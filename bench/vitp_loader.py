@@ -80,7 +80,7 @@ def main():
     from PIL import Image
 
     from core.data.lung_ct import _synthetic_slice, _write_dicom, write_synthetic
-    from core.spec import load_spec
+    from core.config import load_spec
     from core.workloads.vitp_lung import SliceLoader
 
     torch.set_num_threads(1)

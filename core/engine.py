@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, TypeVar
 from core.checkpoint import CheckpointManager, ResumePoint
 from core.runtime import (PREEMPT, Accelerator, DistEnv, TaskContext, activate, check_rendezvous, init_distributed,
                           requeue, resolve_accelerator, restart_count, torch_dtype)
-from core.spec import DeepSpeedSpec, JobSpec
+from core.config import DeepSpeedSpec, JobSpec
 
 log = logging.getLogger("engine")
 T = TypeVar("T")
@@ -355,7 +355,7 @@ class Trainer:
 
         ok = 0
         if self.session.rank == 0 and self.ctx.can_requeue():
-            accepted, detail = requeue(self.ctx.job_id)
+            accepted, detail = requeue(self.ctx)
             ok = int(accepted)
             log.info("checkpointed at step %d; requeue %s (restart %d/%s): %s", step, self.ctx.job_id,
                      restart_count() + 1, self.ctx.cluster.get("max_requeues"), "ok" if ok else detail)
@@ -363,9 +363,9 @@ class Trainer:
         if self.session.dist.world_size > 1:
             tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
         if flag.item():
-            time.sleep(600)  # Slurm stops this allocation and runs the job again; it resumes from the checkpoint
+            time.sleep(600)  # the scheduler stops this allocation and runs the job again; it resumes from the checkpoint
             raise Requeued(1)
-        why = "local executor" if self.ctx.executor != "slurm" else f"{restart_count()} requeues used"
+        why = f"{restart_count()} requeues used" if self.ctx.requeues else f"the {self.ctx.executor} executor does not requeue"
         raise Preempted(f"{PREEMPT['signal']} received: checkpoint saved at step {step}, not requeued ({why}); "
                         f"continue with: python launchers/submit.py SPEC --resume {self.ctx.run_dir}")
 

@@ -7,9 +7,7 @@ imports torch, and runs only for specs with a `deepspeed:` section (their estima
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 # openPangu-Embedded-7B (V1.1 config.json, as mapped to LlamaForCausalLM; see ../shared/design/workloads.md)
@@ -53,23 +51,13 @@ def size_of(model, *, layers: int, hidden: int, heads: int, vocab: int, peft=Non
     return ModelSize(int(total), int(largest), layers, hidden, heads, vocab, trainable, weight_bytes)
 
 
-def decoder_size(spec) -> Optional[ModelSize]:
-    """The default builder for the plan's estimate: the decoder LLM of model.path / model.preset, built on the
-    meta device (core.models.pangu.meta_size); None when neither names one."""
-    cfg = model_config(spec.model.path, spec.model.preset)
-    if cfg is None:
-        return None
-    from core.models.pangu import meta_size
-
-    return meta_size(cfg, peft=spec.peft)
-
-
 def model_config(path: Optional[str], preset: Optional[str]) -> Optional[dict]:
     """config.json of a local model folder, else a preset, else None."""
-    if path:
-        cfg_file = Path(path) / "config.json"
-        if cfg_file.is_file():
-            return json.loads(cfg_file.read_text())
+    from core.models.checkpoint_files import find_config
+
+    cfg = find_config(path)
+    if cfg is not None:
+        return cfg
     if preset:
         return PRESETS[preset]
     return None

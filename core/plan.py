@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import math
 import os
-import re
-import shutil
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from core import workloads
-from core.spec import FILE_REF, Cluster, FieldError, JobSpec, SpecError, secret_file_problem
+from core import registry, scheduler
+from core.config import FILE_REF, Cluster, FieldError, JobSpec, SpecError, secret_file_problem
 
 
 @dataclass
@@ -77,26 +74,16 @@ class Plan:
                  f"[{c.executor}, {c.accelerator}]" + (f" (profile from {self.cluster_source})"
                                                        if self.cluster_source else "")]
         lines += [f"  {s.describe()}" for s in self.steps]
+        ds = self.spec.deepspeed
+        if ds is not None:
+            offload = [w for w, on in (("optimizer", ds.offload_optimizer), ("parameters", ds.offload_param)) if on]
+            lines.append(f"  deepspeed: ZeRO-{ds.stage}, {ds.precision}, micro-batch {ds.micro_batch} x grad-accum "
+                         f"{ds.grad_accum}" + (", activation checkpointing" if ds.activation_checkpointing else "")
+                         + (f", {' and '.join(offload)} offloaded to the host" if offload else ""))
         if self.memory is not None:
             lines.append(f"  memory: {self.memory.describe()}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
-
-
-def slurm_limits() -> dict[str, int]:
-    """MaxArraySize and MaxJobCount from `scontrol show config` (empty when no Slurm answers)."""
-    if shutil.which("scontrol") is None:
-        return {}
-    try:
-        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
-    limits = {}
-    for key in ("MaxArraySize", "MaxJobCount"):
-        m = re.search(rf"^{key}\s*=\s*(\d+)", out, re.M)
-        if m:
-            limits[key] = int(m.group(1))
-    return limits
 
 
 def chunk_ranges(n_tasks: int, max_array_size: int) -> list[tuple[int, int]]:
@@ -106,9 +93,9 @@ def chunk_ranges(n_tasks: int, max_array_size: int) -> list[tuple[int, int]]:
 
 def _memory(spec: JobSpec, cluster: Cluster, tasks_per_node: int):
     """The per-device estimate from the model the workload builds (counted on the meta device)."""
-    from core.model_sizes import decoder_size
+    from core.models.pangu import decoder_size
 
-    builder = workloads.get(spec.workload).model_size or decoder_size
+    builder = registry.get(spec.workload).model_size or decoder_size
     size = builder(spec)
     if size is None:
         return None
@@ -137,7 +124,7 @@ def _takes_cluster(planner) -> bool:
 def workload_shape(spec: JobSpec, source: str, resume_dir=None, cluster: Optional[Cluster] = None):
     """The workload's own steps and items (layers, ratios), from its torch-free planner, if it has one. A planner
     that declares a `cluster` parameter gets the profile (e.g. a per-cluster task start cost); others do not."""
-    planner = workloads.get(spec.workload).plan
+    planner = registry.get(spec.workload).plan
     if planner is None:
         if resume_dir is not None:
             raise SpecError(source, [("--resume-missing", f"workload '{spec.workload}' has no per-item results "
@@ -164,7 +151,7 @@ def check_limits(spec: JobSpec, cluster: Cluster, source: str, tasks_per_node: i
     if cluster.max_nodes and res.nodes > cluster.max_nodes:
         problems.append(("resources.nodes", f"{res.nodes} nodes but {cluster.name} allows at most {cluster.max_nodes} "
                                             f"per job (profile max_nodes)"))
-    if cluster.executor == "local":
+    if scheduler.for_cluster(cluster).single_host:
         cap = LOCAL_PROCESSES_PER_CPU * (os.cpu_count() or 1)
         if res.nodes * tasks_per_node > cap:
             problems.append(("resources.nodes", f"{res.nodes} x {tasks_per_node} tasks would start "
@@ -193,7 +180,7 @@ def make_plan(spec: JobSpec, cluster: Cluster, source: str = "spec", force: bool
     res = spec.resources
     notes: list[str] = []
     nodes = res.nodes
-    device = workloads.get(spec.workload).device
+    device = registry.get(spec.workload).device
     tasks_per_node = res.tasks_per_node or (cluster.devices_per_node if cluster.accelerator != "cpu" and device
                                             else 0) or 1
     check_limits(spec, cluster, source, tasks_per_node)
@@ -201,8 +188,9 @@ def make_plan(spec: JobSpec, cluster: Cluster, source: str = "spec", force: bool
         raise SpecError(source, [("resources.tasks_per_node",
                                   f"{tasks_per_node} tasks per node but {cluster.name} has {cluster.devices_per_node} "
                                   f"{cluster.accelerator} devices per node; use at most {cluster.devices_per_node}")])
-    if cluster.executor == "local" and nodes > 1:
-        notes.append(f"local executor: {nodes} nodes x {tasks_per_node} tasks run as {nodes * tasks_per_node} "
+    sched = scheduler.for_cluster(cluster)
+    if sched.single_host and nodes > 1:
+        notes.append(f"{sched.name} executor: {nodes} nodes x {tasks_per_node} tasks run as {nodes * tasks_per_node} "
                      f"processes on this machine")
         tasks_per_node, nodes = nodes * tasks_per_node, 1
     cpus = res.cpus_per_task or cluster.cpus_per_task
@@ -210,7 +198,7 @@ def make_plan(spec: JobSpec, cluster: Cluster, source: str = "spec", force: bool
                   minutes=res.minutes)
 
     if limits is None:
-        limits = slurm_limits() if cluster.executor == "slurm" and (res.array or workloads.get(spec.workload).plan) else {}
+        limits = sched.limits(cluster) if res.array or registry.get(spec.workload).plan else {}
     max_array = limits.get("MaxArraySize", cluster.max_array_size)
     steps: list[Step] = []
     problems: list[tuple[str, str]] = []

@@ -225,6 +225,16 @@ def read_record(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / RECORD).read_text())
 
 
+def record_if_any(run_dir: Path) -> Optional[dict]:
+    """run.json of a folder, or None when it is missing, unreadable or not a mapping (a job's comment may name a
+    folder whose record is not written yet, or was never ours)."""
+    try:
+        rec = json.loads((Path(run_dir) / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
 def is_run(run_dir: Path) -> bool:
     return (Path(run_dir) / RECORD).is_file()
 

@@ -4,9 +4,9 @@
 spec, resolves `${env:VAR}` references from the job's own environment (secrets never travel in the sbatch
 script or the run record), builds the context (run folder, ranks, hosts, array items), calls the workload's
 step function (`run`, `merge`, ...) and leaves one small JSON record per rank under `<run_dir>/tasks/`.
-Also here, because they are the scheduler's business and nobody else's: rank / world / master from Slurm's
-variables (`dist_env`, read once per task into the context), the device and backend, the preemption signal,
-the restart count and `scontrol requeue`.
+Rank / world / master, the restart count and the requeue come from the scheduler that runs the task
+(core.scheduler: `dist_env` is read once per task into the context); the device and backend, and the preemption
+signal are here.
 This module imports no torch at import time: the submit path pickles `TaskEntry` from here.
 """
 from __future__ import annotations
@@ -15,7 +15,6 @@ import logging
 import os
 import re
 import socket
-import subprocess
 import sys
 import time
 import warnings
@@ -23,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from core import run_folder
+from core import run_folder, scheduler
+from core.scheduler import DistEnv, DistEnvError, master_port_for, single_process  # noqa: F401 (the task's names)
 
 log = logging.getLogger("runtime")
 
@@ -69,136 +69,24 @@ def ignore_preemption_signals() -> None:
 
 
 def job_ref(environ: Optional[dict] = None) -> str:
-    """This task's job as Slurm names it: ARRAYID_TASKID for an array task (what scontrol requeue takes), else the
-    job id; the local executor's id; else this process."""
-    environ = os.environ if environ is None else environ
-    if environ.get("SLURM_ARRAY_JOB_ID") and environ.get("SLURM_ARRAY_TASK_ID"):
-        return f"{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
-    return environ.get("SLURM_JOB_ID") or environ.get("SUBMITIT_LOCAL_JOB_ID") or str(os.getpid())
+    """This task's job as its scheduler names it (an array task as ARRAYID_TASKID on Slurm); else this process."""
+    return scheduler.job_ref(environ)
 
 
 def restart_count(environ: Optional[dict] = None) -> int:
-    """How often Slurm has requeued this job (SLURM_RESTART_COUNT; 0 for a first run and on the local executor)."""
-    environ = os.environ if environ is None else environ
-    return int(environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    """How often the scheduler has requeued this task (0 for a first run and on the local executor)."""
+    return scheduler.restart_count(environ)
 
 
-def requeue(job_id: str) -> tuple[bool, str]:
-    """`scontrol requeue` this job (an array task as ARRAYID_TASKID): Slurm stops the allocation and runs the
-    job again later. Returns (accepted, scontrol's message)."""
-    proc = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
-    return proc.returncode == 0, (proc.stderr or proc.stdout).strip()
-
-
-# ------------------------------------------------------------------ distributed environment and accelerator
-class DistEnvError(RuntimeError):
-    """Slurm (or the local executor) handed the task an environment that cannot make a process group."""
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    rank: int
-    world_size: int
-    local_rank: int
-    local_world_size: int
-    node_rank: int
-    num_nodes: int
-    master_addr: str
-    master_port: int
-    job_id: str
-    hosts: tuple[str, ...] = ()     # every node of the allocation, in Slurm's order (the master first)
-
-    def export(self, environ: Optional[dict] = None) -> None:
-        environ = os.environ if environ is None else environ
-        environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.local_rank),
-                       LOCAL_WORLD_SIZE=str(self.local_world_size), NODE_RANK=str(self.node_rank),
-                       MASTER_ADDR=self.master_addr, MASTER_PORT=str(self.master_port))
-
-
-MASTER_PORT_BASE, MASTER_PORT_SPAN = 20000, 40000
-
-
-def master_port_for(job_id: str) -> int:
-    """Deterministic per job (every rank computes the same), distinct for any two jobs whose ids differ by less
-    than 40000, so jobs sharing a node never collide. Array tasks have their own SLURM_JOB_ID."""
-    return MASTER_PORT_BASE + int(re.sub(r"\D", "", job_id) or 0) % MASTER_PORT_SPAN
-
-
-def _int_var(environ: dict, name: str) -> int:
-    value = environ.get(name)
-    if value is None or value == "":
-        raise DistEnvError(f"{name} is not set: this must run inside a Slurm task (srun), or set it yourself")
-    try:
-        return int(value)
-    except ValueError:
-        raise DistEnvError(f"{name}={value!r} is not an integer") from None
-
-
-def _tasks_per_node(spec: str) -> list[int]:
-    """SLURM_TASKS_PER_NODE '2(x3),1' -> [2, 2, 2, 1]."""
-    out: list[int] = []
-    for part in spec.split(","):
-        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
-        if not m:
-            raise DistEnvError(f"SLURM_TASKS_PER_NODE={spec!r} is not in Slurm's 'N(xM),...' format")
-        out += [int(m.group(1))] * int(m.group(2) or 1)
-    return out
-
-
-def dist_env_from_slurm(environ: Optional[dict] = None) -> DistEnv:
-    """Rank, world, local rank, node rank and master from Slurm's own variables, checked for consistency."""
-    from submitit.slurm.slurm import _parse_node_list
-
-    environ = os.environ if environ is None else environ
-    rank, world = _int_var(environ, "SLURM_PROCID"), _int_var(environ, "SLURM_NTASKS")
-    local, node = _int_var(environ, "SLURM_LOCALID"), _int_var(environ, "SLURM_NODEID")
-    nnodes = _int_var(environ, "SLURM_JOB_NUM_NODES") if environ.get("SLURM_JOB_NUM_NODES") else \
-        _int_var(environ, "SLURM_NNODES")
-    job_id = environ.get("SLURM_JOB_ID") or ""
-    if not job_id:
-        raise DistEnvError("SLURM_JOB_ID is not set")
-    nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST") or ""
-    if not nodelist:
-        raise DistEnvError("SLURM_JOB_NODELIST is not set: cannot tell which host is the master")
-    hosts = _parse_node_list(nodelist)
-    if not 0 <= rank < world:
-        raise DistEnvError(f"SLURM_PROCID={rank} is outside 0..SLURM_NTASKS-1 ({world})")
-    if not 0 <= node < nnodes:
-        raise DistEnvError(f"SLURM_NODEID={node} is outside 0..SLURM_JOB_NUM_NODES-1 ({nnodes})")
-    if len(hosts) != nnodes:
-        raise DistEnvError(f"SLURM_JOB_NODELIST={nodelist!r} names {len(hosts)} hosts but "
-                           f"SLURM_JOB_NUM_NODES={nnodes}")
-    per_node = _tasks_per_node(environ.get("SLURM_TASKS_PER_NODE") or str(world // nnodes))
-    if len(per_node) == 1 and nnodes > 1:
-        per_node = per_node * nnodes
-    if sum(per_node) != world:
-        raise DistEnvError(f"SLURM_TASKS_PER_NODE={environ.get('SLURM_TASKS_PER_NODE')!r} adds up to "
-                           f"{sum(per_node)} tasks but SLURM_NTASKS={world}")
-    if not 0 <= local < per_node[node]:
-        raise DistEnvError(f"SLURM_LOCALID={local} is outside the {per_node[node]} tasks of node {node}")
-    port = int(environ["MASTER_PORT"]) if environ.get("MASTER_PORT") else master_port_for(job_id)
-    return DistEnv(rank, world, local, per_node[node], node, nnodes, hosts[0], port, job_id, tuple(hosts))
+def requeue(ctx: "TaskContext") -> tuple[bool, str]:
+    """Ask the task's scheduler to requeue this job: it stops the allocation and runs the job again later.
+    Returns (accepted, the scheduler's message)."""
+    return scheduler.by_name(ctx.executor).requeue(ctx.job_id)
 
 
 def dist_env(environ: Optional[dict] = None) -> DistEnv:
-    """Slurm task -> dist_env_from_slurm; submitit's local executor -> its SUBMITIT_LOCAL_* variables."""
-    environ = os.environ if environ is None else environ
-    if environ.get("SUBMITIT_EXECUTOR") == "local" or (not environ.get("SLURM_JOB_ID")
-                                                       and environ.get("SUBMITIT_LOCAL_JOB_ID")):
-        world = int(environ.get("SUBMITIT_LOCAL_NTASKS", "1"))
-        rank = int(environ.get("SUBMITIT_LOCAL_GLOBALID", environ.get("SUBMITIT_LOCAL_LOCALID", "0")))
-        job_id = environ.get("SUBMITIT_LOCAL_JOB_ID", str(os.getpid()))
-        port = int(environ["MASTER_PORT"]) if environ.get("MASTER_PORT") else master_port_for(job_id)
-        return DistEnv(rank, world, rank, world, 0, 1, "127.0.0.1", port, job_id, (socket.gethostname(),))
-    if environ.get("SLURM_JOB_ID") and environ.get("SLURM_PROCID") is not None:
-        return dist_env_from_slurm(environ)
-    return single_process()
-
-
-def single_process() -> DistEnv:
-    """One process, no scheduler: rank 0 of 1 on this host."""
-    return DistEnv(0, 1, 0, 1, 0, 1, "127.0.0.1", master_port_for(str(os.getpid())), str(os.getpid()),
-                   (socket.gethostname(),))
+    """Who this task is, from the variables of the scheduler that started it (a single process outside a job)."""
+    return scheduler.dist_env(environ)
 
 
 @dataclass
@@ -238,8 +126,13 @@ class TaskContext:
         """The records that the tasks of a step left (used by merge steps)."""
         return run_folder.task_records(self.run_dir, step)
 
+    @property
+    def requeues(self) -> bool:
+        """The scheduler that runs this task can requeue it (and it resumes)."""
+        return scheduler.by_name(self.executor).requeues
+
     def can_requeue(self) -> bool:
-        return self.executor == "slurm" and restart_count() < int(self.cluster.get("max_requeues", 0))
+        return self.requeues and scheduler.by_name(self.executor).can_requeue(self.cluster)
 
 
 def context_dict(ctx: TaskContext) -> dict:
@@ -274,13 +167,13 @@ class TaskEntry:
         run_dir = run_folder.resolve_run_dir(self.run_dir_template)
         return TaskContext(
             run_dir=run_dir, step=self.step, job_id=job_ref(), root_id=run_dir.name,
-            dist=dist_env(), hostname=os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
+            dist=dist_env(), hostname=scheduler.node_name() or socket.gethostname(),
             task_index=task_index, items=items, accelerator=self.cluster_data.get("accelerator", "cpu"),
             executor=self.cluster_data.get("executor", "local"), cluster=self.cluster_data)
 
     def __call__(self, task_index: Optional[int] = None, items: Optional[list] = None) -> dict:
-        from core import workloads
-        from core.spec import parse_spec, resolve_refs
+        from core import registry
+        from core.config import parse_spec, resolve_refs
 
         install_preemption_handler()
         configure_logging()
@@ -289,7 +182,7 @@ class TaskEntry:
         spec = parse_spec(self.spec_data, "run record spec")
         ctx = self.context(task_index, items)
         started = time.time()
-        fn = workloads.get(self.workload).entry(self.entry)
+        fn = registry.get(self.workload).entry(self.entry)
         try:
             result = fn(spec, ctx)
         finally:
@@ -317,7 +210,7 @@ class Accelerator:
 
 
 def _visible_devices(environ: dict, devices_per_node: int, own_var: str) -> list[str]:
-    for var in (own_var, "SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "GPU_DEVICE_ORDINAL"):
+    for var in (own_var, *scheduler.device_vars()):
         if environ.get(var):
             return [d for d in environ[var].split(",") if d != ""]
     return [str(i) for i in range(max(devices_per_node, 1))]

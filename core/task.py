@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     from core import run_folder
     from core.plan import make_plan
     from core.runtime import TaskEntry
-    from core.spec import SpecError, choose_cluster, load_cluster, load_spec
+    from core.config import SpecError, choose_cluster, load_cluster, load_spec
 
     try:
         spec, raw = load_spec(args.spec, tuple(args.overrides))

@@ -25,11 +25,12 @@ def main(argv=None) -> int:
     p.add_argument("--user", default=None, help="whose jobs these are (default: you); names search only theirs")
     p.add_argument("--any-user", action="store_true", help="also cancel ids whose job belongs to another user")
     args = p.parse_args(argv)
-    from core import monitor
+    from core.cancel import cancel
+    from core.scheduler import SchedulerUnavailable
 
     try:
-        res = monitor.cancel(args.targets, args.user, any_user=args.any_user)
-    except monitor.SlurmUnavailable as e:
+        res = cancel(args.targets, args.user, any_user=args.any_user)
+    except SchedulerUnavailable as e:
         fail(str(e), 1)
     except Exception as e:  # one line, never a traceback
         fail(f"cancel failed: {type(e).__name__}: {str(e)[:300]} (check with python launchers/status.py)", 1)

@@ -47,7 +47,7 @@ def main(argv=None) -> int:
             monitor.watch(render, args.interval, args.max_interval)
         else:
             print(render()[0])
-    except monitor.SlurmUnavailable as e:
+    except monitor.SchedulerUnavailable as e:
         fail(str(e), 1)
     except KeyboardInterrupt:
         return 130

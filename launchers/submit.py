@@ -57,60 +57,60 @@ def refused_or_dry(args, problems: list[tuple[str, str]]) -> int | None:
     return None
 
 
+def request(args):
+    from core.submission import Request
+
+    return Request(args.spec, args.cluster, tuple(args.overrides), dry_run=args.dry_run, force=args.force,
+                   resume=args.resume, resume_missing=args.resume_missing, fresh=args.fresh,
+                   preflight=not args.no_preflight)
+
+
+def stage(fn, *a):
+    """One stage of core.submission: a refusal is one line and exit 2, anything else one line naming the stage."""
+    from core.config import SpecError
+    from core.submission import StageError
+
+    try:
+        return fn(*a)
+    except (SpecError, FileNotFoundError, ValueError) as e:
+        fail(f"{e}\nnothing was submitted")
+    except StageError as e:
+        unexpected(e.stage, e.cause)
+
+
 def study_main(args) -> int:
-    """A study spec (a top-level `study:` key): every step submitted at once, chained with afterok (core/study.py)."""
+    """A study spec (a top-level `study:` key): every step submitted at once, chained with afterok (core/study/)."""
     from core import study as st
-    from core.run_folder import logs_dir_problem
-    from core.spec import SpecError, load_cluster
+    from core import submission as service
 
     if args.resume is not None or args.fresh:
         fail(f"{args.spec}: --resume / --fresh continue one run; a study takes --resume-missing (resubmits the "
              f"steps that failed or never ran)\nnothing was submitted")
-    try:
-        study = st.load_study(args.spec, tuple(args.overrides))
-        study.force = args.force
-        profile, source = st.choose_study_cluster(study, args.cluster)
-        cluster = load_cluster(profile)
-        problem = logs_dir_problem(study.logs_dir, cluster.logs_roots)
-        if problem:
-            raise SpecError(args.spec, [("logs_dir", problem)])
-        sel = st.select_steps(study, args.resume_missing)
-        planned, problems = st.plan_all(study, cluster, sel.resubmit, sel.kept, sel.queued, keep_going=args.dry_run)
-    except SpecError as e:
-        fail(f"{e}\nnothing was submitted")
-    except (FileNotFoundError, ValueError) as e:
-        fail(f"{e}\nnothing was submitted")
-    except Exception as e:
-        unexpected("planning the study", e)
-    try:
-        checked = {} if args.no_preflight else st.preflight(planned, sel)
-    except st.StepCheckError as e:
-        unexpected(f"checking step {e.step}", e.cause)
-    print(st.describe(study, planned, cluster, source, sel, checked))
-    problems += [(name, f, m) for name, c in checked.items() for f, m in c.problems]
-    stop = refused_or_dry(args, [(f"steps.{step}: {field_name}", message) for step, field_name, message in problems])
+    planned = stage(service.plan_study, request(args))
+    stage(service.check_study, planned)
+    print(planned.describe())
+    stop = refused_or_dry(args, planned.all_problems)
     if stop is not None:
         return stop
-    if sel.stale:
-        why = st.cancel_jobs(sel.stale)
-        print(f"cancelled the queued jobs of the steps submitted again: {' '.join(sel.stale)}"
-              + (f" (scancel said: {why})" if why else ""))
-    study_dir = sel.study_dir or st.make_study_dir(study)
+    stale, why = service.cancel_stale(planned)
+    if stale:
+        print(f"cancelled the queued jobs of the steps submitted again: {' '.join(stale)}"
+              + (f" (the scheduler said: {why})" if why else ""))
+    study_dir = service.study_folder(planned)
     try:
-        outcome = st.submit_study(study, planned, cluster, sel.resubmit, study_dir, sel.previous, sys.stdout,
-                                  prev_states=sel.states)
+        outcome = service.submit_study(planned, study_dir, sys.stdout)
     except st.StudySubmitError as e:
         fail(f"{e}\nstudy record: {study_dir / st.RECORD}", 1)
     except Exception as e:
         unexpected("submitting the study", e)
     print(f"study folder: {study_dir}")
-    if cluster.executor == "slurm" and not args.wait:
+    if planned.scheduler.has_queue and not args.wait:
         print("follow it with: python launchers/status.py   (the study is one group)")
         return 0
-    states = st.wait(outcome.record) if cluster.executor == "slurm" else st.step_states(outcome.record)
+    states = service.study_states(planned, outcome, wait=True)
     for name, s in states.items():
         print(f"  {name}: {s['state']}" + (f" ({s['detail']})" if s["detail"] else ""))
-    print(f"study {study.spec.study}: {st.summary_line(outcome.record, states)}")
+    print(f"study {planned.study.spec.study}: {st.summary_line(outcome.record, states)}")
     if all(s["state"] in ("done", "existing") for s in states.values()):
         table = st.final_table(outcome.record)
         if table is not None:
@@ -128,62 +128,35 @@ def main(argv=None) -> int:
 
     if is_study(args.spec):
         return study_main(args)
-    from core.plan import make_plan
+    from core import submission as service
     from core.secrets_guard import redact
-    from core.spec import SpecError, choose_cluster, load_cluster, load_spec
 
     if args.fresh and args.resume is None:
         fail("--fresh only makes sense with --resume (a new run starts fresh anyway)\nnothing was submitted")
-    overrides = tuple(args.overrides) + (("train.fresh=true",) if args.fresh else ())
-    try:
-        spec, raw = load_spec(args.spec, overrides)
-        profile, source = choose_cluster(args.cluster, spec.cluster)
-        cluster = load_cluster(profile)
-        resume_dir = None
-        if args.resume is not None or args.resume_missing is not None:
-            from core.run_folder import find_run
-
-            resume_dir = find_run(spec, args.resume if args.resume is not None else args.resume_missing)
-        plan = make_plan(spec, cluster, source=args.spec, force=args.force,
-                         resume_dir=resume_dir if args.resume_missing is not None else None, keep_going=args.dry_run)
-        plan.cluster_source = source
-    except SpecError as e:
-        fail(f"{e}\nnothing was submitted")
-    except (FileNotFoundError, ValueError) as e:
-        fail(f"{e}\nnothing was submitted")
-    except Exception as e:  # a bug or an environment problem while planning: one line, never a traceback
-        unexpected("planning", e)
+    job = stage(service.plan_job, request(args))
+    plan, spec, cluster = job.plan, job.spec, job.cluster
     shape = f"{plan.steps[0].nodes} node(s) x {plan.steps[0].tasks_per_node} task(s)"
     print(f"validated {args.spec}  ({spec.name}, {shape}, {cluster.accelerator} on {cluster.name})")
     print(plan.describe())
-
-    from core import submit as sub
-    from core.preflight import check
-
-    try:
-        texts = sub.sbatch_texts(plan)
-        checked = check(plan, texts) if not args.no_preflight else None
-    except Exception as e:
-        unexpected("rendering and checking the sbatch scripts", e)
-    problems = plan.problems + (checked.problems if checked else [])
-    for note in checked.notes if checked else []:
+    stage(service.check_job, job)
+    for note in job.checked.notes if job.checked else []:
         print(f"  preflight: {note}")
     if args.dry_run:
-        if not texts:
-            print("dry run: local executor, no sbatch script; nothing submitted")
-        for step, scripts in texts.items():
+        if not job.texts:
+            print(f"dry run: {cluster.executor} executor, no sbatch script; nothing submitted")
+        for step, scripts in job.texts.items():
             for i, text in enumerate(scripts):
                 label = f"step {step}" + (f", array chunk {i + 1}/{len(scripts)}" if len(scripts) > 1 else "")
                 print(f"\n# ---- sbatch script: {label} ----\n{text}")
-    stop = refused_or_dry(args, problems)
+    stop = refused_or_dry(args, job.problems)
     if stop is not None:
         return stop
 
-    if resume_dir is not None:
-        print(f"resuming in {resume_dir}")
+    if job.resume_dir is not None:
+        print(f"resuming in {job.resume_dir}")
     try:
-        submission = sub.submit(plan, raw, args.spec, resume_dir)
-    except Exception as e:  # submitit raises FailedJobError/RuntimeError with sbatch's own message
+        submission = service.submit_job(job)
+    except Exception as e:  # the scheduler's own message (sbatch's, through submitit)
         fail(f"submission failed: {redact(str(e), 500)}", 1)
     for rec in submission.record["steps"]:
         if rec.get("skipped"):
@@ -194,8 +167,10 @@ def main(argv=None) -> int:
         dep = f" (afterok:{':'.join(rec['dependency'])})" if rec["dependency"] else ""
         print(f"submitted {rec['name']}: {kind} {ids}{dep}")
     print(f"run folder: {submission.run_dir}")
-    if cluster.executor == "local" or args.wait:
-        return sub.report_results(submission)
+    if not job.scheduler.has_queue or args.wait:
+        from core.results.summary import report_results
+
+        return report_results(submission)
     return 0
 
 

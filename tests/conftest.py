@@ -1,6 +1,9 @@
-"""Shared fixtures: the real local Slurm cluster, the launchers as subprocesses, Slurm state helpers."""
+"""Shared fixtures and helpers: the real local Slurm cluster (and the `slurm` marker on every test that needs it),
+the launchers as subprocesses, readers of a run folder (losses, task records), Slurm state helpers, and the tiny
+models written once per session."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -13,6 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+TEST_DATA = REPO / "tests" / "data"  # small public reference files kept in the repo (tests/data/README.md)
 sys.path.insert(0, str(REPO))
 PY = sys.executable
 LOCAL_CLUSTER = REPO / "slurm" / "local_cluster.sh"
@@ -30,6 +34,15 @@ def cluster_up() -> None:
                     pytrace=False)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test that uses the `slurm` fixture, directly or through another fixture, gets the `slurm` marker, so
+    `pytest -m "not slurm"` runs what passes on a machine without the local cluster. (Tests that reach Slurm without
+    the fixture carry the marker explicitly.)"""
+    for item in items:
+        if "slurm" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slurm)
+
+
 @pytest.fixture(scope="session")
 def slurm():
     """The project's own local cluster (idempotent `up`); fails loudly if it cannot start."""
@@ -42,6 +55,19 @@ def cli(tool: str, *args: str, env: dict | None = None, timeout: int = 300) -> s
     """Run launchers/<tool>.py as a user would (a separate process)."""
     return subprocess.run([PY, str(REPO / "launchers" / f"{tool}.py"), *args], capture_output=True, text=True,
                           cwd=REPO, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def submit(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """launchers/submit.py with these arguments, which must succeed (exit 0): the finished process."""
+    res = cli("submit", *args, env=env, timeout=timeout)
+    assert res.returncode == 0, res.stderr + res.stdout
+    return res
+
+
+def submit_run(*args: str, env: dict | None = None, timeout: int = 300) -> tuple[Path, str]:
+    """`submit` of one run: (its run folder, the first job id of its first step)."""
+    run_dir = run_folder(submit(*args, env=env, timeout=timeout).stdout)
+    return run_dir, record(run_dir)["steps"][0]["job_ids"][0]
 
 
 @pytest.fixture
@@ -58,6 +84,21 @@ def run_folder(stdout: str) -> Path:
 
 def record(run_dir: Path) -> dict:
     return json.loads((run_dir / "run.json").read_text())
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    """The training loss curve a run wrote: (step, loss) per row of metrics.csv."""
+    return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader((run_dir / "metrics.csv").open())]
+
+
+def task_records(run_dir: Path, prefix: str = "main") -> list[dict]:
+    """The task records tasks/<prefix>*.json of a run, sorted by file name."""
+    return [json.loads(p.read_text()) for p in sorted((run_dir / "tasks").glob(f"{prefix}*.json"))]
+
+
+def rank0_result(run_dir: Path, step: str = "main") -> dict:
+    """The result rank 0 of a step reported (tasks/<step>.rank0.json); fails if that record is missing."""
+    return json.loads((run_dir / "tasks" / f"{step}.rank0.json").read_text())["result"]
 
 
 def sacct_states(job_ids: list[str]) -> dict[str, str]:
@@ -135,3 +176,34 @@ def requeue_once_checkpointed(run_dir: Path, job_id: str, timeout: float = 600) 
         assert time.time() - t0 < timeout, f"no checkpoint in {run_dir} after {timeout}s"
         time.sleep(0.2)
     subprocess.run(["scontrol", "requeue", job_id], check=True)
+
+
+# ---------------------------------------------------------------- tiny models, written once per session
+@pytest.fixture(scope="session")
+def tiny_pangu_factory(tmp_path_factory):
+    """`tiny_pangu_factory(layers=None)`: the folder of a tiny openPangu with that many layers (the writer's default
+    when None), written once per session and shared by every test file; tests only read it."""
+    root = tmp_path_factory.mktemp("tiny_pangu")
+
+    def make(layers: int | None = None) -> Path:
+        from core.models.pangu import write_tiny_pangu
+
+        if layers is None:
+            return write_tiny_pangu(root / "pangu")  # idempotent: an existing complete folder is kept
+        return write_tiny_pangu(root / f"pangu{layers}", layers=layers)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_pangu(tiny_pangu_factory) -> Path:
+    """The default tiny openPangu folder (core.models.pangu.write_tiny_pangu's defaults)."""
+    return tiny_pangu_factory()
+
+
+@pytest.fixture(scope="session")
+def tiny_chexbert(tmp_path_factory) -> Path:
+    """A tiny CheXbert (chexbert.pth + vocab.txt beside it, write_tiny_chexbert's defaults): the .pth path."""
+    from core.models.chexbert import write_tiny_chexbert
+
+    return write_tiny_chexbert(tmp_path_factory.mktemp("tiny_chexbert"))

@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli, final_state, job_mark, new_jobs, record, requeue_once_checkpointed, run_folder
+from conftest import (cli, final_state, job_mark, losses, new_jobs, rank0_result, record, requeue_once_checkpointed,
+                      submit_run)
 
 SPEC = "jobs/tiny/blip_medtrinity.yaml"
 
 
 def test_full_size_blip_and_the_labs_lora_counts_on_meta():
     from core.models.blip import meta_size
-    from core.spec import PeftSpec
+    from core.config import PeftSpec
     from core.workloads.blip_caption import HEAD
 
     assert meta_size({}).total == 223_971_644
@@ -74,6 +75,7 @@ BAD = {
 }
 
 
+@pytest.mark.slurm  # job_mark / new_jobs ask sacct and squeue
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_input_is_refused_before_submission_naming_the_field(workdir, case):
     extra, field = BAD[case]
@@ -86,24 +88,13 @@ def test_bad_input_is_refused_before_submission_naming_the_field(workdir, case):
     assert not (workdir["root"] / "logs" / "bad").exists()
 
 
-def submit(workdir, name, *extra, cluster=("-c", "local_slurm", "--set", "resources.nodes=2")):
-    res = cli("submit", *args(workdir, name, *cluster, *extra), timeout=600)
-    assert res.returncode == 0, res.stderr + res.stdout
-    run_dir = run_folder(res.stdout)
-    return run_dir, record(run_dir)["steps"][0]["job_ids"][0]
-
-
-
-def losses(run_dir: Path) -> list[tuple[int, float]]:
-    return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader((run_dir / "metrics.csv").open())]
-
-
+TWO_NODES = ("-c", "local_slurm", "--set", "resources.nodes=2")
 STEPS = ("--set", "train.steps=120", "--set", "train.checkpoint_every=40")
 
 
 @pytest.fixture(scope="module")
 def zero2(slurm, workdir):
-    run_dir, job = submit(workdir, "blip_z2", *STEPS)
+    run_dir, job = submit_run(*args(workdir, "blip_z2", *TWO_NODES, *STEPS), timeout=600)
     assert final_state(job) == "COMPLETED", list((run_dir / "submitit").glob("*log.out"))
     return run_dir
 
@@ -136,7 +127,7 @@ def adapter_captions(run_dir: Path, workdir) -> tuple[dict, dict]:
 
     from core.data.medtrinity import open_rows
     from core.models.blip import load_blip
-    from core.spec import parse_spec
+    from core.config import parse_spec
     from core.workloads.blip_caption import Batches
 
     spec = parse_spec(record(run_dir)["spec"])
@@ -161,10 +152,11 @@ def test_saved_adapter_loads_with_peft_and_gives_the_same_captions(zero2, workdi
 
 
 def test_requeue_resumes_exactly(zero2, workdir):
-    run_dir, job = submit(workdir, "blip_requeue", *STEPS, "--set", "caption.evaluate=false")
+    run_dir, job = submit_run(*args(workdir, "blip_requeue", *TWO_NODES, *STEPS, "--set", "caption.evaluate=false"),
+                              timeout=600)
     requeue_once_checkpointed(run_dir, job)
     assert final_state(job) == "COMPLETED"
-    result = json.loads((run_dir / "tasks" / "main.rank0.json").read_text())["result"]
+    result = rank0_result(run_dir)
     assert result["start_step"] > 0 and result["restart_count"] >= 1
     got, ref = losses(run_dir), losses(zero2)
     assert [s for s, _ in got] == list(range(1, 121))
@@ -172,8 +164,9 @@ def test_requeue_resumes_exactly(zero2, workdir):
 
 
 def test_zero3_two_ranks_train_and_caption(slurm, workdir):
-    run_dir, job = submit(workdir, "blip_z3", "--set", "deepspeed.stage=3", "--set", "train.steps=80",
-                          "--set", "train.checkpoint_every=40", "--set", "caption.baseline_eval=false")
+    run_dir, job = submit_run(*args(workdir, "blip_z3", *TWO_NODES, "--set", "deepspeed.stage=3",
+                                    "--set", "train.steps=80", "--set", "train.checkpoint_every=40",
+                                    "--set", "caption.baseline_eval=false"), timeout=600)
     assert final_state(job) == "COMPLETED"
     got = losses(run_dir)
     assert len(got) == 80 and sum(v for _, v in got[-10:]) < 0.7 * sum(v for _, v in got[:10])
@@ -186,9 +179,9 @@ def test_zero3_two_ranks_train_and_caption(slurm, workdir):
 @pytest.mark.parametrize("bits", ["4bit", "8bit"])
 def test_qlora_runs_on_the_cpu_with_bitsandbytes(workdir, bits):
     """bitsandbytes 0.50 has a CPU backend: a 4-bit (NF4, double quant) or 8-bit frozen base trains its adapters."""
-    run_dir, _ = submit(workdir, f"blip_{bits}", "--set", f"peft.quantize={bits}", "--set", "peft.compute_dtype=fp32",
-                        "--set", "train.steps=20", "--set", "train.checkpoint_every=0", "--set",
-                        "caption.evaluate=false", cluster=())
+    run_dir, _ = submit_run(*args(workdir, f"blip_{bits}", "--set", f"peft.quantize={bits}",
+                                  "--set", "peft.compute_dtype=fp32", "--set", "train.steps=20",
+                                  "--set", "train.checkpoint_every=0", "--set", "caption.evaluate=false"), timeout=600)
     got = losses(run_dir)
     assert len(got) == 20 and sum(v for _, v in got[-5:]) < sum(v for _, v in got[:5])
     cfg = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())

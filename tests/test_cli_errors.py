@@ -44,6 +44,7 @@ def test_bad_input_fails_clearly_and_submits_nothing(slurm, tmp_path, case):
     assert not new_jobs(mark)
 
 
+@pytest.mark.slurm  # the dry run on local_slurm asks the cluster for its limits (scontrol)
 def test_spec_errors_do_not_import_torch(tmp_path):
     """The validation path stays light: a failing spec exits before torch (or deepspeed) is imported."""
     code = ("import sys, runpy; sys.path.insert(0, 'launchers'); sys.argv=['submit.py', %r, '--set', 'resources.nodes=0'];"

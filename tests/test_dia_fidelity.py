@@ -1,5 +1,5 @@
 """Dia-Pangu against Dia-LLaMA (zhi-xuan-chen/Dia-LLaMA) and the lab's real reference files: the released
-checkpoint's vision side loads whole and bit-equal (../shared/data/dia-llama/embedding_layer_keys.tsv), the real
+checkpoint's vision side loads whole and bit-equal (tests/data/dia-llama/embedding_layer_keys.tsv), the real
 CTRG labels file is read as it is, preprocessing follows CTRG_dataset.py step for step (SimpleITK axis order),
 report metrics equal pycocoevalcap on raw strings, the CheXbert labeler loads chexbert.pth's key names, the plan
 counts the model and derives the steps of train.epochs, and a frozen head from the checkpoint stays frozen in a run."""
@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, cli, run_folder
+from conftest import REPO, TEST_DATA, cli, rank0_result, run_folder
 
-SHARED = REPO.parent / "shared" / "data"
-KEYS_TSV = SHARED / "dia-llama" / "embedding_layer_keys.tsv"
-LABELS_CSV = SHARED / "ctrg" / "CTRG_finding_labels.csv"
+KEYS_TSV = TEST_DATA / "dia-llama" / "embedding_layer_keys.tsv"
+LABELS_CSV = TEST_DATA / "ctrg" / "CTRG_finding_labels.csv"
 SPEC = "jobs/tiny/dia_pangu.yaml"
 
 
@@ -314,24 +313,17 @@ def test_report_metrics_equal_pycocoevalcap_on_raw_strings():
 
 
 # ---------------------------------------------------------------- CheXbert
-@pytest.fixture(scope="module")
-def chexbert(tmp_path_factory):
-    from core.models.chexbert import write_tiny_chexbert
-
-    return write_tiny_chexbert(tmp_path_factory.mktemp("chexbert"))
-
-
-def test_tiny_chexbert_has_the_release_key_names_and_labels_like_bert_plus_heads(chexbert, tmp_path):
+def test_tiny_chexbert_has_the_release_key_names_and_labels_like_bert_plus_heads(tiny_chexbert, tmp_path):
     import torch
     from transformers import BertConfig, BertModel, BertTokenizer
 
     from core.models.chexbert import CheXbertError, CheXbertLabeler, key_names
 
-    raw = torch.load(chexbert, weights_only=True)["model_state_dict"]
+    raw = torch.load(tiny_chexbert, weights_only=True)["model_state_dict"]
     assert list(raw) == key_names(2)  # chexbert.pth's names, `module.` prefix included
     texts = ["No pleural effusion.\nThe heart size is normal.", "  There is a small right pleural effusion. ",
              "Mild cardiomegaly with edema."]
-    labeler = CheXbertLabeler(chexbert)
+    labeler = CheXbertLabeler(tiny_chexbert)
     codes = labeler.label(texts)
     assert len(codes) == 3 and all(len(c) == 14 for c in codes)
     assert all(0 <= v <= 3 for c in codes for v in c[:13]) and all(c[13] in (0, 1) for c in codes)
@@ -341,7 +333,7 @@ def test_tiny_chexbert_has_the_release_key_names_and_labels_like_bert_plus_heads
                      num_hidden_layers=2, num_attention_heads=1, intermediate_size=128, max_position_embeddings=128)
     bert = BertModel(cfg).eval()
     bert.load_state_dict(bert_state, strict=False)
-    tok = BertTokenizer.from_pretrained(str(chexbert.parent), local_files_only=True)
+    tok = BertTokenizer.from_pretrained(str(tiny_chexbert.parent), local_files_only=True)
     enc = tok([" ".join(t.strip().split("\n")).strip() for t in texts], padding="longest", return_tensors="pt")
     with torch.no_grad():
         cls = bert(**enc)[0][:, 0]
@@ -351,7 +343,7 @@ def test_tiny_chexbert_has_the_release_key_names_and_labels_like_bert_plus_heads
     broken = dict(raw)
     del broken["module.linear_heads.13.bias"]
     torch.save({"model_state_dict": broken}, tmp_path / "chexbert.pth")
-    (tmp_path / "vocab.txt").write_text((chexbert.parent / "vocab.txt").read_text())
+    (tmp_path / "vocab.txt").write_text((tiny_chexbert.parent / "vocab.txt").read_text())
     with pytest.raises(CheXbertError, match="linear_heads.13.bias"):
         CheXbertLabeler(tmp_path / "chexbert.pth")
 
@@ -382,7 +374,7 @@ def test_chexbert_scores_are_dia_llamas_formulas():
 def test_lab_spec_counts_the_whole_model_and_computes_the_trainable_share():
     from core.model_sizes import PRESETS
     from core.models.pangu import meta_size
-    from core.spec import load_spec
+    from core.config import load_spec
     from core.workloads import get
 
     spec, _ = load_spec(REPO / "jobs" / "dia_pangu.yaml")
@@ -396,14 +388,11 @@ def test_lab_spec_counts_the_whole_model_and_computes_the_trainable_share():
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, tiny_pangu, tiny_chexbert):
     from core.data.ctrg import write_synthetic
-    from core.models.chexbert import write_tiny_chexbert
-    from core.models.pangu import write_tiny_pangu
 
     root = tmp_path_factory.mktemp("dia_fid")
-    return {"model": write_tiny_pangu(root / "pangu"), **write_synthetic(root / "ctrg", n_test=4), "root": root,
-            "chexbert": write_tiny_chexbert(root / "chexbert")}
+    return {"model": tiny_pangu, **write_synthetic(root / "ctrg", n_test=4), "root": root, "chexbert": tiny_chexbert}
 
 
 def local_args(w, *extra):
@@ -455,7 +444,7 @@ def test_run_with_the_frozen_head_from_a_dia_llama_checkpoint(workdir, tiny_dia_
               timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     run = run_folder(res.stdout)
-    result = json.loads((run / "tasks" / "main.rank0.json").read_text())["result"]
+    result = rank0_result(run)
     assert result["steps"] == result["total_steps"] == math.ceil(0.25 * 24 / 2) == 3
     assert result["activation_checkpointing"] is True and result["init_from"]["unused"] == 2
     report = json.loads((run / "init_from.json").read_text())

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import cli, job_mark, new_jobs, record, run_folder, wait_terminal
+from conftest import (cli, final_state, job_mark, new_jobs, rank0_result, record, requeue_once_checkpointed,
+                      run_folder, submit_run)
 
 SPEC = "jobs/tiny/dia_pangu.yaml"
 
@@ -51,18 +50,17 @@ def test_position_table_is_read_with_radfm_strides():
 
 # ---------------------------------------------------------------- the image block
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
+def tiny_model(tiny_pangu):
     import torch
 
     from core.models.dia_pangu import DiaPangu
-    from core.models.pangu import load_pangu, load_tokenizer, write_tiny_pangu
+    from core.models.pangu import load_pangu, load_tokenizer
     from core.models.perceiver import TINY_PERCEIVER
     from core.models.vit3d import TINY_VIT
 
-    folder = write_tiny_pangu(tmp_path_factory.mktemp("m") / "pangu")
-    tok = load_tokenizer(folder)
+    tok = load_tokenizer(tiny_pangu)
     torch.manual_seed(0)
-    model = DiaPangu(load_pangu(folder, dtype=torch.float32), tok, TINY_VIT, TINY_PERCEIVER, train_head=True)
+    model = DiaPangu(load_pangu(tiny_pangu, dtype=torch.float32), tok, TINY_VIT, TINY_PERCEIVER, train_head=True)
     return model.eval(), tok  # eval: no dropout in the ViT, so two passes over one volume agree
 
 
@@ -70,7 +68,7 @@ def test_image_token_embeddings_are_the_projected_latents_and_labels_are_ignored
     import torch
 
     from core.data.ctrg import Case
-    from core.spec import load_spec
+    from core.config import load_spec
     from core.workloads.dia_reports import Prompts
 
     model, tok = tiny_model
@@ -218,44 +216,25 @@ def test_volume_of_the_wrong_dimensionality(slurm, dataset, tmp_path):
 
 # ---------------------------------------------------------------- through Slurm, 2 ranks, ZeRO-3
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, tiny_pangu, tiny_chexbert):
     from core.data.ctrg import write_synthetic
-    from core.models.pangu import write_tiny_pangu
 
     root = tmp_path_factory.mktemp("dia")
-    from core.models.chexbert import write_tiny_chexbert
-
-    return {"model": write_tiny_pangu(root / "pangu"), **write_synthetic(root / "ctrg", n_test=12), "root": root,
-            "chexbert": write_tiny_chexbert(root / "chexbert")}
+    return {"model": tiny_pangu, **write_synthetic(root / "ctrg", n_test=12), "root": root, "chexbert": tiny_chexbert}
 
 
-def submit_dia(workdir, name, *extra):
-    res = cli("submit", SPEC, "-c", "local_slurm", "--set", f"name={name}", "--set", f"model.path={workdir['model']}",
-              "--set", "model.make_tiny=false", "--set", f"data.path={workdir['data_dir']}",
-              "--set", f"data.annotation={workdir['annotation']}", "--set", f"data.labels_csv={workdir['labels_csv']}",
-              "--set", "data.make_synthetic=false", "--set", f"outputs.logs_dir={workdir['root'] / 'logs'}",
-              "--set", f"dia.chexbert={workdir['chexbert']}", "--set", "resources.nodes=2", *extra)
-    assert res.returncode == 0, res.stderr + res.stdout
-    run_dir = run_folder(res.stdout)
-    return run_dir, record(run_dir)["steps"][0]["job_ids"][0]
-
-
-def final_state(job, timeout=900):
-    t0 = time.time()
-    while True:
-        state = wait_terminal([job], timeout=timeout)[job]
-        if state in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"} or time.time() - t0 > timeout:
-            return state
-        time.sleep(1)
-
-
-def rank0_result(run_dir):
-    return json.loads((run_dir / "tasks" / "main.rank0.json").read_text())["result"]
+def dia_args(workdir, name, *extra):
+    """submit.py's arguments for the tiny Dia-Pangu on the test's model and data, 2 nodes of the local Slurm."""
+    return (SPEC, "-c", "local_slurm", "--set", f"name={name}", "--set", f"model.path={workdir['model']}",
+            "--set", "model.make_tiny=false", "--set", f"data.path={workdir['data_dir']}",
+            "--set", f"data.annotation={workdir['annotation']}", "--set", f"data.labels_csv={workdir['labels_csv']}",
+            "--set", "data.make_synthetic=false", "--set", f"outputs.logs_dir={workdir['root'] / 'logs'}",
+            "--set", f"dia.chexbert={workdir['chexbert']}", "--set", "resources.nodes=2", *extra)
 
 
 @pytest.fixture(scope="module")
 def trained(slurm, workdir):
-    run_dir, job = submit_dia(workdir, "dia", "--set", "train.steps=60", "--set", "train.checkpoint_every=30")
+    run_dir, job = submit_run(*dia_args(workdir, "dia", "--set", "train.steps=60", "--set", "train.checkpoint_every=30"))
     assert final_state(job) == "COMPLETED", (run_dir / "submitit").glob("*log.out")
     return run_dir
 
@@ -295,12 +274,9 @@ def test_frozen_parts_do_not_change_and_checkpoints_hold_only_trainable_tensors(
 
 
 def test_requeue_in_the_middle_resumes_and_results_have_one_row_per_case(slurm, workdir):
-    run_dir, job = submit_dia(workdir, "dia_requeue", "--set", "train.steps=60", "--set", "train.checkpoint_every=10")
-    t0 = time.time()
-    while not (run_dir / "checkpoints" / "latest").exists():
-        assert time.time() - t0 < 300
-        time.sleep(0.2)
-    subprocess.run(["scontrol", "requeue", job], check=True)
+    run_dir, job = submit_run(*dia_args(workdir, "dia_requeue", "--set", "train.steps=60",
+                                        "--set", "train.checkpoint_every=10"))
+    requeue_once_checkpointed(run_dir, job, timeout=300)
     assert final_state(job) == "COMPLETED"
     res = rank0_result(run_dir)
     assert res["start_step"] > 0 and res["steps"] == 60 and res["restart_count"] >= 1

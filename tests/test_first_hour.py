@@ -22,7 +22,7 @@ def spec_with_cluster(tmp_path: Path, cluster: str) -> str:
 
 
 def test_cluster_order_flag_then_spec_then_environment_then_site_default(tmp_path):
-    from core.spec import choose_cluster
+    from core.config import choose_cluster
 
     assert choose_cluster("cuda_a100", "local_slurm", {"MEDHPC_CLUSTER": "x"}) == ("cuda_a100", "--cluster")
     assert choose_cluster(None, "local_slurm", {"MEDHPC_CLUSTER": "x"}) == ("local_slurm", "the spec's cluster: key")
@@ -56,6 +56,7 @@ def test_dry_run_on_a_machine_without_slurm_prints_the_plan_scripts_and_problems
     assert "a submission would be refused" in refused.stderr and "scan.prompts" in refused.stderr
 
 
+@pytest.mark.slurm  # its dry runs on local_slurm ask the cluster for its limits (scontrol)
 def test_dependent_jobs_carry_kill_on_invalid_dep_and_requeue_follows_the_workload():
     res = cli("submit", "jobs/tiny/smoke_array.yaml", "-c", "local_slurm", "--dry-run")
     main, merge = res.stdout.split("# ---- sbatch script: step merge ----")
@@ -71,8 +72,8 @@ PREFLIGHT = {
     "memory beyond the nodes": (("--set", "resources.mem_gb=100"), None, "resources.mem_gb", "RealMemory"),
     "more nodes than the partition": (("--set", "resources.nodes=3"), {"max_nodes": None}, "resources.nodes",
                                       "(scontrol show partition) has 2"),
-    "unknown partition": ((), {"partition": "nosuch"}, "partition", "not known to this cluster"),
-    "account that is not the user's": ((), {"account": "nosuchacct"}, "account", "sacctmgr"),
+    "unknown partition": ((), {"partition": "nosuch"}, "slurm.partition", "not known to this cluster"),
+    "account that is not the user's": ((), {"account": "nosuchacct"}, "slurm.account", "sacctmgr"),
     "CPUs beyond the nodes": (("--set", "resources.cpus_per_task=64"), None, "resources.cpus_per_task", "CPUTot"),
 }
 
@@ -82,10 +83,11 @@ def test_preflight_refuses_what_the_cluster_cannot_run_naming_field_and_limit(sl
     sets, profile_change, field, limit = PREFLIGHT[case]
     profile = yaml.safe_load((REPO / "cluster_configs" / "local_slurm.yaml").read_text())
     for key, value in (profile_change or {}).items():
+        section = profile["slurm"] if key in profile["slurm"] or key in ("account", "qos") else profile
         if value is None:
-            profile.pop(key, None)
+            section.pop(key, None)
         else:
-            profile[key] = value
+            section[key] = value
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(profile))
     mark = job_mark()
     res = cli("submit", SMOKE, "-c", str(tmp_path / "p.yaml"), *sets)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli, final_state, record, run_folder, sacct_states, wait_terminal
+from conftest import (cli, final_state, losses, rank0_result, record, run_folder, sacct_states, submit, task_records,
+                      wait_terminal)
 
 SPEC = "jobs/tiny/gigapath_distill.yaml"
 FULL = "jobs/gigapath_distill.yaml"
@@ -41,33 +42,19 @@ def data_args(data, teacher=None):
             "--set", "data.make_synthetic=false", "--set", f"models={{teacher: {{path: {teacher or data['teacher']}}}}}")
 
 
-def submit(data, name, *extra, env=None):
-    res = cli("submit", SPEC, "-c", "local_slurm", "--set", f"name={name}", *data_args(data),
-              "--set", f"outputs.logs_dir={data['logs']}", "--set", "resources.nodes=2",
-              "--set", "train.checkpoint_every=10", *extra, env=env)
-    assert res.returncode == 0, res.stderr + res.stdout
-    run_dir = run_folder(res.stdout)
-    return run_dir, res
+def gpd_args(data, name, *extra):
+    """submit.py's arguments for the tiny distillation on the test's slides and teacher, 2 nodes of the local Slurm."""
+    return (SPEC, "-c", "local_slurm", "--set", f"name={name}", *data_args(data),
+            "--set", f"outputs.logs_dir={data['logs']}", "--set", "resources.nodes=2",
+            "--set", "train.checkpoint_every=10", *extra)
 
 
 def steps_of(run_dir: Path) -> dict:
     return {s["name"]: s for s in record(run_dir)["steps"]}
 
 
-def losses(run_dir: Path) -> list[tuple[int, float]]:
-    return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader((run_dir / "metrics.csv").open())]
-
-
-def main_result(run_dir: Path) -> dict:
-    return json.loads((run_dir / "tasks" / "main.rank0.json").read_text())["result"]
-
-
-def feature_records(run_dir: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((run_dir / "tasks").glob("features-*.json"))]
-
-
 def spec_for(data, *sets):
-    from core.spec import load_spec
+    from core.config import load_spec
 
     spec, _ = load_spec(SPEC, tuple(s for s in (a for a in data_args(data)) if s != "--set") + sets)
     return spec
@@ -253,7 +240,7 @@ def test_full_size_teacher_and_student_on_the_meta_device_and_the_dry_run_plan(d
     import torch
 
     from core.models import gigapath as gp
-    from core.spec import load_spec
+    from core.config import load_spec
     from core.workloads import get
 
     spec, _ = load_spec(FULL, ("models={teacher: {preset: prov-gigapath}}", "model.path=null",
@@ -346,7 +333,7 @@ def test_bad_input_is_refused_before_submission_naming_the_field(slurm, data, tm
 @pytest.fixture(scope="module")
 def reference(slurm, data):
     """Features array (4 tasks of 3 slides) -> 2-rank ZeRO-2 training on n1 + n2 -> evaluation and export."""
-    run_dir, _ = submit(data, "gpd_ref")
+    run_dir = run_folder(submit(*gpd_args(data, "gpd_ref")).stdout)
     job = steps_of(run_dir)["main"]["job_ids"][0]
     assert final_state(job) == "COMPLETED", sorted((run_dir / "submitit").glob("*log.out"))
     return run_dir
@@ -363,7 +350,7 @@ def test_feature_array_runs_one_task_per_slide_chunk_before_training(reference, 
     assert feats["n_tasks"] == 4 and main["dependency"] == feats["job_ids"] and main["after"] == ["features"]
     arr = feats["job_ids"][0]
     assert sacct_states([arr]) == {f"{arr}_{i}": "COMPLETED" for i in range(4)}
-    recs = feature_records(reference)
+    recs = task_records(reference, "features-")
     assert [r["items"] for r in recs] == [[f"slide_{i:03d}" for i in range(a, a + 3)] for a in (0, 3, 6, 9)]
     assert all(r["result"]["computed"] == r["items"] and r["result"]["skipped"] == [] for r in recs)
     for i in range(SLIDES):
@@ -458,13 +445,15 @@ def test_exported_student_loads_with_timm_strictly_and_reproduces_the_training_t
 def resubmitted(slurm, data, reference):
     """A run whose second feature task fails at slide_004 (slide_003 already written): training is cancelled
     (afterok); --resume-missing submits the missing slides and the training, which is requeued at step 25."""
-    run_dir, _ = submit(data, "gpd_resub", env={"MEDHPC_FAULT": "fail@slide:slide_004"})
+    run_dir = run_folder(submit(*gpd_args(data, "gpd_resub"), env={"MEDHPC_FAULT": "fail@slide:slide_004"}).stdout)
     steps = steps_of(run_dir)
     arr, main = steps["features"]["job_ids"][0], steps["main"]["job_ids"][0]
     first = wait_terminal([arr], expect_tasks=4, timeout=600)
     assert final_state(main) == "CANCELLED"
     kept = {p.name: p.stat().st_mtime_ns for p in (run_dir / "features").iterdir()}
-    again, res = submit(data, "gpd_resub", "--resume-missing", str(run_dir), env={"MEDHPC_FAULT": f"hold@step:{HOLD}"})
+    res = submit(*gpd_args(data, "gpd_resub", "--resume-missing", str(run_dir)),
+                 env={"MEDHPC_FAULT": f"hold@step:{HOLD}"})
+    again = run_folder(res.stdout)
     assert again == run_dir
     job = steps_of(run_dir)["main"]["job_ids"][0]
     t0 = time.time()
@@ -485,7 +474,7 @@ def test_failed_chunk_cancels_training_and_resume_missing_submits_only_slides_wi
     assert "resubmitting only the 2 slide(s) without features: slide_004, slide_005" in resubmitted["plan"]
     steps = steps_of(run_dir)
     assert steps["features"]["n_tasks"] == 1 and steps["main"]["after"] == ["features"]
-    (rec,) = [r for r in feature_records(run_dir) if r["items"] == ["slide_004", "slide_005"]]
+    (rec,) = [r for r in task_records(run_dir, "features-") if r["items"] == ["slide_004", "slide_005"]]
     assert rec["result"]["computed"] == ["slide_004", "slide_005"]
     now = {p.name: p.stat().st_mtime_ns for p in (run_dir / "features").iterdir()}
     assert all(now[name] == t for name, t in resubmitted["kept"].items())   # finished slides were not rewritten
@@ -494,7 +483,7 @@ def test_failed_chunk_cancels_training_and_resume_missing_submits_only_slides_wi
 
 def test_requeue_in_the_middle_of_training_resumes_exactly(resubmitted, reference):
     run_dir = resubmitted["run_dir"]
-    res = main_result(run_dir)
+    res = rank0_result(run_dir)
     assert res["start_step"] == 20 and res["steps"] == STEPS and res["restart_count"] >= 1
     got, ref = losses(run_dir), losses(reference)
     assert [s for s, _ in got] == list(range(1, STEPS + 1))              # every step once
@@ -507,15 +496,16 @@ def test_requeue_in_the_middle_of_training_resumes_exactly(resubmitted, referenc
 
 def test_resubmitting_the_whole_run_skips_every_finished_slide(resubmitted, data):
     run_dir = resubmitted["run_dir"]
-    again, res = submit(data, "gpd_resub", "--resume", str(run_dir))
+    res = submit(*gpd_args(data, "gpd_resub", "--resume", str(run_dir)))
+    again = run_folder(res.stdout)
     assert again == run_dir and steps_of(run_dir)["features"]["n_tasks"] == 4
     job = steps_of(run_dir)["main"]["job_ids"][0]
     assert final_state(job) == "COMPLETED"
     arr = steps_of(run_dir)["features"]["job_ids"][0]
-    recs = [r for r in feature_records(run_dir) if r["job_id"].split("_")[0] == arr]
+    recs = [r for r in task_records(run_dir, "features-") if r["job_id"].split("_")[0] == arr]
     assert len(recs) == 4 and all(r["result"]["computed"] == [] and r["result"]["skipped"] == r["items"] for r in recs)
     assert "teacher_load_s" not in recs[0]["result"]                       # the teacher was not even loaded
-    assert main_result(run_dir)["start_step"] == STEPS                   # nothing left to train
+    assert rank0_result(run_dir)["start_step"] == STEPS                   # nothing left to train
     res = cli("submit", SPEC, "-c", "local_slurm", "--set", "name=gpd_resub", *data_args(data),
               "--set", f"outputs.logs_dir={data['logs']}", "--resume-missing", str(run_dir))
     assert res.returncode == 2 and "--resume-missing: every slide already has teacher features" in res.stderr
@@ -535,3 +525,31 @@ def test_tiny_spec_runs_on_the_local_executor(tmp_path):
     assert m["after"]["tile_cos"] > m["before"]["tile_cos"] and m["after"]["slide_cos"] > m["before"]["slide_cos"]
     assert (teacher / "slide_encoder.pth").is_file() and (ds / "labels.csv").is_file()
     assert len(list((run_dir / "features").glob("*.safetensors"))) == SLIDES
+
+
+def test_cancel_by_name_finds_the_features_array_without_a_run_record(slurm, data, tmp_path, uname):
+    """Cancelling by the run's name finds every step's jobs, GigaPath's `<name>-features` array included, even when
+    run.json was never written (a submitter killed before writing it): the step names come from the registry, not
+    from a list in a shared module. A job holding both nodes keeps the features array queued meanwhile."""
+    from conftest import queue_ids, wait_terminal
+
+    blocker = subprocess.run(["sbatch", "--parsable", "-p", "debug", "-N", "2", "--exclusive", "-J", f"{uname}-hold",
+                              "-o", "/dev/null", "--wrap", "sleep 600"], capture_output=True, text=True, check=True
+                             ).stdout.strip().split(";")[0]
+    ids: list[str] = []
+    try:
+        deadline = time.time() + 120
+        while sacct_states([blocker]).get(blocker) != "RUNNING" and time.time() < deadline:
+            time.sleep(1)
+        run_dir = run_folder(submit(*gpd_args(data, uname), "--set", f"outputs.logs_dir={tmp_path}").stdout)
+        rec = record(run_dir)
+        ids = [j for st in rec["steps"] for j in st["job_ids"]]
+        assert [st["name"] for st in rec["steps"]] == ["features", "main"]
+        assert set(ids) <= {q.split("_")[0] for q in queue_ids()}  # all still queued
+        (run_dir / "run.json").unlink()
+        res = cli("cancel", uname)
+        assert res.returncode == 0, res.stderr
+        assert sorted(res.stdout.split()[1:]) == sorted(ids)
+        assert set(wait_terminal(ids).values()) == {"CANCELLED"}
+    finally:
+        subprocess.run(["scancel", blocker, *ids], capture_output=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from core.plan import make_plan
-from core.spec import SpecError, load_cluster, load_spec
+from core.config import SpecError, load_cluster, load_spec
 from core.submit import sbatch_texts
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,12 +33,12 @@ CASES = {
     "newline via --set": (BASE, ("outputs.logs_dir=logs\ntouch CANARY",), None, "outputs.logs_dir"),
     "carriage return in name": (BASE, ("name=a\rb",), None, "name"),
     "newline in partition": (BASE, (), PROFILE.replace("partition: debug", 'partition: "debug\\n#SBATCH --x"'),
-                             "partition"),
-    "shell in account": (BASE, (), PROFILE + "account: 'lab;touch /tmp/CANARY'\n", "account"),
-    "space in qos": (BASE, (), PROFILE + "qos: 'normal --wrap=x'\n", "qos"),
+                             "slurm.partition"),
+    "shell in account": (BASE, (), PROFILE + "account: 'lab;touch /tmp/CANARY'\n", "slurm.account"),
+    "space in qos": (BASE, (), PROFILE + "qos: 'normal --wrap=x'\n", "slurm.qos"),
     "newline in constraint": (BASE, (), PROFILE + 'constraint: "a100\\nrm -rf ~"\n', "constraint"),
-    "dollar in exclude": (BASE, (), PROFILE + "exclude: 'n$(id)'\n", "exclude"),
-    "unknown gres placeholder": (BASE, (), PROFILE + "gres: 'gpu:{gpus}'\n", "gres"),
+    "dollar in exclude": (BASE, (), PROFILE + "exclude: 'n$(id)'\n", "slurm.exclude"),
+    "unknown gres placeholder": (BASE, (), PROFILE + "gres: 'gpu:{gpus}'\n", "slurm.gres"),
     "gres with devices": (BASE, (), PROFILE + "gres: 'gpu:{devices}'\n", "accepted"),
     "constraint operators": (BASE, (), PROFILE + "constraint: '[a100|h100]&ib'\n", "accepted"),
     "logs_dir escapes with ..": (BASE, ("outputs.logs_dir=../outside",), None, "outputs.logs_dir"),
@@ -137,7 +137,7 @@ def test_file_secret_must_be_private(tmp_path):
     assert "env.HF_TOKEN" in dict(e.value.problems) and "chmod 600" in str(e.value) and SECRET not in str(e.value)
     secret.chmod(0o600)
     attempt(tmp_path, text)  # accepted: read inside the job only
-    from core.spec import resolve_refs
+    from core.config import resolve_refs
 
     assert resolve_refs(f"${{file:{secret}}}") == SECRET
     os.chmod(secret, 0o640)

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import LOCAL_CLUSTER, PY, REPO, SLURM_CONF, cluster_up
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the local cluster runs as root")
+pytestmark = [pytest.mark.slurm, pytest.mark.skipif(os.geteuid() != 0, reason="the local cluster runs as root")]
 
 
 def script(*args: str) -> subprocess.CompletedProcess:

@@ -33,10 +33,8 @@ def test_real_config_on_meta_has_the_real_parameter_count():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from core.models.pangu import write_tiny_pangu
-
-    return write_tiny_pangu(tmp_path_factory.mktemp("m") / "pangu", layers=3)
+def tiny(tiny_pangu_factory):
+    return tiny_pangu_factory(layers=3)
 
 
 def test_tiny_folder_has_the_real_files_and_loads(tiny):

@@ -8,7 +8,7 @@ import pytest
 from core.model_sizes import PRESETS
 from core.models.pangu import meta_size
 from core.plan import chunk_ranges, make_plan
-from core.spec import SpecError, load_cluster, load_spec
+from core.config import SpecError, load_cluster, load_spec
 
 REPO = Path(__file__).resolve().parent.parent
 ARRAY = REPO / "jobs" / "tiny" / "smoke_array.yaml"
@@ -108,3 +108,63 @@ def test_memory_estimate_refuses_full_finetune_without_zero_and_force_overrides(
     f32, _ = _ds_spec("deepspeed.stage=3", "deepspeed.precision=fp32")
     m32 = make_plan(f32, load_cluster("ascend_910b"), force=True).memory
     assert m32.model_states - m3.model_states == pytest.approx(2 * 8_030_887_936 / 16 + 2 * 500_000_000, rel=1e-6)
+
+
+# ---------------------------------------------------------------- limits from the cluster that answers, ports, ZeRO
+def test_scontrol_limits_count_only_on_the_cluster_the_profile_names(slurm):
+    """The local cluster (ClusterName ci) answers scontrol here: its MaxArraySize (11) splits local_slurm's arrays,
+    but not those of ascend_910b / cuda_a100, which name no cluster, nor of a profile naming another cluster."""
+    from core import scheduler
+
+    sched = scheduler.for_cluster(load_cluster("local_slurm"))
+    assert sched.limits(load_cluster("local_slurm"))["MaxArraySize"] == 11
+    assert sched.limits(load_cluster("ascend_910b")) == {}
+    local = load_cluster("local_slurm")
+    other = local.model_copy(update={"slurm": local.slurm.model_copy(update={"cluster_name": "elsewhere"})})
+    assert sched.limits(other) == {}
+    spec, _ = load_spec(ARRAY)
+    assert len(make_plan(spec, load_cluster("local_slurm")).steps[0].chunks) == 3
+    assert make_plan(spec, load_cluster("cuda_a100")).steps[0].chunks == [(0, 25)]
+
+
+@pytest.mark.parametrize("port,ok", [(60000, True), (61440, True), (61441, False), (70000, False), (80, False)])
+def test_hccl_base_port_leaves_room_for_all_sixteen_job_windows(tmp_path, port, ok):
+    """A job's HCCL ports are base + (job id % 16) x 256 + 256 for 16 devices: base + 4095 must be a port."""
+    text = (REPO / "cluster_configs" / "ascend_910b.yaml").read_text().replace("hccl_if_base_port: 60000",
+                                                                               f"hccl_if_base_port: {port}")
+    assert f"hccl_if_base_port: {port}" in text
+    (tmp_path / "p.yaml").write_text(text)
+    if ok:
+        assert load_cluster(str(tmp_path / "p.yaml")).hccl_if_base_port == port
+    else:
+        with pytest.raises(SpecError) as e:
+            load_cluster(str(tmp_path / "p.yaml"))
+        assert "hccl_if_base_port" in str(e.value)
+
+
+def test_the_plan_says_which_zero_stage_and_precision_the_job_runs():
+    spec, _ = load_spec(REPO / "jobs" / "dia_pangu.yaml")
+    text = make_plan(spec, load_cluster("ascend_910b"), limits={}, keep_going=True).describe()  # data not here
+    ds = spec.deepspeed
+    assert f"  deepspeed: ZeRO-{ds.stage}, {ds.precision}, micro-batch {ds.micro_batch} x grad-accum {ds.grad_accum}" \
+        in text
+
+
+def test_slurm_keys_live_in_the_profiles_slurm_section_and_flat_ones_are_read_into_it(tmp_path):
+    """A profile written before the slurm: section (partition, account, gres at the top) still loads, into the
+    section, and renders the same #SBATCH lines; a key in both places is refused naming it."""
+    import yaml
+
+    from core.submit import sbatch_texts
+
+    nested = yaml.safe_load((REPO / "cluster_configs" / "cuda_a100.yaml").read_text())
+    flat = {k: v for k, v in nested.items() if k != "slurm"} | nested["slurm"]
+    (tmp_path / "flat.yaml").write_text(yaml.safe_dump(flat))
+    old, new = load_cluster(str(tmp_path / "flat.yaml")), load_cluster("cuda_a100")
+    assert old.slurm.partition == "gpu" and old.slurm.gres == "gpu:{devices}" and old == new
+    spec, _ = load_spec(ARRAY)
+    assert sbatch_texts(make_plan(spec, old, limits={})) == sbatch_texts(make_plan(spec, new, limits={}))
+    (tmp_path / "both.yaml").write_text(yaml.safe_dump({**nested, "partition": "other"}))
+    with pytest.raises(SpecError) as e:
+        load_cluster(str(tmp_path / "both.yaml"))
+    assert "partition given both at the top of the profile and under slurm:" in str(e.value)

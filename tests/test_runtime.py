@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from core.runtime import (DistEnvError, _tasks_per_node, activate, dist_env_from_slurm, master_port_for,
+from core.scheduler.slurm.env import dist_env_from_slurm, tasks_per_node as _tasks_per_node
+from core.runtime import (DistEnvError, activate, master_port_for,
                           resolve_accelerator)
-from core.spec import SpecError, load_cluster
+from core.config import SpecError, load_cluster
 
 SLURM = {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
          "SLURM_NODEID": "2", "SLURM_JOB_NUM_NODES": "4", "SLURM_JOB_NODELIST": "gpu[07-09],gpu12",

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli, job_mark, new_jobs, record, run_folder, sacct_states, wait_terminal
+from conftest import cli, job_mark, new_jobs, record, run_folder, sacct_states, submit, wait_terminal
 
 from core.runtime import TaskContext
-from core.spec import SpecError, load_spec
+from core.config import SpecError, load_spec
 
 SCAN = "jobs/tiny/pangu_sensitivity.yaml"
 PRUNE = "jobs/tiny/pangu_prune.yaml"
@@ -20,10 +20,8 @@ LAYERS = 6
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from core.models.pangu import write_tiny_pangu
-
-    return write_tiny_pangu(tmp_path_factory.mktemp("m") / "pangu6", layers=LAYERS)
+def model_dir(tiny_pangu_factory):
+    return tiny_pangu_factory(layers=LAYERS)
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +185,7 @@ def test_angular_blocks_are_scanned_and_merged(model_dir, tmp_path):
     sens.run(spec, ctx_for(tmp_path, items=None))
     out = sens.merge(spec, ctx_for(tmp_path, step="merge"))
     assert out["layers"] == LAYERS - 1  # blocks start at 0..L-2
-    from core.spec import FieldError
+    from core.config import FieldError
 
     with pytest.raises(FieldError, match="metric angular"):
         sens.plan(spec_for(model_dir, "scan.metric=bi", "scan.block_size=2")[0])
@@ -219,15 +217,9 @@ def local_scan(model_dir, tmp_path_factory):
     return run_dir
 
 
-def submit(*args, env=None):
-    res = cli("submit", *args, env=env)
-    assert res.returncode == 0, res.stderr + res.stdout
-    return run_folder(res.stdout), res
-
-
 def test_array_scan_through_slurm_equals_the_in_process_scan(slurm, model_dir, local_scan, tmp_path):
-    run_dir, res = submit(SCAN, "-c", "local_slurm", "--set", f"model.path={model_dir}",
-                          "--set", "model.make_tiny=false", "--set", f"outputs.logs_dir={tmp_path}")
+    run_dir = run_folder(submit(SCAN, "-c", "local_slurm", "--set", f"model.path={model_dir}",
+                                "--set", "model.make_tiny=false", "--set", f"outputs.logs_dir={tmp_path}").stdout)
     steps = {s["name"]: s for s in record(run_dir)["steps"]}
     assert list(steps) == ["baseline", "main", "merge"]
     (base_id,), (arr_id,), (merge_id,) = steps["baseline"]["job_ids"], steps["main"]["job_ids"], \
@@ -251,7 +243,7 @@ def test_array_scan_through_slurm_equals_the_in_process_scan(slurm, model_dir, l
 def test_failed_layer_fails_the_merge_and_resume_missing_runs_only_it(slurm, model_dir, tmp_path):
     args = (SCAN, "-c", "local_slurm", "--set", f"model.path={model_dir}", "--set", "model.make_tiny=false",
             "--set", f"outputs.logs_dir={tmp_path}")
-    run_dir, _ = submit(*args, env={"MEDHPC_FAULT": "fail@layer:3"})
+    run_dir = run_folder(submit(*args, env={"MEDHPC_FAULT": "fail@layer:3"}).stdout)
     steps = {s["name"]: s for s in record(run_dir)["steps"]}
     arr_id, merge_id = steps["main"]["job_ids"][0], steps["merge"]["job_ids"][0]
     states = wait_terminal([arr_id], expect_tasks=LAYERS, timeout=300)
@@ -263,7 +255,8 @@ def test_failed_layer_fails_the_merge_and_resume_missing_runs_only_it(slurm, mod
     spec, _ = spec_for(model_dir)
     with pytest.raises(RuntimeError, match=r"no result for layers \[3\]"):
         sens.merge(spec, ctx_for(run_dir, step="merge"))
-    again, res = submit(*args, "--resume-missing", str(run_dir))
+    res = submit(*args, "--resume-missing", str(run_dir))
+    again = run_folder(res.stdout)
     assert again == run_dir and "missing layers: [3]" in res.stdout
     steps = {s["name"]: s for s in record(run_dir)["steps"]}
     assert list(steps) == ["main", "merge"] and steps["main"]["n_tasks"] == 1
@@ -275,8 +268,9 @@ def test_failed_layer_fails_the_merge_and_resume_missing_runs_only_it(slurm, mod
 
 
 def test_bi_metric_is_one_task_then_merge(slurm, model_dir, tmp_path):
-    run_dir, _ = submit(SCAN, "-c", "local_slurm", "--set", f"model.path={model_dir}", "--set", "model.make_tiny=false",
-                        "--set", f"outputs.logs_dir={tmp_path}", "--set", "scan.metric=bi")
+    run_dir = run_folder(submit(SCAN, "-c", "local_slurm", "--set", f"model.path={model_dir}",
+                                "--set", "model.make_tiny=false", "--set", f"outputs.logs_dir={tmp_path}",
+                                "--set", "scan.metric=bi").stdout)
     steps = {s["name"]: s for s in record(run_dir)["steps"]}
     assert list(steps) == ["main", "merge"] and "chunks" not in steps["main"]
     assert wait_terminal(steps["merge"]["job_ids"], timeout=300) == {steps["merge"]["job_ids"][0]: "COMPLETED"}
@@ -286,9 +280,10 @@ def test_bi_metric_is_one_task_then_merge(slurm, model_dir, tmp_path):
 def test_prune_at_ratios_and_evaluate(slurm, model_dir, local_scan, tmp_path):
     from transformers import LlamaForCausalLM
 
-    run_dir, _ = submit(PRUNE, "-c", "local_slurm", "--set", f"model.path={model_dir}", "--set", "model.make_tiny=false",
-                        "--set", f"outputs.logs_dir={tmp_path}", "--set", f"prune.sensitivity_csv={local_scan}/sensitivity.csv",
-                        "--set", "prune.ratios=[0.34, 0.5]")
+    run_dir = run_folder(submit(PRUNE, "-c", "local_slurm", "--set", f"model.path={model_dir}",
+                                "--set", "model.make_tiny=false", "--set", f"outputs.logs_dir={tmp_path}",
+                                "--set", f"prune.sensitivity_csv={local_scan}/sensitivity.csv",
+                                "--set", "prune.ratios=[0.34, 0.5]").stdout)
     steps = {s["name"]: s for s in record(run_dir)["steps"]}
     assert steps["main"]["n_tasks"] == 3  # unpruned + two ratios
     assert wait_terminal(steps["merge"]["job_ids"], timeout=300) == {steps["merge"]["job_ids"][0]: "COMPLETED"}
@@ -418,7 +413,7 @@ def test_baseline_stores_one_tensor_per_layer(model_dir, tmp_path):
 LEAN_STEPS = r'''
 import json, sys
 from core.runtime import TaskEntry
-from core.spec import load_spec
+from core.config import load_spec
 
 model, run_dir, out = sys.argv[1], sys.argv[2], {}
 sets = (f"model.path={model}", "model.make_tiny=false")

@@ -2,24 +2,13 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import subprocess
 
-from conftest import cli, job_mark, new_jobs, record, run_folder, sacct_states, wait_terminal
+from conftest import job_mark, new_jobs, record, run_folder, sacct_states, submit, task_records, wait_terminal
 
 SMOKE = "jobs/tiny/smoke.yaml"
 ARRAY = "jobs/tiny/smoke_array.yaml"
-
-
-def submit(*args, **kw):
-    res = cli("submit", *args, **kw)
-    assert res.returncode == 0, res.stderr + res.stdout
-    return res
-
-
-def task_records(run_dir, step="main"):
-    return [json.loads(p.read_text()) for p in sorted((run_dir / "tasks").glob(f"{step}*.json"))]
 
 
 def test_single_job_result_and_run_record(slurm, uname, tmp_path):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from core.spec import SpecError, load_cluster, load_spec, parse_minutes, resolve_refs
+from core.config import SpecError, load_cluster, load_spec, parse_minutes, resolve_refs
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "jobs" / "tiny" / "smoke.yaml"

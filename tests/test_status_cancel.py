@@ -9,17 +9,19 @@ import time
 
 import pytest
 
-from conftest import cli, queue_ids, record, run_folder, sacct_states, wait_terminal
+from conftest import cli, queue_ids, record, run_folder, sacct_states, submit, wait_terminal
 
 from core import monitor
+from core.cancel import belongs_to_run
+from core.scheduler.slurm import queue as slurm_queue
+from core.scheduler.slurm.names import expand_task_ids
 
 ARRAY = "jobs/tiny/smoke_array.yaml"
 
 
-def submit(*args):
-    res = cli("submit", *args)
-    assert res.returncode == 0, res.stderr + res.stdout
-    return record(run_folder(res.stdout))
+def submit_record(*args):
+    """`submit` of one run: its run record (run.json)."""
+    return record(run_folder(submit(*args).stdout))
 
 
 def wait_until(pred, timeout=60):
@@ -35,13 +37,13 @@ def rows_by_id(name):
 
 def test_status_shows_completed_failed_pending_cancelled_and_cancel_by_id_and_name(slurm, uname, tmp_path):
     common = ("-c", "local_slurm", "--set", f"outputs.logs_dir={tmp_path}")
-    ok = submit(ARRAY, *common, "--set", f"name={uname}ok", "--set", "resources.array.items=3",
-                "--set", "resources.array.merge=false")
-    bad = submit(ARRAY, *common, "--set", f"name={uname}bad", "--set", "resources.array.items=2",
-                 "--set", "smoke.fail_items=[1]", "--set", "resources.array.merge=false")
-    slow = submit(ARRAY, *common, "--set", f"name={uname}slow", "--set", "resources.array.items=2",
-                  "--set", "smoke.sleep_s=120", "--set", "resources.array.parallelism=2")
-    single = submit("jobs/tiny/smoke.yaml", *common, "--set", f"name={uname}one", "--set", "smoke.sleep_s=120")
+    ok = submit_record(ARRAY, *common, "--set", f"name={uname}ok", "--set", "resources.array.items=3",
+                       "--set", "resources.array.merge=false")
+    bad = submit_record(ARRAY, *common, "--set", f"name={uname}bad", "--set", "resources.array.items=2",
+                        "--set", "smoke.fail_items=[1]", "--set", "resources.array.merge=false")
+    slow = submit_record(ARRAY, *common, "--set", f"name={uname}slow", "--set", "resources.array.items=2",
+                         "--set", "smoke.sleep_s=120", "--set", "resources.array.parallelism=2")
+    single = submit_record("jobs/tiny/smoke.yaml", *common, "--set", f"name={uname}one", "--set", "smoke.sleep_s=120")
     ok_id, bad_id = ok["steps"][0]["job_ids"][0], bad["steps"][0]["job_ids"][0]
     slow_id, merge_id = slow["steps"][0]["job_ids"][0], slow["steps"][1]["job_ids"][0]
     single_id = single["steps"][0]["job_ids"][0]
@@ -81,8 +83,8 @@ def test_status_shows_completed_failed_pending_cancelled_and_cancel_by_id_and_na
 
 def test_one_squeue_and_one_sacct_call_per_refresh(slurm, monkeypatch):
     calls = []
-    real = monitor._run
-    monkeypatch.setattr(monitor, "_run", lambda cmd: (calls.append(cmd[0]), real(cmd))[1])
+    real = slurm_queue.run
+    monkeypatch.setattr(slurm_queue, "run", lambda cmd: (calls.append(cmd[0]), real(cmd))[1])
     monitor.query()
     monitor.query()
     assert calls == ["squeue", "sacct", "squeue", "sacct"]
@@ -97,19 +99,19 @@ def test_watch_backs_off_while_nothing_changes_and_stops_when_idle(capsys):
 
 
 def test_expand_task_ids():
-    assert monitor.expand_task_ids("12_[3-5,9%2]") == ["12_3", "12_4", "12_5", "12_9"]
-    assert monitor.expand_task_ids("12_7") == ["12_7"] and monitor.expand_task_ids("12") == ["12"]
+    assert expand_task_ids("12_[3-5,9%2]") == ["12_3", "12_4", "12_5", "12_9"]
+    assert expand_task_ids("12_7") == ["12_7"] and expand_task_ids("12") == ["12"]
 
 
 def test_watch_asks_sacct_only_when_a_job_left_the_queue(slurm, uname, tmp_path, monkeypatch):
     calls = []
-    real = monitor._run
-    monkeypatch.setattr(monitor, "_run", lambda cmd: (calls.append(cmd[0]), real(cmd))[1])
-    rec = submit("jobs/tiny/smoke.yaml", "-c", "local_slurm", "--set", f"name={uname}", "--set", "smoke.sleep_s=120",
-                 "--set", f"outputs.logs_dir={tmp_path}")
+    real = slurm_queue.run
+    monkeypatch.setattr(slurm_queue, "run", lambda cmd: (calls.append(cmd[0]), real(cmd))[1])
+    rec = submit_record("jobs/tiny/smoke.yaml", "-c", "local_slurm", "--set", f"name={uname}",
+                        "--set", "smoke.sleep_s=120", "--set", f"outputs.logs_dir={tmp_path}")
     job = rec["steps"][0]["job_ids"][0]
     now = [0.0]
-    refresher = monitor.Refresher(full_every_s=60, clock=lambda: now[0])
+    refresher = slurm_queue.Refresher(full_every_s=60, clock=lambda: now[0])
     wait_until(lambda: job in {r.job_id for r in refresher.query() if r.state == "RUNNING"})
     calls.clear()
     rows = {r.job_id: r for r in refresher.query()}
@@ -130,9 +132,9 @@ def test_cancel_by_name_cancels_only_that_runs_steps(slurm, uname, tmp_path):
     """`cancel x` cancels run x (its array and its x-merge step) but neither run `x-test` (reads like x + step
     test) nor run `x-merge` (its job has the very name of x's merge step): the run folder in the comment decides."""
     common = ("-c", "local_slurm", "--set", f"outputs.logs_dir={tmp_path}", "--set", "smoke.sleep_s=60")
-    x = submit(ARRAY, *common, "--set", f"name={uname}x", "--set", "resources.array.items=2")
-    x_test = submit("jobs/tiny/smoke.yaml", *common, "--set", f"name={uname}x-test")
-    x_merge = submit("jobs/tiny/smoke.yaml", *common, "--set", f"name={uname}x-merge")
+    x = submit_record(ARRAY, *common, "--set", f"name={uname}x", "--set", "resources.array.items=2")
+    x_test = submit_record("jobs/tiny/smoke.yaml", *common, "--set", f"name={uname}x-test")
+    x_merge = submit_record("jobs/tiny/smoke.yaml", *common, "--set", f"name={uname}x-merge")
     x_ids = [i for st in x["steps"] for i in st["job_ids"]]
     others = [x_test["steps"][0]["job_ids"][0], x_merge["steps"][0]["job_ids"][0]]
     assert [st["name"] for st in x["steps"]] == ["main", "merge"]
@@ -162,16 +164,16 @@ def test_belongs_to_run_uses_the_run_folder_then_known_step_names(tmp_path):
         return f"run={d}"
 
     own, longer = folder("smoke", ["main", "merge"]), folder("smoke-test", ["main"])
-    assert monitor.belongs_to_run("smoke", "smoke", own, "7")
-    assert monitor.belongs_to_run("smoke", "smoke-merge", own, "7")
-    assert not monitor.belongs_to_run("smoke", "smoke-baseline", own, "7")  # not a step of this run
-    assert not monitor.belongs_to_run("smoke", "smoke-test", longer, "7")
-    assert not monitor.belongs_to_run("smoke", "smoke-merge", f"run={tmp_path / 'smoke-merge' / '8'}", "8")
-    assert monitor.belongs_to_run("smoke", "smoke", f"run={tmp_path / 'smoke' / '%A'}", "9")  # no run.json yet
+    assert belongs_to_run("smoke", "smoke", own, "7")
+    assert belongs_to_run("smoke", "smoke-merge", own, "7")
+    assert not belongs_to_run("smoke", "smoke-baseline", own, "7")  # not a step of this run
+    assert not belongs_to_run("smoke", "smoke-test", longer, "7")
+    assert not belongs_to_run("smoke", "smoke-merge", f"run={tmp_path / 'smoke-merge' / '8'}", "8")
+    assert belongs_to_run("smoke", "smoke", f"run={tmp_path / 'smoke' / '%A'}", "9")  # no run.json yet
     # jobs without our comment (sbatch by hand): the run's name or one of our step names only
-    assert monitor.belongs_to_run("smoke", "smoke-merge", "(null)", "5")
-    assert not monitor.belongs_to_run("smoke", "smoke-test", "(null)", "5")
-    assert not monitor.belongs_to_run("smoke", "smoked", "(null)", "5")
+    assert belongs_to_run("smoke", "smoke-merge", "(null)", "5")
+    assert not belongs_to_run("smoke", "smoke-test", "(null)", "5")
+    assert not belongs_to_run("smoke", "smoked", "(null)", "5")
 
 
 def sbatch(*args: str) -> str:

@@ -1,4 +1,4 @@
-"""The pruning study as one submission (core/study.py): the tiny study end to end through the real local Slurm
+"""The pruning study as one submission (core/study/): the tiny study end to end through the real local Slurm
 from one command, its final table against the steps submitted one by one, a failure mid-study and
 --resume-missing, the full-size dry run, and bad study specs refused before anything is submitted."""
 from __future__ import annotations
@@ -18,15 +18,12 @@ WAIT = 2400  # generous: 2 cores shared with other tests; no assert depends on s
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
+def work(tmp_path_factory, tiny_pangu, tiny_chexbert):
     from core.data.ctrg import write_synthetic
-    from core.models.chexbert import write_tiny_chexbert
-    from core.models.pangu import write_tiny_pangu
 
     root = tmp_path_factory.mktemp("study")
     data = write_synthetic(root / "ctrg", n_test=4)
-    return {"root": root, "logs": root / "logs", "model": write_tiny_pangu(root / "pangu"), **data,
-            "chexbert": write_tiny_chexbert(root / "chexbert")}
+    return {"root": root, "logs": root / "logs", "model": tiny_pangu, **data, "chexbert": tiny_chexbert}
 
 
 def common_sets(work) -> list[str]:
@@ -211,13 +208,12 @@ def test_set_for_an_unknown_step_is_refused(slurm):
     assert res.returncode == 2 and "unknown step 'nosuch'" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_auto_layers_per_task_uses_the_profiles_task_start_cost(tmp_path):
+def test_auto_layers_per_task_uses_the_profiles_task_start_cost(tiny_pangu):
     """The shared change: the plan hands the profile to the planner; auto uses its task_start_s and says so."""
-    from core.models.pangu import write_tiny_pangu
     from core.plan import make_plan
-    from core.spec import load_cluster, load_spec
+    from core.config import load_cluster, load_spec
 
-    model = write_tiny_pangu(tmp_path / "m")
+    model = tiny_pangu
     spec, _ = load_spec("jobs/tiny/pangu_sensitivity.yaml", (f"model.path={model}", "model.make_tiny=false",
                                                              "scan.layers_per_task=auto"))
     notes = {}
@@ -252,7 +248,7 @@ def _write_study_record(root: Path, executor: str, steps: dict) -> Path:
 def test_resume_missing_selection_and_plan_text_come_from_core(tmp_path):
     """core.study.select_steps decides what --resume-missing submits (failed step + its dependants; the rest is
     kept) and core.study.describe writes the plan text submit.py prints."""
-    from core.spec import load_cluster
+    from core.config import load_cluster
     from core.study import describe, plan_all, select_steps
 
     study, root = _smoke_study(tmp_path, "  a: {spec: jobs/tiny/smoke.yaml}\n"
@@ -431,7 +427,7 @@ def test_the_table_step_asks_for_no_accelerator_on_an_npu_profile():
     while a device workload (smoke) on the same profile still asks for its NPUs."""
     from core import submit as sub
     from core.plan import make_plan
-    from core.spec import load_cluster, load_spec
+    from core.config import load_cluster, load_spec
 
     cluster = load_cluster("ascend_910b")
     table, _ = load_spec("jobs/pangu_study_table.yaml", ("resources.tasks_per_node=null",))

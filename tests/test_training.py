@@ -2,7 +2,6 @@
 after requeue / signal / SIGKILL during a save, universal conversion to 1 rank, zero_to_fp32, bad checkpoints."""
 from __future__ import annotations
 
-import csv
 import json
 import re
 import shutil
@@ -13,17 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli, final_state, record, run_folder
+from conftest import cli, final_state, losses, rank0_result, record, run_folder, submit, submit_run
 
 SPEC = "jobs/tiny/pangu_lm.yaml"
 STEPS = 240
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from core.models.pangu import write_tiny_pangu
-
-    return write_tiny_pangu(tmp_path_factory.mktemp("models") / "pangu")
 
 
 @pytest.fixture(scope="module")
@@ -31,26 +23,10 @@ def logs(tmp_path_factory):
     return tmp_path_factory.mktemp("runs")
 
 
-def common(model_dir, logs, name, *extra):
-    return (SPEC, "-c", "local_slurm", "--set", f"name={name}", "--set", f"model.path={model_dir}",
+def common(tiny_pangu, logs, name, *extra):
+    return (SPEC, "-c", "local_slurm", "--set", f"name={name}", "--set", f"model.path={tiny_pangu}",
             "--set", f"outputs.logs_dir={logs}", "--set", "resources.nodes=2", "--set", f"train.steps={STEPS}",
             "--set", "train.checkpoint_every=20", *extra)
-
-
-def submit(*args, env=None):
-    res = cli("submit", *args, env=env)
-    assert res.returncode == 0, res.stderr + res.stdout
-    run_dir = run_folder(res.stdout)
-    return run_dir, record(run_dir)["steps"][0]["job_ids"][0]
-
-
-def metrics(run_dir: Path) -> list[tuple[int, float]]:
-    return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader((run_dir / "metrics.csv").open())]
-
-
-def result(run_dir: Path) -> dict:
-    (rec,) = [json.loads(p.read_text()) for p in (run_dir / "tasks").glob("main.rank0.json")]
-    return rec["result"]
 
 
 def wait_for(pred, timeout=300, what="condition"):
@@ -62,24 +38,24 @@ def wait_for(pred, timeout=300, what="condition"):
 
 
 def assert_same_losses(run_dir: Path, reference: list[tuple[int, float]]):
-    got = metrics(run_dir)
+    got = losses(run_dir)
     assert [s for s, _ in got] == list(range(1, STEPS + 1))  # no step repeated or skipped
     worst = max(abs(a - b) for (_, a), (_, b) in zip(got, reference))
     assert worst <= 1e-6, f"largest loss difference {worst}"
 
 
 @pytest.fixture(scope="module")
-def reference(slurm, model_dir, logs):
+def reference(slurm, tiny_pangu, logs):
     """An uninterrupted 2-rank ZeRO-2 fp32 run: the losses every interrupted run must reproduce."""
-    run_dir, job = submit(*common(model_dir, logs, "ref"))
+    run_dir, job = submit_run(*common(tiny_pangu, logs, "ref"))
     assert final_state(job) == "COMPLETED"
-    return run_dir, metrics(run_dir)
+    return run_dir, losses(run_dir)
 
 
 def test_zero2_two_nodes_loss_goes_down_and_both_ranks_report(reference):
-    run_dir, losses = reference
-    assert len(losses) == STEPS
-    first, last = sum(l for _, l in losses[:10]) / 10, sum(l for _, l in losses[-10:]) / 10
+    run_dir, curve = reference
+    assert len(curve) == STEPS
+    first, last = sum(l for _, l in curve[:10]) / 10, sum(l for _, l in curve[-10:]) / 10
     assert last < first - 0.5
     tasks = [json.loads(p.read_text()) for p in (run_dir / "tasks").glob("main.rank*.json")]
     assert sorted((t["rank"], t["host"]) for t in tasks) == [(0, "n1"), (1, "n2")]
@@ -90,73 +66,73 @@ def test_zero2_two_nodes_loss_goes_down_and_both_ranks_report(reference):
     assert (run_dir / "tensorboard").is_dir()
 
 
-def test_zero3_bf16_two_nodes_trains(slurm, model_dir, logs):
-    run_dir, job = submit(*common(model_dir, logs, "z3", "--set", "deepspeed.stage=3",
+def test_zero3_bf16_two_nodes_trains(slurm, tiny_pangu, logs):
+    run_dir, job = submit_run(*common(tiny_pangu, logs, "z3", "--set", "deepspeed.stage=3",
                                   "--set", "deepspeed.precision=bf16", "--set", "train.steps=40"))
     assert final_state(job) == "COMPLETED"
-    losses = [l for _, l in metrics(run_dir)]
-    assert len(losses) == 40 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.2
+    loss = [l for _, l in losses(run_dir)]
+    assert len(loss) == 40 and sum(loss[-5:]) / 5 < sum(loss[:5]) / 5 - 0.2
     meta = json.loads((run_dir / "checkpoints" / "step00000040" / "COMPLETE").read_text())
     assert meta["zero_stage"] == 3 and meta["world_size"] == 2
     names = {p.name for p in (run_dir / "checkpoints" / "step00000040").iterdir()}
     assert {"zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"} <= names
 
 
-def test_scontrol_requeue_resumes_exactly(reference, model_dir, logs):
-    run_dir, job = submit(*common(model_dir, logs, "requeue"))
+def test_scontrol_requeue_resumes_exactly(reference, tiny_pangu, logs):
+    run_dir, job = submit_run(*common(tiny_pangu, logs, "requeue"))
     wait_for(lambda: (run_dir / "checkpoints" / "latest").exists(), what="a first checkpoint")
     subprocess.run(["scontrol", "requeue", job], check=True)
     assert final_state(job) == "COMPLETED"
-    res = result(run_dir)
+    res = rank0_result(run_dir)
     assert res["start_step"] > 0 and res["steps"] == STEPS
     assert_same_losses(run_dir, reference[1])
 
 
-def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(reference, model_dir, logs):
-    run_dir, job = submit(*common(model_dir, logs, "signal", "--set", "train.checkpoint_every=0"))
-    wait_for(lambda: (run_dir / "metrics.csv").exists() and len(metrics(run_dir)) > 15, what="training to start")
+def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(reference, tiny_pangu, logs):
+    run_dir, job = submit_run(*common(tiny_pangu, logs, "signal", "--set", "train.checkpoint_every=0"))
+    wait_for(lambda: (run_dir / "metrics.csv").exists() and len(losses(run_dir)) > 15, what="training to start")
     # the signal Slurm sends before the time limit (--signal=USR2@N), delivered to every task of the step
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     assert final_state(job) == "COMPLETED"
     log = next((run_dir / "submitit").glob(f"{job}_0_log.out")).read_text()
     assert "received SIGUSR2" in log and "requeue" in log
-    res = result(run_dir)
+    res = rank0_result(run_dir)
     assert 0 < res["start_step"] < STEPS  # the second run started from the signal's checkpoint
     assert_same_losses(run_dir, reference[1])
 
 
-def test_sigkill_during_a_save_resumes_from_the_last_complete_checkpoint(reference, model_dir, logs):
-    run_dir, job = submit(*common(model_dir, logs, "killed"), env={"MEDHPC_FAULT": "kill@after_shards:40"})
+def test_sigkill_during_a_save_resumes_from_the_last_complete_checkpoint(reference, tiny_pangu, logs):
+    run_dir, job = submit_run(*common(tiny_pangu, logs, "killed"), env={"MEDHPC_FAULT": "kill@after_shards:40"})
     assert final_state(job) == "FAILED"
     ck = run_dir / "checkpoints"
     assert (ck / "latest").read_text() == "step00000020"
     assert (ck / ".staging" / "step00000040").is_dir() and not (ck / "step00000040").exists()
-    res = cli("submit", *common(model_dir, logs, "killed"), "--resume", str(run_dir))
+    res = cli("submit", *common(tiny_pangu, logs, "killed"), "--resume", str(run_dir))
     assert res.returncode == 0, res.stderr
     assert final_state(job) in {"FAILED"}  # the old job stays failed; the new one continues in the same folder
     new_job = record(run_dir)["steps"][0]["job_ids"][0]
     assert new_job != job and final_state(new_job) == "COMPLETED"
-    assert result(run_dir)["start_step"] == 20
+    assert rank0_result(run_dir)["start_step"] == 20
     assert_same_losses(run_dir, reference[1])
     assert len(record(run_dir)["submissions"]) == 2
 
 
-def test_two_rank_zero2_checkpoint_resumes_on_one_rank_through_universal(reference, model_dir, logs):
+def test_two_rank_zero2_checkpoint_resumes_on_one_rank_through_universal(reference, tiny_pangu, logs):
     src, _ = reference
     run_dir = src.parent / "copy"
     shutil.copytree(src, run_dir)
-    res = cli("submit", *common(model_dir, logs, "ref"), "--set", "resources.nodes=1",
+    res = cli("submit", *common(tiny_pangu, logs, "ref"), "--set", "resources.nodes=1",
               "--set", f"train.steps={STEPS + 5}", "--resume", str(run_dir))
     assert res.returncode == 0, res.stderr
     job = record(run_dir)["steps"][0]["job_ids"][0]
     assert final_state(job) == "COMPLETED"
-    out = result(run_dir)
+    out = rank0_result(run_dir)
     assert out["world_size"] == 1 and out["start_step"] == STEPS and out["steps"] == STEPS + 5
     assert out["resumed_checksum"] == pytest.approx(out["saved_checksum"], rel=1e-6, abs=1e-5)
     assert (run_dir / "checkpoints" / "universal" / f"step{STEPS:08d}" / "COMPLETE").is_file()
 
 
-def test_zero_to_fp32_output_loads_into_the_hf_model_strictly(reference, model_dir, tmp_path):
+def test_zero_to_fp32_output_loads_into_the_hf_model_strictly(reference, tiny_pangu, tmp_path):
     import torch
     from safetensors.torch import load_file
     from transformers import LlamaForCausalLM
@@ -170,7 +146,7 @@ def test_zero_to_fp32_output_loads_into_the_hf_model_strictly(reference, model_d
     state = {}
     for f in (tmp_path / "fp32").glob("*.safetensors"):
         state.update(load_file(f))
-    model = LlamaForCausalLM(llama_config(read_config(model_dir)))
+    model = LlamaForCausalLM(llama_config(read_config(tiny_pangu)))
     model.load_state_dict(state, strict=True)
     meta = json.loads((run_dir / "checkpoints" / tag / "COMPLETE").read_text())
     total = sum(float(p.detach().float().sum()) for p in model.parameters())
@@ -179,35 +155,35 @@ def test_zero_to_fp32_output_loads_into_the_hf_model_strictly(reference, model_d
         assert torch.isfinite(model(torch.tensor([[1, 5, 9]])).logits).all()
 
 
-def test_incomplete_checkpoints_stop_the_run_and_fresh_moves_them_aside(slurm, model_dir, logs):
-    run_dir, job = submit(*common(model_dir, logs, "corrupt", "--set", "train.steps=20"))
+def test_incomplete_checkpoints_stop_the_run_and_fresh_moves_them_aside(slurm, tiny_pangu, logs):
+    run_dir, job = submit_run(*common(tiny_pangu, logs, "corrupt", "--set", "train.steps=20"))
     assert final_state(job) == "COMPLETED"
     ck = run_dir / "checkpoints"
     # a save that never completed: no marker. Remove the complete ones so only the broken one is left.
     for d in ck.glob("step*"):
         (d / "COMPLETE").unlink()
     before = sorted(str(p.relative_to(ck)) for p in ck.rglob("*"))
-    res = cli("submit", *common(model_dir, logs, "corrupt", "--set", "train.steps=30"), "--resume", str(run_dir))
+    res = cli("submit", *common(tiny_pangu, logs, "corrupt", "--set", "train.steps=30"), "--resume", str(run_dir))
     job2 = record(run_dir)["steps"][0]["job_ids"][0]
     assert final_state(job2) == "FAILED"
     log = next((run_dir / "submitit").glob(f"{job2}_0_log.out")).read_text()
     assert "none is complete" in log and "--fresh" in log
     assert sorted(str(p.relative_to(ck)) for p in ck.rglob("*")) == before  # nothing overwritten
-    res = cli("submit", *common(model_dir, logs, "corrupt", "--set", "train.steps=30"), "--resume", str(run_dir),
+    res = cli("submit", *common(tiny_pangu, logs, "corrupt", "--set", "train.steps=30"), "--resume", str(run_dir),
               "--fresh")
     assert res.returncode == 0, res.stderr
     job3 = record(run_dir)["steps"][0]["job_ids"][0]
     assert final_state(job3) == "COMPLETED"
-    assert result(run_dir)["start_step"] == 0
+    assert rank0_result(run_dir)["start_step"] == 0
     assert list(run_dir.glob("checkpoints.discarded-*"))
 
 
-def test_truncated_complete_checkpoint_is_a_clear_error(slurm, model_dir, logs):
-    run_dir, job = submit(*common(model_dir, logs, "trunc", "--set", "train.steps=20"))
+def test_truncated_complete_checkpoint_is_a_clear_error(slurm, tiny_pangu, logs):
+    run_dir, job = submit_run(*common(tiny_pangu, logs, "trunc", "--set", "train.steps=20"))
     assert final_state(job) == "COMPLETED"
     victim = run_dir / "checkpoints" / "step00000020" / "mp_rank_00_model_states.pt"
     victim.write_bytes(victim.read_bytes()[:1000])
-    cli("submit", *common(model_dir, logs, "trunc", "--set", "train.steps=30"), "--resume", str(run_dir))
+    cli("submit", *common(tiny_pangu, logs, "trunc", "--set", "train.steps=30"), "--resume", str(run_dir))
     job2 = record(run_dir)["steps"][0]["job_ids"][0]
     assert final_state(job2) == "FAILED"
     log = next((run_dir / "submitit").glob(f"{job2}_0_log.out")).read_text()
@@ -215,7 +191,7 @@ def test_truncated_complete_checkpoint_is_a_clear_error(slurm, model_dir, logs):
     assert victim.stat().st_size == 1000
 
 
-def test_real_time_limit_signal_requeues_and_finishes_every_step_once(slurm, model_dir, logs, tmp_path):
+def test_real_time_limit_signal_requeues_and_finishes_every_step_once(slurm, tiny_pangu, logs, tmp_path):
     """1-minute runs of a training far longer than that: Slurm's own --signal=USR2@30 before the time limit makes
     every rank save, the job requeues itself once (the profile allows one), the second run resumes from that
     checkpoint and makes progress, and at its own time limit saves again and stops with the --resume command.
@@ -224,8 +200,8 @@ def test_real_time_limit_signal_requeues_and_finishes_every_step_once(slurm, mod
 
     profile = yaml.safe_load((Path("cluster_configs") / "local_slurm.yaml").read_text())
     (tmp_path / "one_requeue.yaml").write_text(yaml.safe_dump({**profile, "max_requeues": 1}))
-    run_dir, job = submit(SPEC, "-c", str(tmp_path / "one_requeue.yaml"), "--set", "name=timelimit",
-                          "--set", f"model.path={model_dir}", "--set", f"outputs.logs_dir={logs}",
+    run_dir, job = submit_run(SPEC, "-c", str(tmp_path / "one_requeue.yaml"), "--set", "name=timelimit",
+                          "--set", f"model.path={tiny_pangu}", "--set", f"outputs.logs_dir={logs}",
                           "--set", "resources.nodes=2", "--set", "train.steps=1000000",
                           "--set", "train.checkpoint_every=0", "--set", "resources.time=1")
     assert final_state(job, timeout=600) == "FAILED"  # stopped after its one requeue, checkpoint saved
@@ -236,23 +212,22 @@ def test_real_time_limit_signal_requeues_and_finishes_every_step_once(slurm, mod
     assert len(saved) == 2 and resumed == saved[:1], (saved, resumed)
     assert 0 < saved[0] < saved[1]  # the requeued run resumed and made progress
     assert "not requeued (1 requeues used)" in log and f"--resume {run_dir}" in log
-    got = metrics(run_dir)
+    got = losses(run_dir)
     assert [s for s, _ in got] == list(range(1, saved[1] + 1))  # every step once, none lost, none repeated
 
 
-def test_frozen_base_with_lora_trains_only_adapters_and_saves_only_them(tmp_path, model_dir):
+def test_frozen_base_with_lora_trains_only_adapters_and_saves_only_them(tmp_path, tiny_pangu):
     """lm_finetune with a peft: section (LoRA) on the local executor: only LoRA tensors get optimizer state and checkpoints."""
-    res = cli("submit", SPEC, "--set", "name=lora", "--set", f"model.path={model_dir}", "--set", "model.make_tiny=false",
-              "--set", f"outputs.logs_dir={tmp_path}", "--set", "train.steps=30", "--set", "peft.r=4",
-              "--set", "peft.alpha=8", "--set", "train.lr=0.01", "--set", "deepspeed.stage=2")
-    assert res.returncode == 0, res.stderr
+    res = submit(SPEC, "--set", "name=lora", "--set", f"model.path={tiny_pangu}", "--set", "model.make_tiny=false",
+                 "--set", f"outputs.logs_dir={tmp_path}", "--set", "train.steps=30", "--set", "peft.r=4",
+                 "--set", "peft.alpha=8", "--set", "train.lr=0.01", "--set", "deepspeed.stage=2")
     run_dir = run_folder(res.stdout)
-    out = result(run_dir)
+    out = rank0_result(run_dir)
     # q, k, v, o of 4 layers; A: r x in, B: out x r (hidden 64, 2 KV heads x 16 = 32 for k and v)
     expected = 4 * sum(4 * i + o * 4 for i, o in ((64, 64), (64, 32), (64, 32), (64, 64)))
     assert out["trainable"] == expected
-    losses = [l for _, l in metrics(run_dir)]
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    loss = [l for _, l in losses(run_dir)]
+    assert sum(loss[-5:]) / 5 < sum(loss[:5]) / 5
     import torch
 
     state = torch.load(run_dir / "checkpoints" / "step00000030" / "mp_rank_00_model_states.pt", weights_only=False)

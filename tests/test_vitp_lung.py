@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import requeue_once_checkpointed, REPO, cli, final_state, record, run_folder
+from conftest import REPO, cli, final_state, losses, rank0_result, requeue_once_checkpointed, run_folder, submit_run
 
 SPEC = "jobs/tiny/vitp_lung.yaml"
 FULL = "jobs/vitp_lung.yaml"
@@ -39,22 +39,11 @@ def data_args(paths, fmt="folders"):
             "--set", f"data.meta={paths['meta']}")
 
 
-def submit(paths, name, *extra, fmt="folders"):
-    res = cli("submit", SPEC, "-c", "local_slurm", "--set", f"name={name}", *data_args(paths, fmt),
-              "--set", f"outputs.logs_dir={paths['logs']}", "--set", "resources.nodes=2", "--set", "deepspeed.stage=3",
-              "--set", f"train.steps={STEPS}", "--set", "train.checkpoint_every=10", *extra)
-    assert res.returncode == 0, res.stderr + res.stdout
-    run_dir = run_folder(res.stdout)
-    return run_dir, record(run_dir)["steps"][0]["job_ids"][0]
-
-
-
-def losses(run_dir: Path) -> list[tuple[int, float]]:
-    return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader((run_dir / "metrics.csv").open())]
-
-
-def rank0(run_dir: Path) -> dict:
-    return json.loads((run_dir / "tasks" / "main.rank0.json").read_text())["result"]
+def vitp_args(paths, name, *extra, fmt="folders"):
+    """submit.py's arguments for the tiny ViTP run on the test's patients: 2 nodes of the local Slurm, ZeRO-3."""
+    return (SPEC, "-c", "local_slurm", "--set", f"name={name}", *data_args(paths, fmt),
+            "--set", f"outputs.logs_dir={paths['logs']}", "--set", "resources.nodes=2", "--set", "deepspeed.stage=3",
+            "--set", f"train.steps={STEPS}", "--set", "train.checkpoint_every=10", *extra)
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -64,7 +53,7 @@ def read_csv(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def trained(slurm, dataset):
     """One 2-rank ZeRO-3 run (n1 + n2) on the folders format: the reference every other run is compared with."""
-    run_dir, job = submit(dataset, "vitp_ref")
+    run_dir, job = submit_run(*vitp_args(dataset, "vitp_ref"))
     assert final_state(job) == "COMPLETED", sorted((run_dir / "submitit").glob("*log.out"))
     return run_dir
 
@@ -74,7 +63,7 @@ def test_full_size_spec_counts_the_vit_b16_classifier_on_the_meta_device(dataset
     import timm
     import torch
 
-    from core.spec import load_spec
+    from core.config import load_spec
     from core.workloads import get
 
     spec, _ = load_spec(FULL, ("model.path=null",))
@@ -103,7 +92,7 @@ def test_local_weights_load_into_a_fresh_4_class_head(tmp_path):
     from transformers import ViTConfig, ViTForImageClassification
 
     from core.models.classifier import build
-    from core.spec import FieldError, load_spec
+    from core.config import FieldError, load_spec
 
     kw = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
     torch.manual_seed(1)
@@ -281,6 +270,7 @@ def test_bad_dataset_is_refused_before_submission_naming_file_and_field(slurm, t
     assert out.strip() == ""
 
 
+@pytest.mark.slurm  # the dry run on local_slurm asks the cluster for its partition (scontrol)
 def test_a_few_unreadable_slices_are_named_and_skipped_and_the_planner_needs_no_torch(dataset, tmp_path):
     res = cli("submit", SPEC, "-c", "local_slurm", "--dry-run", *data_args(dataset))
     assert res.returncode == 0, res.stderr
@@ -308,7 +298,7 @@ def test_two_rank_training_loss_falls_and_patient_accuracy_beats_chance(trained)
     assert metrics["patient"]["accuracy"] >= metrics["slice"]["accuracy"] - 1e-9
     tasks = [json.loads(p.read_text()) for p in (trained / "tasks").glob("main.rank*.json")]
     assert sorted((t["rank"], t["host"]) for t in tasks) == [(0, "n1"), (1, "n2")]
-    assert rank0(trained)["unreadable_skipped"] == 1 and metrics["unreadable_slices_skipped"] == 1
+    assert rank0_result(trained)["unreadable_skipped"] == 1 and metrics["unreadable_slices_skipped"] == 1
 
 
 def test_patient_split_in_the_run_folder_and_every_test_patient_scored_once(trained, dataset):
@@ -364,10 +354,10 @@ def test_metrics_equal_scikit_learn_computed_from_the_result_csvs(trained):
 def test_scontrol_requeue_resumes_exactly_on_the_vitp_format(trained, dataset):
     """The same run from the ViTP jsonl (same patients and slices, so the same split and batches), requeued by
     `scontrol requeue` once a checkpoint exists: every step once, the reference's losses and predictions."""
-    run_dir, job = submit(dataset, "vitp_requeue", fmt="vitp")
+    run_dir, job = submit_run(*vitp_args(dataset, "vitp_requeue", fmt="vitp"))
     requeue_once_checkpointed(run_dir, job)
     assert final_state(job) == "COMPLETED"
-    res = rank0(run_dir)
+    res = rank0_result(run_dir)
     assert 0 < res["start_step"] < STEPS and res["steps"] == STEPS and res["restart_count"] >= 1
     got, ref = losses(run_dir), losses(trained)
     assert [s for s, _ in got] == list(range(1, STEPS + 1))        # every step once

@@ -18,6 +18,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.errors import DatasetError
+
 CONDITIONS = [
     "enlarged cardiomediastinum", "cardiomegaly", "lung opacity", "lung lesion", "edema", "consolidation",
     "pneumonia", "atelectasis", "pneumothorax", "pleural effusion", "pleural other", "fracture", "support devices",
@@ -34,10 +36,6 @@ def diagnosis_text(labels: list[int]) -> str:
     """Dia-LLaMA's diagnostic sentences (CTRG_dataset.py): `The "<disease>" is positive. ` for label 1,
     `... negative. ` otherwise, in CONDITIONS order."""
     return "".join(f'The "{d}" is {"positive" if v == 1 else "negative"}. ' for d, v in zip(CONDITIONS, labels))
-
-
-class DatasetError(ValueError):
-    pass
 
 
 @dataclass
@@ -63,18 +61,19 @@ def read_labels(labels_csv) -> dict[str, list[int]]:
     Columns are matched by name, not position; ids are compared as text with integer ids normalised (`44.0` -> `44`)."""
     labels_csv = Path(labels_csv)
     if not labels_csv.is_file():
-        raise DatasetError(f"{labels_csv}: labels CSV not found (data.labels_csv)")
+        raise DatasetError("data", f"{labels_csv}: labels CSV not found (data.labels_csv)")
     with labels_csv.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         cols = reader.fieldnames or []
         id_col = next((c for c in cols if column_key(c).replace(" ", "_") in ID_COLUMNS), None)
         if id_col is None:
-            raise DatasetError(f"{labels_csv}: no id column (expected one of {', '.join(ID_COLUMNS)})")
+            raise DatasetError("data", f"{labels_csv}: no id column (expected one of {', '.join(ID_COLUMNS)})")
         by_key = {column_key(c): c for c in cols}
         missing = [d for d in CONDITIONS if d not in by_key]
         if missing:
-            raise DatasetError(f"{labels_csv}: no column for disease(s) {missing}; the CSV needs one CheXbert column "
-                               f"per condition (spaces or underscores): {', '.join(CONDITIONS)}")
+            raise DatasetError("data", f"{labels_csv}: no column for disease(s) {missing}; the CSV needs one "
+                                       f"CheXbert column per condition (spaces or underscores): "
+                                       f"{', '.join(CONDITIONS)}")
         table = {}
         for row in reader:
             table[case_id(row[id_col])] = [1 if _code(row[by_key[d]]) == 1 else 0 for d in CONDITIONS]
@@ -103,32 +102,34 @@ def check_dataset(data_dir, annotation, labels_csv, splits=("train", "test"), ch
     """Every id of the splits has a volume with 3 dimensions and a labels row; raises DatasetError naming the file."""
     data_dir, annotation, labels_csv = Path(data_dir), Path(annotation), Path(labels_csv)
     if not data_dir.is_dir():
-        raise DatasetError(f"{data_dir}: volume folder not found (data.path)")
+        raise DatasetError("data", f"{data_dir}: volume folder not found (data.path)")
     if not annotation.is_file():
-        raise DatasetError(f"{annotation}: annotation.json not found (data.annotation)")
+        raise DatasetError("data", f"{annotation}: annotation.json not found (data.annotation)")
     try:
         ann = json.loads(annotation.read_text())
     except json.JSONDecodeError as e:
-        raise DatasetError(f"{annotation}: not valid JSON ({e})") from None
+        raise DatasetError("data", f"{annotation}: not valid JSON ({e})") from None
     labels = read_labels(labels_csv)
     out: dict[str, list[Case]] = {}
     for split in splits:
         if split not in ann or not ann[split]:
-            raise DatasetError(f"{annotation}: no '{split}' list (expected train / val / test lists of {{id, finding}})")
+            raise DatasetError("data", f"{annotation}: no '{split}' list (expected train / val / test lists of "
+                                       f"{{id, finding}})")
         cases = []
         for entry in ann[split]:
             cid, finding = str(entry["id"]), entry.get("finding", "")
             vol = data_dir / f"{cid}.nii.gz"
             if not vol.is_file():
-                raise DatasetError(f"{annotation}: id {cid} ({split}) has no volume {vol}")
+                raise DatasetError("data", f"{annotation}: id {cid} ({split}) has no volume {vol}")
             if case_id(cid) not in labels:
-                raise DatasetError(f"{labels_csv}: no labels row for id {cid} (listed in {annotation})")
+                raise DatasetError("data", f"{labels_csv}: no labels row for id {cid} (listed in {annotation})")
             if check_volumes:
                 import nibabel as nib
 
                 shape = nib.load(str(vol)).shape
                 if len(shape) != 3:
-                    raise DatasetError(f"{vol}: a CT volume must have 3 dimensions (H, W, D), this one has shape {shape}")
+                    raise DatasetError("data", f"{vol}: a CT volume must have 3 dimensions (H, W, D), this one "
+                                               f"has shape {shape}")
             cases.append(Case(cid, finding, labels[case_id(cid)], vol))
         out[split] = cases
     return out
@@ -170,7 +171,7 @@ def load_volume(path: Path, image_size: int = 256, frames: int = 64, resize: int
 
     arr = np.asanyarray(nib.load(str(path)).dataobj)
     if arr.ndim != 3:
-        raise DatasetError(f"{path}: expected 3 dimensions, got shape {arr.shape}")
+        raise DatasetError("data", f"{path}: expected 3 dimensions, got shape {arr.shape}")
     arr = sitk_order(arr)
     if arr.shape[0] < arr.shape[2]:
         arr = arr.transpose(1, 2, 0)

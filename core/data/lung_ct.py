@@ -30,17 +30,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from core.spec import FieldError
+from core.errors import DatasetError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 SPLITS = ("train", "val", "test")
 CLS_CHOICES = re.compile(r"<cls>\s*:\s*(.+?)\s*\.?\s*$", re.S)
 LUNG_WINDOW = (-600.0, 1500.0)   # DICOM window (center, width) in HU
-
-
-class DatasetError(FieldError):
-    """A dataset problem tied to the spec field that points at the file (data.path, data.labels_csv, ...)."""
 
 
 @dataclass

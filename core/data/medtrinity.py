@@ -18,11 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from core.errors import DatasetError
+
 log = logging.getLogger("medtrinity")
-
-
-class DatasetError(ValueError):
-    """The dataset cannot be used; the message names the file and the field to fix."""
 
 
 @dataclass
@@ -65,7 +63,7 @@ def open_rows(path: Optional[str], image_column: str = "image", caption_column: 
               id_column: str = "id") -> ImageRows:
     """The dataset at `path` (a save_to_disk folder, a .parquet file or a .jsonl file), columns checked."""
     if not path:
-        raise DatasetError("data.path: give a datasets folder (save_to_disk), a .parquet file or a .jsonl file")
+        raise DatasetError("data.path", "give a datasets folder (save_to_disk), a .parquet file or a .jsonl file")
     p = Path(path)
     if p.is_dir():
         rows, columns, base = _from_datasets_folder(p), None, p
@@ -74,14 +72,14 @@ def open_rows(path: Optional[str], image_column: str = "image", caption_column: 
     elif p.suffix == ".jsonl" and p.is_file():
         rows, columns, base = _from_jsonl(p), None, p.parent
     elif not p.exists():
-        raise DatasetError(f"data.path: {p} not found")
+        raise DatasetError("data.path", f"{p} not found")
     else:
-        raise DatasetError(f"data.path: {p} is not a datasets folder, a .parquet or a .jsonl file")
+        raise DatasetError("data.path", f"{p} is not a datasets folder, a .parquet or a .jsonl file")
     columns = list(rows.keys()) if isinstance(rows, dict) else rows.column_names
     for name, col in (("data.image_column", image_column), ("data.caption_column", caption_column),
                       ("data.id_column", id_column)):
         if col not in columns:
-            raise DatasetError(f"{name}: {p} has no column '{col}' (columns: {', '.join(columns)})")
+            raise DatasetError(name, f"{p} has no column '{col}' (columns: {', '.join(columns)})")
     if isinstance(rows, dict):
         ids, captions, images = rows[id_column], rows[caption_column], rows[image_column]
     else:  # a datasets.Dataset: read the text columns, keep images lazy (decoded per row, by us)
@@ -92,7 +90,7 @@ def open_rows(path: Optional[str], image_column: str = "image", caption_column: 
         ids, captions = rows[id_column], rows[caption_column]
         images = _LazyColumn(rows, image_column)
     if not ids:
-        raise DatasetError(f"data.path: {p} has no rows")
+        raise DatasetError("data.path", f"{p} has no rows")
     return ImageRows(p, [str(i) for i in ids], [str(c) for c in captions], images, base)
 
 
@@ -113,11 +111,11 @@ def _from_datasets_folder(p: Path):
 
         ds = load_from_disk(str(p))
     except Exception as e:
-        raise DatasetError(f"data.path: {p} is not a readable datasets folder (save_to_disk): "
-                           f"{type(e).__name__}: {str(e)[:200]}") from None
+        raise DatasetError("data.path", f"{p} is not a readable datasets folder (save_to_disk): "
+                                        f"{type(e).__name__}: {str(e)[:200]}") from None
     if isinstance(ds, DatasetDict):
         if "train" not in ds:
-            raise DatasetError(f"data.path: {p} has splits {list(ds)} but no 'train'")
+            raise DatasetError("data.path", f"{p} has splits {list(ds)} but no 'train'")
         ds = ds["train"]
     return ds
 
@@ -128,7 +126,8 @@ def _from_parquet(p: Path) -> dict:
 
         return pq.read_table(str(p)).to_pydict()
     except Exception as e:
-        raise DatasetError(f"data.path: {p} is not a readable parquet file: {type(e).__name__}: {str(e)[:200]}") from None
+        raise DatasetError("data.path", f"{p} is not a readable parquet file: {type(e).__name__}: "
+                                        f"{str(e)[:200]}") from None
 
 
 def _from_jsonl(p: Path) -> dict:
@@ -140,14 +139,14 @@ def _from_jsonl(p: Path) -> dict:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DatasetError(f"data.path: {p} line {n} is not JSON ({e.msg})") from None
+                raise DatasetError("data.path", f"{p} line {n} is not JSON ({e.msg})") from None
             if not isinstance(row, dict):
-                raise DatasetError(f"data.path: {p} line {n} is not a JSON object")
+                raise DatasetError("data.path", f"{p} line {n} is not a JSON object")
             for k, v in row.items():
                 columns.setdefault(k, []).append(v)
     lengths = {len(v) for v in columns.values()}
     if len(lengths) > 1:
-        raise DatasetError(f"data.path: {p}: not every line has the same keys ({sorted(columns)})")
+        raise DatasetError("data.path", f"{p}: not every line has the same keys ({sorted(columns)})")
     return columns
 
 

@@ -20,17 +20,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from core.spec import FieldError
+from core.errors import DatasetError
 
 TILE_NAME = re.compile(r"^(\d+)x_(\d+)y\.(png|jpe?g)$", re.IGNORECASE)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 WSI_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi"}
 SLIDE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,199}$")
 DONE = "dataset.csv"      # written last by the tiling, as GigaPath's process_slide does: a complete tile folder
-
-
-class DatasetError(FieldError):
-    """A dataset problem tied to the spec field that points at the file (data.path, data.labels_csv, ...)."""
 
 
 @dataclass

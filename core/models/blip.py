@@ -10,25 +10,20 @@ BLIP's text conventions (from its config and `generate`): the decoder starts at 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
+
+from core.errors import ModelFolderError
+from core.models import checkpoint_files
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 FULL_CONFIG: dict = {}   # transformers' BlipConfig() defaults are the captioning-base shapes
 TINY = {"hidden": 64, "layers": 2, "heads": 2, "intermediate": 128, "image_size": 32, "patch": 8, "positions": 64}
 
 
-class ModelFolderError(ValueError):
-    pass
-
-
 def read_config(folder) -> dict:
-    f = Path(folder) / "config.json"
-    if not f.is_file():
-        raise ModelFolderError(f"{folder}: no config.json; model.path must be a local BLIP folder (config.json, "
-                               f"*.safetensors, preprocessor_config.json, tokenizer files)")
-    return json.loads(f.read_text())
+    return checkpoint_files.read_config(folder, "model.path must be a local BLIP folder (config.json, *.safetensors, "
+                                                "preprocessor_config.json, tokenizer files)")
 
 
 def blip_config(cfg: Optional[dict] = None):

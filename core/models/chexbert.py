@@ -61,15 +61,13 @@ def build(config):
 
 
 def load_checkpoint(path) -> dict:
-    """chexbert.pth's model_state_dict with `module.` removed (a bare state dict is accepted too)."""
-    import torch
+    """chexbert.pth's model_state_dict with `module.` (PREFIX) removed (a bare state dict is accepted too)."""
+    from core.models.checkpoint_files import read_state_dict
 
     path = Path(path)
     if not path.is_file():
         raise CheXbertError(f"{path}: CheXbert checkpoint not found (dia.chexbert)")
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-    state = state.get("model_state_dict", state) if isinstance(state, dict) else state
-    return {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in state.items()}
+    return read_state_dict(path, wrappers=("model_state_dict",))
 
 
 class CheXbertLabeler:

@@ -14,7 +14,6 @@ torch (the planner reads WEIGHT_FILES).
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -22,11 +21,13 @@ from contextlib import nullcontext
 from functools import lru_cache
 from typing import Optional
 
-from core.spec import FieldError
+from core.errors import FieldError
+from core.models import checkpoint_files
 
 log = logging.getLogger("vitp_lung")
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pt", "model.pth")
+WRAPPERS = ("state_dict", "model", "module", "state_dict_ema")   # timm's checkpoints first
 
 
 def weights_file(path) -> Path:
@@ -43,20 +44,8 @@ def weights_file(path) -> Path:
 
 
 def read_state_dict(path) -> dict:
-    import torch
-
-    f = weights_file(path)
-    if f.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(f))
-    else:
-        state = torch.load(str(f), map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "module", "state_dict_ema"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict) and not hasattr(state.get(key), "shape"):
-            state = state[key]
-            break
-    return {k.removeprefix("module."): v for k, v in state.items() if hasattr(v, "shape")}
+    """The tensors of `model.path` (a weights file, or a folder holding one of WEIGHT_FILES)."""
+    return checkpoint_files.read_state_dict(weights_file(path), wrappers=WRAPPERS)
 
 
 def _head_keys(model) -> set[str]:
@@ -95,14 +84,6 @@ def load_timm_weights(model, path) -> dict:
     log.info("weights %s: %d tensors loaded, %d left out (%s), new: %s", weights_file(path), len(fits), len(skipped),
              ", ".join(skipped[:4]) or "none", ", ".join(missing) or "none")
     return {"loaded": len(fits), "skipped": skipped, "new": missing}
-
-
-def hf_config(path) -> Optional[dict]:
-    """config.json of a model folder (torch-free), or None."""
-    p = Path(path) / "config.json" if path else None
-    if p is None or not p.is_file():
-        return None
-    return json.loads(p.read_text())
 
 
 @lru_cache(maxsize=None)

@@ -14,6 +14,9 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from core.errors import ModelFolderError
+from core.models import checkpoint_files
+
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_CORPUS = REPO / "jobs" / "tiny" / "data" / "corpus.txt"
@@ -22,10 +25,6 @@ TINY_LAYERS = 4
 # PanguEmbedded config.json keys -> LlamaConfig keywords (the rest share names)
 _RENAMED = {"bias": "attention_bias"}
 _DROPPED = {"architectures", "auto_map", "model_type", "transformers_version", "torch_dtype"}
-
-
-class ModelFolderError(ValueError):
-    pass
 
 
 def llama_config(cfg: dict):
@@ -38,12 +37,8 @@ def llama_config(cfg: dict):
 
 
 def read_config(folder) -> dict:
-    folder = Path(folder)
-    f = folder / "config.json"
-    if not f.is_file():
-        raise ModelFolderError(f"{folder}: no config.json; model.path must be a local model folder "
-                               f"(config.json + *.safetensors + tokenizer.model)")
-    return json.loads(f.read_text())
+    return checkpoint_files.read_config(Path(folder), "model.path must be a local model folder (config.json + "
+                                                     "*.safetensors + tokenizer.model)")
 
 
 def load_pangu(folder, dtype=None, device: Optional[str] = None, **kwargs):
@@ -108,6 +103,17 @@ def meta_size(cfg: dict, peft=None):
         model = LlamaForCausalLM(config)
     return size_of(model, layers=config.num_hidden_layers, hidden=config.hidden_size,
                    heads=config.num_attention_heads, vocab=config.vocab_size, peft=peft)
+
+
+def decoder_size(spec):
+    """The default builder for the plan's estimate: the decoder LLM of model.path / model.preset, built on the
+    meta device (meta_size, with the spec's adapters); None when neither names one."""
+    from core.model_sizes import model_config
+
+    cfg = model_config(spec.model.path, spec.model.preset)
+    if cfg is None:
+        return None
+    return meta_size(cfg, peft=spec.peft)
 
 
 def bos_encode(tokenizer, text: str) -> list[int]:

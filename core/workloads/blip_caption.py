@@ -13,16 +13,16 @@ first, for comparison. The adapter is saved in peft's format in `adapter/` (`Pef
 """
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 from typing import Optional
 
 from pydantic import Field, PositiveInt
 
-from core.data.medtrinity import DatasetError, ImageRows, open_rows, split, synthetic_captions, write_synthetic
+from core.data.medtrinity import ImageRows, open_rows, split, synthetic_captions, write_synthetic
+from core.errors import DatasetError
 from core.runtime import TaskContext
-from core.spec import DataSpec, FieldError, JobSpec, Strict
+from core.config import DataSpec, FieldError, JobSpec, Strict
 from core.workloads import Workload
 
 log = logging.getLogger("blip_caption")
@@ -56,10 +56,12 @@ class CaptionData(DataSpec):
 
 # ---------------------------------------------------------------- plan (torch-free unless adapters are checked)
 def model_cfg(spec: JobSpec) -> Optional[dict]:
-    import json
+    """config.json of model.path, else the preset's (BlipConfig's defaults: {}), else None."""
+    from core.models.checkpoint_files import find_config
 
-    if spec.model.path and (Path(spec.model.path) / "config.json").is_file():
-        return json.loads((Path(spec.model.path) / "config.json").read_text())
+    cfg = find_config(spec.model.path)
+    if cfg is not None:
+        return cfg
     return {} if spec.model.preset == PRESET else None
 
 
@@ -92,8 +94,7 @@ def plan(spec: JobSpec, resume_dir: Optional[Path] = None) -> None:
         try:
             open_rows(d.path, d.image_column, d.caption_column, d.id_column)
         except DatasetError as e:
-            field, message = str(e).split(": ", 1)
-            raise FieldError(field, message) from None
+            raise FieldError(e.field, e.message) from None
     return None
 
 
@@ -233,33 +234,30 @@ def evaluate(spec: JobSpec, ctx: TaskContext, session, model, batches: Batches, 
              label: str) -> dict:
     """Captions of the held-out rows gathered on rank 0, written and scored there."""
     from core.metrics import report_metrics
-    from core.run_folder import atomic_path, write_json_atomic
+    from core.results import ResultFolder
 
     mine = generate(model, batches, rows, index, spec, session.rank, session.dist.world_size,
                     sync=session.dist.world_size > 1 and session.zero3)
     ordered = session.gather_rows(mine, "id", [rows.ids[i] for i in index])
     if ordered is None:
         return {}
-    results = ctx.run_dir / "results"
-    name = "captions.csv" if label == "trained" else f"captions_{label}.csv"
-    with atomic_path(results / name) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=["id", "reference", "prediction"])
-        w.writeheader()
-        w.writerows(ordered)
+    out = ResultFolder(ctx.run_dir / "results")
+    suffix = "" if label == "trained" else f"_{label}"
+    csv_path = out.csv(f"captions{suffix}.csv", ["id", "reference", "prediction"], ordered, fieldnames=True)
     scores = report_metrics({r["id"]: r["reference"] for r in ordered}, {r["id"]: r["prediction"] for r in ordered},
                             cider=True)
     metrics = {**scores, "images": len(ordered), "skipped_images": sorted(rows.failed)}
-    write_json_atomic(results / ("metrics.json" if label == "trained" else f"metrics_{label}.json"), metrics)
+    metrics_json = out.json(f"metrics{suffix}.json", metrics)
     log.info("%s: %d captions, BLEU-4 %.4f, CIDEr %.4f -> %s", label, len(ordered), scores["BLEU-4"],
-             scores["CIDEr"], results / name)
-    return {"csv": str(results / name), "metrics": str(results / ("metrics.json" if label == "trained" else
-                                                                 f"metrics_{label}.json")),
-            **({"plot": str(results / "metrics.png")} if label == "trained" else {}), **scores,
+             scores["CIDEr"], csv_path)
+    return {"csv": str(csv_path), "metrics": str(metrics_json),
+            **({"plot": str(out.path("metrics.png"))} if label == "trained" else {}), **scores,
             "images": len(ordered)}
 
 
 def plot(results: Path, trained: dict, untrained: Optional[dict]) -> None:
-    """Bars of every metric, trained next to untrained; CIDEr (0-10) on its own axis."""
+    """results/metrics.png: bars of every metric, trained next to untrained; CIDEr (0-10) on its own axis."""
+    from core.results import ResultFolder
     from core.workloads.common import pyplot
 
     plt = pyplot()
@@ -277,8 +275,7 @@ def plot(results: Path, trained: dict, untrained: Optional[dict]) -> None:
     ax_cider.set_xticks([0], ["CIDEr"])
     ax.set_title(f"BLIP captions on {trained['images']} held-out images")
     fig.tight_layout()
-    fig.savefig(results / "metrics.png", dpi=100)
-    plt.close(fig)
+    ResultFolder(results).figure("metrics.png", fig)
 
 
 WORKLOAD = Workload(run=run, section="caption", Section=CaptionSection, Data=CaptionData, trains=True, plan=plan,

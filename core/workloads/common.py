@@ -1,12 +1,14 @@
-"""Small steps that several workloads share: text files of prompts, the decoder's layer count for planning,
-next-token log-probabilities, and a headless pyplot (core.plotting)."""
+"""Small steps that several workloads share: text files of prompts, the decoder's layer count for planning, the
+run folder's dataset index that rank 0 writes, next-token log-probabilities, and a headless pyplot
+(core.plotting)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from core.plotting import pyplot  # noqa: F401  (workloads draw through it)
-from core.spec import FieldError
+from core.config import FieldError
 
 
 def text_lines(path: Optional[str], field_name: str) -> list[str]:
@@ -35,6 +37,19 @@ def decoder_layers(spec) -> int:
         raise FieldError("model.path", f"no config.json in {spec.model.path!r}; give a local model folder "
                                        f"(or model.preset)")
     return int(cfg["num_hidden_layers"])
+
+
+def rank0_index(path: Path, rank: int, what: str, write: Callable[[Path], None]) -> dict:
+    """The JSON index a job keeps in its run folder (its dataset split, ...), read back. The first call, on rank 0
+    (inside session.rank0_first), writes it with `write(path)`; every later call (the other ranks after the
+    barrier, a requeued or resumed run) only reads it, so the split never changes within a run. A rank other than 0
+    that finds no index raises, naming `what` was expected."""
+    path = Path(path)
+    if not path.is_file():
+        if rank != 0:
+            raise RuntimeError(f"{path} missing: rank 0 did not write the {what}")
+        write(path)
+    return json.loads(path.read_text())
 
 
 def next_token_logprobs(logits, ids):

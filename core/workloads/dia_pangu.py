@@ -19,7 +19,7 @@ from pydantic import Field, PositiveInt
 from core.data.ctrg import GUIDE, Case, check_dataset, load_volume, write_synthetic
 from core.data.prefetch import Prefetcher
 from core.runtime import TaskContext
-from core.spec import DataSpec, FieldError, JobSpec, Strict
+from core.config import DataSpec, FieldError, JobSpec, Strict
 from core.workloads import Shape, Workload
 from core.workloads.dia_reports import Prompts, evaluate, save_frozen_vision
 
@@ -85,12 +85,12 @@ def plan(spec: JobSpec, resume_dir: Optional[Path] = None) -> Shape:
                                            "Dia-LLaMA checkpoint: give dia.init_from, or set dia.train_head: true")
     samples = None
     if not d.make_synthetic:
-        from core.data.ctrg import DatasetError
+        from core.errors import DatasetError
 
         try:
             samples = len(check_dataset(d.path, d.annotation, d.labels_csv, splits=splits(spec))["train"])
         except DatasetError as e:
-            raise FieldError("data", str(e)) from None
+            raise FieldError(e.field, e.message) from None
     if dia.init_from and not Path(dia.init_from).exists():
         raise FieldError("dia.init_from", f"{dia.init_from}: Dia-LLaMA checkpoint not found (pytorch_model.bin, "
                                           f"*.safetensors or a folder holding one)")

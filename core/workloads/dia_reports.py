@@ -9,15 +9,15 @@ disease head's own calls against the dataset labels (`head_*`); plus a plot.
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from pathlib import Path
 
 from core.data.ctrg import CONDITIONS, Case, diagnosis_text, load_volume
 from core.models.pangu import bos_encode
-from core.run_folder import atomic_path, read_record, write_json_atomic
-from core.spec import parse_spec
+from core.results import ResultFolder
+from core.run_folder import atomic_path, read_record
+from core.config import parse_spec
 from core.workloads.common import pyplot
 
 log = logging.getLogger("dia_pangu")
@@ -172,8 +172,7 @@ def write_results(run_dir: Path, rows: list[dict], folder: str = "results", spec
     from core.metrics import chexbert_scores, clinical_prf, report_metrics
 
     dia = spec.dia if spec is not None else None
-    results = Path(run_dir) / folder
-    results.mkdir(parents=True, exist_ok=True)
+    out = ResultFolder(Path(run_dir) / folder)
     refs, preds = {r["ID"]: r["Ground Truth"] for r in rows}, {r["ID"]: r["Pred"] for r in rows}
     how = dia.nlg_tokenization if dia is not None else "raw"
     first = "ptb" if how == "ptb" else "raw"
@@ -199,22 +198,18 @@ def write_results(run_dir: Path, rows: list[dict], folder: str = "results", spec
                         CONDITIONS)
     metrics.update({f"head_{k}": v for k, v in head.items()})
     metrics["cases"] = len(rows)
-    csv_path = results / "dia-pangu.csv"
-    with csv_path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    write_json_atomic(results / "metrics.json", metrics)
+    csv_path = out.csv("dia-pangu.csv", columns, rows, fieldnames=True, extrasaction="ignore")
+    metrics_json = out.json("metrics.json", metrics)
     before = json.loads(Path(baseline).read_text()) if baseline is not None and Path(baseline).is_file() else None
-    plot_metrics(metrics, results / "metrics.png", before)
-    log.info("%d reports -> %s; metrics -> %s", len(rows), csv_path, results / "metrics.json")
+    out.figure("metrics.png", metrics_figure(metrics, before))
+    log.info("%d reports -> %s; metrics -> %s", len(rows), csv_path, metrics_json)
     headline = [*scores, "ce_f1_micro", "ce_f1_macro", "ce_precision_micro", "ce_recall_micro", "ce_auc_macro",
                 "head_micro_f1", "head_macro_f1", "head_micro_precision", "head_micro_recall", "cases"]
-    return {"csv": str(csv_path), "metrics": str(results / "metrics.json"),
+    return {"csv": str(csv_path), "metrics": str(metrics_json),
             **{k: metrics[k] for k in headline if k in metrics}}
 
 
-def plot_metrics(metrics: dict, path: Path, before: dict | None = None) -> None:
+def metrics_figure(metrics: dict, before: dict | None = None):
     """Bars of the report and clinical metrics; with `before` (the untrained model's), its bars beside them."""
     plt = pyplot()
     nlg = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L"]
@@ -235,5 +230,4 @@ def plot_metrics(metrics: dict, path: Path, before: dict | None = None) -> None:
     ax.set_title(f"Dia-Pangu on {metrics['cases']} cases (report metrics: {metrics['nlg_tokenization']} strings)")
     ax.tick_params(axis="x", rotation=35)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig

@@ -3,12 +3,13 @@ tile encoder + feature adaptor + smaller slide encoder (the student), on the eng
 exact resume, requeue).
 
 Steps (`plan` below, checked before anything is submitted):
-- `features`: a Slurm array of single-device tasks, `distill.slides_per_task` slides each. A task tiles the slides
-  that are whole-slide images (core.data.slides.tile_wsi), runs the frozen teacher once over every tile and writes
-  `features/<slide>.safetensors` atomically: the last block's tokens (`hidden`, in distill.cache_dtype), the tile
-  embeddings, the slide embedding and the tile coordinates, with the tile names and a fingerprint of the teacher
-  and the preprocessing. A slide whose file is there with the same fingerprint and tiles is skipped, so a
-  resubmission (`--resume`) recomputes nothing and `--resume-missing` submits only the slides without a file.
+- `features` (core.workloads.gigapath_features): a Slurm array of single-device tasks, `distill.slides_per_task`
+  slides each. A task tiles the slides that are whole-slide images (core.data.slides.tile_wsi), runs the frozen
+  teacher once over every tile and writes `features/<slide>.safetensors` atomically: the last block's tokens
+  (`hidden`, in distill.cache_dtype), the tile embeddings, the slide embedding and the tile coordinates, with the
+  tile names and a fingerprint of the teacher and the preprocessing. A slide whose file is there with the same
+  fingerprint and tiles is skipped, so a resubmission (`--resume`) recomputes nothing and `--resume-missing`
+  submits only the slides without a file.
 - `main` (afterok: features): trains the student on the cached features, never running the teacher: one
   micro-step is one training slide (deepspeed.micro_batch of its tiles, drawn anew each epoch; all of them when it
   has fewer), loss = beta * L_hidden(adaptor(student last-block tokens), teacher's) + (1 - beta) *
@@ -20,9 +21,6 @@ Steps (`plan` below, checked before anything is submitted):
 from __future__ import annotations
 
 import csv
-import hashlib
-import io
-import json
 import logging
 import time
 from pathlib import Path
@@ -30,18 +28,21 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, PositiveInt
 
-from core.data.slides import DatasetError
-from core.run_folder import atomic_path, write_json_atomic, write_text_atomic
+from core.errors import DatasetError
+from core.metrics.embedding import AGREEMENT, embedding_agreement
+from core.results import ResultFolder
+from core.run_folder import atomic_path, write_json_atomic
 from core.runtime import TaskContext
-from core.spec import DataSpec, FieldError, JobSpec, Strict
+from core.config import DataSpec, FieldError, JobSpec, Strict
 from core.workloads import Shape, Workload
+from core.workloads.common import rank0_index
+from core.workloads.gigapath_features import (FEATURES, FORMAT, done_slides, features, features_path,  # noqa: F401
+                                              fingerprint, load_tiles, read_features, safetensors_metadata)
 
 log = logging.getLogger("gigapath_distill")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-FEATURES = "features"
-FORMAT = "gigapath_distill/1"
 
 
 class DistillSection(Strict):
@@ -131,51 +132,6 @@ def read_dataset(spec: JobSpec):
                                                   f"data.heldout_fraction, name data.heldout, or set "
                                                   f"distill.evaluate: false")
     return found, train, held
-
-
-def fingerprint(spec: JobSpec) -> str:
-    """What the cached features depend on: the teacher (config and weight files), the preprocessing, the cache
-    layout. Torch-free (the planner compares it for --resume-missing)."""
-    from core.models.gigapath import SLIDE_WEIGHTS, TILE_WEIGHTS, teacher_config, weights_in
-
-    t, s, d = spec.models["teacher"], spec.distill, spec.data
-    files = {}
-    if t.path and Path(t.path).is_dir():
-        for names in (TILE_WEIGHTS, SLIDE_WEIGHTS):
-            f = weights_in(t.path, names)
-            if f is not None:
-                st = f.stat()
-                files[f.name] = [st.st_size, st.st_mtime_ns]
-    key = {"teacher": teacher_config(t), "files": files, "preset": t.preset, "tokens": s.hidden_tokens,
-           "norm": s.hidden_norm, "cache": s.cache_dtype, "precision": s.teacher_precision,
-           "image": [d.image_size, list(d.mean), list(d.std)],
-           "tiling": [d.tile_px, d.wsi_level, d.occupancy, d.tissue_threshold]}
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def features_path(run_dir, slide_id: str) -> Path:
-    return Path(run_dir) / FEATURES / f"{slide_id}.safetensors"
-
-
-def safetensors_metadata(path) -> Optional[dict]:
-    """The __metadata__ of a .safetensors file from its header alone (torch-free); None if unreadable."""
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 0 < n < 1 << 30:
-                return None
-            return json.loads(f.read(n)).get("__metadata__", {})
-    except (OSError, ValueError):
-        return None
-
-
-def done_slides(run_dir, ids: list[str], fp: str) -> set[str]:
-    out = set()
-    for sid in ids:
-        meta = safetensors_metadata(features_path(run_dir, sid))
-        if meta and meta.get("fingerprint") == fp and meta.get("format") == FORMAT:
-            out.add(sid)
-    return out
 
 
 def _model_checks(spec: JobSpec) -> dict:
@@ -299,135 +255,6 @@ def model_size(spec: JobSpec):
                    heads=int(net.blocks[0].attn.num_heads), vocab=0)
 
 
-# ---------------------------------------------------------------- slides inside the job
-def slide_source(d, slide_id: str) -> tuple[str, Path]:
-    """('tiles' | 'wsi', path) of a slide id under data.path."""
-    from core.data.slides import WSI_SUFFIXES
-
-    root = Path(d.path)
-    if (root / slide_id).is_dir():
-        return "tiles", root / slide_id
-    for p in sorted(root.glob(f"{slide_id}.*")):
-        if p.suffix.lower() in WSI_SUFFIXES:
-            return "wsi", p
-    raise FileNotFoundError(f"slide {slide_id}: no folder or whole-slide image in {root}")
-
-
-def tiles_root(spec: JobSpec, run_dir) -> Path:
-    return Path(spec.data.tiles_dir) if spec.data.tiles_dir else Path(run_dir) / "tiles"
-
-
-def tile_folder(spec: JobSpec, run_dir, slide_id: str, make: bool = False) -> Path:
-    """The slide's tile folder: its own, or (a whole-slide image) tiled into tiles_dir, now if `make`."""
-    from core.data.slides import tile_folder_ready, tile_wsi
-
-    kind, src = slide_source(spec.data, slide_id)
-    if kind == "tiles":
-        return src
-    folder = tiles_root(spec, run_dir) / slide_id
-    if make and not tile_folder_ready(folder):
-        d = spec.data
-        info = tile_wsi(src, folder, d.wsi_level, d.tile_px, d.occupancy, d.tissue_threshold)
-        log.info("tiled %s: %d tiles at level %d (downsample %g)", src, info["tiles"], d.wsi_level, info["downsample"])
-    return folder
-
-
-def load_tiles(folder: Path, names: list[str], d):
-    import numpy as np
-    import torch
-
-    from core.data.slides import tile_array
-
-    return torch.from_numpy(np.stack([tile_array(folder / n, d.image_size, d.mean, d.std) for n in names]))
-
-
-# ---------------------------------------------------------------- step 1: teacher features
-def features(spec: JobSpec, ctx: TaskContext) -> dict:
-    """Teacher features of this task's slides, one safetensors file each; slides already done are skipped."""
-    from core.data.slides import list_tiles
-    from core.runtime import fault_point
-
-    s, d = spec.distill, spec.data
-    fp = fingerprint(spec)
-    todo, skipped = [], []
-    for sid in ctx.items or []:
-        meta = safetensors_metadata(features_path(ctx.run_dir, sid))
-        ok = bool(meta) and meta.get("fingerprint") == fp and meta.get("format") == FORMAT
-        if ok and slide_source(d, sid)[0] == "tiles":
-            ok = json.loads(meta["names"]) == [n for n, _, _ in list_tiles(tile_folder(spec, ctx.run_dir, sid))]
-        (skipped if ok else todo).append(sid)
-    if skipped:
-        log.info("skipping %d slide(s) with features: %s", len(skipped), ", ".join(skipped))
-    if not todo:
-        return {"slides": list(ctx.items or []), "computed": [], "skipped": skipped}
-    import torch
-    from safetensors.torch import save_file
-
-    from core.models import gigapath as gp
-    from core.runtime import task_device, torch_dtype
-
-    device = task_device(ctx)
-    dtype, cache = torch_dtype(s.teacher_precision), torch_dtype(s.cache_dtype)
-    t0 = time.time()
-    cfg = gp.teacher_config(spec.models["teacher"])
-    tile_enc, slide_enc = gp.load_teacher(spec.models["teacher"], cfg, s.ignore_unexpected_keys)
-    tile_enc, slide_enc = tile_enc.to(device, dtype), slide_enc.to(device, dtype)
-    load_s, forward_s, n_tiles, computed = time.time() - t0, 0.0, 0, []
-    for sid in todo:
-        fault_point("slide", sid)
-        folder = tile_folder(spec, ctx.run_dir, sid, make=True)
-        tiles = list_tiles(folder)
-        names = [n for n, _, _ in tiles]
-        coords = torch.tensor([[x, y] for _, x, y in tiles], dtype=torch.int64)
-        hidden, emb = [], []
-        with torch.no_grad():
-            for a in range(0, len(names), s.teacher_batch):
-                images = load_tiles(folder, names[a:a + s.teacher_batch], d).to(device, dtype)
-                t1 = time.perf_counter()
-                h, e = gp.encode_tiles(tile_enc, images)
-                hidden.append(gp.select_hidden(tile_enc, h, s.hidden_tokens, s.hidden_norm).to(cache).cpu())
-                emb.append(e.float().cpu())
-                forward_s += time.perf_counter() - t1
-            emb_t = torch.cat(emb)
-            t1 = time.perf_counter()
-            slide = slide_enc(emb_t[None].to(device, dtype), coords[None].to(device))[0][0].float().cpu()
-            forward_s += time.perf_counter() - t1
-        n_tiles += len(names)
-        tensors = {"hidden": torch.cat(hidden).contiguous(), "tile_emb": emb_t.contiguous(),
-                   "slide_emb": slide.contiguous(), "coords": coords}
-        meta = {"format": FORMAT, "slide": sid, "fingerprint": fp, "tiles": str(len(names)),
-                "names": json.dumps(names), "folder": str(folder)}
-        with atomic_path(features_path(ctx.run_dir, sid)) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
-        computed.append(sid)
-        log.info("slide %s: %d tiles -> %s", sid, len(names), features_path(ctx.run_dir, sid))
-    return {"slides": list(ctx.items), "computed": computed, "skipped": skipped, "tiles": n_tiles,
-            "teacher_load_s": round(load_s, 3), "teacher_forward_s": round(forward_s, 4),
-            "seconds_per_tile": forward_s / max(n_tiles, 1)}
-
-
-def read_features(run_dir, slide_id: str, rows=None) -> dict:
-    """A slide's cached teacher features (rows: tile indices, sorted; None: all)."""
-    from safetensors import safe_open
-
-    path = features_path(run_dir, slide_id)
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        out = {k: f.get_tensor(k) for k in ("tile_emb", "slide_emb", "coords")}
-        if rows is None:
-            out["hidden"] = f.get_tensor("hidden")
-        else:
-            import torch
-
-            sl = f.get_slice("hidden")
-            out["hidden"] = torch.cat([sl[i:i + 1] for i in rows])
-    if rows is not None:
-        out["tile_emb"], out["coords"] = out["tile_emb"][rows], out["coords"][rows]
-    out["names"] = json.loads(meta["names"])
-    out["folder"] = meta["folder"]
-    return out
-
-
 # ---------------------------------------------------------------- step 2: training + evaluation
 INDEX = "data/slides.json"
 
@@ -435,15 +262,13 @@ INDEX = "data/slides.json"
 def prepare(spec: JobSpec, ctx: TaskContext, rank: int) -> dict:
     """Rank 0 (first): the split, written to data/slides.json; later calls (other ranks, a requeued or resumed run)
     read it back. Every slide must have its features."""
-    path = ctx.run_dir / INDEX
-    if not path.is_file():
-        if rank != 0:
-            raise RuntimeError(f"{path} missing: rank 0 did not write the slide index")
+    def write(path: Path) -> None:
         found, train, held = read_dataset(spec)
         write_json_atomic(path, {"train": [sl.id for sl in train], "heldout": [sl.id for sl in held],
                                  "labels": {sl.id: sl.label for sl in found.slides if sl.label is not None},
                                  "classes": found.classes, "seed": spec.data.seed})
-    index = json.loads(path.read_text())
+
+    index = rank0_index(ctx.run_dir / INDEX, rank, "slide index", write)
     missing = [sid for sid in index["train"] + index["heldout"] if not features_path(ctx.run_dir, sid).is_file()]
     if missing:
         raise RuntimeError(f"no teacher features for slide(s) {missing[:8]} in {ctx.run_dir / FEATURES}; compute "
@@ -569,7 +394,6 @@ def evaluate(spec, ctx, session, engine, slides: list[str], index: dict, keep_ti
     import torch
 
     from core.engine import padded_share
-    from core.models import gigapath as gp
 
     d = spec.data
     model = engine.module
@@ -586,13 +410,7 @@ def evaluate(spec, ctx, session, engine, slides: list[str], index: dict, keep_ti
             sh, ts = out["hidden"].float(), f["slide_emb"].float().to(session.device)
             if not keep:
                 continue
-            row = {"slide_id": sid, "tiles": len(f["names"]),
-                   "tile_cos": float(gp.cosine(sh, th).mean()),
-                   "tile_mse": float(((sh - th) ** 2).mean()),
-                   "cls_cos": float(gp.cosine(sh[:, 0], th[:, 0]).mean()),
-                   "cls_mse": float(((sh[:, 0] - th[:, 0]) ** 2).mean()),
-                   "slide_cos": float(gp.cosine(out["slide_emb"], ts)),
-                   "slide_mse": float(((out["slide_emb"].float() - ts) ** 2).mean()),
+            row = {"slide_id": sid, "tiles": len(f["names"]), **embedding_agreement(sh, th, out["slide_emb"], ts),
                    "student_slide": out["slide_emb"].float().cpu().tolist(),
                    "teacher_slide": ts.cpu().tolist()}
             if keep_tiles:
@@ -603,7 +421,7 @@ def evaluate(spec, ctx, session, engine, slides: list[str], index: dict, keep_ti
     return session.gather_rows(rows, "slide_id", slides)
 
 
-METRICS = ("tile_cos", "tile_mse", "cls_cos", "cls_mse", "slide_cos", "slide_mse")
+METRICS = AGREEMENT  # per slide: tile_cos, tile_mse, cls_cos, cls_mse, slide_cos, slide_mse
 
 
 def linear_probe(rows: list[dict], index: dict, key: str) -> Optional[dict]:
@@ -636,19 +454,17 @@ def write_results(spec, run_dir: Path, index: dict, before, after) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    out = Path(run_dir) / "results"
+    out = ResultFolder(Path(run_dir) / "results")
     held = set(index["heldout"])
     prev = {r["slide_id"]: r for r in before or []}
-    buf = io.StringIO()
-    w = csv.writer(buf)
     cols = [f"{m}_before" for m in METRICS] if before else []
-    w.writerow(["slide_id", "split", "label", "tiles", *METRICS, *cols])
-    for r in after:
+
+    def slide_row(r):
         p = prev.get(r["slide_id"], {})
-        w.writerow([r["slide_id"], "heldout" if r["slide_id"] in held else "train",
-                    index["labels"].get(r["slide_id"], ""), r["tiles"], *(repr(r[m]) for m in METRICS),
-                    *(repr(p[m]) for m in METRICS if before)])
-    write_text_atomic(out / "slides.csv", buf.getvalue())
+        return [r["slide_id"], "heldout" if r["slide_id"] in held else "train", index["labels"].get(r["slide_id"], ""),
+                r["tiles"], *(repr(r[m]) for m in METRICS), *(repr(p[m]) for m in METRICS if before)]
+
+    out.csv("slides.csv", ["slide_id", "split", "label", "tiles", *METRICS, *cols], [slide_row(r) for r in after])
 
     def means(rows):
         rs = [r for r in rows if r["slide_id"] in held]
@@ -667,20 +483,21 @@ def write_results(spec, run_dir: Path, index: dict, before, after) -> dict:
         if r["slide_id"] in held:
             tensors[f"{r['slide_id']}.tile_emb"] = r["tile_emb"].contiguous()
             tensors[f"{r['slide_id']}.slide_emb"] = torch.tensor(r["student_slide"])
-    with atomic_path(out / "embeddings.safetensors") as tmp:
+    with atomic_path(out.path("embeddings.safetensors")) as tmp:
         save_file(tensors, str(tmp))
-    write_json_atomic(out / "metrics.json", metrics)
-    png = plot(Path(run_dir), metrics, out / "distill.png")
+    out.json("metrics.json", metrics)
+    png = out.figure("distill.png", distill_figure(Path(run_dir), metrics))
     a, b = metrics["after"], metrics["before"] or {}
     log.info("held-out (%d slides): tile cosine %s -> %.4f, slide cosine %s -> %.4f; probe %s", len(held),
              f"{b['tile_cos']:.4f}" if b else "?", a["tile_cos"], f"{b['slide_cos']:.4f}" if b else "?",
              a["slide_cos"], probe if index["labels"] else "none (no labels)")
-    return {"metrics": str(out / "metrics.json"), "slides_csv": str(out / "slides.csv"), "png": str(png),
-            "embeddings": str(out / "embeddings.safetensors"), "tile_cos": a["tile_cos"], "slide_cos": a["slide_cos"],
+    return {"metrics": str(out.path("metrics.json")), "slides_csv": str(out.path("slides.csv")), "png": str(png),
+            "embeddings": str(out.path("embeddings.safetensors")), "tile_cos": a["tile_cos"], "slide_cos": a["slide_cos"],
             "tile_cos_before": b.get("tile_cos"), "slide_cos_before": b.get("slide_cos")}
 
 
-def plot(run_dir: Path, metrics: dict, path: Path) -> Path:
+def distill_figure(run_dir: Path, metrics: dict):
+    """Held-out cosines before / after, and the training losses from the run's metrics.csv."""
     from core.workloads.common import pyplot
 
     plt = pyplot()
@@ -707,10 +524,7 @@ def plot(run_dir: Path, metrics: dict, path: Path) -> Path:
         ax2.legend()
         ax2.set_title(f"training (beta {metrics['beta']})")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return path
+    return fig
 
 
 WORKLOAD = Workload(run=run, section="distill", Section=DistillSection, Data=SlideData, trains=True, plan=plan,

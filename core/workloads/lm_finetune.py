@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from core.runtime import TaskContext
-from core.spec import JobSpec
+from core.config import JobSpec
 from core.workloads import Workload
 
 

@@ -19,9 +19,10 @@ from typing import Literal, Optional
 
 from pydantic import Field, PositiveInt, field_validator
 
+from core.results import ResultFolder
 from core.run_folder import is_run, promised_by, write_json_atomic
 from core.runtime import TaskContext
-from core.spec import FieldError, JobSpec, Strict
+from core.config import FieldError, JobSpec, Strict
 from core.workloads import Shape, Workload
 from core.workloads.common import decoder_layers, next_token_logprobs, pyplot, text_lines
 
@@ -122,10 +123,10 @@ def write_pruned(src: Path, dst: Path, remove: list[int], max_shard_bytes: int =
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from core.models.pangu import weight_map
+    from core.models.pangu import read_config, weight_map
 
     src, dst = Path(src), Path(dst)
-    cfg = json.loads((src / "config.json").read_text())
+    cfg = read_config(src)
     total = cfg["num_hidden_layers"]
     keep = [i for i in range(total) if i not in set(remove)]
     new_index = {old: new for new, old in enumerate(keep)}
@@ -304,8 +305,8 @@ def merge(spec: JobSpec, ctx: TaskContext) -> dict:
                         **{f"dia_{k}": r[f"dia_{k}"] for k in DIA_COLUMNS if f"dia_{k}" in r},
                         "folder": r["folder"]} for r in rows])
     df = df.sort_values("ratio", key=lambda s: s.map(lambda v: -1 if v == "layers" else float(v)))
-    csv = ctx.path("pruning_eval.csv")
-    df.to_csv(csv, index=False)
+    out = ResultFolder(ctx.run_dir)
+    csv = out.dataframe("pruning_eval.csv", df)
     numeric = df[df["ratio"] != "layers"]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(numeric["ratio"].astype(float), numeric["perplexity"], "o-", label="perplexity")
@@ -315,9 +316,7 @@ def merge(spec: JobSpec, ctx: TaskContext) -> dict:
     ax2.plot(numeric["ratio"].astype(float), numeric["logprob_distance"], "s--", color="tab:red")
     ax2.set_ylabel("log-prob distance to unpruned", color="tab:red")
     fig.tight_layout()
-    png = ctx.path("pruning_eval.png")
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    png = out.figure("pruning_eval.png", fig)
     return {"csv": str(csv), "png": str(png), "rows": len(df)}
 
 

@@ -31,9 +31,10 @@ from typing import Literal, Optional, Union
 
 from pydantic import Field, PositiveInt
 
+from core.results import ResultFolder
 from core.run_folder import atomic_path, write_json_atomic
 from core.runtime import TaskContext
-from core.spec import FieldError, JobSpec, Strict
+from core.config import FieldError, JobSpec, Strict
 from core.workloads import Shape, Workload
 from core.workloads.common import decoder_layers, next_token_logprobs, pyplot, text_lines
 
@@ -117,7 +118,7 @@ def plan(spec: JobSpec, resume_dir: Optional[Path] = None, cluster=None) -> Shap
     return Shape(items=layers, items_per_task=per, pre="baseline", notes=notes, problems=problems)
 
 
-DEFAULT_TASK_START_S = 20.0  # core.spec.Cluster.task_start_s's default, for a plan made without a profile
+DEFAULT_TASK_START_S = 20.0  # core.config.Cluster.task_start_s's default, for a plan made without a profile
 
 
 def task_start(spec: JobSpec, cluster=None) -> tuple[float, str]:
@@ -501,16 +502,16 @@ def merge(spec: JobSpec, ctx: TaskContext) -> dict:
                         "metric": recs[layer]["metric"]} for layer in wanted])
     df["rank"] = df["mean"].rank(method="first").astype(int)  # 1 = least sensitive = first to prune
     df = df[["layer", "mean", "std", "rank", "metric"]]
-    csv_path = ctx.path("sensitivity.csv")
-    df.to_csv(csv_path, index=False)
+    out = ResultFolder(ctx.run_dir)
+    csv_path = out.dataframe("sensitivity.csv", df)
     k = max(1, round(scan.mark_ratio * len(df)))
     candidates = sorted(df.nsmallest(k, "mean")["layer"].tolist())
-    png = plot(df, candidates, ctx.path("sensitivity.png"), f"{scan.metric} ({scan.mode})")
+    png = out.figure("sensitivity.png", sensitivity_figure(df, candidates, f"{scan.metric} ({scan.mode})"))
     log.info("%s; pruning candidates at %.0f%%: %s", csv_path, 100 * scan.mark_ratio, candidates)
     return {"csv": str(csv_path), "png": str(png), "candidates": candidates, "layers": len(df)}
 
 
-def plot(df, candidates: list[int], path: Path, label: str) -> Path:
+def sensitivity_figure(df, candidates: list[int], label: str):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6, len(df) * 0.3), 3.5))
     colors = ["tab:red" if layer in candidates else "tab:blue" for layer in df["layer"]]
@@ -519,9 +520,7 @@ def plot(df, candidates: list[int], path: Path, label: str) -> Path:
     ax.set_ylabel(label)
     ax.set_title(f"layer sensitivity; red: {len(candidates)} pruning candidates")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig
 
 
 WORKLOAD = Workload(run=run, merge=merge, section="scan", Section=ScanSection, plan=plan,

@@ -16,7 +16,7 @@ from pydantic import Field
 
 from core.run_folder import write_json_atomic
 from core.runtime import TaskContext, context_dict
-from core.spec import JobSpec, Strict
+from core.config import JobSpec, Strict
 from core.workloads import Workload
 
 log = logging.getLogger("smoke")

@@ -16,7 +16,7 @@ from pydantic import Field
 
 from core.run_folder import promised_by, write_text_atomic
 from core.runtime import TaskContext
-from core.spec import JobSpec, Strict
+from core.config import JobSpec, Strict
 from core.workloads import Shape, Workload
 
 log = logging.getLogger("study_table")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 from pathlib import Path
@@ -25,11 +24,15 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import Field, PositiveInt, field_validator
 
-from core.data.lung_ct import CLASS_NAMES, DatasetError, LUNG_WINDOW, Scan
-from core.run_folder import atomic_path, write_json_atomic, write_text_atomic
+from core.data.lung_ct import CLASS_NAMES, LUNG_WINDOW, Scan
+from core.errors import DatasetError
+from core.metrics.classification import classification_metrics
+from core.results import ResultFolder
+from core.run_folder import write_json_atomic, write_text_atomic
 from core.runtime import TaskContext
-from core.spec import DataSpec, DeepSpeedSpec, FieldError, JobSpec, Strict
+from core.config import DataSpec, DeepSpeedSpec, FieldError, JobSpec, Strict
 from core.workloads import Shape, Workload
+from core.workloads.common import rank0_index
 
 log = logging.getLogger("vitp_lung")
 
@@ -97,12 +100,14 @@ def synthetic_root(d) -> Path:
 
 
 def _check_model_path(spec: JobSpec) -> None:
+    from core.models.checkpoint_files import find_config
+
     v, m, d = spec.vitp, spec.model, spec.data
     if v.backbone == "transformers":
-        if not m.path or not (Path(m.path) / "config.json").is_file():
+        cfg = find_config(m.path)
+        if cfg is None:
             raise FieldError("model.path", f"{m.path!r}: vitp.backbone transformers needs a local model folder with "
                                            f"config.json (and its weights)")
-        cfg = json.loads((Path(m.path) / "config.json").read_text())
         size = cfg.get("image_size")
         size = size[0] if isinstance(size, list) else size
         if size and size != d.image_size:
@@ -124,10 +129,10 @@ def _check_model_path(spec: JobSpec) -> None:
             if not any((p / n).is_file() for n in WEIGHT_FILES):
                 raise FieldError("model.path", f"{p}: no weights file in the folder (looked for "
                                                f"{', '.join(WEIGHT_FILES)})")
-            cfg_file = p / "config.json"
-            arch = json.loads(cfg_file.read_text()).get("architecture") if cfg_file.is_file() else None
+            arch = (find_config(p) or {}).get("architecture")
             if arch and arch.split(".")[0] != v.arch.split(".")[0]:
-                raise FieldError("vitp.arch", f"{v.arch} but {cfg_file} is a {arch} checkpoint; set vitp.arch: {arch}")
+                raise FieldError("vitp.arch", f"{v.arch} but {p / 'config.json'} is a {arch} checkpoint; set "
+                                              f"vitp.arch: {arch}")
 
 
 def check_spec(spec: JobSpec) -> None:
@@ -220,10 +225,7 @@ def prepare(spec: JobSpec, ctx: TaskContext, rank: int) -> tuple[Scan, dict]:
     every later call (other ranks, a requeued or resumed run) reads them back, so the split never changes."""
     from core.data.lung_ct import write_synthetic
 
-    path = ctx.run_dir / DATASET
-    if not path.is_file():
-        if rank != 0:
-            raise RuntimeError(f"{path} missing: rank 0 did not write the dataset index")
+    def write(path: Path) -> None:
         if spec.data.make_synthetic:
             write_synthetic(synthetic_root(spec.data), seed=spec.data.seed, dicom_every=6)
         found, splits = read_dataset(spec)
@@ -239,7 +241,8 @@ def prepare(spec: JobSpec, ctx: TaskContext, rank: int) -> tuple[Scan, dict]:
             for p in ps:
                 w.writerow([p.id, p.label, spec.vitp.classes[p.label], s, len(p.slices)])
         write_text_atomic(ctx.run_dir / "data" / "split.csv", buf.getvalue())
-    saved = json.loads(path.read_text())
+
+    saved = rank0_index(ctx.run_dir / DATASET, rank, "dataset index", write)
     found = Scan.from_json(saved["scan"])
     by_id = {p.id: p for p in found.patients}
     return found, {s: [by_id[i] for i in ids] for s, ids in saved["split"].items()}
@@ -396,53 +399,21 @@ def evaluate(spec, ctx, session, engine, patients, loader, found) -> dict:
 
 
 # ---------------------------------------------------------------- metrics and result files
-def classification_metrics(y, probs, classes: list[str]) -> dict:
-    """Accuracy, macro-F1, per-class recall, macro one-vs-rest AUC and the confusion matrix (scikit-learn) of
-    labels y and class probabilities (n, C); predictions are the argmax. The AUC averages the classes that have
-    positives and negatives among y (sklearn's macro OvR when every class is present)."""
-    import numpy as np
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score, roc_auc_score
-
-    y, probs = np.asarray(y, dtype=int), np.asarray(probs, dtype=np.float64)
-    labels = list(range(len(classes)))
-    pred = probs.argmax(axis=1)
-    present = [c for c in labels if 0 < int((y == c).sum()) < len(y)]
-    if len(present) == len(labels):
-        auc = float(roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=labels))
-    elif present:
-        auc = float(np.mean([roc_auc_score(y == c, probs[:, c]) for c in present]))
-    else:
-        auc = None
-    recall = recall_score(y, pred, labels=labels, average=None, zero_division=0)
-    return {"n": int(len(y)), "accuracy": float(accuracy_score(y, pred)),
-            "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
-            "per_class_recall": {c: float(r) for c, r in zip(classes, recall)},
-            "macro_auc_ovr": auc, "auc_classes": [classes[c] for c in present],
-            "confusion_matrix": confusion_matrix(y, pred, labels=labels).tolist()}
-
-
-def _csv_text(header: list, rows: list) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(header)
-    w.writerows(rows)
-    return buf.getvalue()
-
-
 def write_results(run_dir: Path, rows: list[dict], spec, skipped: int = 0, folder: str = "results") -> dict:
+    """results/: patients.csv and slices.csv (class probabilities), confusion_{patient,slice}.csv / .png and
+    metrics.json (classification metrics at both levels)."""
     import numpy as np
 
     classes = spec.vitp.classes
-    out = Path(run_dir) / folder
+    out = ResultFolder(Path(run_dir) / folder)
     prob_cols = [f"prob_{c}" for c in classes]
     patient_probs = [np.mean(np.asarray(r["probs"], dtype=np.float64), axis=0) for r in rows]
     patient_rows = [[r["patient_id"], r["label"], int(p.argmax()), *map(repr, p.tolist())]
                     for r, p in zip(rows, patient_probs)]
-    write_text_atomic(out / "patients.csv", _csv_text(["patient_id", "label", "predicted", *prob_cols], patient_rows))
+    out.csv("patients.csv", ["patient_id", "label", "predicted", *prob_cols], patient_rows)
     slice_rows = [[r["patient_id"], i, f, r["label"], int(np.argmax(pr)), *map(repr, pr)]
                   for r in rows for i, f, pr in zip(r["indices"], r["slices"], r["probs"])]
-    write_text_atomic(out / "slices.csv", _csv_text(["patient_id", "index", "slice", "label", "predicted", *prob_cols],
-                                                    slice_rows))
+    out.csv("slices.csv", ["patient_id", "index", "slice", "label", "predicted", *prob_cols], slice_rows)
     y_patient = [r["label"] for r in rows]
     levels = {"patient": classification_metrics(y_patient, patient_probs, classes),
               "slice": classification_metrics([r["label"] for r in rows for _ in r["probs"]],
@@ -455,24 +426,22 @@ def write_results(run_dir: Path, rows: list[dict], spec, skipped: int = 0, folde
     files = {}
     for level, m in levels.items():
         cm = m["confusion_matrix"]
-        write_text_atomic(out / f"confusion_{level}.csv",
-                          _csv_text(["true\\predicted", *classes], [[c, *row] for c, row in zip(classes, cm)]))
-        plot_confusion(cm, classes, f"{level} level, {m['n']} {level}s: accuracy {m['accuracy']:.3f}",
-                       out / f"confusion_{level}.png")
-        files[f"confusion_{level}_png"] = str(out / f"confusion_{level}.png")
-    write_json_atomic(out / "metrics.json", metrics)
+        out.csv(f"confusion_{level}.csv", ["true\\predicted", *classes], [[c, *row] for c, row in zip(classes, cm)])
+        png = out.figure(f"confusion_{level}.png", confusion_figure(
+            cm, classes, f"{level} level, {m['n']} {level}s: accuracy {m['accuracy']:.3f}"))
+        files[f"confusion_{level}_png"] = str(png)
+    out.json("metrics.json", metrics)
     p, s = levels["patient"], levels["slice"]
     auc = f"{p['macro_auc_ovr']:.3f}" if p["macro_auc_ovr"] is not None else "n/a"
     log.info("%s: %d patients, patient-level accuracy %.3f (chance %.3f), macro-F1 %.3f, AUC %s; slice-level "
              "accuracy %.3f -> %s", spec.vitp.eval_split, len(rows), p["accuracy"], metrics["chance_accuracy"],
-             p["macro_f1"], auc, s["accuracy"], out)
-    return {"patients_csv": str(out / "patients.csv"), "slices_csv": str(out / "slices.csv"),
-            "metrics": str(out / "metrics.json"), **files, "patient_accuracy": p["accuracy"],
+             p["macro_f1"], auc, s["accuracy"], out.folder)
+    return {"patients_csv": str(out.path("patients.csv")), "slices_csv": str(out.path("slices.csv")),
+            "metrics": str(out.path("metrics.json")), **files, "patient_accuracy": p["accuracy"],
             "patient_macro_f1": p["macro_f1"], "patient_macro_auc": p["macro_auc_ovr"], "slice_accuracy": s["accuracy"],
             "chance_accuracy": metrics["chance_accuracy"], "patients": len(rows)}
 
-
-def plot_confusion(cm, classes: list[str], title: str, path: Path) -> None:
+def confusion_figure(cm, classes: list[str], title: str):
     from core.workloads.common import pyplot
 
     plt = pyplot()
@@ -488,9 +457,7 @@ def plot_confusion(cm, classes: list[str], title: str, path: Path) -> None:
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    return fig
 
 
 WORKLOAD = Workload(run=run, section="vitp", Section=VitpSection, Data=LungData, trains=True, plan=plan,

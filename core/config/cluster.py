@@ -1,0 +1,98 @@
+"""The cluster profile schema (cluster_configs/*.yaml): where jobs go, what the nodes have, the scheduler's
+limits and the in-task settings (HCCL, requeues)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field, PositiveInt, field_validator, model_validator
+
+from core.secrets_guard import redact
+from core.config.base import SLURM_CONSTRAINT, SLURM_GRES, SLURM_HOSTLIST, SLURM_NAME, Strict, check_env_names
+
+
+HCCL_PORT_WINDOWS, HCCL_PORT_WINDOW = 16, 256  # core.runtime: a job's HCCL ports are base + (job id % 16) x 256
+HCCL_BASE_PORT_MAX = 65535 - HCCL_PORT_WINDOWS * HCCL_PORT_WINDOW + 1
+
+
+SLURM_KEYS = ("cluster_name", "partition", "account", "qos", "constraint", "exclude", "gres")
+
+
+class SlurmSection(Strict):
+    """The profile's Slurm-only settings: they reach #SBATCH lines, so each is checked against Slurm's grammar."""
+    cluster_name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$",
+                                        description="Slurm's ClusterName of this cluster: limits read from the "
+                                                    "cluster that answers (MaxArraySize, MaxJobCount) count only "
+                                                    "when it is this one")
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    exclude: Optional[str] = None
+    gres: Optional[str] = Field(None, description="e.g. gpu:{devices} ({devices} = the tasks of the node)")
+
+    _partition = field_validator("partition", "account", "qos")(classmethod(lambda cls, v: SLURM_NAME(v)))
+    _constraint = field_validator("constraint")(classmethod(lambda cls, v: SLURM_CONSTRAINT(v)))
+    _exclude = field_validator("exclude")(classmethod(lambda cls, v: SLURM_HOSTLIST(v)))
+    _gres = field_validator("gres")(classmethod(lambda cls, v: SLURM_GRES(v)))
+
+
+class Cluster(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+    executor: Literal["slurm", "local"]
+    description: str = ""
+    slurm: SlurmSection = Field(default_factory=lambda: SlurmSection(),
+                                description="what only Slurm reads (partition, account, qos, gres, ...); the same "
+                                            "keys at the top of a profile are read into this section")
+    logs_roots: list[str] = Field(default_factory=list, description="absolute folders where a spec's absolute "
+                                                                    "outputs.logs_dir may put run folders")
+    max_nodes: Optional[PositiveInt] = Field(None, description="most nodes one job may ask for here")
+    loopback_rendezvous: bool = Field(False, description="multi-node jobs may meet on a loopback address (only "
+                                                         "where every node is this one host: the local cluster)")
+    accelerator: Literal["cuda", "npu", "cpu"] = "cpu"
+    devices_per_node: int = Field(0, ge=0)
+    device_mem_gb: Optional[float] = Field(None, gt=0, description="memory of one device, for the plan's estimate")
+    cpus_per_task: PositiveInt = 1
+    mem_gb_per_node: Optional[float] = Field(None, gt=0)
+    setup: list[str] = Field(default_factory=list, description="shell lines run before the job (module load ...)")
+    env: dict[str, str] = Field(default_factory=dict)
+    max_array_size: PositiveInt = Field(1001, description="Slurm MaxArraySize fallback (read from scontrol when possible)")
+    max_jobs_per_user: Optional[PositiveInt] = Field(None, description="queue limit that chunking cannot get around")
+    hccl_connect_timeout: PositiveInt = Field(1200, description="HCCL_CONNECT_TIMEOUT (npu)")
+    hccl_exec_timeout: PositiveInt = Field(1800, description="HCCL_EXEC_TIMEOUT (npu)")
+    hccl_if_base_port: int = Field(60000, ge=1024, le=HCCL_BASE_PORT_MAX,
+                                   description="HCCL_IF_BASE_PORT; each job gets one of 16 windows of 256 ports above "
+                                               "it, so base + 16 x 256 must stay within 65535")
+    task_start_s: float = Field(20.0, gt=0, description="seconds one array task spends starting (scheduling, "
+                                                         "imports, reading the model's config) before its work; "
+                                                         "planners size tasks with it (scan.layers_per_task: auto)")
+    signal_s_before_timeout: PositiveInt = 120
+    max_requeues: int = Field(3, ge=0)
+    python: Optional[str] = Field(None, description="python command on the nodes; default: this interpreter")
+
+    _env = field_validator("env")(classmethod(lambda cls, v: check_env_names(v)))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scheduler_keys_in_their_section(cls, data):
+        """Profiles written before the slurm: section put its keys at the top: read them into the section (a key
+        given in both places is refused: which one would win is not obvious)."""
+        if not isinstance(data, dict) or not any(k in data for k in SLURM_KEYS):
+            return data
+        section = data.get("slurm")
+        if section is not None and not isinstance(section, dict):
+            return data  # the section's own validation says what is wrong
+        both = sorted(k for k in SLURM_KEYS if k in data and k in (section or {}))
+        if both:
+            raise ValueError(f"{', '.join(both)} given both at the top of the profile and under slurm:; keep one "
+                             f"(under slurm:)")
+        return {**{k: v for k, v in data.items() if k not in SLURM_KEYS},
+                "slurm": {**(section or {}), **{k: data[k] for k in SLURM_KEYS if k in data}}}
+
+    @field_validator("logs_roots")
+    @classmethod
+    def _roots(cls, v):
+        bad = [r for r in v if not Path(r).is_absolute()]
+        if bad:
+            raise ValueError(f"logs_roots must be absolute folders, got {[redact(r, 60) for r in bad]}")
+        return v

@@ -1,0 +1,257 @@
+"""The one scheduler interface: everything the rest of the project asks of a batch system.
+
+A scheduler renders a plan's job scripts, reads the cluster's limits, checks a plan against the cluster
+(preflight), submits steps (with dependencies where it has a queue), lists and cancels jobs, and, inside a task,
+says who this process is (rank, world, hosts), how often it was requeued and how to requeue it. Job states use one
+vocabulary (Slurm's names: PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT, ...), which every backend maps
+its own states onto. Backends live in their own packages (core/scheduler/slurm/, core/scheduler/local/); nothing
+outside core/scheduler/ knows which one it talks to.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+from core.scheduler.task_env import DistEnv, single_process
+
+if TYPE_CHECKING:  # only for annotations: the scheduler sits below the plan and imports nothing of it at load
+    from core.plan import Plan, Step
+
+DONE = {"COMPLETED"}
+RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING", "RESIZING"}
+PENDING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED", "RESV_DEL_HOLD", "SPECIAL_EXIT"}
+# anything else that is terminal counts as failed: FAILED, CANCELLED, TIMEOUT, NODE_FAIL, OUT_OF_MEMORY, ...
+
+
+class SchedulerUnavailable(RuntimeError):
+    """The scheduler's clients are missing, hang or fail; the message is theirs plus what to check."""
+
+
+def category(state: str) -> str:
+    """A job state as done | running | pending | failed (how status counts tasks)."""
+    state = state.split()[0].rstrip("+") if state else "UNKNOWN"
+    if state in DONE:
+        return "done"
+    if state in RUNNING:
+        return "running"
+    if state in PENDING:
+        return "pending"
+    return "failed"
+
+
+def cancellable(state: str) -> bool:
+    """Still worth cancelling: pending or running, not already ending (COMPLETING) or ended."""
+    return category(state) in ("pending", "running") and not state.startswith("COMPLETING")
+
+
+def parse_elapsed(text: str) -> int:
+    """'1-02:03:04', '02:03:04', '03:04' -> seconds (0 when unreadable)."""
+    text = text.strip()
+    if not text:
+        return 0
+    days, _, rest = text.rpartition("-") if "-" in text else ("", "", text)
+    try:
+        parts = [int(x) for x in rest.split(":")]
+    except ValueError:
+        return 0
+    secs = 0
+    for p in parts:
+        secs = secs * 60 + p
+    return secs + int(days or 0) * 86400
+
+
+def job_key(job_id: str) -> tuple:
+    """Sort key of a job or task id ('12', '12_3', '12_[0-4]')."""
+    return tuple(int(x) if x.isdigit() else 0 for x in re.split(r"[_\[\]]", job_id) if x)
+
+
+@dataclass
+class JobRow:
+    """One job of the queue or the accounting: a plain job, or an array job with its tasks."""
+    job_id: str                  # the job id (the array job id for arrays)
+    name: str = ""
+    states: dict[str, str] = field(default_factory=dict)  # task id -> state ('12' -> state for a plain job)
+    seconds: int = 0             # longest elapsed time of its tasks
+    nodes: str = ""
+    reason: str = ""
+    run_dir: str = ""
+
+    @property
+    def is_array(self) -> bool:
+        return any("_" in t for t in self.states)
+
+    @property
+    def progress(self) -> dict[str, int]:
+        counts = {"done": 0, "running": 0, "pending": 0, "failed": 0}
+        for s in self.states.values():
+            counts[category(s)] += 1
+        return counts
+
+    @property
+    def state(self) -> str:
+        if not self.is_array:
+            return next(iter(self.states.values()), "UNKNOWN").split()[0].rstrip("+")
+        p = self.progress
+        if p["running"]:
+            return "RUNNING"
+        if p["pending"]:
+            return "PENDING"
+        if p["failed"]:
+            bad = sorted({s.split()[0] for s in self.states.values() if category(s) == "failed"})
+            return bad[0] if len(bad) == 1 else "FAILED"
+        return "COMPLETED"
+
+    @property
+    def active(self) -> bool:
+        p = self.progress
+        return bool(p["running"] or p["pending"])
+
+
+@dataclass
+class QueuedJob:
+    """A job of this user still queued or running, as cancel-by-name sees it."""
+    job_id: str       # the job id (the array job id for arrays)
+    state: str
+    name: str
+    comment: str      # what the submission wrote in the job's comment (run=<run folder>)
+
+
+@dataclass
+class QueueEntry:
+    """A queued job or task by id, as cancel-by-id sees it (any user)."""
+    task_id: str      # '12' or '12_3'
+    array_id: str     # the array job id ('12'), the job id for a plain job
+    own_id: str       # the task's own job id
+    owner: str
+    state: str
+    name: str
+
+
+@dataclass
+class Preflight:
+    problems: list[tuple[str, str]] = field(default_factory=list)   # (field, why)
+    notes: list[str] = field(default_factory=list)                  # expected start times, skipped checks
+
+
+class Scheduler:
+    """What a batch system offers the project. Subclasses: core.scheduler.slurm.Slurm, core.scheduler.local.Local.
+
+    has_queue:    jobs wait in a queue and run detached from the submitting process; steps chain with dependencies
+                  (afterok). Without one (local) every step runs to its end, in order, inside the submit command.
+    single_host:  every task's processes run on this machine (the plan folds nodes into processes and caps them).
+    requeues:     a job can be put back in the queue and run again (preemption, time limit) and resume.
+    """
+    name = "base"
+    has_queue = False
+    single_host = False
+    requeues = False
+
+    # ---------------------------------------------------------------- planning and submission
+    def limits(self, cluster) -> dict[str, int]:
+        """Limits the cluster enforces on arrays and queues (MaxArraySize, MaxJobCount), read from the cluster that
+        answers when it is the one the profile names; empty when unknown (the profile's own values are used)."""
+        return {}
+
+    def render(self, plan: "Plan") -> dict[str, list[str]]:
+        """The job scripts each step would be submitted with (one per array chunk); empty without scripts."""
+        return {}
+
+    def preflight(self, plan: "Plan", scripts: dict[str, list[str]]) -> Preflight:
+        """The plan checked against the live cluster (partitions, nodes, accounts, the scheduler's own test)."""
+        return Preflight()
+
+    def submit_step(self, plan: "Plan", raw_spec: dict, step: "Step", root: Optional[str], deps: list[str],
+                    make_entry) -> tuple[list, str]:
+        """Submit one step; returns (jobs, run folder template used). `make_entry(step, run_dir_template)` builds
+        the callable the tasks run."""
+        raise NotImplementedError
+
+    def run_dir_comment(self, run_dir: str) -> str:
+        return f"run={run_dir}"
+
+    # ---------------------------------------------------------------- jobs in the queue and in accounting
+    def query(self, user: Optional[str] = None, since: str = "now-2days") -> list[JobRow]:
+        """This user's jobs, live and finished, newest first."""
+        return []
+
+    def refresher(self, user: Optional[str] = None, since: str = "now-2days"):
+        """An object whose query() returns rows like query(), cheaper on repeated calls (status --watch)."""
+        return _Requery(self, user, since)
+
+    def states(self, job_ids: list[str]) -> tuple[dict[str, str], bool]:
+        """(job or task id -> state, whether the queue answered) for these job ids of any user: the live state of
+        queued jobs, the accounting's of finished ones. A job id in neither is unknown to the scheduler."""
+        return {}, True
+
+    def queued(self, ids: list[str]) -> list[QueueEntry]:
+        """The queued jobs and tasks with these ids (any user)."""
+        return []
+
+    def queued_of(self, user: str) -> list[QueuedJob]:
+        """This user's queued and running jobs, with their names and comments."""
+        return []
+
+    def cancel(self, ids: list[str]) -> None:
+        """Cancel these jobs / array tasks (SchedulerUnavailable when the scheduler refuses)."""
+
+    def cancel_quietly(self, ids: list[str]) -> str:
+        """Cancel; '' when it worked, else what the scheduler said (never raises)."""
+        try:
+            self.cancel(ids)
+        except (SchedulerUnavailable, OSError) as e:
+            return str(e)[:300]
+        return ""
+
+    def log_files(self, row: JobRow) -> list[Path]:
+        """The log files of this job's tasks, oldest first (local file reads)."""
+        if not row.run_dir:
+            return []
+        folder = Path(row.run_dir) / "submitit"
+        try:
+            return sorted(folder.glob(f"{row.job_id}_*log.out"), key=lambda p: p.stat().st_mtime)
+        except OSError:
+            return []
+
+    # ---------------------------------------------------------------- inside a task
+    @classmethod
+    def detect(cls, environ: dict) -> bool:
+        """This process runs as a task of this scheduler (its variables are in the environment)."""
+        return False
+
+    def dist_env(self, environ: dict) -> "DistEnv":
+        """Rank, world, local rank, node rank, hosts and rendezvous of this task, from the scheduler's variables."""
+        return single_process()
+
+    def job_ref(self, environ: dict) -> str:
+        """This task's job id as the scheduler names it (what requeue takes)."""
+        import os
+
+        return str(os.getpid())
+
+    def restart_count(self, environ: dict) -> int:
+        """How often the scheduler has requeued this task (0 for a first run)."""
+        return 0
+
+    def node_name(self, environ: dict) -> Optional[str]:
+        return None
+
+    def device_vars(self) -> tuple[str, ...]:
+        """Variables in which the scheduler lists the devices it bound to this task (after the accelerator's own)."""
+        return ()
+
+    def can_requeue(self, cluster: dict, environ: Optional[dict] = None) -> bool:
+        """This task may put itself back in the queue (the scheduler requeues, and requeues are left)."""
+        return False
+
+    def requeue(self, job_id: str) -> tuple[bool, str]:
+        return False, f"the {self.name} scheduler cannot requeue"
+
+
+class _Requery:
+    def __init__(self, scheduler: Scheduler, user: Optional[str], since: str):
+        self.scheduler, self.user, self.since = scheduler, user, since
+
+    def query(self) -> list[JobRow]:
+        return self.scheduler.query(self.user, self.since)

@@ -1,0 +1,159 @@
+"""This user's jobs from Slurm: ONE `squeue` call (live states, array tasks expanded) + ONE `sacct` call (finished
+states) per refresh, however many jobs and array tasks there are, so the controller load stays flat; the states of
+given job ids (a study's steps); queued jobs for cancelling, and `scancel`."""
+from __future__ import annotations
+
+import getpass
+import time
+from typing import Optional
+
+from core.scheduler.base import (PENDING, RUNNING, JobRow, QueuedJob, QueueEntry, SchedulerUnavailable, category,
+                                 parse_elapsed)
+from core.scheduler.slurm.commands import run
+from core.scheduler.slurm.names import expand_task_ids
+
+SQUEUE_FMT = "%i|%j|%T|%M|%D|%R|%k"
+SACCT_FIELDS = "JobID,JobName,State,ExitCode,Elapsed,NNodes,NodeList,Comment"
+
+
+def _root(task_id: str) -> str:
+    return task_id.split("_")[0].split(".")[0]
+
+
+def _squeue(user: str) -> str:
+    return run(["squeue", "-h", "-r", "-u", user, "-o", SQUEUE_FMT])
+
+
+def _sacct(user: str, since: str) -> str:
+    return run(["sacct", "-X", "-n", "-P", "-u", user, "-S", since, "-o", SACCT_FIELDS])
+
+
+def query(user: Optional[str] = None, since: str = "now-2days") -> list[JobRow]:
+    """This user's jobs from one squeue and one sacct call, newest first."""
+    user = user or getpass.getuser()
+    # squeue first: a task that ends between the two calls is then still seen (by sacct) instead of by neither
+    live = _squeue(user)
+    return merge_rows(live, _sacct(user, since))
+
+
+class Refresher:
+    """For --watch: squeue on every refresh, sacct only when its answer can have changed: on the first refresh,
+    when a job or task has left the queue since the last one (finished states only change then), and at least
+    every `full_every_s` seconds (a job that came and went between two refreshes). Fewer controller and slurmdbd
+    calls than one of each per refresh, never more."""
+
+    def __init__(self, user: Optional[str] = None, since: str = "now-2days", full_every_s: float = 60.0,
+                 clock=time.time):
+        self.user, self.since, self.full_every_s, self.clock = user or getpass.getuser(), since, full_every_s, clock
+        self.acct: Optional[str] = None
+        self.acct_at = 0.0
+        self.live_ids: set[str] = set()
+
+    def query(self) -> list[JobRow]:
+        live = _squeue(self.user)
+        ids = {t for line in live.splitlines() if "|" in line for t in expand_task_ids(line.split("|", 1)[0])}
+        if self.acct is None or (self.live_ids - ids) or self.clock() - self.acct_at >= self.full_every_s:
+            self.acct, self.acct_at = _sacct(self.user, self.since), self.clock()
+        self.live_ids = ids
+        return merge_rows(live, self.acct)
+
+
+def merge_rows(live: str, acct: str) -> list[JobRow]:
+    """Rows from squeue's live view and sacct's accounting (sacct's terminal states win: they are newer)."""
+    rows: dict[str, JobRow] = {}
+
+    def row(task: str) -> JobRow:
+        return rows.setdefault(_root(task), JobRow(_root(task)))
+
+    for line in live.splitlines():
+        parts = line.split("|", 6)
+        if len(parts) < 7:
+            continue
+        jid, name, state, elapsed, nnodes, reason, comment = parts
+        for task in expand_task_ids(jid):
+            r = row(task)
+            r.states[task] = state
+            r.name = r.name or name
+            r.seconds = max(r.seconds, parse_elapsed(elapsed))
+            if state in PENDING or state in RUNNING:
+                r.reason = reason
+            r.run_dir = r.run_dir or comment.removeprefix("run=")
+    for line in acct.splitlines():
+        parts = line.split("|")
+        if len(parts) < 8:
+            continue
+        jid, name, state, _exit, elapsed, nnodes, nodelist, comment = parts[:8]
+        for task in expand_task_ids(jid):
+            r = row(task)
+            if task not in r.states or category(state) in ("done", "failed"):
+                r.states[task] = state  # sacct was asked last: its terminal states are the newest news
+            r.name = r.name or name
+            r.seconds, r.nodes = max(r.seconds, parse_elapsed(elapsed)), r.nodes or nodelist
+            r.run_dir = r.run_dir or comment.removeprefix("run=")
+    for r in rows.values():  # the first step's comment names its folder with Slurm's %A (= its own id)
+        r.run_dir = r.run_dir.replace("%A", r.job_id)
+    return sorted(rows.values(), key=lambda r: int(r.job_id) if r.job_id.isdigit() else 0, reverse=True)
+
+
+def states(job_ids: list[str]) -> tuple[dict[str, str], bool]:
+    """(task or job id -> state for every job and array task of these job ids, whether the queue answered): one
+    sacct and one squeue call; the queue's live state wins over accounting's. When squeue does not answer, the
+    caller must not call a job lost."""
+    numeric = [j for j in job_ids if j.isdigit()]
+    out: dict[str, str] = {}
+    if not numeric:
+        return out, True
+    for line in run(["sacct", "-X", "-n", "-P", "-j", ",".join(numeric), "-o", "JobID,State"]).splitlines():
+        if "|" in line:
+            jid, state = line.split("|")[:2]
+            for t in expand_task_ids(jid):
+                out[t] = state.split()[0] if state else "UNKNOWN"
+    answered = True
+    try:
+        live = run(["squeue", "-h", "-r", "-j", ",".join(numeric), "-o", "%i|%T"])
+    except SchedulerUnavailable as e:
+        answered = "Invalid job id" in str(e)  # that one means: every id has left the queue (or never existed)
+        live = ""
+    for line in live.splitlines():
+        if "|" in line:
+            jid, state = line.split("|")[:2]
+            for t in expand_task_ids(jid.strip()):
+                out[t] = state.strip()
+    return out, answered
+
+
+def queued(ids: list[str]) -> list[QueueEntry]:
+    """The queued jobs and tasks with these ids, of any user."""
+    bases = sorted({i.split("_")[0] for i in ids}, key=int)
+    try:
+        out = run(["squeue", "-h", "-r", "-a", "-j", ",".join(bases), "-o", "%i|%F|%A|%u|%T|%j"])
+    except SchedulerUnavailable as e:
+        if "Invalid job id" in str(e):  # every id given has left the queue (or never existed)
+            return []
+        raise
+    rows = []
+    for line in out.splitlines():
+        parts = line.split("|", 5)
+        if len(parts) == 6:
+            task, array_id, job_id, owner, state, name = parts
+            rows.append(QueueEntry(task.strip(), array_id.strip(), job_id.strip(), owner.strip(), state.strip(), name))
+    return rows
+
+
+def queued_of(user: str) -> list[QueuedJob]:
+    """This user's queued and running jobs (array jobs once, by their array id) with names and comments."""
+    jobs = []
+    for line in run(["squeue", "-h", "-u", user, "-o", "%F|%T|%j|%k"]).splitlines():
+        jid, _, rest = line.partition("|")
+        state, _, rest = rest.partition("|")
+        if "|run=" in rest:  # names and comments are free text: split at our own comment's start
+            name, _, tail = rest.rpartition("|run=")
+            comment = "run=" + tail
+        else:
+            name, _, comment = rest.rpartition("|")
+        jobs.append(QueuedJob(jid.strip(), state.strip(), name, comment))
+    return jobs
+
+
+def cancel(ids: list[str]) -> None:
+    run(["scancel", *ids])

@@ -1,0 +1,198 @@
+"""The one submission service behind `launchers/submit.py` (and anything else that submits): a job spec or a study
+spec -> validated, planned, rendered and checked against the cluster -> submitted. Each stage is one call, so a
+front end prints between them (the plan before the scripts, the scripts before the refusal) and decides nothing
+itself. Expected refusals are SpecError / FileNotFoundError / ValueError (one line for a person); anything else
+comes wrapped in StageError naming the stage it broke in."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from core import scheduler
+
+
+class StageError(RuntimeError):
+    """An error nobody planned for, in a named stage ("planning", "rendering and checking the sbatch scripts")."""
+
+    def __init__(self, stage: str, cause: BaseException):
+        super().__init__(f"{stage}: {cause}")
+        self.stage, self.cause = stage, cause
+
+
+@dataclass
+class Request:
+    spec_file: str
+    cluster: Optional[str] = None          # --cluster: a profile name or path
+    overrides: tuple[str, ...] = ()
+    dry_run: bool = False
+    force: bool = False
+    resume: Optional[str] = None           # "" = the newest run of the spec
+    resume_missing: Optional[str] = None
+    fresh: bool = False
+    preflight: bool = True
+
+
+@dataclass
+class PlannedJob:
+    request: Request
+    spec: Any
+    raw: dict
+    cluster: Any
+    source: str
+    plan: Any
+    resume_dir: Optional[Path]
+    texts: dict[str, list[str]] = field(default_factory=dict)
+    checked: Any = None                    # the scheduler's Preflight, None when skipped
+
+    @property
+    def scheduler(self) -> scheduler.Scheduler:
+        return scheduler.for_cluster(self.cluster)
+
+    @property
+    def problems(self) -> list[tuple[str, str]]:
+        return self.plan.problems + (self.checked.problems if self.checked else [])
+
+
+def _staged(stage: str, fn, *args, **kwargs):
+    from core.config import SpecError
+
+    try:
+        return fn(*args, **kwargs)
+    except (SpecError, FileNotFoundError, ValueError):
+        raise
+    except Exception as e:
+        raise StageError(stage, e) from e
+
+
+def plan_job(req: Request) -> PlannedJob:
+    """Validate the spec, choose and load the profile, find the run to resume, plan (a dry run plans past the
+    workload's own refusals so the whole plan still prints)."""
+    def plan() -> PlannedJob:
+        from core.config import choose_cluster, load_cluster, load_spec
+        from core.plan import make_plan
+
+        overrides = tuple(req.overrides) + (("train.fresh=true",) if req.fresh else ())
+        spec, raw = load_spec(req.spec_file, overrides)
+        profile, source = choose_cluster(req.cluster, spec.cluster)
+        cluster = load_cluster(profile)
+        resume_dir = None
+        if req.resume is not None or req.resume_missing is not None:
+            from core.run_folder import find_run
+
+            resume_dir = find_run(spec, req.resume if req.resume is not None else req.resume_missing)
+        made = make_plan(spec, cluster, source=req.spec_file, force=req.force,
+                         resume_dir=resume_dir if req.resume_missing is not None else None, keep_going=req.dry_run)
+        made.cluster_source = source
+        return PlannedJob(req, spec, raw, cluster, source, made, resume_dir)
+
+    return _staged("planning", plan)
+
+
+def check_job(job: PlannedJob) -> PlannedJob:
+    """Render the job scripts and (unless skipped) run the scheduler's preflight on them."""
+    def check() -> PlannedJob:
+        job.texts = job.scheduler.render(job.plan)
+        job.checked = job.scheduler.preflight(job.plan, job.texts) if job.request.preflight else None
+        return job
+
+    return _staged("rendering and checking the sbatch scripts", check)
+
+
+def submit_job(job: PlannedJob):
+    """Submit every step of the plan (core.submit); the Submission with the run folder and the jobs."""
+    from core import submit as sub
+
+    return sub.submit(job.plan, job.raw, job.request.spec_file, job.resume_dir)
+
+
+# ---------------------------------------------------------------- studies
+@dataclass
+class PlannedStudy:
+    request: Request
+    study: Any
+    cluster: Any
+    source: str
+    selection: Any
+    planned: dict
+    problems: list[tuple[str, str, str]]   # (step, field, message)
+    checked: dict = field(default_factory=dict)
+
+    @property
+    def scheduler(self) -> scheduler.Scheduler:
+        return scheduler.for_cluster(self.cluster)
+
+    def describe(self) -> str:
+        from core import study as st
+
+        return st.describe(self.study, self.planned, self.cluster, self.source, self.selection, self.checked)
+
+    @property
+    def all_problems(self) -> list[tuple[str, str]]:
+        found = self.problems + [(name, f, m) for name, c in self.checked.items() for f, m in c.problems]
+        return [(f"steps.{step}: {field_name}", message) for step, field_name, message in found]
+
+
+def plan_study(req: Request) -> PlannedStudy:
+    """Load the study spec, choose its profile, select what to (re)submit, plan every step."""
+    def plan() -> PlannedStudy:
+        from core import study as st
+        from core.config import SpecError, load_cluster
+        from core.run_folder import logs_dir_problem
+
+        study = st.load_study(req.spec_file, tuple(req.overrides))
+        study.force = req.force
+        profile, source = st.choose_study_cluster(study, req.cluster)
+        cluster = load_cluster(profile)
+        problem = logs_dir_problem(study.logs_dir, cluster.logs_roots)
+        if problem:
+            raise SpecError(req.spec_file, [("logs_dir", problem)])
+        sel = st.select_steps(study, req.resume_missing)
+        planned, problems = st.plan_all(study, cluster, sel.resubmit, sel.kept, sel.queued, keep_going=req.dry_run)
+        return PlannedStudy(req, study, cluster, source, sel, planned, problems)
+
+    return _staged("planning the study", plan)
+
+
+def check_study(planned: PlannedStudy) -> PlannedStudy:
+    """The scheduler's preflight of every step to submit (unless skipped)."""
+    from core import study as st
+
+    if planned.request.preflight:
+        try:
+            planned.checked = st.preflight(planned.planned, planned.selection)
+        except st.StepCheckError as e:
+            raise StageError(f"checking step {e.step}", e.cause) from e
+    return planned
+
+
+def cancel_stale(planned: PlannedStudy) -> tuple[list[str], Optional[str]]:
+    """Cancel the queued jobs of steps submitted again: (their ids, why not when the scheduler refused)."""
+    from core import study as st
+
+    stale = list(planned.selection.stale)
+    return stale, (st.cancel_jobs(stale, planned.cluster) if stale else None)
+
+
+def study_folder(planned: PlannedStudy) -> Path:
+    """The study's folder: the one being resumed, or a new one (logs/<study>/<time>/)."""
+    from core import study as st
+
+    return planned.selection.study_dir or st.make_study_dir(planned.study)
+
+
+def submit_study(planned: PlannedStudy, study_dir: Path, out):
+    """Submit the selected steps in order (core.study); the outcome. StudySubmitError when a step's submission
+    fails (what was queued before it is cancelled)."""
+    from core import study as st
+
+    sel = planned.selection
+    return st.submit_study(planned.study, planned.planned, planned.cluster, sel.resubmit, study_dir, sel.previous,
+                           out, prev_states=sel.states)
+
+
+def study_states(planned: PlannedStudy, outcome, wait: bool) -> dict[str, dict]:
+    """Each step's state: waited for on a scheduler with a queue (wait=True), read off the record without one."""
+    from core import study as st
+
+    return st.wait(outcome.record) if planned.scheduler.has_queue and wait else st.step_states(outcome.record)
