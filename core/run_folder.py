@@ -162,9 +162,11 @@ def resolve_run_dir(template: str, environ: Optional[dict] = None) -> Path:
     """Inside a task: `%A` in the template is the root job id (the array job id, else the job id)."""
     environ = os.environ if environ is None else environ
     if ROOT_TEMPLATE in template:
-        root = environ.get("SLURM_ARRAY_JOB_ID") or environ.get("SLURM_JOB_ID")
+        from core import scheduler
+
+        root = scheduler.root_job_id(environ)
         if not root:
-            raise RuntimeError("run folder template has %A but neither SLURM_ARRAY_JOB_ID nor SLURM_JOB_ID is set")
+            raise RuntimeError("run folder template has %A but this process runs in no scheduler's job (no job id)")
         template = template.replace(ROOT_TEMPLATE, root)
     return Path(template)
 

@@ -4,7 +4,7 @@
 
 Every rank of every task runs the same code path as a submitit task (core.runtime.TaskEntry): the spec is validated
 and planned exactly as `launchers/submit.py` would, the step's items come from the plan (an array task takes the
-items of task $SLURM_ARRAY_TASK_ID), and results land in the run folder. Errors are one line and exit 2.
+items of the array task the scheduler started), and results land in the run folder. Errors are one line and exit 2.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
-    from core import run_folder
+    from core import run_folder, scheduler
     from core.plan import make_plan
     from core.runtime import TaskEntry
     from core.config import SpecError, choose_cluster, load_cluster, load_spec
@@ -49,15 +49,16 @@ def main(argv=None) -> int:
         return 2
     task_index, items = None, None
     if step.is_array:
-        index = os.environ.get("SLURM_ARRAY_TASK_ID")
+        index = scheduler.array_index()
         if index is None or not index.isdigit() or int(index) >= step.n_tasks:
-            print(f"error: step {step.name} is an array of {step.n_tasks} tasks: submit it with "
-                  f"sbatch --array=0-{step.n_tasks - 1} (SLURM_ARRAY_TASK_ID is {index!r})", file=sys.stderr)
+            print(f"error: step {step.name} is an array of {step.n_tasks} tasks: submit it as an array job, e.g. "
+                  f"sbatch --array=0-{step.n_tasks - 1} (array index {index!r})", file=sys.stderr)
             return 2
         task_index, items = int(index), step.task_items[int(index)]
     cluster_data = cluster.model_dump()
-    if os.environ.get("SLURM_JOB_ID"):
-        cluster_data["executor"] = "slurm"  # inside a Slurm job, whatever the profile's usual executor
+    sched = scheduler.in_task()
+    if sched is not None:  # inside a scheduler's job, whatever the profile's usual executor
+        cluster_data["executor"] = sched.name
     entry = TaskEntry(spec_data=raw, cluster_data=cluster_data, workload=spec.workload, entry=step.entry,
                       step=step.name, run_dir_template=str(run_dir.resolve()))
     entry(task_index, items)

@@ -17,12 +17,10 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-# The project's local Slurm (slurm/local_cluster.sh) keeps its slurm.conf in its own state dir, never in /etc/slurm.
-# Slurm's clients (sbatch via submitit, squeue, sacct, scancel, scontrol; jobs inherit it from sbatch) find it
-# through SLURM_CONF: set it when nothing else is configured, so the README's commands work without exporting it.
-LOCAL_SLURM_CONF = Path(os.environ.get("SLURM_LOCAL_STATE") or "/var/lib/slurm-local") / "etc" / "slurm.conf"
-if not os.environ.get("SLURM_CONF") and not Path("/etc/slurm/slurm.conf").exists() and LOCAL_SLURM_CONF.is_file():
-    os.environ["SLURM_CONF"] = str(LOCAL_SLURM_CONF)
+# the scheduler's clients find the right cluster (the project's local Slurm keeps its slurm.conf in its own folder)
+from core import scheduler  # noqa: E402
+
+scheduler.prepare_clients()
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

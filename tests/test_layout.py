@@ -67,6 +67,19 @@ def test_slurm_commands_and_submitit_private_names_only_in_the_slurm_backend():
     assert not bad, "Slurm commands and submitit's private names belong in core/scheduler/slurm/:\n" + "\n".join(bad)
 
 
+def test_scheduler_variables_are_read_only_by_the_scheduler():
+    """SLURM_* / SUBMITIT_* variables (rank, array index, job id, restart count, devices) are each backend's own."""
+    bad = []
+    for p in CODE:
+        if rel(p).startswith("core/scheduler/"):
+            continue
+        for n in ast.walk(ast.parse(p.read_text())):
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and \
+                    re.fullmatch(r"(SLURM|SLURMD|SUBMITIT)_[A-Z_]+", n.value):
+                bad.append(f"{rel(p)}:{n.lineno}: {n.value}")
+    assert not bad, "ask core.scheduler (in_task, array_index, root_job_id, ...) instead:\n" + "\n".join(bad)
+
+
 def imports(p: Path) -> set[str]:
     """Every project module this file imports, at module level or inside functions (the package of a relative or
     `from core import x` import resolved to the module when it is one)."""
@@ -130,6 +143,7 @@ def test_the_checks_see_what_they_look_for(tmp_path):
     tree = ast.parse(planted.read_text())
     assert any(v == "squeue" for _, v in string_constants(tree))
     assert re.search(r"executor\s*(==|!=)", planted.read_text())
+    assert re.fullmatch(r"(SLURM|SLURMD|SUBMITIT)_[A-Z_]+", "SLURM_ARRAY_TASK_ID")
     assert any(isinstance(n, ast.ImportFrom) and n.names[0].name.startswith("_") for n in ast.walk(tree))
     g = graph()
     assert "core.scheduler" in g["core.submit"] and "core.registry" in g["core.plan"]

@@ -81,3 +81,31 @@ def with_queue() -> list[Scheduler]:
 def device_vars() -> tuple[str, ...]:
     """Variables in which a scheduler lists the devices it bound to a task (Slurm's SLURM_STEP_GPUS, ...)."""
     return tuple(v for n in BACKENDS for v in by_name(n).device_vars())
+
+
+def array_index(environ: Optional[dict] = None) -> Optional[str]:
+    """This task's index in its array job (None outside an array or any job)."""
+    environ = os.environ if environ is None else environ
+    sched = in_task(environ)
+    return sched.array_index(environ) if sched is not None else None
+
+
+def root_job_id(environ: Optional[dict] = None) -> Optional[str]:
+    """The job id that names this task's run folder (the array job id of an array task); None outside a job."""
+    environ = os.environ if environ is None else environ
+    sched = in_task(environ)
+    return sched.root_job_id(environ) if sched is not None else None
+
+
+def task_variables(environ: Optional[dict] = None) -> dict[str, str]:
+    """The variables the scheduler that runs this task set (empty outside any job)."""
+    environ = os.environ if environ is None else environ
+    sched = in_task(environ)
+    return sched.variables(environ) if sched is not None else {}
+
+
+def prepare_clients(environ: Optional[dict] = None) -> None:
+    """Before a launcher runs any scheduler command: let every backend point its clients at the right cluster."""
+    environ = os.environ if environ is None else environ
+    for name in BACKENDS:
+        by_name(name).client_env(environ)

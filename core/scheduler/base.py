@@ -237,6 +237,21 @@ class Scheduler:
     def node_name(self, environ: dict) -> Optional[str]:
         return None
 
+    def array_index(self, environ: dict) -> Optional[str]:
+        """This task's index in its array job, as the scheduler set it (None outside an array)."""
+        return None
+
+    def root_job_id(self, environ: dict) -> Optional[str]:
+        """The id that names the run folder: the array job id of an array task, else the job id."""
+        return None
+
+    def variables(self, environ: dict) -> dict[str, str]:
+        """The scheduler's own variables of this task (for a record of where and how it ran)."""
+        return {}
+
+    def client_env(self, environ: dict) -> None:
+        """Point the scheduler's client commands at the right cluster before any runs (called by the launchers)."""
+
     def device_vars(self) -> tuple[str, ...]:
         """Variables in which the scheduler lists the devices it bound to this task (after the accelerator's own)."""
         return ()

@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import Field
 
+from core import scheduler
 from core.run_folder import write_json_atomic
 from core.runtime import TaskContext, context_dict
 from core.config import JobSpec, Strict
@@ -36,9 +37,7 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
     bad = [i for i in (ctx.items or []) if i in cfg.fail_items]
     if bad:
         raise RuntimeError(f"smoke: items {bad} are listed in smoke.fail_items")
-    slurm = {k: v for k, v in os.environ.items() if k in {
-        "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_PROCID", "SLURM_NTASKS",
-        "SLURM_NODEID", "SLURM_JOB_NODELIST", "SLURMD_NODENAME", "SLURM_RESTART_COUNT"}}
+    slurm = scheduler.task_variables()  # what the scheduler set (Slurm's SLURM_* variables), for the record
     log.info("%s: rank %d/%d on %s, job %s, items %s", cfg.message, ctx.rank, ctx.world_size, ctx.hostname,
              ctx.job_id, ctx.items)
     env_sha = {k: hashlib.sha256(os.environ[k].encode()).hexdigest() if k in os.environ else None

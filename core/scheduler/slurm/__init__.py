@@ -111,6 +111,22 @@ class Slurm(Scheduler):
     def node_name(self, environ: dict) -> Optional[str]:
         return environ.get("SLURMD_NODENAME") or None
 
+    def array_index(self, environ: dict) -> Optional[str]:
+        return environ.get("SLURM_ARRAY_TASK_ID")
+
+    def root_job_id(self, environ: dict) -> Optional[str]:
+        return environ.get("SLURM_ARRAY_JOB_ID") or environ.get("SLURM_JOB_ID") or None
+
+    def variables(self, environ: dict) -> dict[str, str]:
+        from core.scheduler.slurm.env import RECORDED_VARS
+
+        return {k: v for k, v in environ.items() if k in RECORDED_VARS}
+
+    def client_env(self, environ: dict) -> None:
+        from core.scheduler.slurm.env import use_local_cluster_conf
+
+        use_local_cluster_conf(environ)
+
     def device_vars(self) -> tuple[str, ...]:
         from core.scheduler.slurm.env import DEVICE_VARS
 

@@ -80,5 +80,22 @@ def restart_count(environ: dict) -> int:
     return int(environ.get("SLURM_RESTART_COUNT", "0") or 0)
 
 
+# what a task records of its Slurm allocation (the smoke workload reports them)
+RECORDED_VARS = {"SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_PROCID", "SLURM_NTASKS",
+                 "SLURM_NODEID", "SLURM_JOB_NODELIST", "SLURMD_NODENAME", "SLURM_RESTART_COUNT"}
+
+
+def use_local_cluster_conf(environ: dict) -> None:
+    """The project's local Slurm (slurm/local_cluster.sh) keeps its slurm.conf in its own state folder, never in
+    /etc/slurm. Slurm's clients (sbatch via submitit, squeue, sacct, scancel, scontrol; jobs inherit it from sbatch)
+    find it through SLURM_CONF: set it when nothing else is configured, so the README's commands work without
+    exporting it."""
+    from pathlib import Path
+
+    local = Path(environ.get("SLURM_LOCAL_STATE") or "/var/lib/slurm-local") / "etc" / "slurm.conf"
+    if not environ.get("SLURM_CONF") and not Path("/etc/slurm/slurm.conf").exists() and local.is_file():
+        environ["SLURM_CONF"] = str(local)
+
+
 # the devices Slurm bound to this task, after the accelerator's own variable (core.runtime reads them in order)
 DEVICE_VARS = ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "GPU_DEVICE_ORDINAL")
