@@ -38,7 +38,7 @@ def _fmt_seconds(secs: int) -> str:
 
 def last_log_line(row: JobRow) -> str:
     """The last non-empty line of the newest log of this job (local file read, no scheduler call)."""
-    logs = scheduler.with_queue()[0].log_files(row) if scheduler.with_queue() else []
+    logs = [p for sched in scheduler.with_queue() for p in sched.log_files(row)]
     if not logs:
         return ""
     try:

@@ -132,7 +132,7 @@ class TaskContext:
         return scheduler.by_name(self.executor).requeues
 
     def can_requeue(self) -> bool:
-        return self.requeues and scheduler.by_name(self.executor).can_requeue(self.cluster)
+        return scheduler.by_name(self.executor).can_requeue(self.cluster)
 
 
 def context_dict(ctx: TaskContext) -> dict:

@@ -81,8 +81,7 @@ def submit(plan: Plan, raw_spec: dict, spec_file: str, resume_dir: Optional[Path
         deps = [] if local else [j.split("_")[0] for a in step.after for j in _chunk_ids(jobs[a])]
         if not step.after and not local:
             deps = list(dict.fromkeys(after_ids))
-        step_jobs, run_dir = sched.submit_step(plan, raw_spec, step, root, deps,
-                                               lambda st, rd: _entry(plan, raw_spec, st, rd))
+        step_jobs, run_dir = sched.submit_step(plan, step, root, deps, lambda st, rd: _entry(plan, raw_spec, st, rd))
         if root is None:
             root = step_jobs[0].job_id.split("_")[0]
         jobs[step.name] = step_jobs

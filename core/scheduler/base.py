@@ -162,14 +162,11 @@ class Scheduler:
         """The plan checked against the live cluster (partitions, nodes, accounts, the scheduler's own test)."""
         return Preflight()
 
-    def submit_step(self, plan: "Plan", raw_spec: dict, step: "Step", root: Optional[str], deps: list[str],
+    def submit_step(self, plan: "Plan", step: "Step", root: Optional[str], deps: list[str],
                     make_entry) -> tuple[list, str]:
         """Submit one step; returns (jobs, run folder template used). `make_entry(step, run_dir_template)` builds
         the callable the tasks run."""
         raise NotImplementedError
-
-    def run_dir_comment(self, run_dir: str) -> str:
-        return f"run={run_dir}"
 
     # ---------------------------------------------------------------- jobs in the queue and in accounting
     def query(self, user: Optional[str] = None, since: str = "now-2days") -> list[JobRow]:

@@ -18,7 +18,7 @@ class Local(Scheduler):
     single_host = True
     requeues = False
 
-    def submit_step(self, plan, raw_spec: dict, step, root: Optional[str], deps: list[str], make_entry):
+    def submit_step(self, plan, step, root: Optional[str], deps: list[str], make_entry):
         import submitit
 
         from core import run_folder

@@ -49,7 +49,7 @@ class Slurm(Scheduler):
 
         return check(plan, scripts)
 
-    def submit_step(self, plan, raw_spec: dict, step, root: Optional[str], deps: list[str], make_entry):
+    def submit_step(self, plan, step, root: Optional[str], deps: list[str], make_entry):
         from core.scheduler.slurm.submit import submit_step
 
         return submit_step(plan, step, root, deps, make_entry)
