@@ -78,7 +78,7 @@ class Plan:
         if ds is not None:
             offload = [w for w, on in (("optimizer", ds.offload_optimizer), ("parameters", ds.offload_param)) if on]
             lines.append(f"  deepspeed: ZeRO-{ds.stage}, {ds.precision}, micro-batch {ds.micro_batch} x grad-accum "
-                         f"{ds.grad_accum}" + (", activation checkpointing" if ds.activation_checkpointing else "")
+                         f"{ds.grad_accum}" + (", activation checkpointing" if checkpointing(self.spec) else "")
                          + (f", {' and '.join(offload)} offloaded to the host" if offload else ""))
         if self.memory is not None:
             lines.append(f"  memory: {self.memory.describe()}")
@@ -107,8 +107,15 @@ def _memory(spec: JobSpec, cluster: Cluster, tasks_per_node: int):
     ds = spec.deepspeed
     return trainable, size.total, estimate(size, trainable, stage=ds.stage, precision=ds.precision, offload_optimizer=ds.offload_optimizer,
                     offload_param=ds.offload_param, devices_per_node=tasks_per_node, nodes=spec.resources.nodes,
-                    seq=spec.model.seq_len, micro_batch=ds.micro_batch, checkpointing=ds.activation_checkpointing,
+                    seq=spec.model.seq_len, micro_batch=ds.micro_batch, checkpointing=checkpointing(spec),
                     device_gib=cluster.device_mem_gb if cluster.accelerator != "cpu" else None)
+
+
+def checkpointing(spec: JobSpec) -> bool:
+    """Activation checkpointing as the job will run it: deepspeed.activation_checkpointing for a workload that
+    applies it, or peft.gradient_checkpointing (core.models.peft.apply_peft switches it on)."""
+    asked = bool(spec.deepspeed and spec.deepspeed.activation_checkpointing and registry.get(spec.workload).checkpointing)
+    return asked or bool(spec.peft and spec.peft.gradient_checkpointing)
 
 
 def _takes_cluster(planner) -> bool:
@@ -271,6 +278,10 @@ def make_plan(spec: JobSpec, cluster: Cluster, source: str = "spec", force: bool
         if merge:
             steps.append(Step("merge", "merge", after=["main"], **single))
 
+    if spec.deepspeed is not None and spec.deepspeed.activation_checkpointing \
+            and not registry.get(spec.workload).checkpointing and not checkpointing(spec):
+        notes.append(f"deepspeed.activation_checkpointing is on, but workload {spec.workload} does not apply it: "
+                     f"the job and the estimate run without it")
     if not device:
         for cpu_step in steps:
             cpu_step.device = False

@@ -52,6 +52,8 @@ class Workload:
               (default: the decoder LLM named by model.path / model.preset)
     models:   extra named models it needs under `models:` (e.g. ("teacher", "student"))
     entries:  functions a step may call by name ("run", "merge", "baseline", ...)
+    checkpointing: it switches on activation checkpointing when deepspeed.activation_checkpointing asks; the plan
+              promises (and the memory estimate assumes) checkpointing only for such workloads
     device:   False for a workload that never touches the accelerator (e.g. the study table): its jobs ask for no
               gres and default to one task per node, so a CPU-only step does not hold an NPU/GPU node's devices
     """
@@ -67,6 +69,7 @@ class Workload:
     entries: dict[str, Callable] = field(default_factory=dict)
     resumable: Optional[bool] = None    # a requeued job continues where it stopped (default: workloads that train)
     device: bool = True                 # its tasks use the profile's accelerator; False: CPU only, no gres asked
+    checkpointing: bool = False         # it applies deepspeed.activation_checkpointing to its model
 
     @property
     def has_merge(self) -> bool:

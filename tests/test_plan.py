@@ -168,3 +168,19 @@ def test_slurm_keys_live_in_the_profiles_slurm_section_and_flat_ones_are_read_in
     with pytest.raises(SpecError) as e:
         load_cluster(str(tmp_path / "both.yaml"))
     assert "partition given both at the top of the profile and under slurm:" in str(e.value)
+
+
+def test_the_plan_promises_activation_checkpointing_only_where_the_job_switches_it_on():
+    """BLIP applies no deepspeed.activation_checkpointing (only peft.gradient_checkpointing, through apply_peft):
+    its plan line and estimate say so instead of promising it; Dia-Pangu applies it and the plan says it."""
+    blip = REPO / "jobs" / "tiny" / "blip_medtrinity.yaml"
+    spec, _ = load_spec(blip, ("deepspeed.activation_checkpointing=true",))
+    text = make_plan(spec, load_cluster("cuda_a100"), limits={}, keep_going=True).describe()
+    assert "activation checkpointing\n" not in text + "\n" and "does not apply it" in text
+    assert spec.peft is not None  # the tiny BLIP spec trains LoRA adapters
+    spec, _ = load_spec(blip, ("deepspeed.activation_checkpointing=true", "peft.gradient_checkpointing=true"))
+    assert ", activation checkpointing" in make_plan(spec, load_cluster("cuda_a100"), limits={},
+                                                     keep_going=True).describe()
+    dia, _ = load_spec(REPO / "jobs" / "dia_pangu.yaml", ("deepspeed.activation_checkpointing=true",))
+    assert ", activation checkpointing" in make_plan(dia, load_cluster("ascend_910b"), limits={},
+                                                     keep_going=True).describe()

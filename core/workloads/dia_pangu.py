@@ -249,4 +249,4 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
 
 
 WORKLOAD = Workload(run=run, section="dia", Section=DiaSection, Data=CTRGData, trains=True, plan=plan,
-                    model_size=model_size)
+                    model_size=model_size, checkpointing=True)

@@ -528,4 +528,5 @@ def distill_figure(run_dir: Path, metrics: dict):
 
 
 WORKLOAD = Workload(run=run, section="distill", Section=DistillSection, Data=SlideData, trains=True, plan=plan,
-                    model_size=model_size, models=("teacher",), entries={"features": features})
+                    model_size=model_size, models=("teacher",), entries={"features": features},
+                    checkpointing=True)

@@ -461,4 +461,4 @@ def confusion_figure(cm, classes: list[str], title: str):
 
 
 WORKLOAD = Workload(run=run, section="vitp", Section=VitpSection, Data=LungData, trains=True, plan=plan,
-                    model_size=model_size)
+                    model_size=model_size, checkpointing=True)
