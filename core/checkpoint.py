@@ -9,6 +9,9 @@ Layout under the run folder's `checkpoints/`:
   universal/<tag>/         ds_to_universal output, made when resuming on another world size
 A folder without COMPLETE is never loaded. Finding checkpoints but no loadable one is an error, never a silent
 fresh start (DeepSpeed's own load_checkpoint returns (None, None) and carries on when `latest` is missing).
+A background save (`train.async_checkpoint`) keeps the same order on disk: the files reach .staging from each
+rank's writer thread (core.checkpoint_writer), each rank marks them durable (`.written_rank<R>`), and only then
+does rank 0 write COMPLETE, rename and update `latest`; a rank killed mid-write leaves `latest` where it was.
 """
 from __future__ import annotations
 
@@ -70,6 +73,10 @@ class CheckpointManager:
         self.root = Path(root)
         self.rank, self.world_size, self.keep_last = rank, world_size, keep_last
         self.barrier = barrier or (lambda: None)
+        self._writer = None            # core.checkpoint_writer.BackgroundWriter, made by the first background save
+        self._deepspeed_engine = None  # DeepSpeed's own checkpoint engine, put back for synchronous saves
+        self._step = 0
+        self.last_stall = 0.0          # seconds the last background save held training (the host copy)
 
     # ---------------------------------------------------------------- inspection
     def complete(self) -> list[tuple[int, str]]:
@@ -146,33 +153,111 @@ class CheckpointManager:
         return out_root
 
     # ---------------------------------------------------------------- save / load
-    def save(self, engine, step: int, client_state: dict, meta: Optional[dict] = None) -> str:
-        """All ranks call this together. Writes into .staging, then rank 0 marks, renames, updates latest."""
+    def save(self, engine, step: int, client_state: dict, meta: Optional[dict] = None,
+             background: bool = False) -> str:
+        """All ranks call this together. DeepSpeed writes into .staging; once every rank's files are durable,
+        rank 0 writes the marker, renames the folder and updates `latest` (written last, atomically).
+
+        background=True returns once the state is copied into host memory: the files are written by this rank's
+        writer thread (core.checkpoint_writer), each rank marks its files durable with `.written_rank<R>`, and
+        rank 0's writer finalises the checkpoint when it sees every rank's mark. A previous background save is
+        always finished (on this rank) before a new one starts, and `finish()` waits for the last one."""
         import torch
 
         tag = tag_for(step)
         staging = self.root / ".staging"
+        self.finish()   # the previous background save of this rank (and on rank 0 its finalisation) first
         if self.rank == 0:
             shutil.rmtree(staging / tag, ignore_errors=True)  # a previous attempt that was killed
             staging.mkdir(parents=True, exist_ok=True)
         self.barrier()
+        info = {"step": step, "world_size": self.world_size, "zero_stage": engine.zero_optimization_stage(),
+                **(meta or {})}
+        if not background:
+            self._use_engine(engine, None)
+            engine.save_checkpoint(str(staging), tag=tag, client_state=client_state, save_latest=False,
+                                   exclude_frozen_parameters=True)
+            torch.save(rng_state(), staging / tag / f"rng_rank{self.rank}.pt")
+            self.barrier()
+            fault_point("after_shards", step)
+            if self.rank == 0:
+                self._finalize(tag, info)
+            self.barrier()
+            return tag
+        writer = self._background_writer(engine, step)
+        writer.copy_seconds = 0.0
         engine.save_checkpoint(str(staging), tag=tag, client_state=client_state, save_latest=False,
                                exclude_frozen_parameters=True)
-        torch.save(rng_state(), staging / tag / f"rng_rank{self.rank}.pt")
-        self.barrier()
-        fault_point("after_shards", step)
+        writer.save(rng_state(), str(staging / tag / f"rng_rank{self.rank}.pt"))
+        self.last_stall = writer.copy_seconds
+        mark = staging / tag / f".written_rank{self.rank}"
+        writer.then(lambda: write_text_atomic(mark, str(step), fsync=True))
         if self.rank == 0:
-            info = {"step": step, "world_size": self.world_size, "time": time.time(),
-                    "zero_stage": engine.zero_optimization_stage(), **(meta or {})}
-            write_text_atomic(staging / tag / MARKER, json.dumps(info), fsync=True)
-            final = self.root / tag
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(staging / tag, final)
-            write_text_atomic(self.root / "latest", tag, fsync=True)
-            self._prune()
-        self.barrier()
+            writer.then(lambda: self._finalize_when_written(tag, info))
         return tag
+
+    def finish(self) -> float:
+        """Wait for this rank's background save (rank 0: until it is finalised). Returns the seconds waited;
+        a failed background write raises CheckpointError here."""
+        writer = self._writer
+        if writer is None or not writer.busy():
+            if writer is not None:
+                self._raise_writer_error(writer)
+            return 0.0
+        return self._raise_writer_error(writer)
+
+    def _raise_writer_error(self, writer) -> float:
+        try:
+            return writer.wait()
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"a background checkpoint write under {self.root} failed ({type(e).__name__}: "
+                                  f"{e}); `latest` still names the last complete checkpoint") from e
+
+    def _background_writer(self, engine, step: int):
+        from core.checkpoint_writer import BackgroundWriter
+
+        writer = self._writer
+        if writer is None:
+            pin = getattr(engine, "device", None) is not None and str(engine.device).split(":")[0] in ("cuda", "npu")
+            writer = self._writer = BackgroundWriter(pin_memory=pin,
+                                                     fault=lambda path: fault_point("during_write", self._step))
+        self._step = step
+        self._use_engine(engine, writer)
+        return writer
+
+    def _use_engine(self, engine, writer) -> None:
+        """Point DeepSpeed at our writer for a background save, back at its own engine for a synchronous one."""
+        own = self._deepspeed_engine
+        if own is None:
+            own = self._deepspeed_engine = engine.checkpoint_engine
+        engine.checkpoint_engine = writer if writer is not None else own
+
+    def _finalize_when_written(self, tag: str, info: dict, timeout: float = 3600.0) -> None:
+        """Rank 0's writer thread: wait for every rank's `.written_rank<R>` mark, then finalise. A rank that died
+        mid-write never marks: the checkpoint stays in .staging and `latest` keeps naming the previous one."""
+        folder = self.root / ".staging" / tag
+        t0 = time.time()
+        while not all((folder / f".written_rank{r}").is_file() for r in range(self.world_size)):
+            if time.time() - t0 > timeout:
+                raise CheckpointError(f"{folder}: not every rank finished writing within {timeout:.0f} s")
+            time.sleep(0.05)
+        for r in range(self.world_size):
+            (folder / f".written_rank{r}").unlink()
+        fault_point("after_shards", info["step"])
+        self._finalize(tag, info)
+
+    def _finalize(self, tag: str, info: dict) -> None:
+        """Rank 0: COMPLETE marker (fsynced), rename out of .staging, `latest`, prune old tags."""
+        staging = self.root / ".staging"
+        write_text_atomic(staging / tag / MARKER, json.dumps({**info, "time": time.time()}), fsync=True)
+        final = self.root / tag
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(staging / tag, final)
+        write_text_atomic(self.root / "latest", tag, fsync=True)
+        self._prune()
 
     def _prune(self) -> None:
         done = self.complete()

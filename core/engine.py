@@ -239,6 +239,8 @@ class Trainer:
     batch_fn: Callable[[int, int], Any]          # batch_fn(step, micro) -> batch; depends only on (step, micro)
     steps: Optional[int] = None                  # total optimizer steps (default train.steps; see total_steps)
     history: list[dict] = field(default_factory=list)
+    checkpoint_stalls: list[float] = field(default_factory=list)   # seconds each checkpoint held training
+    _writer: Any = None                                            # rank 0's TensorBoard writer while fit() runs
 
     def _mean_across_ranks(self, value: float) -> float:
         import torch
@@ -272,11 +274,28 @@ class Trainer:
                 w.writerows(kept)
         return path
 
-    def save(self, step: int) -> None:
+    def save(self, step: int, background: bool = False) -> None:
+        """Checkpoint at `step`; background=True returns after the host copy (core.checkpoint_writer). The time
+        training was held goes to checkpoint_times.csv and TensorBoard's train/checkpoint_stall_s."""
+        t0 = time.perf_counter()
         meta = {"checksum": weights_checksum(self.engine)}
-        tag = self.session.ckpt.save(self.engine, step, {"step": step}, meta)
+        ckpt = self.session.ckpt
+        tag = ckpt.save(self.engine, step, {"step": step}, meta, background=background)
+        held = time.perf_counter() - t0
+        self.checkpoint_stalls.append(held)
         if self.session.rank == 0:
-            log.info("checkpoint %s saved", tag)
+            log.info("checkpoint %s %s (training held %.3f s)", tag, "queued for the background writer" if background
+                     else "saved", held)
+            path = self.ctx.run_dir / "checkpoint_times.csv"
+            new = not path.exists()
+            with path.open("a", newline="") as f:
+                w = csv.writer(f)
+                if new:
+                    w.writerow(["step", "mode", "held_s", "host_copy_s"])
+                w.writerow([step, "background" if background else "sync", round(held, 4),
+                            round(ckpt.last_stall, 4) if background else ""])
+            if self._writer is not None:
+                self._writer.add_scalar("train/checkpoint_stall_s", held, step)
 
     def fit(self) -> dict:
         from tqdm import tqdm
@@ -296,7 +315,7 @@ class Trainer:
         frozen_before = weights_checksum(self.engine, trainable=False)
         rank0 = self.session.rank == 0
         metrics = self._metrics_file(start_step) if rank0 else None
-        writer = _tensorboard(self.ctx.run_dir / "tensorboard") if rank0 else None
+        writer = self._writer = _tensorboard(self.ctx.run_dir / "tensorboard") if rank0 else None
         total = self.steps or train.steps
         bar = tqdm(total=total, initial=start_step, disable=not rank0, mininterval=2, desc="train")
         step = start_step
@@ -332,13 +351,16 @@ class Trainer:
                 bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
             preempt = self._agree_preempt()
             if preempt or (train.checkpoint_every and step % train.checkpoint_every == 0) or step == total:
-                self.save(step)
+                # the final checkpoint and the one on Slurm's signal are finished before going on
+                self.save(step, background=train.async_checkpoint and not preempt and step < total)
             if preempt and step < total:
                 bar.close()
                 self._requeue_or_stop(step)
         bar.close()
+        self.session.ckpt.finish()   # nothing of this run's checkpoints is left to the background writer
         if writer:
             writer.close()
+        self._writer = None
         loss_png = self.ctx.run_dir / "results" / "loss.png"
         if rank0:
             plot_losses(metrics, loss_png)
@@ -346,6 +368,7 @@ class Trainer:
                 else None, "losses": [h["loss"] for h in self.history], "resumed_checksum": resumed_checksum,
                 "saved_checksum": saved_checksum, "checksum": weights_checksum(self.engine),
                 "restart_count": restart_count(),
+                "checkpoint_held_s": [round(x, 4) for x in self.checkpoint_stalls],
                 "frozen_checksum_before": frozen_before,
                 "frozen_checksum_after": weights_checksum(self.engine, trainable=False)}
 

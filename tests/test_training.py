@@ -2,6 +2,7 @@
 after requeue / signal / SIGKILL during a save, universal conversion to 1 rank, zero_to_fp32, bad checkpoints."""
 from __future__ import annotations
 
+import csv
 import json
 import re
 import shutil
@@ -64,6 +65,10 @@ def test_zero2_two_nodes_loss_goes_down_and_both_ranks_report(reference):
     assert ck == ["step00000220", "step00000240"]  # keep_last 2, the rest pruned
     assert (run_dir / "checkpoints" / "latest").read_text() == "step00000240"
     assert (run_dir / "tensorboard").is_dir()
+    # periodic checkpoints went to the background writer; the final one was written before the job ended
+    rows = list(csv.DictReader((run_dir / "checkpoint_times.csv").open()))
+    assert [(int(r["step"]), r["mode"]) for r in rows] == [(s, "background") for s in range(20, 240, 20)] + [(240, "sync")]
+    assert all(float(r["host_copy_s"]) <= float(r["held_s"]) for r in rows[:-1])
 
 
 def test_zero3_bf16_two_nodes_trains(slurm, tiny_pangu, logs):
@@ -98,11 +103,15 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(reference, t
     assert "received SIGUSR2" in log and "requeue" in log
     res = rank0_result(run_dir)
     assert 0 < res["start_step"] < STEPS  # the second run started from the signal's checkpoint
+    rows = list(csv.DictReader((run_dir / "checkpoint_times.csv").open()))
+    assert (res["start_step"], "sync") in [(int(r["step"]), r["mode"]) for r in rows]  # written before the requeue
     assert_same_losses(run_dir, reference[1])
 
 
-def test_sigkill_during_a_save_resumes_from_the_last_complete_checkpoint(reference, tiny_pangu, logs):
-    run_dir, job = submit_run(*common(tiny_pangu, logs, "killed"), env={"MEDHPC_FAULT": "kill@after_shards:40"})
+def test_sigkill_during_a_background_save_resumes_from_the_last_complete_checkpoint(reference, tiny_pangu, logs):
+    # the checkpoint at step 40 is written by the ranks' background writers (train.async_checkpoint, the default):
+    # both ranks are killed in the middle of writing its files, while training has gone on past step 40
+    run_dir, job = submit_run(*common(tiny_pangu, logs, "killed"), env={"MEDHPC_FAULT": "kill@during_write:40"})
     assert final_state(job) == "FAILED"
     ck = run_dir / "checkpoints"
     assert (ck / "latest").read_text() == "step00000020"

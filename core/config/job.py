@@ -175,6 +175,9 @@ class TrainSection(Strict):
     seed: int = 0
     checkpoint_every: int = Field(50, ge=0, description="0: only at the end and on Slurm's signal")
     keep_last: PositiveInt = 2
+    async_checkpoint: bool = Field(True, description="write periodic checkpoints in the background: training waits "
+                                                     "only for the copy into host memory (the final checkpoint and "
+                                                     "the one on Slurm's signal are always written before going on)")
     fresh: bool = Field(False, description="move existing checkpoints aside and start over (--fresh)")
 
 

@@ -1,0 +1,126 @@
+"""Checkpoint files written in the background: training stalls only while the state is copied off the device.
+
+`BackgroundWriter` is a DeepSpeed checkpoint engine (the object DeepSpeed hands every state dict it saves). Its
+`save` copies the tensors into host memory (pinned on CUDA / NPU, so the copy is one DMA) and queues the copy;
+one writer thread per rank then serialises each file next to its final name, fsyncs it and renames it in place,
+in the order DeepSpeed asked. `then(fn)` queues a call after the files queued so far (the checkpoint manager uses
+it to mark this rank's files durable, and on rank 0 to finalise the checkpoint once every rank's are). `wait()`
+blocks until everything queued is on disk and raises what the thread met. Nothing is written outside the folder
+DeepSpeed named, and a process killed mid-write leaves at most a `.tmp` file in the staging folder.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from typing import Any, Callable, Optional
+
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+log = logging.getLogger("checkpoint")
+
+
+def host_copy(obj: Any, pin: bool = False) -> Any:
+    """A copy of `obj` that later in-place updates of the training state cannot change: tensors cloned into host
+    memory (views become compact tensors), dicts / lists / tuples rebuilt, every other value kept (DeepSpeed's
+    state dicts hold numbers, strings, torch.Size and small config objects besides tensors)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        if t.device.type == "cpu":
+            return t.clone()
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+        out.copy_(t, non_blocking=pin)
+        return out
+    if isinstance(obj, dict):
+        copied = {k: host_copy(v, pin) for k, v in obj.items()}
+        return type(obj)(copied) if type(obj) is not dict else copied
+    if isinstance(obj, list):
+        return [host_copy(v, pin) for v in obj]
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields") and type(obj) is tuple:
+        return tuple(host_copy(v, pin) for v in obj)
+    return obj
+
+
+def fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class BackgroundWriter(TorchCheckpointEngine):
+    """DeepSpeed checkpoint engine whose writes happen on a thread (see the module doc)."""
+
+    def __init__(self, pin_memory: bool = False, fault: Optional[Callable[[str], None]] = None):
+        super().__init__(None)
+        self.name = "BackgroundWriter"
+        self.pin = pin_memory
+        self.fault = fault or (lambda path: None)
+        self._queue: queue.Queue = queue.Queue()
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._work, name="checkpoint-writer", daemon=True)
+        self._thread.start()
+        self.copy_seconds = 0.0     # host copies of the checkpoint being saved (the stall)
+        self.write_seconds = 0.0    # background writes of the last finished checkpoint
+
+    # DeepSpeed's checkpoint-engine interface -----------------------------------------------------------------
+    def save(self, state_dict, path: str):
+        t0 = time.perf_counter()
+        snapshot = host_copy(state_dict, self.pin)
+        if self.pin:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+        self.copy_seconds += time.perf_counter() - t0
+        self._queue.put(("file", snapshot, str(path)))
+
+    def preserves_storage_sharing(self):
+        return False  # host_copy already gives every tensor its own compact storage
+
+    # ours ------------------------------------------------------------------------------------------------------
+    def then(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the writer thread once every file queued so far is durable."""
+        self._queue.put(("call", fn, None))
+
+    def wait(self) -> float:
+        """Block until everything queued is written; raise the writer's error. Returns the seconds waited."""
+        t0 = time.perf_counter()
+        self._queue.join()
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+        return time.perf_counter() - t0
+
+    def busy(self) -> bool:
+        return self._queue.unfinished_tasks > 0
+
+    def _work(self) -> None:
+        import torch
+
+        started = None
+        while True:
+            kind, payload, path = self._queue.get()
+            try:
+                if self._error is None:
+                    started = started or time.perf_counter()
+                    if kind == "file":
+                        self.fault(path)
+                        tmp = f"{path}.tmp"
+                        torch.save(payload, tmp)
+                        fsync_file(tmp)
+                        os.replace(tmp, path)
+                    else:
+                        payload()
+                        self.write_seconds, started = time.perf_counter() - started, None
+            except BaseException as e:  # kept for wait(): the training thread decides what a failed write means
+                log.error("background checkpoint write failed: %s: %s", type(e).__name__, e)
+                self._error = e
+            finally:
+                del payload
+                self._queue.task_done()
