@@ -191,8 +191,19 @@ def submit_study(planned: PlannedStudy, study_dir: Path, out):
                            out, prev_states=sel.states)
 
 
-def study_states(planned: PlannedStudy, outcome, wait: bool) -> dict[str, dict]:
-    """Each step's state: waited for on a scheduler with a queue (wait=True), read off the record without one."""
+def study_states(planned: PlannedStudy, outcome, wait: bool, out=None) -> dict[str, dict]:
+    """Each step's state: waited for on a scheduler with a queue (wait=True; with `out`, a line per step that
+    starts or ends), read off the record without one."""
     from core import study as st
 
-    return st.wait(outcome.record) if planned.scheduler.has_queue and wait else st.step_states(outcome.record)
+    return st.wait(outcome.record, out=out) if planned.scheduler.has_queue and wait \
+        else st.step_states(outcome.record)
+
+
+def follow_job(job: PlannedJob, submission, out, poll_s: float = 5.0) -> None:
+    """--wait on a scheduler with a queue: a line per step that starts or ends (the scheduler's states of its
+    jobs, one query per round) until every job of the submission has ended."""
+    from core.monitor import follow
+
+    steps = {rec["name"]: list(rec.get("job_ids") or []) for rec in submission.record["steps"] if rec.get("job_ids")}
+    follow(job.scheduler, steps, out, poll_s)

@@ -68,6 +68,23 @@ def job_key(job_id: str) -> tuple:
 
 
 @dataclass
+class Attempt:
+    """One run of a job or array task as accounting saw it (a requeued task has several): what it held and for how
+    long, for device-hours. `unit` is what it was charged in: 'gpu' / 'npu' (its generic resources) or 'cpu'."""
+    task_id: str
+    state: str
+    elapsed_s: int = 0
+    unit: str = "cpu"
+    count: int = 0               # devices (or CPUs) it held
+    start: float = 0.0           # epoch seconds, 0 when it never started
+    end: float = 0.0             # epoch seconds, 0 while it runs
+
+    @property
+    def hours(self) -> float:
+        return self.elapsed_s * self.count / 3600.0
+
+
+@dataclass
 class JobRow:
     """One job of the queue or the accounting: a plain job, or an array job with its tasks."""
     job_id: str                  # the job id (the array job id for arrays)
@@ -75,8 +92,11 @@ class JobRow:
     states: dict[str, str] = field(default_factory=dict)  # task id -> state ('12' -> state for a plain job)
     seconds: int = 0             # longest elapsed time of its tasks
     nodes: str = ""
-    reason: str = ""
+    reason: str = ""             # the scheduler's own word for why it waits (Slurm: Priority, Dependency, ...)
     run_dir: str = ""
+    why: str = ""                # the reason in plain words (the scheduler's explain_reason)
+    expected_start: str = ""     # when the scheduler expects a pending job to start (ISO time), '' when unknown
+    attempts: list[Attempt] = field(default_factory=list)  # every run of every task, oldest first (accounting)
 
     @property
     def is_array(self) -> bool:
@@ -201,15 +221,28 @@ class Scheduler:
             return str(e)[:300]
         return ""
 
-    def log_files(self, row: JobRow) -> list[Path]:
-        """The log files of this job's tasks, oldest first (local file reads)."""
+    def log_files(self, row: JobRow, task_id: Optional[str] = None) -> list[Path]:
+        """The log files of this job's tasks (of one task when task_id is given: '12_3' of an array, '12' of a plain
+        job; every rank's file), oldest first (local file reads)."""
         if not row.run_dir:
             return []
         folder = Path(row.run_dir) / "submitit"
+        if task_id is None:
+            pattern = f"{row.job_id}_*log.out"
+        elif "_" in task_id:
+            pattern = f"{task_id}_*_log.out"   # submitit: <array id>_<index>_<rank>_log.out
+        else:
+            pattern = f"{task_id}_*_log.out"   # submitit: <job id>_<rank>_log.out
         try:
-            return sorted(folder.glob(f"{row.job_id}_*log.out"), key=lambda p: p.stat().st_mtime)
+            found = [p for p in folder.glob(pattern)
+                     if task_id is None or "_" in task_id or p.name.count("_") == 2]
+            return sorted(found, key=lambda p: p.stat().st_mtime)
         except OSError:
             return []
+
+    def explain_reason(self, reason: str) -> str:
+        """Why a job waits, in plain words (the scheduler's own code when it has no words for it)."""
+        return reason
 
     # ---------------------------------------------------------------- inside a task
     @classmethod

@@ -94,7 +94,10 @@ def step_states(record: dict) -> dict[str, dict]:
             out[name] = {"state": "lost", "detail": f"jobs {' '.join(unknown[:5])} neither queued (squeue) nor "
                                                     f"known to accounting (sacct)"}
         elif any(c in ("running", "pending") for c in cats.values()) or len(mine) == 0:
-            out[name] = {"state": "active", "detail": "queued or running"}
+            running = sum(c == "running" for c in cats.values())
+            done = sum(c == "done" for c in cats.values())
+            out[name] = {"state": "active", "detail": (f"running ({running} of {len(mine)} tasks running, {done} done)"
+                                                       if running else "pending")}
         elif all(c == "done" for c in cats.values()):
             out[name] = {"state": "done", "detail": ""}
         else:
@@ -173,10 +176,29 @@ def select_steps(study: Study, resume_missing: Optional[str] = None) -> Selectio
 
 
 
+def _phase(s: dict) -> str:
+    """What a person follows of a step: pending, running, or its end state."""
+    if s["state"] == "active":
+        return "running" if s["detail"].startswith("running") else "pending"
+    return s["state"]
+
+
 def wait(record: dict, poll_s: float = 5.0, out=None) -> dict[str, dict]:
-    """Poll (one sacct + one squeue call per round) until no step of the study is queued; the final states."""
+    """Poll (one sacct + one squeue call per round) until no step of the study is queued; the final states. With
+    `out`, one line per change of a step (pending -> running -> done / failed / cancelled), with the time."""
+    seen: dict[str, str] = {}
     while True:
         states = step_states(record)
+        if out is not None:
+            for name, s in states.items():
+                phase = _phase(s)
+                if seen.get(name) != phase:
+                    if name in seen or phase not in ("pending", "existing", "not run"):
+                        detail = f" ({s['detail']})" if s["detail"] and phase not in ("running", "pending") else ""
+                        out.write(f"{time.strftime('%H:%M:%S')} step {name}: "
+                                  f"{'started' if phase == 'running' else phase}{detail}\n")
+                        out.flush()
+                    seen[name] = phase
         if not any(s["state"] == "active" for s in states.values()):
             return states
         time.sleep(poll_s)

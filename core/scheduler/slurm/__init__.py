@@ -86,6 +86,11 @@ class Slurm(Scheduler):
         if ids:
             cancel(ids)
 
+    def explain_reason(self, reason: str) -> str:
+        from core.scheduler.slurm.reasons import explain
+
+        return explain(reason)
+
     # ---------------------------------------------------------------- inside a task
     @classmethod
     def detect(cls, environ: dict) -> bool:
