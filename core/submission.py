@@ -100,10 +100,29 @@ def check_job(job: PlannedJob) -> PlannedJob:
 
 
 def submit_job(job: PlannedJob):
-    """Submit every step of the plan (core.submit); the Submission with the run folder and the jobs."""
+    """Submit every step of the plan (core.submit); the Submission with the run folder and the jobs. A plan of
+    several steps on a scheduler that holds is all or nothing: every job is submitted held and released once all
+    are queued; when a later step's submission fails the held jobs are cancelled, so nothing half-submitted runs."""
     from core import submit as sub
 
-    return sub.submit(job.plan, job.raw, job.request.spec_file, job.resume_dir)
+    sched = job.scheduler
+    if not sched.holds or len(job.plan.steps) < 2:
+        return sub.submit(job.plan, job.raw, job.request.spec_file, job.resume_dir)
+    with sched.held() as held:
+        try:
+            submission = sub.submit(job.plan, job.raw, job.request.spec_file, job.resume_dir)
+        except BaseException as e:
+            why = sched.cancel_quietly(list(held)) if held else ""
+            if held:
+                e.args = (f"{e.args[0] if e.args else e}; the jobs already submitted (held) "
+                          + (f"were cancelled: {' '.join(held)}" if not why else
+                             f"could NOT be cancelled ({why}): cancel them with python launchers/cancel.py "
+                             f"{' '.join(held)}"),) + e.args[1:]
+            raise
+    why = sched.release_or_cancel(list(held))
+    if why:
+        raise RuntimeError(why)
+    return submission
 
 
 # ---------------------------------------------------------------- studies

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -198,3 +199,139 @@ def test_wait_prints_a_line_per_step_start_and_end():
     said = [ln.split(" ", 1)[1] for ln in out.getvalue().splitlines()]
     assert said == ["step main: started (job 7)", "step main: ended COMPLETED (job 7)",
                     "step merge: started (job 8)", "step merge: ended FAILED (job 8)"]
+
+
+# ---------------------------------------------------------------- through the real local Slurm
+@pytest.fixture(scope="module")
+def busy(slurm, tmp_path_factory):
+    """One finished array run with a failed task, then a running two-step study (its second step waits on the
+    first): shared by the Slurm tests below (2 submit.py calls, 3 jobs)."""
+    from conftest import cli, record, run_folder, submit, wait_terminal
+
+    root = tmp_path_factory.mktemp("busy")
+    tag = f"v{os.urandom(4).hex()}"
+    common = ("-c", "local_slurm", "--no-preflight", "--set", f"outputs.logs_dir={root / 'logs'}")
+    bad = run_folder(submit("jobs/tiny/smoke_array.yaml", *common, "--set", f"name={tag}bad",
+                            "--set", "resources.array.items=3", "--set", "smoke.fail_items=[1]",
+                            "--set", "resources.array.merge=false").stdout)
+    bad_id = record(bad)["steps"][0]["job_ids"][0]
+    wait_terminal([bad_id], expect_tasks=3)
+    spec = root / "study.yaml"
+    spec.write_text(f"study: {tag}st\nsteps:\n  first: {{spec: jobs/tiny/smoke.yaml, set: [smoke.sleep_s=20]}}\n"
+                    f"  second: {{spec: jobs/tiny/smoke.yaml, after: [first]}}\n")
+    res = cli("submit", str(spec), *common, "--set", f"name={tag}s")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "released the 2 held jobs of this submission" in res.stdout
+    study_dir = Path(next(ln for ln in res.stdout.splitlines() if ln.startswith("study folder: ")).split(": ", 1)[1])
+    steps = json.loads((study_dir / "study.json").read_text())["steps"]
+    _scheduled(steps["second"]["job_ids"][0])
+    return {"tag": tag, "bad": bad, "bad_id": bad_id, "study_dir": study_dir, "steps": steps,
+            "first": steps["first"]["job_ids"][0], "second": steps["second"]["job_ids"][0]}
+
+
+def _scheduled(job: str, timeout: float = 60) -> None:
+    """Until Slurm's scheduler has looked at a fresh (or just released) job: its reason is no longer None."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        said = subprocess.run(["squeue", "-h", "-j", job, "-o", "%r"], capture_output=True, text=True).stdout
+        if said.strip() != "None":
+            return
+        time.sleep(0.5)
+
+
+def _shim(tmp_path) -> tuple[dict, Path]:
+    """A PATH in front of Slurm's clients that logs each squeue / sacct call and runs the real one."""
+    import shutil
+
+    log = tmp_path / "calls.log"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("squeue", "sacct"):
+        real = shutil.which(tool)
+        (bin_dir / tool).write_text(f"#!/bin/sh\necho {tool} >> {log}\nexec {real} \"$@\"\n")
+        (bin_dir / tool).chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}, log
+
+
+def test_status_shows_the_active_study_first_explains_waiting_and_folds_the_finished(busy, tmp_path):
+    from conftest import cli
+
+    env, log = _shim(tmp_path)
+    res = cli("status", "--name", busy["tag"], env=env)
+    assert res.returncode == 0, res.stderr
+    assert log.read_text().split() == ["squeue", "sacct"]  # one of each, with reasons and start times in them
+    lines = res.stdout.splitlines()
+    assert lines[0] == "ACTIVE: 1 (newest first)"
+    assert lines[2].startswith(f"study {busy['tag']}st ") and "steps: first " in lines[2]
+    fin = next(i for i, ln in enumerate(lines) if ln.startswith("FINISHED since 2d: 1"))
+    assert fin <= 9  # the study in a few lines: its line, each step's run and job, why the second waits
+    second = next(i for i, ln in enumerate(lines) if ln.startswith(f"  {busy['second']} "))
+    assert lines[second + 1] == "        pending: starts when the jobs it depends on have completed (afterok)"
+    assert lines[fin + 1].startswith(f"  run {busy['bad']}: FAILED, tasks 2/0/0/1 of 3")
+    assert lines[fin + 1].endswith(f"{busy['bad_id']}_1 FAILED: RuntimeError: smoke: items [1] are listed in "
+                                   f"smoke.fail_items")
+    assert len(lines) == fin + 2  # the finished run folded to one line
+    everything = cli("status", "--name", busy["tag"], "--all").stdout
+    assert all(f"  {j} " in everything for j in (busy["bad_id"], busy["first"], busy["second"]))
+    data = json.loads(cli("status", "--name", busy["tag"], "--json").stdout)
+    bad = next(r for r in data if r.get("run_dir") == str(busy["bad"]))
+    assert bad["jobs"][0]["errors"] == {f"{busy['bad_id']}_1": "RuntimeError: smoke: items [1] are listed in "
+                                                                "smoke.fail_items"}
+    study = next(g for g in data if g.get("study_dir") == str(busy["study_dir"]))
+    waiting = next(j for r in study["runs"] for j in r["jobs"] if j["job_id"] == busy["second"])
+    assert waiting["reason"] == "(Dependency)" and waiting["why"].startswith("starts when")
+
+
+def test_status_explains_a_job_pending_for_resources_with_its_expected_start(busy, uname, tmp_path):
+    """A job that needs both nodes whole while the study's first step holds a CPU: Resources (or Priority behind
+    other jobs on the shared cluster), in plain words, with Slurm's expected start; one squeue + one sacct."""
+    import subprocess
+
+    from conftest import cli, queue_ids, record, run_folder, submit
+
+    big = run_folder(submit("jobs/tiny/smoke.yaml", "-c", "local_slurm", "--no-preflight", "--set", f"name={uname}",
+                            "--set", "resources.nodes=2", "--set", "resources.cpus_per_task=8",
+                            "--set", f"outputs.logs_dir={tmp_path}").stdout)
+    job = record(big)["steps"][0]["job_ids"][0]
+    try:
+        _scheduled(job)
+        env, log = _shim(tmp_path)
+        rows = {r["job_id"]: r for r in json.loads(cli("status", "--name", uname, "--json", env=env).stdout)[0]["jobs"]}
+        assert log.read_text().split() == ["squeue", "sacct"]
+        if rows[job]["state"] == "PENDING":
+            assert rows[job]["reason"] in ("(Resources)", "(Priority)")
+            assert rows[job]["why"] == explain(rows[job]["reason"]) != rows[job]["reason"]
+            text = cli("status", "--name", uname).stdout
+            assert f"pending: {rows[job]['why']}" in text
+        else:  # the study's first step had already ended: the cluster was free
+            assert job in queue_ids() or rows[job]["state"] in ("RUNNING", "COMPLETED")
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+
+
+def test_device_hours_of_the_finished_study_and_a_failed_attempt_equal_sacct(busy):
+    """The study's device-hours (CPU-hours on this CPU cluster) equal sacct's ElapsedRaw x allocated CPUs within 1%;
+    the failed array task's hours are counted as lost, the completed ones as kept."""
+    import subprocess
+
+    from conftest import cli, wait_terminal
+
+    ids = [busy["first"], busy["second"]]
+    wait_terminal(ids)
+    out = subprocess.run(["sacct", "-X", "-D", "-n", "-P", "-j", ",".join(ids + [busy["bad_id"]]), "-o",
+                          "JobID,State,ElapsedRaw,AllocTRES"], capture_output=True, text=True, check=True).stdout
+    acct = [ln.split("|") for ln in out.splitlines() if "|" in ln]
+
+    def cpu_h(rows):
+        return sum(int(r[2]) * charged(r[3])[1] for r in rows) / 3600
+
+    study_h = cpu_h([r for r in acct if r[0].split("_")[0] in ids])
+    failed_h = cpu_h([r for r in acct if r[0].startswith(busy["bad_id"]) and r[1] == "FAILED"])
+    data = json.loads(cli("status", "--name", busy["tag"], "--json").stdout)
+    study = next(g for g in data if g.get("study_dir") == str(busy["study_dir"]))
+    assert study["state"] == "COMPLETED" and study_h > 0
+    assert study["device_hours"]["cpu"]["hours"] == pytest.approx(study_h, rel=0.01)
+    assert study["device_hours"]["cpu"]["lost"] == 0
+    bad = next(r for r in data if r.get("run_dir") == str(busy["bad"]))["device_hours"]["cpu"]
+    assert bad["lost"] == pytest.approx(failed_h, rel=0.01) and bad["kept"] == pytest.approx(bad["hours"] - failed_h)
+    assert "CPU-h" in cli("status", "--name", busy["tag"]).stdout

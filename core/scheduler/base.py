@@ -167,6 +167,11 @@ class Scheduler:
     has_queue = False
     single_host = False
     requeues = False
+    holds = False        # can submit jobs held (they wait until released): all-or-nothing submissions
+
+    def __init__(self):
+        self.holding = False           # submit_step submits held while set (see held())
+        self.held_ids: list[str] = []  # the job ids submitted held since held() began
 
     # ---------------------------------------------------------------- planning and submission
     def limits(self, cluster) -> dict[str, int]:
@@ -187,6 +192,27 @@ class Scheduler:
         """Submit one step; returns (jobs, run folder template used). `make_entry(step, run_dir_template)` builds
         the callable the tasks run."""
         raise NotImplementedError
+
+    def held(self):
+        """A context in which every submit_step submits its jobs held (nothing of them can start), their ids
+        collected in `held_ids`; the caller releases them all (release) once every job is queued, or cancels them.
+        A scheduler that cannot hold (no queue) submits as always."""
+        return _Holding(self)
+
+    def release(self, ids: list[str]) -> None:
+        """Release held jobs (SchedulerUnavailable when the scheduler refuses); nothing to do without holds."""
+
+    def release_or_cancel(self, ids: list[str]) -> str:
+        """Release the held jobs of one submission; when the scheduler refuses, cancel them (all or nothing).
+        '' when released, else what happened, for a person."""
+        try:
+            self.release(ids)
+            return ""
+        except (SchedulerUnavailable, OSError) as e:
+            why = self.cancel_quietly(ids)
+            return (f"releasing the held jobs {' '.join(ids)} failed ({e}); "
+                    + ("they were cancelled: nothing of this submission runs" if not why else
+                       f"cancelling them failed too ({why}): release or cancel them by hand"))
 
     # ---------------------------------------------------------------- jobs in the queue and in accounting
     def query(self, user: Optional[str] = None, since: str = "now-2days") -> list[JobRow]:
@@ -292,6 +318,19 @@ class Scheduler:
 
     def requeue(self, job_id: str) -> tuple[bool, str]:
         return False, f"the {self.name} scheduler cannot requeue"
+
+
+class _Holding:
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+
+    def __enter__(self) -> list[str]:
+        self.scheduler.holding = self.scheduler.holds
+        self.scheduler.held_ids = []
+        return self.scheduler.held_ids
+
+    def __exit__(self, *exc) -> None:
+        self.scheduler.holding = False
 
 
 class _Requery:

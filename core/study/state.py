@@ -154,6 +154,10 @@ def select_steps(study: Study, resume_missing: Optional[str] = None) -> Selectio
     previous = read_record(study_dir)
     states = step_states(previous)
     redo = {n for n, s in states.items() if s["state"] in REDO_STATES}
+    if previous.get("held") and not previous.get("released"):
+        # that submission never released its held jobs (the submitter was killed): none of them ran; they are
+        # cancelled (stale, below) and their steps submitted again
+        redo |= {n for n, st in previous.get("steps", {}).items() if st.get("held")}
     redo |= {s.name for s in study.steps if s.spec_file and s.name not in previous.get("steps", {})}
     redo = {n for n in study.dependants(redo) if study.step(n).spec_file}
     ours = {s.name for s in study.steps}
