@@ -214,6 +214,11 @@ class Scheduler:
                     + ("they were cancelled: nothing of this submission runs" if not why else
                        f"cancelling them failed too ({why}): release or cancel them by hand"))
 
+    def write_profile(self, name: Optional[str], partition: Optional[str], repo: Path) -> str:
+        """A cluster profile (YAML text) read from the cluster itself, a comment on every value saying where it
+        came from (launchers/profile.py)."""
+        raise SchedulerUnavailable(f"the {self.name} scheduler has no cluster to read a profile from")
+
     # ---------------------------------------------------------------- jobs in the queue and in accounting
     def query(self, user: Optional[str] = None, since: str = "now-2days") -> list[JobRow]:
         """This user's jobs, live and finished, newest first."""

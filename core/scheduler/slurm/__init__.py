@@ -94,6 +94,11 @@ class Slurm(Scheduler):
         if ids:
             cancel(ids)
 
+    def write_profile(self, name: Optional[str], partition: Optional[str], repo) -> str:
+        from core.scheduler.slurm.profile_writer import write_profile
+
+        return write_profile(name, partition, repo)
+
     def explain_reason(self, reason: str) -> str:
         from core.scheduler.slurm.reasons import explain
 
