@@ -215,8 +215,14 @@ def study_states(planned: PlannedStudy, outcome, wait: bool, out=None) -> dict[s
     starts or ends), read off the record without one."""
     from core import study as st
 
-    return st.wait(outcome.record, out=out) if planned.scheduler.has_queue and wait \
-        else st.step_states(outcome.record)
+    if not (planned.scheduler.has_queue and wait):
+        return st.step_states(outcome.record)
+    states = st.wait(outcome.record, out=out)
+    if out is not None:
+        line = st.device_hours_line(outcome.record)
+        if line:
+            out.write(line + "\n")
+    return states
 
 
 def follow_job(job: PlannedJob, submission, out, poll_s: float = 5.0) -> None:
@@ -226,3 +232,12 @@ def follow_job(job: PlannedJob, submission, out, poll_s: float = 5.0) -> None:
 
     steps = {rec["name"]: list(rec.get("job_ids") or []) for rec in submission.record["steps"] if rec.get("job_ids")}
     follow(job.scheduler, steps, out, poll_s)
+    from core import device_hours
+
+    try:
+        rows = job.scheduler.accounting([j for ids in steps.values() for j in ids])
+    except scheduler.SchedulerUnavailable:
+        return
+    used = device_hours.describe(device_hours.usage(rows, str(submission.run_dir)))
+    if used:
+        out.write(f"device-hours: {used}\n")

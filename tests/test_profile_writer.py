@@ -50,3 +50,29 @@ def test_profile_refuses_an_unknown_partition(slurm):
     res = cli("profile", "--partition", "nosuch", "-o", "-")
     assert res.returncode == 2 and "no such partition" in res.stderr and "debug" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_a_gpu_partition_gives_a_cuda_profile_with_its_devices(tmp_path):
+    """What scontrol / sacctmgr print for a GPU partition (recorded lines, no such cluster here) -> a cuda profile:
+    devices from the nodes' Gres, CPUs per device, the user's default account among several; it validates."""
+    from core.config import load_cluster
+    from core.scheduler.slurm.profile_writer import _records, profile_entries, render_yaml
+
+    facts = {
+        "config": {"ClusterName": "lab", "MaxArraySize": "1001", "MaxJobCount": "10000"},
+        "partition": _records("PartitionName=gpu Default=NO MaxNodes=16 MaxTime=2-00:00:00 TotalNodes=32")[0],
+        "nodes": _records("NodeName=g1 CPUTot=64 RealMemory=1024000 Gres=gpu:a100:8(S:0-1) NodeAddr=10.0.0.1\n"
+                          "NodeName=g2 CPUTot=64 RealMemory=1024000 Gres=gpu:a100:8(S:0-1) NodeAddr=10.0.0.2"),
+        "user": "me", "accounts": {"medai": {"normal", "long"}, "other": {"normal"}}, "default_account": "medai",
+        "qos_limits": {"normal": 500}, "partitions": ["cpu", "gpu"], "chosen_by_user": True}
+    entries = {k: v for k, v, _ in profile_entries(facts, "lab", tmp_path)}
+    assert entries["accelerator"] == "cuda" and entries["devices_per_node"] == 8 and entries["cpus_per_task"] == 8
+    assert entries["slurm.gres"] == "gpu:{devices}" and entries["slurm.account"] == "medai"
+    assert entries["max_nodes"] == 16 and entries["max_array_size"] == 1001 and entries["max_jobs_per_user"] == 500
+    assert entries["mem_gb_per_node"] == 900 and entries["device_mem_gb"] is None
+    assert "loopback_rendezvous" not in entries and entries["setup"] is None  # no .venv in tmp_path
+    out = tmp_path / "lab.yaml"
+    out.write_text(render_yaml(profile_entries(facts, "lab", tmp_path), "test"))
+    lab = load_cluster(str(out))
+    assert lab.slurm.partition == "gpu" and lab.slurm.gres == "gpu:{devices}" and lab.accelerator == "cuda"
+    assert "# device_mem_gb:  # Slurm does not know a device's memory" in out.read_text()

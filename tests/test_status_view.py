@@ -287,7 +287,7 @@ def test_status_explains_a_job_pending_for_resources_with_its_expected_start(bus
     other jobs on the shared cluster), in plain words, with Slurm's expected start; one squeue + one sacct."""
     import subprocess
 
-    from conftest import cli, queue_ids, record, run_folder, submit
+    from conftest import cli, record, run_folder, submit
 
     big = run_folder(submit("jobs/tiny/smoke.yaml", "-c", "local_slurm", "--no-preflight", "--set", f"name={uname}",
                             "--set", "resources.nodes=2", "--set", "resources.cpus_per_task=8",
@@ -303,8 +303,10 @@ def test_status_explains_a_job_pending_for_resources_with_its_expected_start(bus
             assert rows[job]["why"] == explain(rows[job]["reason"]) != rows[job]["reason"]
             text = cli("status", "--name", uname).stdout
             assert f"pending: {rows[job]['why']}" in text
-        else:  # the study's first step had already ended: the cluster was free
-            assert job in queue_ids() or rows[job]["state"] in ("RUNNING", "COMPLETED")
+        else:  # only when the study's first step had already ended and left the cluster free
+            from conftest import sacct_states
+
+            assert sacct_states([busy["first"]])[busy["first"]] == "COMPLETED", rows[job]
     finally:
         subprocess.run(["scancel", job], capture_output=True)
 
@@ -335,3 +337,9 @@ def test_device_hours_of_the_finished_study_and_a_failed_attempt_equal_sacct(bus
     bad = next(r for r in data if r.get("run_dir") == str(busy["bad"]))["device_hours"]["cpu"]
     assert bad["lost"] == pytest.approx(failed_h, rel=0.01) and bad["kept"] == pytest.approx(bad["hours"] - failed_h)
     assert "CPU-h" in cli("status", "--name", busy["tag"]).stdout
+    # the study's summary (submit.py --wait prints it): the same figure, per step too
+    from core.study import device_hours_line
+
+    line = device_hours_line(json.loads((busy["study_dir"] / "study.json").read_text()))
+    total = device_hours.describe(study["device_hours"])
+    assert line.startswith(f"device-hours: {total}; first ") and ", second " in line

@@ -233,6 +233,11 @@ class Scheduler:
         queued jobs, the accounting's of finished ones. A job id in neither is unknown to the scheduler."""
         return {}, True
 
+    def accounting(self, job_ids: list[str]) -> list[JobRow]:
+        """Rows of these jobs (any state) with every accounted attempt, for device-hours; empty without
+        accounting."""
+        return []
+
     def queued(self, ids: list[str]) -> list[QueueEntry]:
         """The queued jobs and tasks with these ids (any user)."""
         return []

@@ -208,6 +208,26 @@ def wait(record: dict, poll_s: float = 5.0, out=None) -> dict[str, dict]:
         time.sleep(poll_s)
 
 
+def device_hours_line(record: dict) -> str:
+    """'device-hours: 1.20 GPU-h (0.10 lost); dia 1.00 GPU-h, scan 0.20 GPU-h (0.10 lost)' for a study's steps
+    from the scheduler's accounting (one call); '' when there is none."""
+    from core import device_hours
+
+    steps = {n: st for n, st in record.get("steps", {}).items() if st.get("job_ids") and st.get("run_dir")}
+    if not steps or not _queued(record):
+        return ""
+    try:
+        rows = scheduler.by_name(record["executor"]).accounting([j for st in steps.values() for j in st["job_ids"]])
+    except scheduler.SchedulerUnavailable:
+        return ""
+    per = {n: device_hours.usage([r for r in rows if r.job_id in st["job_ids"]], st["run_dir"])
+           for n, st in steps.items()}
+    total = device_hours.describe(device_hours.add(*per.values()))
+    if not total:
+        return ""
+    return f"device-hours: {total}; " + ", ".join(f"{n} {device_hours.describe(u) or '0'}" for n, u in per.items())
+
+
 def final_table(record: dict) -> Optional[Path]:
     """The markdown table a finished step reported (the study_table workload's `markdown` result), if any. Read
     from the steps' task records, so the study needs no workload module (nothing outside core/workloads/ does)."""

@@ -78,6 +78,11 @@ class Slurm(Scheduler):
 
         return states(job_ids)
 
+    def accounting(self, job_ids: list[str]) -> list[JobRow]:
+        from core.scheduler.slurm.queue import accounting
+
+        return accounting(job_ids)
+
     def queued(self, ids: list[str]) -> list[QueueEntry]:
         from core.scheduler.slurm.queue import queued
 

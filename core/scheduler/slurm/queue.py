@@ -167,6 +167,14 @@ def states(job_ids: list[str]) -> tuple[dict[str, str], bool]:
     return out, answered
 
 
+def accounting(job_ids: list[str]) -> list[JobRow]:
+    """These jobs as sacct accounts them (one call, every attempt: -D), for device-hours."""
+    numeric = [j for j in job_ids if j.isdigit()]
+    if not numeric:
+        return []
+    return merge_rows("", run(["sacct", "-X", "-D", "-n", "-P", "-j", ",".join(numeric), "-o", SACCT_FIELDS]))
+
+
 def queued(ids: list[str]) -> list[QueueEntry]:
     """The queued jobs and tasks with these ids, of any user."""
     bases = sorted({i.split("_")[0] for i in ids}, key=int)
