@@ -1,4 +1,4 @@
-"""launchers/profile.py: a cluster profile written from the cluster itself (the real local Slurm), a comment on
+"""launchers/cluster_profile.py: a cluster profile written from the cluster itself (the real local Slurm), a comment on
 every value saying where it came from; it validates and plans every tiny spec exactly as the shipped local_slurm
 profile does."""
 from __future__ import annotations
@@ -26,7 +26,7 @@ def test_the_profile_written_from_the_local_cluster_plans_like_the_shipped_one(s
     from core.study import is_study
 
     out = tmp_path / "written.yaml"
-    res = cli("profile", "--name", "written", "-o", str(out))
+    res = cli("cluster_profile", "--name", "written", "-o", str(out))
     assert res.returncode == 0, res.stderr
     text = out.read_text()
     values = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")
@@ -42,12 +42,12 @@ def test_the_profile_written_from_the_local_cluster_plans_like_the_shipped_one(s
     assert len(specs) >= 8
     for spec in specs:
         assert _plan_lines(spec, written) == _plan_lines(spec, shipped), spec
-    again = cli("profile", "--name", "written", "-o", str(out))
+    again = cli("cluster_profile", "--name", "written", "-o", str(out))
     assert again.returncode == 2 and "exists" in again.stderr and "--force" in again.stderr
 
 
 def test_profile_refuses_an_unknown_partition(slurm):
-    res = cli("profile", "--partition", "nosuch", "-o", "-")
+    res = cli("cluster_profile", "--partition", "nosuch", "-o", "-")
     assert res.returncode == 2 and "no such partition" in res.stderr and "debug" in res.stderr
     assert "Traceback" not in res.stderr
 

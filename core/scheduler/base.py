@@ -216,7 +216,7 @@ class Scheduler:
 
     def write_profile(self, name: Optional[str], partition: Optional[str], repo: Path) -> str:
         """A cluster profile (YAML text) read from the cluster itself, a comment on every value saying where it
-        came from (launchers/profile.py)."""
+        came from (launchers/cluster_profile.py)."""
         raise SchedulerUnavailable(f"the {self.name} scheduler has no cluster to read a profile from")
 
     # ---------------------------------------------------------------- jobs in the queue and in accounting

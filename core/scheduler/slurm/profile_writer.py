@@ -1,4 +1,4 @@
-"""A cluster profile written from the Slurm cluster itself (launchers/profile.py): the cluster is read once
+"""A cluster profile written from the Slurm cluster itself (launchers/cluster_profile.py): the cluster is read once
 (`scontrol show config`, `scontrol show partition`, `scontrol show node`, `sacctmgr` where accounting answers) and
 every value of the profile comes with a comment saying where it came from, for the person who reviews it before
 the first submission. Nothing is guessed silently: what Slurm cannot say (a device's memory) is left as a commented
@@ -128,7 +128,7 @@ def profile_entries(facts: dict[str, Any], name: Optional[str], repo: Path) -> l
         devices = min(counts)
         e.append(("slurm.gres", f"{kind}:{{devices}}", f"the nodes' Gres ({kind}): each task gets one device"))
         e.append(("description", f"{devices} x {kind} per node, partition {pname} of {cluster}",
-                  f"written by launchers/profile.py on {time.strftime('%Y-%m-%d')}"))
+                  f"written by launchers/cluster_profile.py on {time.strftime('%Y-%m-%d')}"))
         e.append(("accelerator", DEVICES[kind], f"Gres {kind} of the nodes of {pname} ({node_names})"))
         e.append(("devices_per_node", devices, f"the smallest {kind} count of a node of {pname} (scontrol show node)"))
         e.append(("device_mem_gb", None, "Slurm does not know a device's memory: give it (GB) for the plan's "
@@ -144,7 +144,7 @@ def profile_entries(facts: dict[str, Any], name: Optional[str], repo: Path) -> l
                                                                           "written as a CPU profile, review it"))
         else:
             e.append(("description", f"CPU nodes, partition {pname} of {cluster}",
-                      f"written by launchers/profile.py on {time.strftime('%Y-%m-%d')}"))
+                      f"written by launchers/cluster_profile.py on {time.strftime('%Y-%m-%d')}"))
         e.append(("accelerator", "cpu", f"no gpu/npu Gres on the nodes of {pname} ({node_names})"))
         e.append(("devices_per_node", 0, "no devices"))
         e.append(("cpus_per_task", 1, "one CPU per task (raise it for threaded work)"))
@@ -225,7 +225,7 @@ def _line(key: str, value: Any, why: str) -> str:
 def write_profile(name: Optional[str], partition: Optional[str], repo: Path) -> str:
     facts = read_cluster(partition)
     facts["chosen_by_user"] = bool(partition)
-    header = (f"Written by launchers/profile.py from Slurm cluster {facts['config'].get('ClusterName', '?')} on "
+    header = (f"Written by launchers/cluster_profile.py from Slurm cluster {facts['config'].get('ClusterName', '?')} on "
               f"{time.strftime('%Y-%m-%d %H:%M')} for user {facts['user']}.\n"
               f"Review every value (each comment says where it came from) before the first submission;\n"
               f"check it with: python launchers/submit.py jobs/tiny/smoke.yaml -c <this file> --dry-run")

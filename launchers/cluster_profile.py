@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Write a cluster profile from the cluster itself: partitions (MaxTime, MaxNodes), the nodes' CPUs, memory and
 GRES, MaxArraySize, your accounts and QOS, this checkout's virtualenv; a comment on every value says where it came
-from. Review it, then use it with -c.
+from. Review it, then use it with -c. (Not named profile.py: that would shadow Python's own profile module for every
+launcher, launchers/ being first on their import path.)
 
-  python launchers/profile.py                          # cluster_configs/<ClusterName>.yaml, default partition
-  python launchers/profile.py --partition gpu --name mylab -o cluster_configs/mylab.yaml
-  python launchers/profile.py -o -                     # print it instead
+  python launchers/cluster_profile.py                          # cluster_configs/<ClusterName>.yaml, default partition
+  python launchers/cluster_profile.py --partition gpu --name mylab -o cluster_configs/mylab.yaml
+  python launchers/cluster_profile.py -o -                     # print it instead
 """
 from __future__ import annotations
 
