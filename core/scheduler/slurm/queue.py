@@ -123,18 +123,22 @@ def merge_rows(live: str, acct: str) -> list[JobRow]:
             continue
         jid, name, state, _exit, elapsed, nnodes, nodelist, raw, tres, start, end, comment = parts
         unit, count = charged(tres)
+        began = _epoch(start)
         for task in expand_task_ids(jid):
             r = row(task)
-            if task not in r.states or category(state) in ("done", "failed") or task in last:
+            if task in last:  # another attempt of a requeued task (sacct -D): the newest one says its state
+                if began >= last[task].start:
+                    r.states[task] = state
+            elif task not in r.states or category(state) in ("done", "failed"):
                 r.states[task] = state  # sacct was asked last: its terminal states are the newest news
             r.name = r.name or name
             r.seconds, r.nodes = max(r.seconds, parse_elapsed(elapsed)), r.nodes or nodelist
             r.run_dir = r.run_dir or _folder(comment)
             secs = int(raw) if raw.strip().isdigit() else parse_elapsed(elapsed)
-            attempt = Attempt(task, state.split()[0] if state else "UNKNOWN", secs, unit, count,
-                              _epoch(start), _epoch(end))
+            attempt = Attempt(task, state.split()[0] if state else "UNKNOWN", secs, unit, count, began, _epoch(end))
             r.attempts.append(attempt)
-            last[task] = attempt
+            if task not in last or began >= last[task].start:
+                last[task] = attempt
     for r in rows.values():  # the first step's comment names its folder with Slurm's %A (= its own id)
         r.run_dir = r.run_dir.replace("%A", r.job_id)
     return sorted(rows.values(), key=lambda r: int(r.job_id) if r.job_id.isdigit() else 0, reverse=True)
