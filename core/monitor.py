@@ -121,11 +121,12 @@ def _failed_tasks(row: JobRow) -> list[str]:
 
 def by_run(rows: list[JobRow]) -> list[tuple[str, list[JobRow]]]:
     """Rows grouped by their run folder (a run's array chunks, merge and later steps together), newest run first
-    (by its newest job); jobs not submitted by us (no run folder) last."""
-    groups: dict[str, list[JobRow]] = {}
+    (by its newest job); jobs not submitted by us (no run folder) last, each on its own."""
+    groups: dict[tuple[str, str], list[JobRow]] = {}
     for r in rows:
-        groups.setdefault(r.run_dir, []).append(r)
-    return sorted(groups.items(), key=lambda kv: (kv[0] != "", _newest(kv[1])), reverse=True)
+        groups.setdefault((r.run_dir, "" if r.run_dir else r.job_id), []).append(r)
+    ordered = sorted(groups.items(), key=lambda kv: (kv[0][0] != "", _newest(kv[1])), reverse=True)
+    return [(key[0], jobs) for key, jobs in ordered]
 
 
 def _newest(jobs: list[JobRow]) -> tuple:
@@ -269,7 +270,7 @@ def _waiting(r: JobRow) -> Optional[str]:
 
 def _run_block(table: list, run_dir: str, jobs: list[JobRow], with_log: bool, step_label: str,
                only_active: bool = False) -> None:
-    label = _short(run_dir) if run_dir else "(not submitted by medhpc: no run folder)"
+    label = _short(run_dir) if run_dir else f"{jobs[0].name} (not submitted by medhpc: no run folder)"
     table.append(f"run {label}{step_label}: {_run_state(jobs)}, {len(jobs)} job{'s' if len(jobs) > 1 else ''}, "
                  f"{_tasks(jobs)}{_usage_text(jobs, run_dir)}")
     for r in sorted(jobs, key=lambda r: job_key(r.job_id)):
