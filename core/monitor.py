@@ -1,18 +1,40 @@
 """Job status as a person reads it: the scheduler's rows (core.scheduler: on Slurm one squeue + one sacct call per
-refresh, however many jobs and array tasks) grouped by run and by study, as a table, as JSON, or refreshed with
-back-off. Rows are jobs (an array chunk is one row with its progress: done / running / pending / failed); the run
-folder comes from the job comment (`run=...`) that core.submit writes, so a person can go from `squeue` to the
-logs. Cancelling is core.cancel.
+refresh, however many jobs and array tasks) grouped by run and by study, as a view (active runs and studies first,
+newest first, in full; finished ones folded to one line each), as the full table (--all), as JSON, or refreshed
+with back-off. Rows are jobs (an array chunk is one row with its progress: done / running / pending / failed); the
+run folder comes from the job comment (`run=...`) that core.submit writes, so a person can go from `squeue` to the
+logs. A pending job says why it waits in plain words (the scheduler's explain_reason) and when the scheduler
+expects it to start; a failed task shows the error line of its OWN log; device-hours come from core.device_hours.
+Cancelling is core.cancel.
 """
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Optional
 
-from core import scheduler
+from core import device_hours, scheduler
 from core.run_folder import record_if_any
 from core.scheduler import JobRow, SchedulerUnavailable, category, job_key  # noqa: F401 (launchers catch it)
+
+DEFAULT_SINCE = "2d"
+_SINCE = re.compile(r"(\d+)\s*([mhdw])")
+_UNITS = {"m": ("minutes", 1), "h": ("hours", 1), "d": ("days", 1), "w": ("days", 7)}
+
+
+def since_arg(text: str) -> str:
+    """--since as the scheduler's query takes it: '2d' -> 'now-2days', '12h' -> 'now-12hours', '30m', '1w';
+    a date (2026-12-01 or 2026-12-01T08:00) or a 'now-...' text is passed as it is. ValueError otherwise."""
+    text = (text or "").strip()
+    m = _SINCE.fullmatch(text)
+    if m:
+        unit, times = _UNITS[m.group(2)]
+        return f"now-{int(m.group(1)) * times}{unit}"
+    if re.fullmatch(r"now-\d+(minutes|hours|days|weeks)", text) or \
+            re.fullmatch(r"\d{4}-\d\d-\d\d(T\d\d:\d\d(:\d\d)?)?", text):
+        return text
+    raise ValueError(f"--since {text!r}: give a window like 2d, 12h, 30m, 1w or a date like 2026-12-01")
 
 def query(user: Optional[str] = None, since: str = "now-2days") -> list[JobRow]:
     """This user's jobs from every scheduler with a queue (one squeue + one sacct call on Slurm), newest first."""
@@ -36,28 +58,79 @@ def _fmt_seconds(secs: int) -> str:
     return (f"{d}-" if d else "") + f"{h:02d}:{m:02d}:{s:02d}"
 
 
+def _tail(path: Path, size: int = 65536) -> list[str]:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - size))
+            return [ln.rstrip() for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return []
+
+
+def _logs(row: JobRow, task_id: Optional[str] = None) -> list[Path]:
+    return [p for sched in scheduler.with_queue() for p in sched.log_files(row, task_id)]
+
+
+_BOILERPLATE = re.compile(r"^(\[submitit\]|submitit (INFO|DEBUG|WARNING)\b)")
+_SCHEDULER_END = re.compile(r"\*\*\*.*\b(CANCELLED|TIME LIMIT|PREEMPT|NODE FAIL|OUT OF MEMORY)\b(?!.*REQUEUE).*\*\*\*")
+_EXCEPTION = re.compile(r"^(\[rank\d+\]:)?\s*([A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Failure|Fault)"
+                        r"|([a-z_]\w*\.)+[A-Z]\w*|Killed)(:|$)")
+_ERRORISH = re.compile(r"error|exception|killed|oom|out of memory|fatal|failed|abort", re.I)
+_EXIT_CODE = re.compile(r"^srun: error: .*Exited with exit code")
+
+
+def error_line(lines: list[str]) -> str:
+    """The line of a task's log that says why it failed: the scheduler's own end line (time limit, cancelled,
+    out of memory), else the last exception line (`RuntimeError: ...`), else the last line that reads like an
+    error; never submitit's own bookkeeping lines; '' when none looks like an error."""
+    own = [ln.strip() for ln in lines if not _BOILERPLATE.match(ln.strip())]
+    for pattern in (_SCHEDULER_END, _EXCEPTION):
+        found = [ln for ln in own if pattern.search(ln)]
+        if found:
+            return found[-1][:160]
+    found = [ln for ln in own if _ERRORISH.search(ln) and not _EXIT_CODE.match(ln)] or \
+        [ln for ln in own if _ERRORISH.search(ln)]
+    return found[-1][:160] if found else ""
+
+
+def task_error(row: JobRow, task_id: str) -> str:
+    """The error line of this task's own logs (every rank's; local file reads, no scheduler call)."""
+    return error_line([ln for p in _logs(row, task_id) for ln in _tail(p)])
+
+
 def last_log_line(row: JobRow) -> str:
-    """The last non-empty line of the newest log of this job (local file read, no scheduler call)."""
-    logs = [p for sched in scheduler.with_queue() for p in sched.log_files(row)]
+    """For a failed job: its first failed task's own error line; otherwise the last line of its newest log that
+    is not submitit's bookkeeping (local file reads, no scheduler call)."""
+    failed = _failed_tasks(row)
+    if failed:
+        return task_error(row, failed[0])
+    logs = _logs(row)
     if not logs:
         return ""
-    try:
-        with logs[-1].open("rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - 4096))
-            lines = [ln for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return ""
+    lines = [ln for ln in _tail(logs[-1], 4096) if not _BOILERPLATE.match(ln.strip())]
     return lines[-1][:100] if lines else ""
 
 
+def _failed_tasks(row: JobRow) -> list[str]:
+    """The tasks that failed on their own (cancelled ones only when nothing else failed), in id order."""
+    bad = sorted((t for t, s in row.states.items() if category(s) == "failed"), key=job_key)
+    own = [t for t in bad if not row.states[t].startswith("CANCELLED")]
+    return own or bad
+
+
 def by_run(rows: list[JobRow]) -> list[tuple[str, list[JobRow]]]:
-    """Rows grouped by their run folder (a run's array chunks, merge and later steps together), runs in the order
-    of their first job; jobs not submitted by us (no run folder) last."""
-    groups: dict[str, list[JobRow]] = {}
+    """Rows grouped by their run folder (a run's array chunks, merge and later steps together), newest run first
+    (by its newest job); jobs not submitted by us (no run folder) last, each on its own."""
+    groups: dict[tuple[str, str], list[JobRow]] = {}
     for r in rows:
-        groups.setdefault(r.run_dir, []).append(r)
-    return sorted(groups.items(), key=lambda kv: (kv[0] == "", min(job_key(r.job_id) for r in kv[1])))
+        groups.setdefault((r.run_dir, "" if r.run_dir else r.job_id), []).append(r)
+    ordered = sorted(groups.items(), key=lambda kv: (kv[0][0] != "", _newest(kv[1])), reverse=True)
+    return [(key[0], jobs) for key, jobs in ordered]
+
+
+def _newest(jobs: list[JobRow]) -> tuple:
+    return max(job_key(r.job_id) for r in jobs)
 
 
 def _run_state(rows: list[JobRow]) -> str:
@@ -66,7 +139,8 @@ def _run_state(rows: list[JobRow]) -> str:
         if s in states:
             return s
     bad = sorted(st for st in states if category(st) == "failed")
-    return bad[0] if bad else "COMPLETED"
+    own = [st for st in bad if not st.startswith("CANCELLED")]
+    return (own or bad)[0] if bad else "COMPLETED"
 
 
 def study_of(run_dir: str) -> Optional[tuple[str, str, str]]:
@@ -84,9 +158,12 @@ def _failed_for_real(jobs: list[JobRow]) -> bool:
     return any(category(s) == "failed" and not s.startswith("CANCELLED") for r in jobs for s in r.states.values())
 
 
-def by_study(rows: list[JobRow]) -> list[tuple[Optional[tuple[str, str]], list[tuple[str, str, list[JobRow]]]]]:
+Group = tuple[Optional[tuple[str, str]], list[tuple[str, str, list[JobRow]]]]
+
+
+def by_study(rows: list[JobRow]) -> list[Group]:
     """by_run's groups, with the runs of one study together: [((study folder, name) | None, [(run folder, step,
-    rows)])], in the order of each group's first job."""
+    rows)])]; newest group first, a study's steps in the order they were submitted."""
     out: list = []
     index: dict[str, int] = {}
     for run_dir, jobs in by_run(rows):
@@ -97,13 +174,24 @@ def by_study(rows: list[JobRow]) -> list[tuple[Optional[tuple[str, str]], list[t
         if st[0] not in index:
             index[st[0]] = len(out)
             out.append(((st[0], st[1]), []))
-        out[index[st[0]]][1].append((run_dir, st[2], jobs))
-    return out
+        out[index[st[0]]][1].insert(0, (run_dir, st[2], jobs))
+    return sorted(out, key=lambda g: (any(rd for rd, _, _ in g[1]), max(_newest(jobs) for _, _, jobs in g[1])),
+                  reverse=True)
+
+
+def latest_runs(runs: list[tuple[str, str, list[JobRow]]]) -> list[tuple[str, str, list[JobRow]]]:
+    """The newest run of each step (a step submitted again by --resume-missing has several), in step order."""
+    latest: dict[str, tuple[str, str, list[JobRow]]] = {}
+    for run in runs:
+        latest.pop(run[1], None)
+        latest[run[1]] = run
+    return list(latest.values())
 
 
 def study_state(runs: list[tuple[str, str, list[JobRow]]]) -> tuple[str, list[str]]:
-    """(state, failed steps): FAILED when a step's own tasks failed (the steps Slurm cancelled after it are not
-    named), else RUNNING / PENDING / CANCELLED / COMPLETED as for a run."""
+    """(state, failed steps) from each step's newest run: FAILED when a step's own tasks failed (the steps Slurm
+    cancelled after it are not named), else RUNNING / PENDING / CANCELLED / COMPLETED as for a run."""
+    runs = latest_runs(runs)
     failed = [step for _, step, jobs in runs if _failed_for_real(jobs)]
     state = _run_state([r for _, _, jobs in runs for r in jobs])
     if failed and state not in ("RUNNING", "PENDING"):
@@ -111,63 +199,185 @@ def study_state(runs: list[tuple[str, str, list[JobRow]]]) -> tuple[str, list[st
     return state, failed
 
 
-def format_table(rows: list[JobRow], with_log: bool = True) -> str:
-    """One block per run: a line naming the run, its state and its task counts, then its jobs. The runs of a
-    study come together under a line naming the study, its state and the step that failed."""
-    if not rows:
-        return "no jobs"
+def _active(runs) -> bool:
+    return any(r.active for _, _, jobs in runs for r in jobs)
+
+
+def _when(jobs: list[JobRow]) -> str:
+    """When the run last did something (its newest attempt's end or start), 'MM-DD HH:MM'; '' when unknown."""
+    t = max((a.end or a.start for r in jobs for a in r.attempts), default=0.0)
+    return time.strftime("%m-%d %H:%M", time.localtime(t)) if t else ""
+
+
+def _tasks(jobs: list[JobRow]) -> str:
+    tasks = {k: sum(r.progress[k] for r in jobs) for k in ("done", "running", "pending", "failed")}
+    total = sum(len(r.states) for r in jobs)
+    return f"tasks {tasks['done']}/{tasks['running']}/{tasks['pending']}/{tasks['failed']} of {total}"
+
+
+def run_error(jobs: list[JobRow]) -> str:
+    """'<task id>: <its own error line>' of a run's first failed task; '' when none failed."""
+    for r in sorted(jobs, key=lambda r: job_key(r.job_id)):
+        failed = _failed_tasks(r)
+        if failed:
+            line = task_error(r, failed[0])
+            return f"{failed[0]} {r.states[failed[0]].split()[0]}" + (f": {line}" if line else "")
+    return ""
+
+
+def _usage_text(jobs: list[JobRow], run_dir: str) -> str:
+    text = device_hours.describe(device_hours.usage(jobs, run_dir))
+    return f"; {text}" if text else ""
+
+
+def _folded_run(run_dir: str, jobs: list[JobRow], with_log: bool) -> str:
+    label = _short(run_dir) if run_dir else f"{jobs[0].name} (not submitted by medhpc: no run folder)"
+    state = _run_state(jobs)
+    err = run_error(jobs) if with_log and state != "COMPLETED" else ""
+    return (f"run {label}: {state}, {_tasks(jobs)}, {_when(jobs)}{_usage_text(jobs, run_dir)}"
+            + (f"; {err}" if err else ""))
+
+
+def _folded_study(study: tuple[str, str], runs, with_log: bool) -> str:
+    state, failed = study_state(runs)
+    steps = ", ".join(f"{step} {_run_state(jobs)}" for _, step, jobs in latest_runs(runs))
+    usage = device_hours.describe(device_hours.add(*(device_hours.usage(jobs, rd) for rd, _, jobs in runs)))
+    why = ""
+    if failed and with_log:
+        jobs = next(j for _, step, j in latest_runs(runs) if step == failed[0])
+        why = run_error(jobs)
+    head = f"study {study[1]} {_short(study[0])}: {state}" + (f" at step {', '.join(failed)}" if failed else "")
+    return head + (f" ({why})" if why else "") + f"; steps: {steps}" + (f"; {usage}" if usage else "")
+
+
+def _job_line(r: JobRow, with_log: bool) -> list:
+    p = r.progress
+    prog = f"{p['done']}/{p['running']}/{p['pending']}/{p['failed']} of {len(r.states)}" if r.is_array else "-"
+    where = r.reason if r.active else r.nodes
+    line = ["  " + r.job_id, r.name[:24], r.state, prog, _fmt_seconds(r.seconds), where[:24]]
+    if with_log:  # finished-and-fine jobs' logs are not read: it keeps a refresh cheap with long histories
+        line.append(last_log_line(r) if r.active or r.progress["failed"] else "")
+    return line
+
+
+def _waiting(r: JobRow) -> Optional[str]:
+    """'        pending: <plain words>; expected to start <time>' under a job with pending tasks."""
+    if not r.progress["pending"] or not (r.why or r.expected_start):
+        return None
+    start = f"; expected to start {r.expected_start.replace('T', ' ')}" if r.expected_start else ""
+    return f"        pending: {r.why or r.reason}{start}"
+
+
+def _run_block(table: list, run_dir: str, jobs: list[JobRow], with_log: bool, step_label: str,
+               only_active: bool = False) -> None:
+    label = _short(run_dir) if run_dir else f"{jobs[0].name} (not submitted by medhpc: no run folder)"
+    table.append(f"run {label}{step_label}: {_run_state(jobs)}, {len(jobs)} job{'s' if len(jobs) > 1 else ''}, "
+                 f"{_tasks(jobs)}{_usage_text(jobs, run_dir)}")
+    for r in sorted(jobs, key=lambda r: job_key(r.job_id)):
+        if only_active and not (r.active or r.progress["failed"]):
+            continue
+        table.append(_job_line(r, with_log))
+        waiting = _waiting(r)
+        if waiting:
+            table.append(waiting)
+
+
+def _header(with_log: bool) -> list[str]:
     header = ["JOBID", "NAME", "STATE", "DONE/RUN/PEND/FAIL", "ELAPSED", "NODES/REASON"]
-    if with_log:
-        header.append("LAST LOG LINE")
-    table: list = [header]
-    for study, runs in by_study(rows):
-        if study is not None:
-            state, failed = study_state(runs)
-            table.append(f"study {study[1]} {_short(study[0])}: {state}, {len(runs)} step run"
-                         f"{'s' if len(runs) > 1 else ''}" + (f"; failed step: {', '.join(failed)}" if failed else ""))
-        for run_dir, step, jobs in runs:
-            _run_block(table, run_dir, jobs, with_log, f" (step {step})" if study is not None else "")
+    return header + (["LAST LOG LINE"] if with_log else [])
+
+
+def _aligned(table: list, header: list[str]) -> str:
     cells = [row for row in table if isinstance(row, list)]
     widths = [max(len(str(row[i])) for row in cells) for i in range(len(header))]
     return "\n".join(row if isinstance(row, str) else
                      "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
 
 
-def _run_block(table: list, run_dir: str, jobs: list[JobRow], with_log: bool, step_label: str) -> None:
-    tasks = {k: sum(r.progress[k] for r in jobs) for k in ("done", "running", "pending", "failed")}
-    total = sum(len(r.states) for r in jobs)
-    label = _short(run_dir) if run_dir else "(not submitted by medhpc: no run folder)"
-    table.append(f"run {label}{step_label}: {_run_state(jobs)}, {len(jobs)} job{'s' if len(jobs) > 1 else ''}, "
-                 f"tasks {tasks['done']}/{tasks['running']}/{tasks['pending']}/{tasks['failed']} of {total}")
-    for r in sorted(jobs, key=lambda r: job_key(r.job_id)):
-        p = r.progress
-        prog = f"{p['done']}/{p['running']}/{p['pending']}/{p['failed']} of {len(r.states)}" if r.is_array else "-"
-        where = r.reason if r.active else r.nodes
-        line = ["  " + r.job_id, r.name[:24], r.state, prog, _fmt_seconds(r.seconds), where[:24]]
-        if with_log:  # finished-and-fine jobs' logs are not read: it keeps a refresh cheap with long histories
-            line.append(last_log_line(r) if r.active or r.progress["failed"] else "")
-        table.append(line)
+def format_table(rows: list[JobRow], with_log: bool = True) -> str:
+    """Everything (status --all): one block per run, newest first, every job; the runs of a study together under
+    a line naming the study, its state and the step that failed; a pending job's reason in plain words."""
+    if not rows:
+        return "no jobs"
+    header = _header(with_log)
+    table: list = [header]
+    for study, runs in by_study(rows):
+        if study is not None:
+            table.append(_folded_study(study, runs, with_log))
+        for run_dir, step, jobs in runs:
+            _run_block(table, run_dir, jobs, with_log, f" (step {step})" if study is not None else "")
+    return _aligned(table, header)
+
+
+def format_view(rows: list[JobRow], with_log: bool = True, since: str = DEFAULT_SINCE,
+                max_finished: int = 20) -> str:
+    """The default status: what is active (runs and studies with a pending or running job) first, newest first,
+    with their active and failed jobs and why pending ones wait; then the finished runs and studies of the window,
+    newest first, one line each (a study: its steps' states and the failed step's error), at most
+    `max_finished` of them (the rest counted: --all lists everything)."""
+    if not rows:
+        return f"no jobs since {since}"
+    groups = by_study(rows)
+    active = [g for g in groups if _active(g[1])]
+    done = [g for g in groups if not _active(g[1])]
+    header = _header(with_log)
+    table: list = []
+    if active:
+        table.append(f"ACTIVE: {len(active)} (newest first)")
+        table.append(header)
+    for study, runs in active:
+        if study is not None:
+            table.append(_folded_study(study, runs, with_log))
+            for run_dir, step, jobs in runs:
+                if any(r.active or r.progress["failed"] for r in jobs):
+                    _run_block(table, run_dir, jobs, with_log, f" (step {step})", only_active=True)
+                else:
+                    table.append(f"  step {step}: {_folded_run(run_dir, jobs, with_log)}")
+        else:
+            run_dir, _, jobs = runs[0]
+            _run_block(table, run_dir, jobs, with_log, "", only_active=True)
+    if done:
+        table.append(f"FINISHED since {since}: {len(done)} (newest first, one line each; --all for every job)")
+        for study, runs in done[:max_finished]:
+            table.append("  " + (_folded_study(study, runs, with_log) if study is not None
+                                 else _folded_run(runs[0][0], runs[0][2], with_log)))
+        if len(done) > max_finished:
+            table.append(f"  ... and {len(done) - max_finished} older (status.py --all)")
+    return _aligned(table, header) if active else "\n".join(table)
 
 
 def _run_json(run_dir: str, jobs: list[JobRow]) -> dict:
-    return {"run_dir": run_dir or None, "state": _run_state(jobs),
-            "tasks": {k: sum(r.progress[k] for r in jobs) for k in ("done", "running", "pending", "failed")},
-            "jobs": [{"job_id": r.job_id, "name": r.name, "state": r.state, "elapsed_s": r.seconds,
-                      "nodes": r.nodes, "reason": r.reason, "tasks": dict(r.states)}
-                     for r in sorted(jobs, key=lambda r: job_key(r.job_id))]}
+    out = {"run_dir": run_dir or None, "name": jobs[0].name if jobs else "", "state": _run_state(jobs),
+           "tasks": {k: sum(r.progress[k] for r in jobs) for k in ("done", "running", "pending", "failed")},
+           "device_hours": device_hours.usage(jobs, run_dir), "error": run_error(jobs) or None,
+           "jobs": []}
+    for r in sorted(jobs, key=lambda r: job_key(r.job_id)):
+        failed = _failed_tasks(r)[:20]  # the logs of at most 20 failed tasks per job are read
+        out["jobs"].append({
+            "job_id": r.job_id, "name": r.name, "state": r.state, "elapsed_s": r.seconds, "nodes": r.nodes,
+            "reason": r.reason, "why": r.why, "expected_start": r.expected_start or None, "tasks": dict(r.states),
+            "errors": {t: task_error(r, t) for t in failed},
+            "device_hours": device_hours.usage([r], run_dir),
+            "attempts": [{"task": a.task_id, "state": a.state, "elapsed_s": a.elapsed_s, "unit": a.unit,
+                          "count": a.count, "start": a.start or None, "end": a.end or None} for a in r.attempts]})
+    return out
 
 
 def as_json(rows: list[JobRow]) -> list[dict]:
-    """The same grouping for scripts: one object per run with its state, task counts and jobs; the runs of a study
-    in one object {study_dir, study, state, failed_steps, runs: [run object + its step]}."""
+    """The same grouping for scripts, every field: one object per run with its state, task counts, device-hours,
+    error line and jobs (reasons, expected start, each task's state and error line, every attempt); the runs of a
+    study in one object {study_dir, study, state, failed_steps, device_hours, runs: [run object + its step]}.
+    Newest first."""
     out = []
     for study, runs in by_study(rows):
         if study is None:
             out += [_run_json(run_dir, jobs) for run_dir, _, jobs in runs]
             continue
         state, failed = study_state(runs)
+        objs = [{**_run_json(run_dir, jobs), "step": step} for run_dir, step, jobs in runs]
         out.append({"study_dir": study[0], "study": study[1], "state": state, "failed_steps": failed,
-                    "runs": [{**_run_json(run_dir, jobs), "step": step} for run_dir, step, jobs in runs]})
+                    "active": _active(runs), "device_hours": device_hours.add(*(o["device_hours"] for o in objs)),
+                    "runs": objs})
     return out
 
 
@@ -194,3 +404,38 @@ def watch(render, interval: float = 2.0, max_interval: float = 60.0, stop_when_i
         if (stop_when_idle and not active) or (max_refreshes and n >= max_refreshes):
             return n
         sleep(wait)
+
+
+def step_phase(states: dict[str, str]) -> str:
+    """One step's jobs as a person follows them: 'pending', 'running', or its end ('COMPLETED', 'FAILED', ...)."""
+    cats = [category(s) for s in states.values()]
+    if "running" in cats:
+        return "running"
+    if not cats or "pending" in cats:
+        return "pending"
+    bad = sorted({s.split()[0] for s in states.values() if category(s) == "failed"})
+    own = [b for b in bad if not b.startswith("CANCELLED")]
+    return (own or bad)[0] if bad else "COMPLETED"
+
+
+def follow(sched, steps: dict[str, list[str]], out, poll_s: float = 5.0, sleep=time.sleep) -> dict[str, str]:
+    """Wait for the jobs of each step (step -> job ids) to end, writing a line each time a step starts or ends;
+    one scheduler query (states) per round. Returns each step's end state."""
+    seen: dict[str, str] = {}
+    ids = [j for js in steps.values() for j in js]
+    while True:
+        states, _ = sched.states(ids)
+        phases = {}
+        for name, js in steps.items():
+            mine = {t: s for t, s in states.items() if t.split("_")[0] in js}
+            phases[name] = step_phase(mine)
+            if seen.get(name) != phases[name] and (name in seen or phases[name] != "pending"):
+                tasks = f" ({len(mine)} tasks)" if len(mine) > 1 else ""
+                word = "started" if phases[name] == "running" else f"ended {phases[name]}" \
+                    if phases[name] != "pending" else "pending again (requeued)"
+                out.write(f"{time.strftime('%H:%M:%S')} step {name}: {word}{tasks} (job {','.join(js)})\n")
+                out.flush()
+            seen[name] = phases[name]
+        if all(p not in ("pending", "running") for p in phases.values()):
+            return phases
+        sleep(poll_s)

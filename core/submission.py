@@ -100,10 +100,29 @@ def check_job(job: PlannedJob) -> PlannedJob:
 
 
 def submit_job(job: PlannedJob):
-    """Submit every step of the plan (core.submit); the Submission with the run folder and the jobs."""
+    """Submit every step of the plan (core.submit); the Submission with the run folder and the jobs. A plan of
+    several steps on a scheduler that holds is all or nothing: every job is submitted held and released once all
+    are queued; when a later step's submission fails the held jobs are cancelled, so nothing half-submitted runs."""
     from core import submit as sub
 
-    return sub.submit(job.plan, job.raw, job.request.spec_file, job.resume_dir)
+    sched = job.scheduler
+    if not sched.holds or len(job.plan.steps) < 2:
+        return sub.submit(job.plan, job.raw, job.request.spec_file, job.resume_dir)
+    with sched.held() as held:
+        try:
+            submission = sub.submit(job.plan, job.raw, job.request.spec_file, job.resume_dir)
+        except BaseException as e:
+            why = sched.cancel_quietly(list(held)) if held else ""
+            if held:
+                e.args = (f"{e.args[0] if e.args else e}; the jobs already submitted (held) "
+                          + (f"were cancelled: {' '.join(held)}" if not why else
+                             f"could NOT be cancelled ({why}): cancel them with python launchers/cancel.py "
+                             f"{' '.join(held)}"),) + e.args[1:]
+            raise
+    why = sched.release_or_cancel(list(held))
+    if why:
+        raise RuntimeError(why)
+    return submission
 
 
 # ---------------------------------------------------------------- studies
@@ -191,8 +210,34 @@ def submit_study(planned: PlannedStudy, study_dir: Path, out):
                            out, prev_states=sel.states)
 
 
-def study_states(planned: PlannedStudy, outcome, wait: bool) -> dict[str, dict]:
-    """Each step's state: waited for on a scheduler with a queue (wait=True), read off the record without one."""
+def study_states(planned: PlannedStudy, outcome, wait: bool, out=None) -> dict[str, dict]:
+    """Each step's state: waited for on a scheduler with a queue (wait=True; with `out`, a line per step that
+    starts or ends), read off the record without one."""
     from core import study as st
 
-    return st.wait(outcome.record) if planned.scheduler.has_queue and wait else st.step_states(outcome.record)
+    if not (planned.scheduler.has_queue and wait):
+        return st.step_states(outcome.record)
+    states = st.wait(outcome.record, out=out)
+    if out is not None:
+        line = st.device_hours_line(outcome.record)
+        if line:
+            out.write(line + "\n")
+    return states
+
+
+def follow_job(job: PlannedJob, submission, out, poll_s: float = 5.0) -> None:
+    """--wait on a scheduler with a queue: a line per step that starts or ends (the scheduler's states of its
+    jobs, one query per round) until every job of the submission has ended."""
+    from core.monitor import follow
+
+    steps = {rec["name"]: list(rec.get("job_ids") or []) for rec in submission.record["steps"] if rec.get("job_ids")}
+    follow(job.scheduler, steps, out, poll_s)
+    from core import device_hours
+
+    try:
+        rows = job.scheduler.accounting([j for ids in steps.values() for j in ids])
+    except scheduler.SchedulerUnavailable:
+        return
+    used = device_hours.describe(device_hours.usage(rows, str(submission.run_dir)))
+    if used:
+        out.write(f"device-hours: {used}\n")

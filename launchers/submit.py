@@ -107,7 +107,7 @@ def study_main(args) -> int:
     if planned.scheduler.has_queue and not args.wait:
         print("follow it with: python launchers/status.py   (the study is one group)")
         return 0
-    states = service.study_states(planned, outcome, wait=True)
+    states = service.study_states(planned, outcome, wait=True, out=sys.stdout)
     for name, s in states.items():
         print(f"  {name}: {s['state']}" + (f" ({s['detail']})" if s["detail"] else ""))
     print(f"study {planned.study.spec.study}: {st.summary_line(outcome.record, states)}")
@@ -169,6 +169,9 @@ def main(argv=None) -> int:
     print(f"run folder: {submission.run_dir}")
     if not job.scheduler.has_queue or args.wait:
         from core.results.summary import report_results
+
+        if job.scheduler.has_queue:  # a line per step that starts or ends, instead of silence until the end
+            service.follow_job(job, submission, sys.stdout)
 
         return report_results(submission)
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import uuid
 from pathlib import Path
 
@@ -439,3 +440,41 @@ def test_the_table_step_asks_for_no_accelerator_on_an_npu_profile():
     smoke, _ = load_spec("jobs/tiny/smoke.yaml")
     smoke_scripts = sub.sbatch_texts(make_plan(smoke, cluster, limits={}))
     assert all("--gres=npu:1" in t for texts in smoke_scripts.values() for t in texts)
+
+
+def test_a_submitter_killed_between_two_steps_leaves_nothing_runnable(slurm, tmp_path):
+    """All or nothing: the study's jobs are submitted held. SIGKILL after the first of two steps: its job stays held
+    (JobHeldUser, never runs), the record says it was never released; the next --resume-missing cancels it and
+    submits both steps again, released together."""
+    import subprocess
+
+    from conftest import sacct_states, wait_terminal
+
+    name = f"k{uuid.uuid4().hex[:8]}"
+    spec = tmp_path / "kill.yaml"
+    spec.write_text(f"study: {name}\nsteps:\n  first: {{spec: jobs/tiny/smoke.yaml}}\n"
+                    f"  second: {{spec: jobs/tiny/smoke.yaml, after: [first]}}\n")
+    args = (str(spec), "-c", "local_slurm", "--no-preflight", "--set", f"outputs.logs_dir={tmp_path / 'logs'}",
+            "--set", f"name={name}")
+    res = cli("submit", *args, env={"MEDHPC_FAULT": "kill@study_submitted:first"})
+    assert res.returncode == -9, res.stdout + res.stderr
+    study_dir = next((tmp_path / "logs" / name).glob("*/study.json")).parent
+    rec = study_record(study_dir)
+    first = rec["steps"]["first"]["job_ids"]
+    try:
+        assert rec["held"] and not rec.get("released") and rec["steps"]["second"]["job_ids"] == []
+        time.sleep(2)  # long enough for the scheduler to start a runnable job on an idle node
+        live = subprocess.run(["squeue", "-h", "-j", first[0], "-o", "%T|%r"], capture_output=True, text=True)
+        assert live.stdout.strip() == "PENDING|JobHeldUser"
+        res = cli("submit", *args, "--resume-missing", "--wait", timeout=WAIT)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert f"cancelled the queued jobs of the steps submitted again: {first[0]}" in res.stdout
+        assert "released the 2 held jobs of this submission" in res.stdout
+        assert re.search(r"^\d\d:\d\d:\d\d step second: (started|done)", res.stdout, re.M)  # --wait's progress
+        assert sacct_states(first) == {first[0]: "CANCELLED"}
+        again = study_record(study_dir)
+        assert again["released"] and again["steps"]["first"]["job_ids"] != first
+        new = [j for n in ("first", "second") for j in again["steps"][n]["job_ids"]]
+        assert set(wait_terminal(new).values()) == {"COMPLETED"}
+    finally:
+        subprocess.run(["scancel", *first], capture_output=True)

@@ -68,6 +68,23 @@ def job_key(job_id: str) -> tuple:
 
 
 @dataclass
+class Attempt:
+    """One run of a job or array task as accounting saw it (a requeued task has several): what it held and for how
+    long, for device-hours. `unit` is what it was charged in: 'gpu' / 'npu' (its generic resources) or 'cpu'."""
+    task_id: str
+    state: str
+    elapsed_s: int = 0
+    unit: str = "cpu"
+    count: int = 0               # devices (or CPUs) it held
+    start: float = 0.0           # epoch seconds, 0 when it never started
+    end: float = 0.0             # epoch seconds, 0 while it runs
+
+    @property
+    def hours(self) -> float:
+        return self.elapsed_s * self.count / 3600.0
+
+
+@dataclass
 class JobRow:
     """One job of the queue or the accounting: a plain job, or an array job with its tasks."""
     job_id: str                  # the job id (the array job id for arrays)
@@ -75,8 +92,11 @@ class JobRow:
     states: dict[str, str] = field(default_factory=dict)  # task id -> state ('12' -> state for a plain job)
     seconds: int = 0             # longest elapsed time of its tasks
     nodes: str = ""
-    reason: str = ""
+    reason: str = ""             # the scheduler's own word for why it waits (Slurm: Priority, Dependency, ...)
     run_dir: str = ""
+    why: str = ""                # the reason in plain words (the scheduler's explain_reason)
+    expected_start: str = ""     # when the scheduler expects a pending job to start (ISO time), '' when unknown
+    attempts: list[Attempt] = field(default_factory=list)  # every run of every task, oldest first (accounting)
 
     @property
     def is_array(self) -> bool:
@@ -147,6 +167,11 @@ class Scheduler:
     has_queue = False
     single_host = False
     requeues = False
+    holds = False        # can submit jobs held (they wait until released): all-or-nothing submissions
+
+    def __init__(self):
+        self.holding = False           # submit_step submits held while set (see held())
+        self.held_ids: list[str] = []  # the job ids submitted held since held() began
 
     # ---------------------------------------------------------------- planning and submission
     def limits(self, cluster) -> dict[str, int]:
@@ -168,6 +193,32 @@ class Scheduler:
         the callable the tasks run."""
         raise NotImplementedError
 
+    def held(self):
+        """A context in which every submit_step submits its jobs held (nothing of them can start), their ids
+        collected in `held_ids`; the caller releases them all (release) once every job is queued, or cancels them.
+        A scheduler that cannot hold (no queue) submits as always."""
+        return _Holding(self)
+
+    def release(self, ids: list[str]) -> None:
+        """Release held jobs (SchedulerUnavailable when the scheduler refuses); nothing to do without holds."""
+
+    def release_or_cancel(self, ids: list[str]) -> str:
+        """Release the held jobs of one submission; when the scheduler refuses, cancel them (all or nothing).
+        '' when released, else what happened, for a person."""
+        try:
+            self.release(ids)
+            return ""
+        except (SchedulerUnavailable, OSError) as e:
+            why = self.cancel_quietly(ids)
+            return (f"releasing the held jobs {' '.join(ids)} failed ({e}); "
+                    + ("they were cancelled: nothing of this submission runs" if not why else
+                       f"cancelling them failed too ({why}): release or cancel them by hand"))
+
+    def write_profile(self, name: Optional[str], partition: Optional[str], repo: Path) -> str:
+        """A cluster profile (YAML text) read from the cluster itself, a comment on every value saying where it
+        came from (launchers/cluster_profile.py)."""
+        raise SchedulerUnavailable(f"the {self.name} scheduler has no cluster to read a profile from")
+
     # ---------------------------------------------------------------- jobs in the queue and in accounting
     def query(self, user: Optional[str] = None, since: str = "now-2days") -> list[JobRow]:
         """This user's jobs, live and finished, newest first."""
@@ -181,6 +232,11 @@ class Scheduler:
         """(job or task id -> state, whether the queue answered) for these job ids of any user: the live state of
         queued jobs, the accounting's of finished ones. A job id in neither is unknown to the scheduler."""
         return {}, True
+
+    def accounting(self, job_ids: list[str]) -> list[JobRow]:
+        """Rows of these jobs (any state) with every accounted attempt, for device-hours; empty without
+        accounting."""
+        return []
 
     def queued(self, ids: list[str]) -> list[QueueEntry]:
         """The queued jobs and tasks with these ids (any user)."""
@@ -201,15 +257,28 @@ class Scheduler:
             return str(e)[:300]
         return ""
 
-    def log_files(self, row: JobRow) -> list[Path]:
-        """The log files of this job's tasks, oldest first (local file reads)."""
+    def log_files(self, row: JobRow, task_id: Optional[str] = None) -> list[Path]:
+        """The log files of this job's tasks (of one task when task_id is given: '12_3' of an array, '12' of a plain
+        job; every rank's file), oldest first (local file reads)."""
         if not row.run_dir:
             return []
         folder = Path(row.run_dir) / "submitit"
+        if task_id is None:
+            pattern = f"{row.job_id}_*log.out"
+        elif "_" in task_id:
+            pattern = f"{task_id}_*_log.out"   # submitit: <array id>_<index>_<rank>_log.out
+        else:
+            pattern = f"{task_id}_*_log.out"   # submitit: <job id>_<rank>_log.out
         try:
-            return sorted(folder.glob(f"{row.job_id}_*log.out"), key=lambda p: p.stat().st_mtime)
+            found = [p for p in folder.glob(pattern)
+                     if task_id is None or "_" in task_id or p.name.count("_") == 2]
+            return sorted(found, key=lambda p: p.stat().st_mtime)
         except OSError:
             return []
+
+    def explain_reason(self, reason: str) -> str:
+        """Why a job waits, in plain words (the scheduler's own code when it has no words for it)."""
+        return reason
 
     # ---------------------------------------------------------------- inside a task
     @classmethod
@@ -259,6 +328,19 @@ class Scheduler:
 
     def requeue(self, job_id: str) -> tuple[bool, str]:
         return False, f"the {self.name} scheduler cannot requeue"
+
+
+class _Holding:
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+
+    def __enter__(self) -> list[str]:
+        self.scheduler.holding = self.scheduler.holds
+        self.scheduler.held_ids = []
+        return self.scheduler.held_ids
+
+    def __exit__(self, *exc) -> None:
+        self.scheduler.holding = False
 
 
 class _Requery:

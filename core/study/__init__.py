@@ -22,13 +22,13 @@ from core.study.plan import (PlannedStep, StepCheckError, describe, inference_me
                              preflight)
 from core.study.spec import (STEP_NAME, STEP_REF, Step, Study, StudySpec, StudyStep, choose_study_cluster, is_study,
                              load_study)
-from core.study.state import (FAILED_STATES, RECORD, REDO_STATES, Selection, final_table, find_study, read_record,
-                              select_steps, step_states, study_root, summary_line, wait)
+from core.study.state import (FAILED_STATES, RECORD, REDO_STATES, Selection, device_hours_line, final_table,
+                              find_study, read_record, select_steps, step_states, study_root, summary_line, wait)
 from core.study.submit import Outcome, StudySubmitError, cancel_jobs, make_study_dir, submit_study
 
 __all__ = [
     "FAILED_STATES", "RECORD", "REDO_STATES", "STEP_NAME", "STEP_REF", "Outcome", "PlannedStep", "Selection",
-    "Step", "StepCheckError", "Study", "StudySpec", "StudyStep", "StudySubmitError", "cancel_jobs",
+    "Step", "StepCheckError", "Study", "StudySpec", "StudyStep", "StudySubmitError", "cancel_jobs", "device_hours_line",
     "choose_study_cluster", "describe", "final_table", "find_study", "inference_memory", "is_study", "load_study",
     "make_study_dir", "plan_all", "plan_step", "preflight", "read_record", "select_steps", "step_states",
     "study_root", "submit_study", "summary_line", "wait",

@@ -94,7 +94,10 @@ def step_states(record: dict) -> dict[str, dict]:
             out[name] = {"state": "lost", "detail": f"jobs {' '.join(unknown[:5])} neither queued (squeue) nor "
                                                     f"known to accounting (sacct)"}
         elif any(c in ("running", "pending") for c in cats.values()) or len(mine) == 0:
-            out[name] = {"state": "active", "detail": "queued or running"}
+            running = sum(c == "running" for c in cats.values())
+            done = sum(c == "done" for c in cats.values())
+            out[name] = {"state": "active", "detail": (f"running ({running} of {len(mine)} tasks running, {done} done)"
+                                                       if running else "pending")}
         elif all(c == "done" for c in cats.values()):
             out[name] = {"state": "done", "detail": ""}
         else:
@@ -151,6 +154,10 @@ def select_steps(study: Study, resume_missing: Optional[str] = None) -> Selectio
     previous = read_record(study_dir)
     states = step_states(previous)
     redo = {n for n, s in states.items() if s["state"] in REDO_STATES}
+    if previous.get("held") and not previous.get("released"):
+        # that submission never released its held jobs (the submitter was killed): none of them ran; they are
+        # cancelled (stale, below) and their steps submitted again
+        redo |= {n for n, st in previous.get("steps", {}).items() if st.get("held")}
     redo |= {s.name for s in study.steps if s.spec_file and s.name not in previous.get("steps", {})}
     redo = {n for n in study.dependants(redo) if study.step(n).spec_file}
     ours = {s.name for s in study.steps}
@@ -173,13 +180,52 @@ def select_steps(study: Study, resume_missing: Optional[str] = None) -> Selectio
 
 
 
+def _phase(s: dict) -> str:
+    """What a person follows of a step: pending, running, or its end state."""
+    if s["state"] == "active":
+        return "running" if s["detail"].startswith("running") else "pending"
+    return s["state"]
+
+
 def wait(record: dict, poll_s: float = 5.0, out=None) -> dict[str, dict]:
-    """Poll (one sacct + one squeue call per round) until no step of the study is queued; the final states."""
+    """Poll (one sacct + one squeue call per round) until no step of the study is queued; the final states. With
+    `out`, one line per change of a step (pending -> running -> done / failed / cancelled), with the time."""
+    seen: dict[str, str] = {}
     while True:
         states = step_states(record)
+        if out is not None:
+            for name, s in states.items():
+                phase = _phase(s)
+                if seen.get(name) != phase:
+                    if name in seen or phase not in ("pending", "existing", "not run"):
+                        detail = f" ({s['detail']})" if s["detail"] and phase not in ("running", "pending") else ""
+                        out.write(f"{time.strftime('%H:%M:%S')} step {name}: "
+                                  f"{'started' if phase == 'running' else phase}{detail}\n")
+                        out.flush()
+                    seen[name] = phase
         if not any(s["state"] == "active" for s in states.values()):
             return states
         time.sleep(poll_s)
+
+
+def device_hours_line(record: dict) -> str:
+    """'device-hours: 1.20 GPU-h (0.10 lost); dia 1.00 GPU-h, scan 0.20 GPU-h (0.10 lost)' for a study's steps
+    from the scheduler's accounting (one call); '' when there is none."""
+    from core import device_hours
+
+    steps = {n: st for n, st in record.get("steps", {}).items() if st.get("job_ids") and st.get("run_dir")}
+    if not steps or not _queued(record):
+        return ""
+    try:
+        rows = scheduler.by_name(record["executor"]).accounting([j for st in steps.values() for j in st["job_ids"]])
+    except scheduler.SchedulerUnavailable:
+        return ""
+    per = {n: device_hours.usage([r for r in rows if r.job_id in st["job_ids"]], st["run_dir"])
+           for n, st in steps.items()}
+    total = device_hours.describe(device_hours.add(*per.values()))
+    if not total:
+        return ""
+    return f"device-hours: {total}; " + ", ".join(f"{n} {device_hours.describe(u) or '0'}" for n, u in per.items())
 
 
 def final_table(record: dict) -> Optional[Path]:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from core import run_folder, scheduler
+from core.runtime import fault_point
 from core.study.plan import PlannedStep, plan_step
 from core.study.spec import Study
 from core.study.state import RECORD, step_states, study_root
@@ -36,14 +37,38 @@ def submit_study(study: Study, planned: dict[str, PlannedStep], cluster, resubmi
     queued; the others keep their run folders from `previous` (or are run: steps). `prev_states`: the states
     the selection was made on (Selection.states; queried again when not given). study.json is rewritten after
     every step, so even a failure half-way leaves the record of what is queued."""
+    sched = scheduler.for_cluster(cluster)
+    with sched.held() as held:
+        outcome = _submit_steps(study, planned, cluster, resubmit, study_dir, previous, out, prev_states, held)
+    if sched.holds and held:
+        # every job of the study is queued: release them together (all or nothing; a failed release cancels)
+        why = sched.release_or_cancel(list(held))
+        if why:
+            for st in outcome.record["steps"].values():
+                if st.get("held"):
+                    st.update(state="cancelled", detail="release failed")
+            run_folder.write_json_atomic(study_dir / RECORD, outcome.record)
+            raise StudySubmitError(why)
+        for st in outcome.record["steps"].values():
+            st.pop("held", None)
+        outcome.record["released"] = True
+        run_folder.write_json_atomic(study_dir / RECORD, outcome.record)
+        out.write(f"released the {len(held)} held job{'s' if len(held) > 1 else ''} of this submission\n")
+    return outcome
+
+
+def _submit_steps(study: Study, planned: dict[str, PlannedStep], cluster, resubmit: list[str], study_dir: Path,
+                  previous: Optional[dict], out, prev_states: Optional[dict[str, dict]],
+                  held: list[str]) -> Outcome:
     from core import submit as sub
     from core.results.summary import report_results
 
-    queue = scheduler.for_cluster(cluster).has_queue
+    sched = scheduler.for_cluster(cluster)
+    queue = sched.has_queue
     record = {"study": study.spec.study, "spec_file": study.source, "cluster": cluster.name,
               "executor": cluster.executor, "study_dir": str(study_dir),
               "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "order": [s.name for s in study.steps],
-              "steps": {}}
+              "held": bool(sched.holding), "steps": {}}
     if previous:
         record["history"] = previous.get("history", []) + [{"submitted_at": previous.get("submitted_at"),
                                                             "steps": previous.get("steps", {})}]
@@ -78,6 +103,7 @@ def submit_study(study: Study, planned: dict[str, PlannedStep], cluster, resubmi
             submission = sub.submit(p.plan, p.raw, s.spec_file, after_ids=tuple(deps), extra_record=extra)
         except BaseException as e:
             ids = [j for n in submitted for j in record["steps"][n]["job_ids"]]
+            ids += [j for j in held if j not in ids]  # a step that failed half-way: its chunks queued so far
             why = cancel_jobs(ids, cluster) if queue else None
             for n in submitted:
                 record["steps"][n]["state"] = "cancelled"
@@ -106,8 +132,10 @@ def submit_study(study: Study, planned: dict[str, PlannedStep], cluster, resubmi
         else:
             pending_ids[s.name] = run_folder_ids
         record["steps"][s.name] = {"spec": s.spec_file, "run_dir": str(run_dir), "job_ids": ids,
-                                   "after": s.after, "dependency": deps, "state": state, "detail": detail}
+                                   "after": s.after, "dependency": deps, "state": state, "detail": detail,
+                                   **({"held": True} if sched.holding else {})}
         run_folder.write_json_atomic(study_dir / RECORD, record)
+        fault_point("study_submitted", s.name)  # the tests' SIGKILL between two steps
         dep = f" (afterok:{':'.join(deps)})" if deps else ""
         out.write(f"submitted step {s.name}: {run_dir} jobs {','.join(ids) or '(local)'}{dep}\n")
         out.flush()

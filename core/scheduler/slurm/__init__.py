@@ -16,6 +16,7 @@ class Slurm(Scheduler):
     has_queue = True
     single_host = False
     requeues = True
+    holds = True
 
     # ---------------------------------------------------------------- planning and submission
     def limits(self, cluster) -> dict[str, int]:
@@ -52,7 +53,14 @@ class Slurm(Scheduler):
     def submit_step(self, plan, step, root: Optional[str], deps: list[str], make_entry):
         from core.scheduler.slurm.submit import submit_step
 
-        return submit_step(plan, step, root, deps, make_entry)
+        return submit_step(plan, step, root, deps, make_entry, hold=self.holding, held=self.held_ids)
+
+    def release(self, ids: list[str]) -> None:
+        """`scontrol release` of held jobs (an array job id releases every task of it)."""
+        from core.scheduler.slurm.commands import run
+
+        if ids:
+            run(["scontrol", "release", ",".join(ids)])
 
     # ---------------------------------------------------------------- jobs
     def query(self, user: Optional[str] = None, since: str = "now-2days") -> list[JobRow]:
@@ -70,6 +78,11 @@ class Slurm(Scheduler):
 
         return states(job_ids)
 
+    def accounting(self, job_ids: list[str]) -> list[JobRow]:
+        from core.scheduler.slurm.queue import accounting
+
+        return accounting(job_ids)
+
     def queued(self, ids: list[str]) -> list[QueueEntry]:
         from core.scheduler.slurm.queue import queued
 
@@ -85,6 +98,16 @@ class Slurm(Scheduler):
 
         if ids:
             cancel(ids)
+
+    def write_profile(self, name: Optional[str], partition: Optional[str], repo) -> str:
+        from core.scheduler.slurm.profile_writer import write_profile
+
+        return write_profile(name, partition, repo)
+
+    def explain_reason(self, reason: str) -> str:
+        from core.scheduler.slurm.reasons import explain
+
+        return explain(reason)
 
     # ---------------------------------------------------------------- inside a task
     @classmethod

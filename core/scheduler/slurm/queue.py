@@ -7,13 +7,16 @@ import getpass
 import time
 from typing import Optional
 
-from core.scheduler.base import (PENDING, RUNNING, JobRow, QueuedJob, QueueEntry, SchedulerUnavailable, category,
-                                 parse_elapsed)
+from core.scheduler.base import (PENDING, RUNNING, Attempt, JobRow, QueuedJob, QueueEntry, SchedulerUnavailable,
+                                 category, parse_elapsed)
 from core.scheduler.slurm.commands import run
 from core.scheduler.slurm.names import expand_task_ids
+from core.scheduler.slurm.reasons import explain, start_time
 
-SQUEUE_FMT = "%i|%j|%T|%M|%D|%R|%k"
-SACCT_FIELDS = "JobID,JobName,State,ExitCode,Elapsed,NNodes,NodeList,Comment"
+# the comment (free text: run=<folder>) comes last in both; %S is the (expected) start time, in the same call
+SQUEUE_FMT = "%i|%j|%T|%M|%D|%R|%S|%k"
+SACCT_FIELDS = "JobID,JobName,State,ExitCode,Elapsed,NNodes,NodeList,ElapsedRaw,AllocTRES,Start,End,Comment"
+DEVICE_GRES = ("gpu", "npu")  # generic resources counted as devices (device-hours); otherwise CPU-hours
 
 
 def _root(task_id: str) -> str:
@@ -25,7 +28,31 @@ def _squeue(user: str) -> str:
 
 
 def _sacct(user: str, since: str) -> str:
-    return run(["sacct", "-X", "-n", "-P", "-u", user, "-S", since, "-o", SACCT_FIELDS])
+    # -D: every attempt of a requeued job too (its earlier runs are device time that was spent, maybe lost)
+    return run(["sacct", "-X", "-D", "-n", "-P", "-u", user, "-S", since, "-o", SACCT_FIELDS])
+
+
+def charged(alloc_tres: str) -> tuple[str, int]:
+    """(unit, count) a job was charged in from sacct's AllocTRES ('billing=2,cpu=2,gres/gpu=8,gres/gpu:a100=8,...'):
+    its GPUs or NPUs when it held some, else its CPUs."""
+    tres: dict[str, int] = {}
+    for part in alloc_tres.split(","):
+        key, _, value = part.partition("=")
+        try:
+            tres[key.strip()] = int(float(value.rstrip("KMGTP") or 0))
+        except ValueError:
+            continue
+    for dev in DEVICE_GRES:
+        if tres.get(f"gres/{dev}"):
+            return dev, tres[f"gres/{dev}"]
+    return "cpu", tres.get("cpu", 0)
+
+
+def _epoch(text: str) -> float:
+    try:
+        return time.mktime(time.strptime(text.strip(), "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return 0.0
 
 
 def query(user: Optional[str] = None, since: str = "now-2days") -> list[JobRow]:
@@ -58,38 +85,60 @@ class Refresher:
         return merge_rows(live, self.acct)
 
 
+def _folder(comment: str) -> str:
+    """The run folder our submissions write in the job comment (run=<folder>); '' for anything else."""
+    comment = comment.strip()
+    return comment.removeprefix("run=") if comment.startswith("run=") else ""
+
+
 def merge_rows(live: str, acct: str) -> list[JobRow]:
-    """Rows from squeue's live view and sacct's accounting (sacct's terminal states win: they are newer)."""
+    """Rows from squeue's live view and sacct's accounting (sacct's terminal states win: they are newer). A pending
+    job's reason comes with plain words (reasons.explain) and squeue's expected start; every accounted attempt
+    (sacct -D lists each run of a requeued job) with what it held, for device-hours."""
     rows: dict[str, JobRow] = {}
 
     def row(task: str) -> JobRow:
         return rows.setdefault(_root(task), JobRow(_root(task)))
 
     for line in live.splitlines():
-        parts = line.split("|", 6)
-        if len(parts) < 7:
+        parts = line.split("|", 7)
+        if len(parts) < 8:
             continue
-        jid, name, state, elapsed, nnodes, reason, comment = parts
+        jid, name, state, elapsed, nnodes, reason, start, comment = parts
         for task in expand_task_ids(jid):
             r = row(task)
             r.states[task] = state
             r.name = r.name or name
             r.seconds = max(r.seconds, parse_elapsed(elapsed))
-            if state in PENDING or state in RUNNING:
+            if state in PENDING:  # a pending task's reason and start estimate win over a running one's node list
+                r.reason, r.why = reason, explain(reason)
+                r.expected_start = r.expected_start or start_time(start)
+            elif state in RUNNING and not r.why:
                 r.reason = reason
-            r.run_dir = r.run_dir or comment.removeprefix("run=")
+            r.run_dir = r.run_dir or _folder(comment)
+    last: dict[str, Attempt] = {}
     for line in acct.splitlines():
-        parts = line.split("|")
-        if len(parts) < 8:
+        parts = line.split("|", 11)
+        if len(parts) < 12:
             continue
-        jid, name, state, _exit, elapsed, nnodes, nodelist, comment = parts[:8]
+        jid, name, state, _exit, elapsed, nnodes, nodelist, raw, tres, start, end, comment = parts
+        unit, count = charged(tres)
+        began = _epoch(start)
         for task in expand_task_ids(jid):
             r = row(task)
-            if task not in r.states or category(state) in ("done", "failed"):
+            if task in last:  # another attempt of a requeued task (sacct -D): the newest one says its state
+                if began >= last[task].start:
+                    r.states[task] = state
+            elif task not in r.states or category(state) in ("done", "failed"):
                 r.states[task] = state  # sacct was asked last: its terminal states are the newest news
             r.name = r.name or name
             r.seconds, r.nodes = max(r.seconds, parse_elapsed(elapsed)), r.nodes or nodelist
-            r.run_dir = r.run_dir or comment.removeprefix("run=")
+            r.run_dir = r.run_dir or _folder(comment)
+            secs = int(raw) if raw.strip().isdigit() else parse_elapsed(elapsed)
+            attempt = Attempt(task, state.split()[0] if state else "UNKNOWN", secs, unit, count, began, _epoch(end))
+            r.attempts.append(attempt)
+            if task not in last or began >= last[task].start:
+                last[task] = attempt
     for r in rows.values():  # the first step's comment names its folder with Slurm's %A (= its own id)
         r.run_dir = r.run_dir.replace("%A", r.job_id)
     return sorted(rows.values(), key=lambda r: int(r.job_id) if r.job_id.isdigit() else 0, reverse=True)
@@ -120,6 +169,14 @@ def states(job_ids: list[str]) -> tuple[dict[str, str], bool]:
             for t in expand_task_ids(jid.strip()):
                 out[t] = state.strip()
     return out, answered
+
+
+def accounting(job_ids: list[str]) -> list[JobRow]:
+    """These jobs as sacct accounts them (one call, every attempt: -D), for device-hours."""
+    numeric = [j for j in job_ids if j.isdigit()]
+    if not numeric:
+        return []
+    return merge_rows("", run(["sacct", "-X", "-D", "-n", "-P", "-j", ",".join(numeric), "-o", SACCT_FIELDS]))
 
 
 def queued(ids: list[str]) -> list[QueueEntry]:

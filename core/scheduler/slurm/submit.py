@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from core.plan import Plan, Step
 
 
-def parameters(plan: "Plan", step: "Step", dependency: Optional[str], run_dir: str) -> dict:
+def parameters(plan: "Plan", step: "Step", dependency: Optional[str], run_dir: str, hold: bool = False) -> dict:
     c, spec = plan.cluster, plan.spec
     params: dict[str, Any] = {
         "job_name": spec.name if step.name == "main" else f"{spec.name}-{step.name}",
@@ -41,6 +41,8 @@ def parameters(plan: "Plan", step: "Step", dependency: Optional[str], run_dir: s
     if dependency:
         params["dependency"] = dependency
         extra["kill_on_invalid_dep"] = "yes"
+    if hold:  # all or nothing: released (scontrol release) once every job of the plan or study is queued
+        extra["hold"] = True
     params["additional_parameters"] = extra
     return params
 
@@ -57,11 +59,12 @@ class _RenderingSlurmExecutor(submitit.SlurmExecutor):
         raise RuntimeError("a rendering executor never submits")
 
 
-def executor(plan: "Plan", step: "Step", folder: Path, dependency: Optional[str], run_dir: str, render: bool = False):
+def executor(plan: "Plan", step: "Step", folder: Path, dependency: Optional[str], run_dir: str, render: bool = False,
+             hold: bool = False):
     c = plan.cluster
     kind = _RenderingSlurmExecutor if render else submitit.SlurmExecutor
     ex = kind(folder=folder, max_num_timeout=c.max_requeues, python=c.python)
-    ex.update_parameters(**parameters(plan, step, dependency, run_dir))
+    ex.update_parameters(**parameters(plan, step, dependency, run_dir, hold))
     return ex
 
 
@@ -69,13 +72,15 @@ def render(plan: "Plan") -> dict[str, list[str]]:
     """The sbatch scripts submitit would write for each step (one per Slurm array chunk), nothing submitted.
 
     Steps after the first depend on job ids that do not exist yet: their scripts show `%A` for the run's
-    root id and `afterok:<step>` for the dependency.
+    root id and `afterok:<step>` for the dependency. A plan of several steps is submitted held (`--hold`) and
+    released once every job is queued: its scripts say so.
     """
     run_dir = run_folder.run_dir_template(plan.spec)
     out: dict[str, list[str]] = {}
     for step in plan.steps:
         dependency = ":".join(["afterok"] + [f"<{a}>" for a in step.after]) if step.after else None
-        ex = executor(plan, step, Path(run_dir) / "submitit", dependency, run_dir, render=True)
+        ex = executor(plan, step, Path(run_dir) / "submitit", dependency, run_dir, render=True,
+                      hold=len(plan.steps) > 1)
         sizes = [b - a for a, b in step.chunks] if step.is_array else [None]
         out[step.name] = [
             _make_sbatch_string(command=ex._submitit_command_str, folder=ex.folder,
@@ -84,22 +89,29 @@ def render(plan: "Plan") -> dict[str, list[str]]:
     return out
 
 
-def submit_step(plan: "Plan", step: "Step", root: Optional[str], deps: list[str], make_entry) -> tuple[list, str]:
+def submit_step(plan: "Plan", step: "Step", root: Optional[str], deps: list[str], make_entry, hold: bool = False,
+                held: Optional[list[str]] = None) -> tuple[list, str]:
     """Submit one step; returns (jobs, run folder template used). The first chunk's array id names the run folder
-    of a run that has none yet: the later chunks are submitted with it."""
+    of a run that has none yet: the later chunks are submitted with it. With `hold`, every job is submitted held
+    and its id appended to `held` as soon as sbatch returns it (so a failure later can cancel it)."""
     run_dir = run_folder.run_dir_template(plan.spec, root)
     dependency = "afterok:" + ":".join(deps) if deps else None
-    ex = executor(plan, step, Path(run_dir) / "submitit", dependency, run_dir)
+    ex = executor(plan, step, Path(run_dir) / "submitit", dependency, run_dir, hold=hold)
     entry = make_entry(step, run_dir)
+    held = held if held is not None else []
     if not step.is_array:
-        return [ex.submit(entry)], run_dir
+        job = ex.submit(entry)
+        held += [job.job_id] if hold else []
+        return [job], run_dir
     jobs: list = []
     for a, b in step.chunks:
         idx = list(range(a, b))
-        jobs += ex.map_array(entry, idx, [step.task_items[i] for i in idx])
+        chunk = ex.map_array(entry, idx, [step.task_items[i] for i in idx])
+        jobs += chunk
+        held += [chunk[0].job_id.split("_")[0]] if hold and chunk else []
         if root is None:
             root = jobs[0].job_id.split("_")[0]
             run_dir = run_folder.run_dir_template(plan.spec, root)
-            ex = executor(plan, step, Path(run_dir) / "submitit", dependency, run_dir)
+            ex = executor(plan, step, Path(run_dir) / "submitit", dependency, run_dir, hold=hold)
             entry = make_entry(step, run_dir)
     return jobs, run_dir
