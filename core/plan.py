@@ -111,6 +111,35 @@ def _memory(spec: JobSpec, cluster: Cluster, tasks_per_node: int):
                     device_gib=cluster.device_mem_gb if cluster.accelerator != "cpu" else None)
 
 
+def checkpoint_host_bytes(trainable: int, tasks_per_node: int, world: int) -> float:
+    """Host memory per node that a background checkpoint copies into: each rank's share of the fp32 master weights
+    and Adam's two moments (12 bytes per trainable parameter over the ranks) plus the module's trainable weights
+    that the writer ranks save (at most 4 bytes each, counted once per node: an upper bound)."""
+    return 12 * trainable * tasks_per_node / max(world, 1) + 4 * trainable
+
+
+def _checkpoint_note(plan: "Plan", spec: JobSpec, cluster: Cluster, trainable: int, tasks_per_node: int) -> None:
+    """What checkpoints cost the job: background writes (train.async_checkpoint) and the host memory they copy
+    into; a copy that cannot fit next to DeepSpeed's own host memory on the profile's nodes is refused."""
+    from core.memory import GiB
+
+    train = spec.train
+    every = f"every {train.checkpoint_every} steps" if train.checkpoint_every else "only at the end"
+    if not train.async_checkpoint or not train.checkpoint_every:
+        plan.notes.append(f"checkpoints: {every} and on Slurm's signal, written before training goes on")
+        return
+    copy = checkpoint_host_bytes(trainable, tasks_per_node, tasks_per_node * spec.resources.nodes)
+    plan.notes.append(f"checkpoints: {every} in the background (training waits for a host copy of up to "
+                      f"{copy / GiB:.2f} GiB per node); the final one and the one on Slurm's signal are written "
+                      f"before going on")
+    need = copy + (plan.memory.cpu_per_node if plan.memory is not None else 0)
+    if cluster.mem_gb_per_node and need > cluster.mem_gb_per_node * GiB:
+        plan.problems.append(("train.async_checkpoint",
+                              f"a background checkpoint copies up to {copy / GiB:.1f} GiB per node, which with "
+                              f"DeepSpeed's host memory does not fit the profile's mem_gb_per_node "
+                              f"({cluster.mem_gb_per_node:g}); set train.async_checkpoint: false"))
+
+
 def checkpointing(spec: JobSpec) -> bool:
     """Activation checkpointing as the job will run it: deepspeed.activation_checkpointing for a workload that
     applies it, or peft.gradient_checkpointing (core.models.peft.apply_peft switches it on)."""
@@ -303,6 +332,8 @@ def make_plan(spec: JobSpec, cluster: Cluster, source: str = "spec", force: bool
             trainable, total, plan.memory = estimated
             plan.notes.append(f"trainable: {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"
                               + (f", frozen base in {spec.peft.quantize}" if spec.peft and spec.peft.quantize else ""))
+            if registry.get(spec.workload).trains:
+                _checkpoint_note(plan, spec, cluster, trainable, tasks_per_node)
         if plan.memory is not None and not plan.memory.fits:
             msg = (f"{plan.memory.describe()}: does not fit one {cluster.accelerator} device; raise deepspeed.stage, "
                    f"enable deepspeed.offload_optimizer/offload_param, lower model.seq_len or deepspeed.micro_batch, "
