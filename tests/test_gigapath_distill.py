@@ -444,7 +444,8 @@ def test_full_size_teacher_and_student_on_the_meta_device_and_the_dry_run_plan(d
     assert counts["student_tile"] == sum(p.numel() for p in ref.parameters()) == 85_798_656
     assert counts["teacher_slide"] == 86_330_880 and counts["teacher_tokens"] == counts["student_tokens"] == 197
     size = get("gigapath_distill").model_size(spec)
-    assert size.total == counts["student"] and (size.layers, size.hidden, size.heads) == (12, 768, 12)
+    assert size.trainable == counts["student"] and (size.layers, size.hidden, size.heads) == (12, 768, 12)
+    assert size.total == counts["student"] + counts["teacher_slide"]          # the frozen slide-target encoder
     res = cli("submit", FULL, "-c", "cuda_a100", "--dry-run", "--no-preflight", "--set", "model.path=null",
               "--set", "models={teacher: {preset: prov-gigapath}}", "--set", f"data.path={data['slides']}",
               "--set", f"data.labels_csv={data['labels_csv']}")

@@ -424,8 +424,15 @@ def model_size(spec: JobSpec):
                                           f"over {tokens} tokens per tile; set model.seq_len: {tokens} (the memory "
                                           f"estimate counts deepspeed.micro_batch tiles of that many tokens)")
     net = student.tile
-    return size_of(student, layers=len(net.blocks), hidden=int(net.embed_dim),
+    size = size_of(student, layers=len(net.blocks), hidden=int(net.embed_dim),
                    heads=int(net.blocks[0].attn.num_heads), vocab=0)
+    if spec.distill.slide_target != "subset":
+        return size
+    # the frozen teacher slide encoder computes the slide target on every rank: frozen weights on the device
+    from dataclasses import replace
+
+    slide = sum(p.numel() for p in gp.build_teacher(cfg, meta=True)[1].parameters())
+    return replace(size, total=size.total + slide, trainable=size.total)
 
 
 # ---------------------------------------------------------------- step 2: training + evaluation
