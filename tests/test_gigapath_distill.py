@@ -182,6 +182,9 @@ def test_slides_scanned_at_40x_and_20x_give_the_same_tiles_at_half_a_micron_per_
         full = page.asarray()
         assert np.array_equal(read_region(tif, page, 200, 230, 300, 170), full[200:500, 230:400])
         assert slide_mpp(tif)[:2] == (0.25, 0.25)
+    tifffile.imwrite(tmp_path / "strips.tif", full[:300, :200], photometric="rgb", rowsperstrip=37)
+    with tifffile.TiffFile(tmp_path / "strips.tif") as tif:                  # strips: only those overlapping
+        assert np.array_equal(read_region(tif, tif.pages[0], 50, 20, 120, 300)[:, :180], full[50:170, 20:200])
     tifffile.imwrite(tmp_path / "inch.tif", full[:64, :64], photometric="rgb", resolution=(25400 / 0.5,) * 2,
                      resolutionunit="INCH")
     with tifffile.TiffFile(tmp_path / "inch.tif") as tif:
@@ -221,12 +224,12 @@ def test_plan_summarises_the_level_per_slide_and_refuses_a_slide_without_magnifi
 
 
 # ---------------------------------------------------------------- the slide target: the same tiles as the student
-def _cached_slide(data, run_dir, sid="slide_001"):
+def _cached_slide(data, run_dir, sid="slide_001", extra=()):
     """A feature file written by the features step's own code path (tiny teacher) for one tile-folder slide."""
     from core.workloads.gigapath_features import features
     from core.runtime import TaskContext
 
-    spec = spec_for(data)
+    spec = spec_for(data, *extra)
     ctx = TaskContext(run_dir=run_dir, step="features", job_id="0", root_id="0", task_index=0, items=[sid])
     features(spec, ctx)
     return spec
@@ -266,7 +269,7 @@ def test_slide_target_is_the_teacher_on_the_tiles_the_student_sees(data, tmp_pat
     assert torch.allclose(every["t_slide"], full["slide_emb"], atol=1e-5)
 
 
-def test_evaluation_in_chunks_equals_all_tiles_at_once(data, tmp_path):
+def test_evaluation_in_chunks_equals_all_tiles_at_once_and_long_slides_share_one_subset(data, tmp_path):
     import torch
 
     from core.metrics.embedding import embedding_agreement
@@ -285,6 +288,33 @@ def test_evaluation_in_chunks_equals_all_tiles_at_once(data, tmp_path):
     for k, v in ref.items():
         assert row[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
     assert torch.allclose(row["tile_emb"], out["tile_emb"], atol=1e-5) and row["slide_tiles"] == len(f["names"])
+    # a slide longer than distill.slide_max_tiles: the cached teacher slide embedding and the student's come from the
+    # same seeded subset of tiles
+    from core.config import load_cluster, load_spec
+    from core.workloads.gigapath_distill import slide_length_notes, slide_rows
+
+    capped = _cached_slide(data, tmp_path / "capped", extra=("distill.slide_max_tiles=10",))
+    fc = read_features(tmp_path / "capped", "slide_001")
+    rows = slide_rows(len(fc["names"]), 10, capped.data.seed)
+    assert len(rows) == 10 and rows == slide_rows(len(fc["names"]), 10, capped.data.seed)
+    _, t_slide = gp.load_teacher(capped.models["teacher"], gp.teacher_config(capped.models["teacher"]))
+    with torch.no_grad():
+        assert torch.allclose(fc["slide_emb"], t_slide(fc["tile_emb"][rows][None], fc["coords"][rows][None])[0][0],
+                              atol=1e-5)
+        row = evaluate_slide(capped, tmp_path / "capped", "slide_001", model, torch.device("cpu"), torch.float32, 7)
+        mine = model.slide_head(model.slide(out["tile_emb"][rows][None], f["coords"][rows][None])[0])[0]
+    assert row["slide_tiles"] == 10 and torch.allclose(torch.tensor(row["student_slide"]), mine, atol=1e-5)
+    assert row["tile_cos"] == pytest.approx(ref["tile_cos"], rel=1e-4)       # the tokens: still every tile
+    # the plan: a cap names the longer slides; without one, a slide too long for the device gets a note
+    a100 = load_cluster("cuda_a100")
+    full, _ = load_spec(FULL, ("model.path=null",))
+    cfg = gp.teacher_config(full.models["teacher"])
+    (note,) = slide_length_notes(full, cfg, {"a": 60_000, "b": 900}, a100)
+    assert "1 slide(s) longer use a seeded subset of 20,000 for teacher and student alike (a)" in note
+    uncapped, _ = load_spec(FULL, ("distill.slide_max_tiles=null",))
+    (note,) = slide_length_notes(uncapped, cfg, {"a": 150_000}, a100)
+    assert "the longest slide (150,000 tiles) needs ~" in note and "set distill.slide_max_tiles" in note
+    assert slide_length_notes(uncapped, cfg, {"a": 5_000}, a100) == []
 
 
 # ---------------------------------------------------------------- the cache: dtype, size, where it may go

@@ -395,9 +395,15 @@ def level_choice(path, tile_px: int, target_mpp: float = 0.5, tolerance: float =
                        tile_mpp, shapes)
 
 
-def read_region(tif, page, y: int, x: int, h: int, w: int, fill: int = 255):
+def whole_level_only(page) -> bool:
+    """A level that cannot be read in pieces here: one strip for the whole level (NDPI's single JPEG per level) or
+    separate colour planes; tile_wsi reads such a level once, whole, as the tiling did before."""
+    return (not page.is_tiled and len(page.dataoffsets) == 1) or int(getattr(page, "planarconfig", 1)) == 2
+
+
+def read_region(tif, page, y: int, x: int, h: int, w: int, fill: int = 255, whole=None):
     """Pixels [y, y + h) x [x, x + w) of a page (RGB), decoding only the tiles / strips that overlap it (memory
-    bounded by the region, not the level); outside the image is `fill`."""
+    bounded by the region, not the level); outside the image is `fill`. `whole`: the level already read whole."""
     import numpy as np
 
     H, W = page.shape[:2]
@@ -405,8 +411,9 @@ def read_region(tif, page, y: int, x: int, h: int, w: int, fill: int = 255):
     y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + h, H), min(x + w, W)
     if y0 >= y1 or x0 >= x1:
         return out
-    if int(getattr(page, "planarconfig", 1)) == 2:   # separate colour planes: read the whole level
-        out[y0 - y:y1 - y, x0 - x:x1 - x] = np.asarray(page.asarray())[y0:y1, x0:x1, :3]
+    if whole is not None or whole_level_only(page):
+        whole = np.asarray(page.asarray()) if whole is None else whole
+        out[y0 - y:y1 - y, x0 - x:x1 - x] = whole[y0:y1, x0:x1, :3]
         return out
     if page.is_tiled:
         ch, cw = int(page.chunks[0]), int(page.chunks[1])
@@ -474,7 +481,8 @@ def tile_wsi(path, folder, tile_px: int, occupancy: float = 0.1, threshold: Opti
     slide's own mpp): foreground bounding box and Otsu threshold from the lowest-resolution level, tiles of
     read_px at the chosen level resized to tile_px, kept above `occupancy`, level-0 coordinates on a grid anchored
     at multiples of the tile's level-0 side (the same tissue scanned at 20x and 40x gives tiles at the same physical
-    places). Read one row of tiles at a time (memory: one band, not the level). Returns the level choice and
+    places). Read one row of tiles at a time (memory: one band, not the level; a level stored as one strip, as NDPI
+    stores its levels, is read whole). Returns the level choice and
     counts, also written to the folder as tiling.json."""
     import numpy as np
     import tifffile
@@ -485,13 +493,14 @@ def tile_wsi(path, folder, tile_px: int, occupancy: float = 0.1, threshold: Opti
         mask, thr, _, box0 = tissue_box(tif, threshold, path)
         page = tif.series[0].levels[ch.level].keyframe
         step, ds, r = ch.step0, ch.downsample, ch.read_px
+        whole = np.asarray(page.asarray()) if whole_level_only(page) else None
         gx0, gy0 = int(box0[0] // step), int(box0[1] // step)
         gx1, gy1 = int(math.ceil(box0[2] / step)), int(math.ceil(box0[3] / step))
         tiles = []
         for gy in range(gy0, gy1):
             ly = int(round(gy * step / ds))
             lx = int(round(gx0 * step / ds))
-            band = read_region(tif, page, ly, lx, r, r * (gx1 - gx0))
+            band = read_region(tif, page, ly, lx, r, r * (gx1 - gx0), whole=whole)
             for k, gx in enumerate(range(gx0, gx1)):
                 tile = band[:, k * r:(k + 1) * r]
                 if r != tile_px:
