@@ -340,6 +340,18 @@ def test_cache_bytes_fp16_overflow_and_cache_root_under_scratch_roots_with_room(
     (field, why), = cache_problems(outside, local, 1)
     assert field == "distill.cache_root" and "outside the folders local allows (/tmp)" in why
     assert cache_problems(spec_for(data, "distill.cache_root=logs/gp_cache"), local, 1) == []
+    # the features step writes there (fp16), the training reads it back from there, not from the run folder
+    from core.workloads.gigapath_distill import training_batch
+    from core.workloads.gigapath_features import features_dir, fingerprint, safetensors_metadata
+
+    spec = _cached_slide(data, tmp_path / "run", extra=(f"distill.cache_root={tmp_path / 'cache'}",
+                                                        "distill.cache_dtype=fp16"))
+    where = features_dir(tmp_path / "run", spec)
+    assert where == tmp_path / "cache" / f"{spec.name}-{fingerprint(spec)}"
+    assert not (tmp_path / "run" / "features").exists()
+    assert safetensors_metadata(where / "slide_001.safetensors")["cache_dtype"] == "fp16"
+    b = training_batch(spec, tmp_path / "run", "slide_001", [0, 2])
+    assert b["t_hidden"].shape[0] == 2 and b["t_hidden"].dtype == torch.float32
 
 
 # ---------------------------------------------------------------- models: the slide encoder, tile encoders

@@ -593,8 +593,9 @@ def write_synthetic(root, slides: int = 12, wsi: int = 1, tile_px: int = 64, see
                     occupancy: float = 0.1) -> dict:
     """Synthetic slides from scikit-image's real immunohistochemistry sample under `root`: slides/<id>/ tile folders
     (the first `wsi` slides instead as pyramidal TIFFs slides/<id>.tiff, whose level 2 is the slide at the tile
-    scale, level 0 tagged SYNTHETIC_MPP um per pixel so that level 2 is at 0.5 mpp), labels.csv (positive / negative: DAB stain strength). A tile of tile_px covers 256 level-0 px (the
-    slide is at level 2 of a 4x / 2x / 1x pyramid). Idempotent: a complete set (marker file) is left alone."""
+    scale, level 0 tagged SYNTHETIC_MPP um per pixel so that level 2 is at 0.5 mpp), labels.csv (positive /
+    negative: DAB stain strength). A tile of tile_px covers 256 level-0 px (the slide is at level 2 of a 4x / 2x /
+    1x pyramid). Idempotent: a complete set (marker file) is left alone."""
     root = Path(root)
     marker = root / ".synthetic.json"
     params = {"slides": slides, "wsi": wsi, "tile_px": tile_px, "seed": seed, "occupancy": occupancy,

@@ -242,9 +242,9 @@ def plan(spec: JobSpec, resume_dir: Optional[Path] = None, cluster=None) -> Shap
         est = sum(c["tiles_est"] for c in choices.values())
         what = f"{len(folders)} tile folder(s) with {tiles:,} tiles" + \
             (f", {len(wsis)} whole-slide image(s) (~{est:,} tiles est.)" if wsis else "")
+        labels = ", ".join(f"{c} {sum(sl.label == c for sl in found.slides)}" for c in found.classes)
         notes.append(f"dataset: {len(found.slides)} slides ({what}); train {len(train)}, held out {len(held)}"
-                     + (f"; labels {', '.join(f'{c} {sum(sl.label == c for sl in found.slides)}' for c in found.classes)}"
-                        if found.classes else ""))
+                     + (f"; labels {labels}" if found.classes else ""))
         if wsis:
             notes.append(level_summary(spec, choices))
         if found.unlabeled:
@@ -342,10 +342,9 @@ def cache_problems(spec: JobSpec, cluster, total: int) -> list[tuple[str, str]]:
             if p.is_absolute() else [LOGS.resolve()]
         if not any(target == r or r in target.parents for r in roots):
             name = getattr(cluster, "name", "the profile")
-            out.append(("distill.cache_root", f"{target} is outside the folders {name} allows "
-                                              f"({', '.join(map(str, roots)) or 'none: the profile sets no scratch_roots'}"
-                                              f"); add it to the profile's scratch_roots or use a path relative to "
-                                              f"logs/"))
+            allowed = ", ".join(map(str, roots)) or "none: the profile sets no scratch_roots"
+            out.append(("distill.cache_root", f"{target} is outside the folders {name} allows ({allowed}); add it "
+                                              f"to the profile's scratch_roots or use a path relative to logs/"))
             return out
         where = target
     else:
