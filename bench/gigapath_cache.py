@@ -13,6 +13,15 @@ bandwidth (0.58 MiB per tile at full size: ~0.6 ms at 1 GB/s), still thousands o
 
   .venv/bin/python bench/gigapath_cache.py            # full size + tiny (about two minutes on 2 cores)
   .venv/bin/python bench/gigapath_cache.py --tiny     # tiny only
+  .venv/bin/python bench/gigapath_cache.py --cache-dtype   # what fp16 / bf16 caches change in L_hidden vs fp32
+
+--cache-dtype: the teacher's last-block tokens of real tiles (the synthetic slides cut from scikit-image's
+immunohistochemistry sample) are cached in fp32, fp16 and bf16 and L_hidden (MSE, as the training computes it in
+float32) is taken against two students: an untrained one (random adaptor output, the start of training) and one near
+the teacher (the teacher's tokens plus noise of 3% of their variance, about where the tiny run ends); printed: the
+loss per cache dtype, its relative change from fp32, the largest |value| (fp16 holds up to 65504) and the bytes per
+tile. Tiny teacher and the full-size architecture (random weights: the released ones are not here, so the value
+range of the real teacher is not measured; the features step refuses values that overflow fp16).
 """
 from __future__ import annotations
 
@@ -113,11 +122,62 @@ def report(name: str, fwd: float, read: float, student: float) -> None:
           f"({100 * (with_teacher - cached) / with_teacher:.0f}% of the epoch)")
 
 
+def cache_dtype_effect(name: str, net, images) -> None:
+    """L_hidden against the teacher's tokens cached in fp32 / fp16 / bf16, for an untrained and a near student."""
+    import torch
+
+    from core.models.gigapath import encode_tiles
+
+    with torch.no_grad():
+        t = encode_tiles(net, images)[0].float()
+    g = torch.Generator().manual_seed(0)
+    students = {"untrained": torch.randn(t.shape, generator=g) * t.std(),
+                "near the teacher": t + torch.randn(t.shape, generator=g) * (0.03 ** 0.5) * t.std()}
+    print(f"{name}: {tuple(t.shape)} tokens, max |value| {float(t.abs().max()):.4g}, "
+          f"{t[0].numel() * 2:,} bytes per tile in fp16 / bf16, {t[0].numel() * 4:,} in fp32")
+    for who, s in students.items():
+        ref = float(((s - t) ** 2).mean())
+        parts = []
+        for dt in (torch.float16, torch.bfloat16):
+            loss = float(((s - t.to(dt).float()) ** 2).mean())
+            parts.append(f"{str(dt).split('.')[-1]} {loss:.7g} ({(loss - ref) / ref:+.2e} relative)")
+        print(f"  L_hidden, {who} student: fp32 {ref:.7g}; " + "; ".join(parts))
+
+
+def dtype_main() -> int:
+    import numpy as np
+    import torch
+
+    from core.data.slides import list_tiles, write_synthetic
+    from core.models import gigapath as gp
+    from core.workloads.gigapath_distill import IMAGENET_MEAN, IMAGENET_STD
+    from core.data.slides import tile_array
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_synthetic(Path(tmp), slides=3, wsi=0, tile_px=64, seed=0)
+        files = [paths["slides"] / sid / n for sid in ("slide_001", "slide_002")
+                 for n, _, _ in list_tiles(paths["slides"] / sid)]
+
+        def images(size, k):
+            return torch.from_numpy(np.stack([tile_array(f, size, IMAGENET_MEAN, IMAGENET_STD) for f in files[:k]]))
+
+        torch.manual_seed(0)
+        tiny = gp.create_tile_encoder(gp.TINY_TEACHER["architecture"], gp.TINY_TEACHER["model_args"]).eval()
+        cache_dtype_effect("tiny teacher (random init, 32 px)", tiny, images(32, len(files)))
+        cfg = gp.TEACHER_PRESETS["prov-gigapath"]
+        giant = random_model(lambda: gp.create_tile_encoder(cfg["architecture"], cfg["model_args"]))
+        cache_dtype_effect("full-size ViT-g/16 (random weights, 224 px)", giant, images(224, 2))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="only the tiny twins (seconds)")
     p.add_argument("--batch", type=int, default=2, help="tiles per full-size forward")
+    p.add_argument("--cache-dtype", action="store_true", help="only: L_hidden with fp32 / fp16 / bf16 caches")
     args = p.parse_args(argv)
+    if args.cache_dtype:
+        return dtype_main()
     import torch
 
     from core.models import gigapath as gp

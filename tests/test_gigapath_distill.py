@@ -107,9 +107,10 @@ def test_synthetic_slides_come_from_the_ihc_sample_and_wsi_tiling_writes_gigapat
     with tifffile.TiffFile(tiff) as tif:
         levels = [np.asarray(lvl.asarray()) for lvl in tif.series[0].levels]
     assert [lv.shape[1] for lv in levels] == [levels[2].shape[1] * 4, levels[2].shape[1] * 2, levels[2].shape[1]]
-    info = tile_wsi(tiff, tmp_path / "slide_000", level=2, tile_px=64, occupancy=0.1)
+    info = tile_wsi(tiff, tmp_path / "slide_000", tile_px=64, occupancy=0.1, target_mpp=0.5)
     got = list_tiles(tmp_path / "slide_000")
     assert info["tiles"] == len(got) > 10 and info["downsample"] == 4.0
+    assert (info["level"], info["mpp"], info["level_mpp"], info["read_px"]) == (2, 0.125, 0.5, 64)   # from its tags
     assert (tmp_path / "slide_000" / "dataset.csv").read_text().count("\n") == len(got) + 1
     h, w = levels[2].shape[:2]
     assert len(got) < math.ceil(h / 64) * math.ceil(w / 64)            # background tiles left out
@@ -119,6 +120,238 @@ def test_synthetic_slides_come_from_the_ihc_sample_and_wsi_tiling_writes_gigapat
         expect = levels[2][y // 4:y // 4 + 64, x // 4:x // 4 + 64]
         assert np.array_equal(tile[:expect.shape[0], :expect.shape[1]], expect)
         assert (tile.astype(float).mean(-1) < info["threshold"]).mean() > 0.1
+
+
+# ---------------------------------------------------------------- magnification: each slide at its own level
+def _scans(tmp):
+    """The same synthetic tissue as a 40x-like scan (0.25 um/px at level 0, Aperio 'MPP =' description) and a
+    20x-like one (0.5 um/px, XResolution / YResolution in pixels per centimetre), both with TCGA's 1 / 4 / 16
+    pyramid, and one without any magnification."""
+    import numpy as np
+    from PIL import Image
+
+    from core.data.slides import synthetic_canvas, write_pyramid
+
+    tissue, _, _ = synthetic_canvas(1, 0, 64)                 # ~560 px: taken as a 0.25 um/px scan
+    half = np.asarray(Image.fromarray(tissue).resize((tissue.shape[1] // 2, tissue.shape[0] // 2), Image.BICUBIC))
+    write_pyramid(tmp / "s40.tiff", tissue, (1, 4, 16), mpp=0.25, aperio=True, anchor=0)
+    write_pyramid(tmp / "s20.tiff", half, (1, 4, 16), mpp=0.5, anchor=0)
+    write_pyramid(tmp / "bare.tiff", half, (1, 4), anchor=0)
+    return tissue
+
+
+def test_slides_scanned_at_40x_and_20x_give_the_same_tiles_at_half_a_micron_per_pixel(tmp_path):
+    import numpy as np
+    import tifffile
+    from PIL import Image
+
+    from core.data.slides import level_choice, list_tiles, read_region, slide_mpp, tile_wsi
+    from core.errors import DatasetError
+
+    _scans(tmp_path)
+    a = tile_wsi(tmp_path / "s40.tiff", tmp_path / "t40", tile_px=64, occupancy=0.1, target_mpp=0.5)
+    b = tile_wsi(tmp_path / "s20.tiff", tmp_path / "t20", tile_px=64, occupancy=0.1, target_mpp=0.5)
+    # 40x: level 1 is 1.0 um/px (too coarse), so level 0 is read over 128 px and resized to 64; 20x: level 0 as it is
+    assert (a["mpp"], a["mpp_source"], a["level"], a["read_px"], a["tile_mpp"]) == \
+        (0.25, "ImageDescription MPP", 0, 128, 0.5)
+    assert (b["mpp"], b["mpp_source"], b["level"], b["read_px"], b["tile_mpp"]) == \
+        (0.5, "TIFF resolution tags", 0, 64, 0.5)
+    assert json.loads((tmp_path / "t40" / "tiling.json").read_text())["read_px"] == 128
+    um40 = {(x * 0.25, y * 0.25): n for n, x, y in list_tiles(tmp_path / "t40")}   # tile corners in microns
+    um20 = {(x * 0.5, y * 0.5): n for n, x, y in list_tiles(tmp_path / "t20")}
+    common = sorted(set(um40) & set(um20))
+    assert len(common) >= 0.8 * max(len(um40), len(um20)) and len(common) >= 6
+    assert all(x % 32 == 0 and y % 32 == 0 for x, y in common)     # a 32-um grid (64 px at 0.5 um/px)
+
+    def tile(folder, name):
+        with Image.open(folder / name) as im:
+            return np.asarray(im, dtype=np.float32)
+
+    same = [np.abs(tile(tmp_path / "t40", um40[k]) - tile(tmp_path / "t20", um20[k])).mean() for k in common]
+    assert max(same) < 8 and tile(tmp_path / "t40", um40[common[0]]).shape == (64, 64, 3)
+    # the old fixed level would have cut the 40x slide at 0.25 um/px: tiles of half the side, other content
+    pinned = tile_wsi(tmp_path / "s40.tiff", tmp_path / "p40", tile_px=64, occupancy=0.1, level=0)
+    assert pinned["tile_mpp"] == 0.25
+    um_p = {(x * 0.25, y * 0.25): n for n, x, y in list_tiles(tmp_path / "p40")}
+    wrong = [np.abs(tile(tmp_path / "p40", um_p[k]) - tile(tmp_path / "t20", um20[k])).mean()
+             for k in common if k in um_p]
+    assert wrong and np.mean(wrong) > 2 * np.mean(same)
+    # a window read tile by tile equals the level read whole
+    with tifffile.TiffFile(tmp_path / "s40.tiff") as tif:
+        page = tif.series[0].levels[0].keyframe
+        full = page.asarray()
+        assert np.array_equal(read_region(tif, page, 200, 230, 300, 170), full[200:500, 230:400])
+        assert slide_mpp(tif)[:2] == (0.25, 0.25)
+    tifffile.imwrite(tmp_path / "strips.tif", full[:300, :200], photometric="rgb", rowsperstrip=37)
+    with tifffile.TiffFile(tmp_path / "strips.tif") as tif:                  # strips: only those overlapping
+        assert np.array_equal(read_region(tif, tif.pages[0], 50, 20, 120, 300)[:, :180], full[50:170, 20:200])
+    tifffile.imwrite(tmp_path / "inch.tif", full[:64, :64], photometric="rgb", resolution=(25400 / 0.5,) * 2,
+                     resolutionunit="INCH")
+    with tifffile.TiffFile(tmp_path / "inch.tif") as tif:
+        assert [round(v, 6) for v in slide_mpp(tif)[:2]] == [0.5, 0.5]
+    # no magnification: refused naming the slide, unless the spec gives it
+    with pytest.raises(DatasetError) as e:
+        level_choice(tmp_path / "bare.tiff", 64)
+    assert e.value.field == "data.path" and "slide bare has no magnification" in e.value.message
+    assert "data.base_mpp" in e.value.message
+    assert level_choice(tmp_path / "bare.tiff", 64, base_mpp=0.5).level == 0
+    with pytest.raises(DatasetError) as e:                      # a scan coarser than the target
+        level_choice(tmp_path / "s20.tiff", 64, target_mpp=0.25)
+    assert e.value.field == "data.target_mpp" and "slide s20" in e.value.message
+
+
+def test_plan_summarises_the_level_per_slide_and_refuses_a_slide_without_magnification(data, tmp_path):
+    from core.config import load_spec
+    from core.config import load_cluster
+    from core.errors import FieldError
+    from core.workloads.gigapath_distill import plan
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    _scans(slides)
+    for sid in ("slide_001", "slide_002"):
+        shutil.copytree(data["slides"] / sid, slides / sid)
+    spec, _ = load_spec(SPEC, (f"data.path={slides}", "data.make_synthetic=false", "data.labels_csv=null",
+                               f"models={{teacher: {{path: {data['teacher']}}}}}", "data.heldout=[slide_001]"))
+    with pytest.raises(FieldError) as e:
+        plan(spec)
+    assert e.value.field == "data.path" and "slide bare has no magnification" in str(e.value)
+    (slides / "bare.tiff").unlink()
+    notes = plan(spec, cluster=load_cluster("local")).notes
+    line = next(n for n in notes if n.startswith("whole-slide images tiled at 0.5 um/px"))
+    assert "1 slide(s) level 0 (0.25 um/px at level 0, 0.25 at level 0: 128 px resized to 64)" in line
+    assert "1 slide(s) level 0 (0.5 um/px at level 0, 0.5 at level 0: 64 px)" in line
+
+
+# ---------------------------------------------------------------- the slide target: the same tiles as the student
+def _cached_slide(data, run_dir, sid="slide_001", extra=()):
+    """A feature file written by the features step's own code path (tiny teacher) for one tile-folder slide."""
+    from core.workloads.gigapath_features import features
+    from core.runtime import TaskContext
+
+    spec = spec_for(data, *extra)
+    ctx = TaskContext(run_dir=run_dir, step="features", job_id="0", root_id="0", task_index=0, items=[sid])
+    features(spec, ctx)
+    return spec
+
+
+def test_slide_target_is_the_teacher_on_the_tiles_the_student_sees(data, tmp_path):
+    import torch
+
+    from core.models import gigapath as gp
+    from core.workloads.gigapath_distill import draw_tiles, load_tiles, read_features, to_device, training_batch
+
+    spec = _cached_slide(data, tmp_path)
+    full = read_features(tmp_path, "slide_001")
+    n = len(full["names"])
+    rows = draw_tiles(n, 8, spec.data.seed, k=3)
+    assert len(rows) == 8 and rows == sorted(rows) and rows == draw_tiles(n, 8, spec.data.seed, k=3)
+    b = training_batch(spec, tmp_path, "slide_001", rows)
+    cfg = gp.teacher_config(spec.models["teacher"])
+    t_slide = gp.load_teacher_slide(spec.models["teacher"], cfg)
+    out = to_device(b, torch.device("cpu"), torch.float32, t_slide)
+    # by hand: the teacher (tile encoder, then slide encoder) on the images of exactly these tiles
+    tile, slide = gp.load_teacher(spec.models["teacher"], cfg)
+    images = load_tiles(Path(full["folder"]), [full["names"][i] for i in rows], spec.data)
+    with torch.no_grad():
+        _, emb = gp.encode_tiles(tile, images)
+        target = slide(emb[None], full["coords"][rows][None])[0][0]
+        student = gp.build_student(spec.distill, cfg).eval()(b["images"], b["coords"])["slide_emb"]
+    assert torch.equal(b["images"], images) and torch.equal(b["coords"], full["coords"][rows])
+    assert torch.allclose(b["t_hidden"], full["hidden"][rows]) and b["rows"] == rows
+    assert torch.allclose(out["t_slide"], target, atol=1e-5)
+    assert not torch.allclose(out["t_slide"], full["slide_emb"], atol=1e-2)      # not the whole slide's
+    assert student.shape == out["t_slide"].shape
+    whole = to_device(b, torch.device("cpu"), torch.float32, None)             # distill.slide_target: whole
+    assert torch.equal(whole["t_slide"], full["slide_emb"])
+    # all tiles drawn: the subset target is the cached whole-slide embedding
+    every = to_device(training_batch(spec, tmp_path, "slide_001", None), torch.device("cpu"), torch.float32, t_slide)
+    assert torch.allclose(every["t_slide"], full["slide_emb"], atol=1e-5)
+
+
+def test_evaluation_in_chunks_equals_all_tiles_at_once_and_long_slides_share_one_subset(data, tmp_path):
+    import torch
+
+    from core.metrics.embedding import embedding_agreement
+    from core.models import gigapath as gp
+    from core.workloads.gigapath_distill import evaluate_slide, load_tiles, read_features
+
+    spec = _cached_slide(data, tmp_path)
+    f = read_features(tmp_path, "slide_001")
+    torch.manual_seed(1)
+    model = gp.build_student(spec.distill, gp.teacher_config(spec.models["teacher"])).eval()
+    with torch.no_grad():
+        row = evaluate_slide(spec, tmp_path, "slide_001", model, torch.device("cpu"), torch.float32, chunk=5,
+                             keep_tiles=True)
+        out = model(load_tiles(Path(f["folder"]), f["names"], spec.data), f["coords"])
+    ref = embedding_agreement(out["hidden"], f["hidden"], out["slide_emb"], f["slide_emb"])
+    for k, v in ref.items():
+        assert row[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+    assert torch.allclose(row["tile_emb"], out["tile_emb"], atol=1e-5) and row["slide_tiles"] == len(f["names"])
+    # a slide longer than distill.slide_max_tiles: the cached teacher slide embedding and the student's come from the
+    # same seeded subset of tiles
+    from core.config import load_cluster, load_spec
+    from core.workloads.gigapath_distill import slide_length_notes, slide_rows
+
+    capped = _cached_slide(data, tmp_path / "capped", extra=("distill.slide_max_tiles=10",))
+    fc = read_features(tmp_path / "capped", "slide_001")
+    rows = slide_rows(len(fc["names"]), 10, capped.data.seed)
+    assert len(rows) == 10 and rows == slide_rows(len(fc["names"]), 10, capped.data.seed)
+    _, t_slide = gp.load_teacher(capped.models["teacher"], gp.teacher_config(capped.models["teacher"]))
+    with torch.no_grad():
+        assert torch.allclose(fc["slide_emb"], t_slide(fc["tile_emb"][rows][None], fc["coords"][rows][None])[0][0],
+                              atol=1e-5)
+        row = evaluate_slide(capped, tmp_path / "capped", "slide_001", model, torch.device("cpu"), torch.float32, 7)
+        mine = model.slide_head(model.slide(out["tile_emb"][rows][None], f["coords"][rows][None])[0])[0]
+    assert row["slide_tiles"] == 10 and torch.allclose(torch.tensor(row["student_slide"]), mine, atol=1e-5)
+    assert row["tile_cos"] == pytest.approx(ref["tile_cos"], rel=1e-4)       # the tokens: still every tile
+    # the plan: a cap names the longer slides; without one, a slide too long for the device gets a note
+    a100 = load_cluster("cuda_a100")
+    full, _ = load_spec(FULL, ("model.path=null",))
+    cfg = gp.teacher_config(full.models["teacher"])
+    (note,) = slide_length_notes(full, cfg, {"a": 60_000, "b": 900}, a100)
+    assert "1 slide(s) longer use a seeded subset of 20,000 for teacher and student alike (a)" in note
+    uncapped, _ = load_spec(FULL, ("distill.slide_max_tiles=null",))
+    (note,) = slide_length_notes(uncapped, cfg, {"a": 150_000}, a100)
+    assert "the longest slide (150,000 tiles) needs ~" in note and "set distill.slide_max_tiles" in note
+    assert slide_length_notes(uncapped, cfg, {"a": 5_000}, a100) == []
+
+
+# ---------------------------------------------------------------- the cache: dtype, size, where it may go
+def test_cache_bytes_fp16_overflow_and_cache_root_under_scratch_roots_with_room(data, tmp_path):
+    import torch
+
+    from core.config import load_cluster
+    from core.workloads.gigapath_distill import cache_problems
+    from core.workloads.gigapath_features import cache_bytes_per_tile, to_cache
+
+    per = cache_bytes_per_tile(197, 1536, "fp16")
+    assert per["hidden"] == 605_184 and per["total"] == 605_184 + 6144 + 16       # 591 KiB + 6 KiB + 16 B
+    assert cache_bytes_per_tile(1, 1536, "fp32")["hidden"] == 6144
+    assert to_cache(torch.tensor([[1.5, -60000.0]]), torch.float16, "s", 0).dtype == torch.float16
+    with pytest.raises(ValueError, match="slide s7, tiles from 64: hidden states up to 7e\\+04 overflow fp16"):
+        to_cache(torch.tensor([[1.0, 70000.0]]), torch.float16, "s7", 64)
+    local = load_cluster("local")                                   # scratch_roots: [/tmp]
+    inside = spec_for(data, f"distill.cache_root={tmp_path / 'cache'}")
+    assert cache_problems(inside, local, 10 * 2 ** 20) == []
+    (field, why), = cache_problems(inside, local, 2 ** 62)          # more than any disk: refused with the free space
+    assert field == "distill.cache_root" and "the teacher features need ~" in why and " free" in why
+    outside = spec_for(data, "distill.cache_root=/var/cache/gigapath")
+    (field, why), = cache_problems(outside, local, 1)
+    assert field == "distill.cache_root" and "outside the folders local allows (/tmp)" in why
+    assert cache_problems(spec_for(data, "distill.cache_root=logs/gp_cache"), local, 1) == []
+    # the features step writes there (fp16), the training reads it back from there, not from the run folder
+    from core.workloads.gigapath_distill import training_batch
+    from core.workloads.gigapath_features import features_dir, fingerprint, safetensors_metadata
+
+    spec = _cached_slide(data, tmp_path / "run", extra=(f"distill.cache_root={tmp_path / 'cache'}",
+                                                        "distill.cache_dtype=fp16"))
+    where = features_dir(tmp_path / "run", spec)
+    assert where == tmp_path / "cache" / f"{spec.name}-{fingerprint(spec)}"
+    assert not (tmp_path / "run" / "features").exists()
+    assert safetensors_metadata(where / "slide_001.safetensors")["cache_dtype"] == "fp16"
+    b = training_batch(spec, tmp_path / "run", "slide_001", [0, 2])
+    assert b["t_hidden"].shape[0] == 2 and b["t_hidden"].dtype == torch.float32
 
 
 # ---------------------------------------------------------------- models: the slide encoder, tile encoders
@@ -253,7 +486,8 @@ def test_full_size_teacher_and_student_on_the_meta_device_and_the_dry_run_plan(d
     assert counts["student_tile"] == sum(p.numel() for p in ref.parameters()) == 85_798_656
     assert counts["teacher_slide"] == 86_330_880 and counts["teacher_tokens"] == counts["student_tokens"] == 197
     size = get("gigapath_distill").model_size(spec)
-    assert size.total == counts["student"] and (size.layers, size.hidden, size.heads) == (12, 768, 12)
+    assert size.trainable == counts["student"] and (size.layers, size.hidden, size.heads) == (12, 768, 12)
+    assert size.total == counts["student"] + counts["teacher_slide"]          # the frozen slide-target encoder
     res = cli("submit", FULL, "-c", "cuda_a100", "--dry-run", "--no-preflight", "--set", "model.path=null",
               "--set", "models={teacher: {preset: prov-gigapath}}", "--set", f"data.path={data['slides']}",
               "--set", f"data.labels_csv={data['labels_csv']}")
@@ -264,9 +498,21 @@ def test_full_size_teacher_and_student_on_the_meta_device_and_the_dry_run_plan(d
     est = float(out.split("memory: est. ")[1].split(" GiB/device")[0])
     assert 0 < est < 80 and "of 80 GiB" in out
     assert "1,134,953,984 parameters + slide encoder 86,330,880" in out and "85,798,656" in out
-    assert "591.00 KiB per tile (197 x 1536 bf16)" in out
+    assert "cache 597.02 KiB per tile (197 x 1536 fp16 tokens 591.00 KiB + tile embedding 6.00 KiB)" in out
+    assert "whole-slide images tiled at 0.5 um/px (+-0.1): 1 slide(s) level 2 (0.125 um/px at level 0" in out
     sbatch = out.split("# ---- sbatch script: step features")[1]
     assert "#SBATCH --array=0-1%2" in sbatch and "#SBATCH --gres=gpu:1" in sbatch
+    # the spec as it is, away from the data: the whole plan from the preset, the estimate, then what is missing
+    res = cli("submit", FULL, "--dry-run", "--no-preflight")
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "1,134,953,984 parameters + slide encoder 86,330,880" in res.stdout and "memory: est. " in res.stdout
+    assert "N slides unknown here" in res.stdout and "5.69 GiB per 10,000-tile slide in /scratch/" in res.stdout
+    assert "step main: 1 job (1 node x 8 tasks" in res.stdout and "afterok: features" in res.stdout
+    assert res.stderr.lstrip().startswith(f"error: {FULL}: a submission would be refused:")
+    for field in ("data.path: /data/tcga/tiles: not a folder", "models.teacher.path: /data/models/prov-gigapath",
+                  "model.path: /data/models/vit_base_patch16_224"):
+        assert field in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
     res = cli("submit", FULL, "-c", "cuda_a100", "--dry-run", "--no-preflight", "--set", "model.path=null",
               "--set", "models={teacher: {preset: prov-gigapath}}", "--set", f"data.path={data['slides']}",
               "--set", "model.seq_len=2048")

@@ -46,6 +46,9 @@ class Cluster(Strict):
                                             "keys at the top of a profile are read into this section")
     logs_roots: list[str] = Field(default_factory=list, description="absolute folders where a spec's absolute "
                                                                     "outputs.logs_dir may put run folders")
+    scratch_roots: list[str] = Field(default_factory=list, description="absolute folders (node-local or parallel "
+                                                                       "scratch) where a workload's caches may go "
+                                                                       "(e.g. distill.cache_root)")
     max_nodes: Optional[PositiveInt] = Field(None, description="most nodes one job may ask for here")
     loopback_rendezvous: bool = Field(False, description="multi-node jobs may meet on a loopback address (only "
                                                          "where every node is this one host: the local cluster)")
@@ -89,10 +92,10 @@ class Cluster(Strict):
         return {**{k: v for k, v in data.items() if k not in SLURM_KEYS},
                 "slurm": {**(section or {}), **{k: data[k] for k in SLURM_KEYS if k in data}}}
 
-    @field_validator("logs_roots")
+    @field_validator("logs_roots", "scratch_roots")
     @classmethod
-    def _roots(cls, v):
+    def _roots(cls, v, info):
         bad = [r for r in v if not Path(r).is_absolute()]
         if bad:
-            raise ValueError(f"logs_roots must be absolute folders, got {[redact(r, 60) for r in bad]}")
+            raise ValueError(f"{info.field_name} must be absolute folders, got {[redact(r, 60) for r in bad]}")
         return v

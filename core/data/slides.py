@@ -26,6 +26,7 @@ TILE_NAME = re.compile(r"^(\d+)x_(\d+)y\.(png|jpe?g)$", re.IGNORECASE)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 WSI_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi"}
 SLIDE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,199}$")
+TILING = "tiling.json"    # the level choice of a tiled whole-slide image (mpp, level, read size)
 DONE = "dataset.csv"      # written last by the tiling, as GigaPath's process_slide does: a complete tile folder
 
 
@@ -252,7 +253,7 @@ def tiles_of(image, tile_px: int, threshold: float, occupancy: float, origin=(0,
     return out
 
 
-def write_tile_folder(folder, tiles, slide_id: str) -> int:
+def write_tile_folder(folder, tiles, slide_id: str, extra: Optional[dict] = None) -> int:
     """Write tiles `{x:05d}x_{y:05d}y.png` into a fresh folder next to `folder`, then rename it into place (a reader
     never sees half a slide); dataset.csv (slide_id, tile_id, image, tile_x, tile_y) is written inside it."""
     from PIL import Image
@@ -266,6 +267,8 @@ def write_tile_folder(folder, tiles, slide_id: str) -> int:
         name = f"{x:05d}x_{y:05d}y.png"
         Image.fromarray(arr).convert("RGB").save(tmp / name)
         rows.append(f"{slide_id},{slide_id}.{name[:-4]},{slide_id}/{name},{x},{y}")
+    for name, obj in (extra or {}).items():
+        (tmp / name).write_text(json.dumps(obj, indent=1) + "\n")
     (tmp / DONE).write_text("\n".join(rows) + "\n")
     if folder.exists():
         shutil.rmtree(folder)
@@ -273,36 +276,242 @@ def write_tile_folder(folder, tiles, slide_id: str) -> int:
     return len(tiles)
 
 
-def tile_wsi(path, folder, level: int, tile_px: int, occupancy: float = 0.1,
-             threshold: Optional[float] = None) -> dict:
-    """Tile a whole-slide image into `folder` (GigaPath's process_slide): foreground bounding box and Otsu threshold
-    from the lowest-resolution level, tiles of tile_px at `level`, kept above `occupancy`, level-0 coordinates."""
+# ---------------------------------------------------------------- magnification: microns per pixel
+MPP_RANGE = (0.05, 20.0)          # what a microscope scan plausibly has at level 0 (72 dpi defaults are not)
+_DESC_MPP = re.compile(r"(?:^|[|\s;])MPP\s*=\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)")
+_UNIT_UM = {2: 25400.0, 3: 10000.0}  # TIFF ResolutionUnit: 2 inch, 3 centimetre (1 = none: no physical size)
+
+
+def _rational(value) -> Optional[float]:
+    try:
+        if isinstance(value, (tuple, list)):
+            return float(value[0]) / float(value[1]) if float(value[1]) else None
+        return float(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def slide_mpp(tif) -> tuple[Optional[float], Optional[float], str]:
+    """(mpp_x, mpp_y, source) of level 0 of an open tifffile.TiffFile: the Aperio ImageDescription's `MPP = 0.2520`
+    (what OpenSlide reports as aperio.MPP / openslide.mpp-x for .svs), else the TIFF XResolution / YResolution tags
+    with ResolutionUnit inch or centimetre (OpenSlide's tiff.XResolution, as GigaPath's find_level_for_target_mpp
+    reads it); (None, None, why) when neither gives a plausible value."""
+    page = tif.series[0].levels[0].keyframe
+    for desc in (tif.pages[0].description or "", getattr(page, "description", "") or ""):
+        m = _DESC_MPP.search(desc)
+        if m:
+            mpp = float(m.group(1))
+            if MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:
+                return mpp, mpp, "ImageDescription MPP"
+    tags = page.tags
+    unit, xr, yr = tags.get("ResolutionUnit"), tags.get("XResolution"), tags.get("YResolution")
+    if unit is None or xr is None or yr is None:
+        return None, None, "no MPP in the ImageDescription and no resolution tags"
+    per = _UNIT_UM.get(int(unit.value))
+    x, y = _rational(xr.value), _rational(yr.value)
+    if per is None:
+        return None, None, "no MPP in the ImageDescription and ResolutionUnit NONE (no physical pixel size)"
+    if not x or not y:
+        return None, None, "XResolution / YResolution are zero"
+    mx, my = per / x, per / y
+    if not (MPP_RANGE[0] <= mx <= MPP_RANGE[1] and MPP_RANGE[0] <= my <= MPP_RANGE[1]):
+        return None, None, (f"resolution tags give {mx:.4g} x {my:.4g} um per pixel, outside {MPP_RANGE[0]}.."
+                            f"{MPP_RANGE[1]} (a writer's default, not a scan's)")
+    return mx, my, "TIFF resolution tags"
+
+
+def choose_level(mpp: float, downsamples: list[float], target_mpp: float, tolerance: float) -> tuple[int, float]:
+    """(level, its mpp): the coarsest level whose mpp is at most target_mpp + tolerance, i.e. the level at the
+    target (within the tolerance) or the nearest finer one, which the tiling then reads larger and resizes down.
+    ValueError when even level 0 is coarser than that."""
+    ok = [(lvl, mpp * ds) for lvl, ds in enumerate(downsamples) if mpp * ds <= target_mpp + tolerance]
+    if not ok:
+        raise ValueError(f"level 0 is {mpp:.4g} um per pixel, coarser than data.target_mpp {target_mpp:g} "
+                         f"(+ tolerance {tolerance:g}): the slide cannot give tiles at that magnification")
+    return max(ok, key=lambda t: t[1])
+
+
+@dataclass
+class LevelChoice:
+    """How a whole-slide image is tiled: its level-0 mpp (and where it came from), the level read, that level's mpp,
+    the pixels read per tile at that level (tile_px when the level is at the target, more when it is finer and the
+    tiles are resized down), and the tile's side in level-0 pixels (the grid step of the coordinates)."""
+    slide: str
+    mpp: Optional[float]
+    mpp_source: str
+    level: int
+    level_mpp: Optional[float]
+    downsample: float
+    read_px: int
+    tile_px: int
+    step0: float
+    tile_mpp: Optional[float]
+    levels: list = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def level_choice(path, tile_px: int, target_mpp: float = 0.5, tolerance: float = 0.1,
+                 base_mpp: Optional[float] = None, level: Optional[int] = None,
+                 field_name: str = "data.path", tif=None) -> LevelChoice:
+    """The level and read size for tiles of tile_px at target_mpp from a slide's own mpp (slide_mpp; base_mpp when
+    the file has none). A level within `tolerance` of the target is read as it is (GigaPath's
+    find_level_for_target_mpp: |level mpp - target| < 0.1); otherwise the nearest finer level is read over
+    tile_px * target / level_mpp pixels and resized to tile_px. `level` (data.wsi_level) tiles that level of every
+    slide as it is instead. A slide without mpp (and no base_mpp) is a DatasetError naming it."""
+    import tifffile
+
+    if tif is None:
+        with tifffile.TiffFile(str(path)) as t:
+            return level_choice(path, tile_px, target_mpp, tolerance, base_mpp, level, field_name, tif=t)
+    series = tif.series[0]
+    shapes = [tuple(int(v) for v in lvl.shape[:2]) for lvl in series.levels]
+    h0, w0 = shapes[0]
+    downsamples = [(w0 / w + h0 / h) / 2 for h, w in shapes]      # as OpenSlide's level_downsamples
+    mx, my, source = slide_mpp(tif)
+    if mx is None and base_mpp is not None:
+        mx, my, source = base_mpp, base_mpp, "data.base_mpp"
+    sid = Path(path).stem
+    if level is not None:
+        if not 0 <= level < len(shapes):
+            raise DatasetError("data.wsi_level", f"{path} has levels 0..{len(shapes) - 1}, not {level}")
+        lm = mx * downsamples[level] if mx else None
+        return LevelChoice(sid, mx, source, level, lm, downsamples[level], tile_px, tile_px,
+                           tile_px * downsamples[level], lm, shapes)
+    if mx is None:
+        raise DatasetError(field_name, f"{path}: slide {sid} has no magnification ({source}); tifffile reads the "
+                                       f"Aperio ImageDescription 'MPP = ...' and the XResolution / YResolution tags "
+                                       f"with ResolutionUnit inch or centimetre. Give data.base_mpp (um per level-0 "
+                                       f"pixel, e.g. 0.25 for a 40x scan) or pin data.wsi_level")
+    mpp = (mx + my) / 2
+    try:
+        lvl, lm = choose_level(mpp, downsamples, target_mpp, tolerance)
+    except ValueError as e:
+        raise DatasetError("data.target_mpp", f"{path}: slide {sid}: {e}") from None
+    read_px = tile_px if abs(lm - target_mpp) <= tolerance else int(round(tile_px * target_mpp / lm))
+    tile_mpp = lm * read_px / tile_px
+    return LevelChoice(sid, mpp, source, lvl, lm, downsamples[lvl], read_px, tile_px, read_px * downsamples[lvl],
+                       tile_mpp, shapes)
+
+
+def whole_level_only(page) -> bool:
+    """A level that cannot be read in pieces here: one strip for the whole level (NDPI's single JPEG per level) or
+    separate colour planes; tile_wsi reads such a level once, whole, as the tiling did before."""
+    return (not page.is_tiled and len(page.dataoffsets) == 1) or int(getattr(page, "planarconfig", 1)) == 2
+
+
+def read_region(tif, page, y: int, x: int, h: int, w: int, fill: int = 255, whole=None):
+    """Pixels [y, y + h) x [x, x + w) of a page (RGB), decoding only the tiles / strips that overlap it (memory
+    bounded by the region, not the level); outside the image is `fill`. `whole`: the level already read whole."""
+    import numpy as np
+
+    H, W = page.shape[:2]
+    out = np.full((h, w, 3), fill, np.uint8)
+    y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + h, H), min(x + w, W)
+    if y0 >= y1 or x0 >= x1:
+        return out
+    if whole is not None or whole_level_only(page):
+        whole = np.asarray(page.asarray()) if whole is None else whole
+        out[y0 - y:y1 - y, x0 - x:x1 - x] = whole[y0:y1, x0:x1, :3]
+        return out
+    if page.is_tiled:
+        ch, cw = int(page.chunks[0]), int(page.chunks[1])
+    else:                                            # strips of rowsperstrip full-width rows
+        ch, cw = int(page.rowsperstrip or H), W
+    across = -(-W // cw)
+    fh = tif.filehandle
+    decode = page.decode
+    for ty in range(y0 // ch, (y1 - 1) // ch + 1):
+        for tx in range(x0 // cw, (x1 - 1) // cw + 1):
+            idx = ty * across + tx
+            off, n = page.dataoffsets[idx], page.databytecounts[idx]
+            if not n:
+                continue
+            fh.seek(off)
+            seg, _, _ = decode(fh.read(n), idx, jpegtables=page.jpegtables)
+            seg = np.asarray(seg).reshape(seg.shape[-3:])[..., :3]
+            sy, sx = ty * ch, tx * cw
+            a, b = max(y0, sy), min(y1, sy + ch)
+            c, d = max(x0, sx), min(x1, sx + cw)
+            out[a - y:b - y, c - x:d - x] = seg[a - sy:b - sy, c - sx:d - sx]
+    return out
+
+
+def tissue_box(tif, threshold: Optional[float] = None, path=""):
+    """(mask, threshold, low-level scale, level-0 box (x0, y0, x1, y1)) from the lowest-resolution level."""
+    import numpy as np
+
+    levels = tif.series[0].levels
+    low = np.asarray(levels[-1].asarray())
+    full_w = levels[0].shape[1]
+    low_scale = full_w / low.shape[1]
+    mask, thr = foreground(low[..., :3], threshold)
+    if not mask.any():
+        raise DatasetError("data.path", f"{path}: no tissue found (luminance threshold {thr:.1f})")
+    ys, xs = np.nonzero(mask)
+    box0 = (int(xs.min() * low_scale), int(ys.min() * low_scale),
+            int(math.ceil((xs.max() + 1) * low_scale)), int(math.ceil((ys.max() + 1) * low_scale)))
+    return mask, thr, low_scale, box0
+
+
+def estimate_tiles(path, choice: LevelChoice, threshold: Optional[float] = None, occupancy: float = 0.1,
+                   tif=None) -> int:
+    """About how many tiles the tiling keeps: cells of the tiling's grid (anchored as tile_wsi anchors it) whose
+    tissue share on the lowest level exceeds `occupancy`."""
     import numpy as np
     import tifffile
 
+    if tif is None:
+        with tifffile.TiffFile(str(path)) as t:
+            return estimate_tiles(path, choice, threshold, occupancy, tif=t)
+    mask, _, low_scale, _ = tissue_box(tif, threshold, path)
+    cy = (np.arange(mask.shape[0]) * low_scale // choice.step0).astype(np.int64)
+    cx = (np.arange(mask.shape[1]) * low_scale // choice.step0).astype(np.int64)
+    cell = cy[:, None] * (int(cx.max()) + 1) + cx[None, :]
+    tissue = np.bincount(cell.ravel(), weights=mask.ravel().astype(np.float64))
+    area = np.bincount(cell.ravel())
+    return int(((tissue / np.maximum(area, 1)) > occupancy).sum())
+
+
+def tile_wsi(path, folder, tile_px: int, occupancy: float = 0.1, threshold: Optional[float] = None,
+             target_mpp: float = 0.5, tolerance: float = 0.1, base_mpp: Optional[float] = None,
+             level: Optional[int] = None) -> dict:
+    """Tile a whole-slide image into `folder` (GigaPath's process_slide, at the level level_choice picks from the
+    slide's own mpp): foreground bounding box and Otsu threshold from the lowest-resolution level, tiles of
+    read_px at the chosen level resized to tile_px, kept above `occupancy`, level-0 coordinates on a grid anchored
+    at multiples of the tile's level-0 side (the same tissue scanned at 20x and 40x gives tiles at the same physical
+    places). Read one row of tiles at a time (memory: one band, not the level; a level stored as one strip, as NDPI
+    stores its levels, is read whole). Returns the level choice and
+    counts, also written to the folder as tiling.json."""
+    import numpy as np
+    import tifffile
+    from PIL import Image
+
     with tifffile.TiffFile(str(path)) as tif:
-        levels = tif.series[0].levels
-        if not 0 <= level < len(levels):
-            raise DatasetError("data.wsi_level", f"{path} has levels 0..{len(levels) - 1}, not {level}")
-        low = np.asarray(levels[-1].asarray())
-        full_h, full_w = levels[0].shape[:2]
-        low_scale = full_w / low.shape[1]
-        mask, thr = foreground(low[..., :3], threshold)
-        if not mask.any():
-            raise DatasetError("data.path", f"{path}: no tissue found (luminance threshold {thr:.1f})")
-        ys, xs = np.nonzero(mask)
-        box0 = (int(xs.min() * low_scale), int(ys.min() * low_scale),
-                int(math.ceil((xs.max() + 1) * low_scale)), int(math.ceil((ys.max() + 1) * low_scale)))
-        img = np.asarray(levels[level].asarray())[..., :3]
-        scale = full_w / img.shape[1]
-        x0, y0 = int(box0[0] / scale), int(box0[1] / scale)
-        x1, y1 = int(math.ceil(box0[2] / scale)), int(math.ceil(box0[3] / scale))
-        roi = img[y0:y1, x0:x1]
-    tiles = tiles_of(roi, tile_px, thr, occupancy, origin=(round(x0 * scale), round(y0 * scale)), scale=scale)
+        ch = level_choice(path, tile_px, target_mpp, tolerance, base_mpp, level, tif=tif)
+        mask, thr, _, box0 = tissue_box(tif, threshold, path)
+        page = tif.series[0].levels[ch.level].keyframe
+        step, ds, r = ch.step0, ch.downsample, ch.read_px
+        whole = np.asarray(page.asarray()) if whole_level_only(page) else None
+        gx0, gy0 = int(box0[0] // step), int(box0[1] // step)
+        gx1, gy1 = int(math.ceil(box0[2] / step)), int(math.ceil(box0[3] / step))
+        tiles = []
+        for gy in range(gy0, gy1):
+            ly = int(round(gy * step / ds))
+            lx = int(round(gx0 * step / ds))
+            band = read_region(tif, page, ly, lx, r, r * (gx1 - gx0), whole=whole)
+            for k, gx in enumerate(range(gx0, gx1)):
+                tile = band[:, k * r:(k + 1) * r]
+                if r != tile_px:
+                    tile = np.asarray(Image.fromarray(tile).resize((tile_px, tile_px), Image.BICUBIC))
+                if (_luminance(tile) < thr).mean() > occupancy:
+                    tiles.append((int(round(gx * step)), int(round(gy * step)), np.ascontiguousarray(tile)))
     if not tiles:
-        raise DatasetError("data.path", f"{path}: no tile above {occupancy:.0%} tissue at level {level}")
-    n = write_tile_folder(folder, tiles, Path(path).stem)
-    return {"tiles": n, "level": level, "downsample": scale, "threshold": thr, "roi_level0": box0}
+        raise DatasetError("data.path", f"{path}: no tile above {occupancy:.0%} tissue at level {ch.level}")
+    n = write_tile_folder(folder, tiles, Path(path).stem, extra={TILING: {**ch.to_json(), "threshold": thr,
+                                                                         "roi_level0": box0}})
+    return {**ch.to_json(), "tiles": n, "threshold": thr, "roi_level0": box0}
 
 
 def tile_folder_ready(folder) -> bool:
@@ -346,9 +555,12 @@ def synthetic_canvas(i: int, seed: int, tile_px: int):
     return canvas, ("positive" if positive else "negative"), origin
 
 
-def write_pyramid(path, level_img, downsamples=(4, 2, 1)):
+def write_pyramid(path, level_img, downsamples=(4, 2, 1), mpp: Optional[float] = None, aperio: bool = False,
+                  anchor: int = -1):
     """A pyramidal TIFF (tifffile, zlib, 256-px tiles, levels as SubIFDs) with level k downsampled downsamples[k]
-    times from level 0; the last level is `level_img` itself (level 0 is it enlarged downsamples[-1] times)."""
+    times from level 0; level `anchor` (default the last) is `level_img` itself, the others resized from it.
+    `mpp` (um per level-0 pixel) is written as XResolution / YResolution in pixels per centimetre, or with `aperio`
+    as an Aperio ImageDescription 'MPP = ...' (no resolution tags); None writes neither (no magnification)."""
     import numpy as np
     import tifffile
     from PIL import Image
@@ -356,27 +568,38 @@ def write_pyramid(path, level_img, downsamples=(4, 2, 1)):
     base = Image.fromarray(level_img)
     levels = []
     for d in downsamples:
-        f = downsamples[-1] / d
+        f = downsamples[anchor] / d
         size = (round(base.width * f), round(base.height * f))
         levels.append(np.asarray(base if size == base.size else base.resize(size, Image.BICUBIC)))
     tmp = Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}")
+    first = {}
+    if mpp is not None and aperio:
+        first = {"description": f"Aperio Image Library v12.0.15 |AppMag = {round(10 / mpp)}|MPP = {mpp:.4f}",
+                 "metadata": None}
+    elif mpp is not None:
+        first = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
     with tifffile.TiffWriter(str(tmp)) as tif:
         opts = dict(tile=(256, 256), compression="zlib", photometric="rgb")
-        tif.write(levels[0], subifds=len(levels) - 1, **opts)
+        tif.write(levels[0], subifds=len(levels) - 1, **opts, **first)
         for lvl in levels[1:]:
             tif.write(lvl, subfiletype=1, **opts)
     os.replace(tmp, path)
+
+
+SYNTHETIC_MPP = 0.125   # level 0 of the synthetic pyramids: level 2 (4x down) at GigaPath's 0.5 mpp
 
 
 def write_synthetic(root, slides: int = 12, wsi: int = 1, tile_px: int = 64, seed: int = 0,
                     occupancy: float = 0.1) -> dict:
     """Synthetic slides from scikit-image's real immunohistochemistry sample under `root`: slides/<id>/ tile folders
     (the first `wsi` slides instead as pyramidal TIFFs slides/<id>.tiff, whose level 2 is the slide at the tile
-    scale), labels.csv (positive / negative: DAB stain strength). A tile of tile_px covers 256 level-0 px (the
-    slide is at level 2 of a 4x / 2x / 1x pyramid). Idempotent: a complete set (marker file) is left alone."""
+    scale, level 0 tagged SYNTHETIC_MPP um per pixel so that level 2 is at 0.5 mpp), labels.csv (positive /
+    negative: DAB stain strength). A tile of tile_px covers 256 level-0 px (the slide is at level 2 of a 4x / 2x /
+    1x pyramid). Idempotent: a complete set (marker file) is left alone."""
     root = Path(root)
     marker = root / ".synthetic.json"
-    params = {"slides": slides, "wsi": wsi, "tile_px": tile_px, "seed": seed, "occupancy": occupancy}
+    params = {"slides": slides, "wsi": wsi, "tile_px": tile_px, "seed": seed, "occupancy": occupancy,
+              "mpp": SYNTHETIC_MPP}
     if marker.is_file() and json.loads(marker.read_text()) == params:
         return paths_of(root)
     folder = root / "slides"
@@ -388,7 +611,7 @@ def write_synthetic(root, slides: int = 12, wsi: int = 1, tile_px: int = 64, see
         canvas, label, origin = synthetic_canvas(i, seed, tile_px)
         rows.append(f"{sid},{label}")
         if i < wsi:
-            write_pyramid(folder / f"{sid}.tiff", canvas, downsamples=(1, 2, 4))
+            write_pyramid(folder / f"{sid}.tiff", canvas, downsamples=(1, 2, 4), mpp=SYNTHETIC_MPP)
             continue
         _, thr = foreground(canvas)
         tiles = tiles_of(canvas, tile_px, thr, occupancy, origin=origin, scale=scale)

@@ -29,15 +29,16 @@ from typing import Any, Literal, Optional
 from pydantic import Field, PositiveInt
 
 from core.errors import DatasetError
-from core.metrics.embedding import AGREEMENT, embedding_agreement
+from core.metrics.embedding import AGREEMENT
 from core.results import ResultFolder
 from core.run_folder import atomic_path, write_json_atomic
 from core.runtime import TaskContext
 from core.config import DataSpec, FieldError, JobSpec, Strict
 from core.workloads import Shape, Workload
 from core.workloads.common import rank0_index
-from core.workloads.gigapath_features import (FEATURES, FORMAT, done_slides, features, features_path,  # noqa: F401
-                                              fingerprint, load_tiles, read_features, safetensors_metadata)
+from core.workloads.gigapath_features import (FEATURES, FORMAT, cache_bytes_per_tile, done_slides,  # noqa: F401
+                                              features, features_dir, features_path, fingerprint, load_tiles,
+                                              read_features, read_hidden, safetensors_metadata, slide_rows)
 
 log = logging.getLogger("gigapath_distill")
 
@@ -64,8 +65,22 @@ class DistillSection(Strict):
                     "dropout, drop_path_rate); a linear head maps it to the teacher's slide width")
     tile_chunk: Optional[PositiveInt] = Field(None, description="tiles per student tile-encoder forward inside a "
                                                                 "micro-step (None: all at once)")
-    teacher_precision: Literal["bf16", "fp16", "fp32"] = "bf16"
-    cache_dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="dtype of the cached hidden states")
+    teacher_precision: Literal["autocast", "bf16", "fp16", "fp32"] = Field(
+        "autocast", description="teacher in the features step: autocast = Prov-GigaPath's fp32 weights under fp16 "
+                                "autocast on CUDA (plain fp32 on CPU); bf16 / fp16 / fp32 cast the weights")
+    cache_dtype: Literal["fp16", "bf16", "fp32"] = Field("fp16", description="dtype of the cached hidden states "
+                                                                             "(fp16: 10-bit mantissa at bf16's size; "
+                                                                             "values over 65504 are refused)")
+    slide_target: Literal["subset", "whole"] = Field(
+        "subset", description="the slide target of a training step: subset = the frozen teacher slide encoder on the "
+                              "cached tile embeddings of the same tiles the student sees (the lab's notes); whole = "
+                              "the cached embedding of the whole slide")
+    slide_max_tiles: Optional[PositiveInt] = Field(
+        None, description="most tiles a slide encoder takes at once in evaluation and the cached slide embedding; a "
+                          "longer slide uses a seeded subset of that many for teacher and student alike (None: all)")
+    cache_root: Optional[str] = Field(None, description="folder for the teacher features (None: <run>/features): "
+                                                        "relative inside the checkout's logs/, or absolute under one "
+                                                        "of the profile's scratch_roots (or logs_roots)")
     teacher_batch: PositiveInt = Field(64, description="tiles per teacher forward in the features step")
     slides_per_task: PositiveInt = Field(1, description="slides per task of the features array")
     ignore_unexpected_keys: bool = Field(False, description="load a teacher checkpoint that has extra tensors")
@@ -81,8 +96,16 @@ class SlideData(DataSpec):
     heldout_fraction: float = Field(0.2, ge=0, lt=1, description="slides held out for evaluation (stratified)")
     heldout: Optional[list[str]] = Field(None, description="explicit held-out slide ids (instead of the fraction)")
     image_size: PositiveInt = Field(224, description="encoder input: tiles resized to S*256/224, centre-cropped to S")
-    tile_px: PositiveInt = Field(256, description="tile size in pixels at wsi_level when tiling whole-slide images")
-    wsi_level: int = Field(1, ge=0, description="pyramid level tiled (GigaPath: the level nearest 0.5 mpp)")
+    tile_px: PositiveInt = Field(256, description="tile side in pixels at target_mpp when tiling whole-slide images")
+    target_mpp: float = Field(0.5, gt=0, description="microns per pixel of the tiles (Prov-GigaPath: 0.5); each "
+                                                     "slide's level is chosen from its own mpp")
+    mpp_tolerance: float = Field(0.1, ge=0, description="a level within this many um/px of target_mpp is read as it "
+                                                        "is (GigaPath's find_level_for_target_mpp: 0.1); otherwise "
+                                                        "the nearest finer level is read and resized")
+    base_mpp: Optional[float] = Field(None, gt=0, description="um per level-0 pixel for slides whose files carry no "
+                                                              "mpp (0.25 for a 40x scan); files that do are read")
+    wsi_level: Optional[int] = Field(None, ge=0, description="pin this pyramid level for every slide, read as it is "
+                                                             "(None: chosen per slide from its mpp)")
     occupancy: float = Field(0.1, ge=0, lt=1, description="least tissue share of a kept tile")
     tissue_threshold: Optional[float] = Field(None, description="luminance below it is tissue (None: Otsu)")
     tiles_dir: Optional[str] = Field(None, description="where whole-slide images are tiled (None: <run>/tiles)")
@@ -134,7 +157,7 @@ def read_dataset(spec: JobSpec):
     return found, train, held
 
 
-def _model_checks(spec: JobSpec) -> dict:
+def _model_checks(spec: JobSpec, problems: Optional[list] = None) -> dict:
     """Teacher and student built on the meta device: weight files whose keys do not fit, token counts and
     widths that cannot be matched, a bad student slide config. Imports torch (after the dataset checks)."""
     from core.models import gigapath as gp
@@ -145,8 +168,11 @@ def _model_checks(spec: JobSpec) -> dict:
             raise FieldError("models.teacher.path", "make_tiny writes the tiny teacher there: give a folder")
         gp.write_tiny_teacher(t.path)
     elif t.path and not Path(t.path).is_dir():
-        raise FieldError("models.teacher.path", f"{t.path}: not a folder (the Prov-GigaPath folder: config.json, "
-                                                f"pytorch_model.bin, slide_encoder.pth)")
+        why = (f"{t.path}: not a folder (the Prov-GigaPath folder: config.json, pytorch_model.bin, "
+               f"slide_encoder.pth)")
+        if problems is None or not t.preset:
+            raise FieldError("models.teacher.path", why)
+        problems.append(("models.teacher.path", why + f"; planned with the preset {t.preset}"))
     cfg = gp.teacher_config(t)
     try:
         gp.slide_config({"in_chans": gp.teacher_width(cfg), **cfg.get("slide_encoder", {})})
@@ -167,67 +193,213 @@ def _model_checks(spec: JobSpec) -> dict:
     if tuple(counts["teacher_img"]) != (spec.data.image_size,) * 2:
         raise FieldError("data.image_size", f"{spec.data.image_size} but the teacher takes {counts['teacher_img']}")
     if spec.model.path and not Path(spec.model.path).exists():
-        raise FieldError("model.path", f"{spec.model.path}: student weights not found (a timm checkpoint file or "
-                                       f"folder; leave it out for a random start)")
-    if spec.model.path:
+        why = (f"{spec.model.path}: student weights not found (a timm checkpoint file or folder; leave it out for a "
+               f"random start)")
+        if problems is None:
+            raise FieldError("model.path", why)
+        problems.append(("model.path", why))
+    elif spec.model.path:
         gp.check_student_weights(counts["student_model"], spec.model.path)
     return {**counts, **files, "config": cfg}
 
 
-def plan(spec: JobSpec, resume_dir: Optional[Path] = None) -> Shape:
-    """features array (a slide chunk per task) -> training + evaluation (afterok). Bad input is a FieldError."""
+def plan(spec: JobSpec, resume_dir: Optional[Path] = None, cluster=None) -> Shape:
+    """features array (a slide chunk per task) -> training + evaluation (afterok). Bad input is a FieldError; data,
+    teacher folder and student weights absent from this machine are `problems`: a dry run prints the whole plan
+    (the teacher from models.teacher.preset) and then lists them."""
     s, d = spec.distill, spec.data
     _check_section(spec)
-    notes = []
+    notes, problems = [], []
     if d.make_synthetic:
         from core.data.slides import write_synthetic
 
         write_synthetic(synthetic_root(d), slides=d.synthetic_slides, wsi=d.synthetic_wsi, tile_px=d.tile_px,
                         seed=d.seed, occupancy=d.occupancy)
         notes.append(f"synthetic slides (scikit-image's immunohistochemistry sample) under {synthetic_root(d)}")
-    found, train, held = read_dataset(spec)
-    m = _model_checks(spec)
-    ids = [sl.id for sl in found.slides]
-    items = ids
-    if resume_dir is not None:
-        done = done_slides(resume_dir, ids, fingerprint(spec))
-        items = [i for i in ids if i not in done]
-        if not items:
-            raise FieldError("--resume-missing", f"every slide already has teacher features in {resume_dir}; use "
-                                                 f"--resume to continue the training")
-        notes.append(f"resubmitting only the {len(items)} slide(s) without features: {', '.join(items[:8])}"
-                     + (" ..." if len(items) > 8 else ""))
-    folders = [sl for sl in found.slides if sl.kind == "tiles"]
-    wsis = [sl for sl in found.slides if sl.kind == "wsi"]
-    tiles = sum(sl.tiles or 0 for sl in folders)
-    what = f"{len(folders)} tile folder(s) with {tiles:,} tiles" + \
-        (f", {len(wsis)} whole-slide image(s) tiled at level {d.wsi_level} ({d.tile_px} px)" if wsis else "")
-    notes.append(f"dataset: {len(found.slides)} slides ({what}); train {len(train)}, held out {len(held)}"
-                 + (f"; labels {', '.join(f'{c} {sum(sl.label == c for sl in found.slides)}' for c in found.classes)}"
-                    if found.classes else ""))
-    if found.unlabeled:
-        notes.append(f"{len(found.unlabeled)} slide(s) without a label (left out of the probe)")
-    per_tile = (m["teacher_tokens"] if s.hidden_tokens == "all" else 1) * m["teacher_dim"] * \
-        (4 if s.cache_dtype == "fp32" else 2)
+    found = train = held = None
+    if not Path(d.path).is_dir() and not d.make_synthetic:
+        problems.append(("data.path", f"{d.path}: not a folder on this machine (the folder that holds one folder of "
+                                      f"tiles, or one whole-slide image, per slide)"))
+    else:
+        found, train, held = read_dataset(spec)
+    m = _model_checks(spec, problems)
+    choices = wsi_choices(spec, found) if found else {}
+    if found is not None:
+        ids = [sl.id for sl in found.slides]
+        items = ids
+        if resume_dir is not None:
+            done = done_slides(resume_dir, ids, fingerprint(spec), spec)
+            items = [i for i in ids if i not in done]
+            if not items:
+                raise FieldError("--resume-missing", f"every slide already has teacher features in "
+                                                     f"{features_dir(resume_dir, spec)}; use --resume to continue "
+                                                     f"the training")
+            notes.append(f"resubmitting only the {len(items)} slide(s) without features: {', '.join(items[:8])}"
+                         + (" ..." if len(items) > 8 else ""))
+        folders = [sl for sl in found.slides if sl.kind == "tiles"]
+        wsis = [sl for sl in found.slides if sl.kind == "wsi"]
+        tiles = sum(sl.tiles or 0 for sl in folders)
+        est = sum(c["tiles_est"] for c in choices.values())
+        what = f"{len(folders)} tile folder(s) with {tiles:,} tiles" + \
+            (f", {len(wsis)} whole-slide image(s) (~{est:,} tiles est.)" if wsis else "")
+        labels = ", ".join(f"{c} {sum(sl.label == c for sl in found.slides)}" for c in found.classes)
+        notes.append(f"dataset: {len(found.slides)} slides ({what}); train {len(train)}, held out {len(held)}"
+                     + (f"; labels {labels}" if found.classes else ""))
+        if wsis:
+            notes.append(level_summary(spec, choices))
+        if found.unlabeled:
+            notes.append(f"{len(found.unlabeled)} slide(s) without a label (left out of the probe)")
+        counts = {sl.id: sl.tiles for sl in folders} | {k: c["tiles_est"] for k, c in choices.items()}
+    else:
+        items, counts = ["<slides unknown here>"], {}
+        notes.append(f"dataset: {d.path} is not on this machine: N slides unknown here (one features task shown); "
+                     f"whole-slide images get the level nearest {d.target_mpp:g} um/px from their own mpp")
+    tokens = m["teacher_tokens"] if s.hidden_tokens == "all" else 1
+    per = cache_bytes_per_tile(tokens, m["teacher_dim"], s.cache_dtype)
     cfg = m["config"]
     notes.append(f"teacher: {cfg['architecture']} at {m['teacher_img'][0]} px, {m['teacher_tile']:,} parameters + "
                  f"slide encoder {m['teacher_slide']:,}, frozen"
                  + ("" if m["tile_file"] or (spec.models['teacher'].path and Path(spec.models['teacher'].path).is_dir())
                     else " (no weights: preset only, random init: for dry runs and tests)"))
     tasks = -(-len(items) // s.slides_per_task)
-    notes.append(f"features once: {len(items)} slide(s) in {tasks} task(s); cache {_size(per_tile)} per tile "
-                 f"({m['teacher_tokens'] if s.hidden_tokens == 'all' else 1} x {m['teacher_dim']} {s.cache_dtype})"
-                 + (f", {_size(per_tile * tiles)} for the tile folders" if tiles else "")
-                 + "; training reads it every epoch instead of running the teacher")
+    total = per["total"] * sum(counts.values())
+    where = features_dir(Path(spec.outputs.logs_dir) / spec.name / "<run>", spec) if s.cache_root else \
+        "<run>/features"
+    notes.append(f"features once: {len(items) if found else 'N'} slide(s) in {tasks if found else '?'} task(s); "
+                 f"cache {_size(per['total'])} per tile ({tokens} x {m['teacher_dim']} {s.cache_dtype} tokens "
+                 f"{_size(per['hidden'])} + tile embedding {_size(per['tile_emb'])})"
+                 + (f", {_size(total)} for {sum(counts.values()):,} tiles" if counts else
+                    f", {_size(per['total'] * 10_000)} per 10,000-tile slide")
+                 + f" in {where}; training reads it every epoch instead of running the teacher")
+    problems += cache_problems(spec, cluster, total if counts else 0)
+    prec = s.teacher_precision
     act = 2 * m["teacher_tokens"] * s.teacher_batch * m["teacher_dim"] * (34 + 5 * 24 * m["teacher_tokens"] /
                                                                           m["teacher_dim"])
-    wbytes = (4 if s.teacher_precision == "fp32" else 2) * (m["teacher_tile"] + m["teacher_slide"])
-    notes.append(f"features task memory: teacher weights {_size(wbytes)} ({s.teacher_precision}) + one block's "
-                 f"activations for {s.teacher_batch} tiles ~{_size(act)} per device")
+    wbytes = (4 if prec in ("fp32", "autocast") else 2) * (m["teacher_tile"] + m["teacher_slide"])
+    notes.append(f"features task memory: teacher weights {_size(wbytes)} ({prec}"
+                 + (": fp32 weights, fp16 autocast on CUDA as Prov-GigaPath" if prec == "autocast" else "")
+                 + f") + one block's activations for {s.teacher_batch} tiles ~{_size(act)} per device")
     notes.append(f"student: {s.student_arch} {m['student_tile']:,} + adaptor {m['adaptor']:,} + slide encoder "
-                 f"{m['student_slide']:,}; a micro-step is one slide (deepspeed.micro_batch tiles of it)")
+                 f"{m['student_slide']:,}; a micro-step is one slide (deepspeed.micro_batch tiles of it); slide "
+                 + ("target: the teacher slide encoder on the cached tile embeddings of the same tiles"
+                    if s.slide_target == "subset" else "target: the cached embedding of the whole slide"))
+    notes += slide_length_notes(spec, cfg, counts, cluster)
     return Shape(items=None, pre="features", pre_items=items, pre_items_per_task=s.slides_per_task, merge=False,
-                 notes=notes)
+                 notes=notes, problems=problems)
+
+
+def wsi_choices(spec: JobSpec, found) -> dict:
+    """Per whole-slide image: the level choice (core.data.slides.level_choice) and the tile count estimated from
+    the tissue on its lowest level; a slide without mpp is refused by name."""
+    from core.data.slides import estimate_tiles, level_choice
+
+    d, out = spec.data, {}
+    import tifffile
+
+    for sl in found.slides:
+        if sl.kind != "wsi":
+            continue
+        try:
+            with tifffile.TiffFile(sl.source) as tif:
+                ch = level_choice(sl.source, d.tile_px, d.target_mpp, d.mpp_tolerance, d.base_mpp, d.wsi_level,
+                                  tif=tif)
+                est = estimate_tiles(sl.source, ch, d.tissue_threshold, d.occupancy, tif=tif)
+        except DatasetError as e:
+            raise FieldError(e.field, e.message) from None
+        out[sl.id] = {**ch.to_json(), "tiles_est": est}
+    return out
+
+
+def level_summary(spec: JobSpec, choices: dict) -> str:
+    """One line: how many slides are read at which level and mpp, resized or not."""
+    from collections import Counter
+
+    d = spec.data
+    groups = Counter()
+    for c in choices.values():
+        mpp = "?" if c["mpp"] is None else f"{c['mpp']:.3g}"
+        lm = "?" if c["level_mpp"] is None else f"{c['level_mpp']:.3g}"
+        how = f"{c['read_px']} px resized to {c['tile_px']}" if c["read_px"] != c["tile_px"] else f"{c['tile_px']} px"
+        groups[f"level {c['level']} ({mpp} um/px at level 0, {lm} at level {c['level']}: {how})"] += 1
+    head = (f"whole-slide images at data.wsi_level {d.wsi_level}" if d.wsi_level is not None else
+            f"whole-slide images tiled at {d.target_mpp:g} um/px (+-{d.mpp_tolerance:g})")
+    return head + ": " + "; ".join(f"{n} slide(s) {g}" for g, n in sorted(groups.items()))
+
+
+def cache_problems(spec: JobSpec, cluster, total: int) -> list[tuple[str, str]]:
+    """distill.cache_root outside the checkout's logs/ and the profile's scratch_roots / logs_roots, or a cache larger
+    than the free space the planner can see where it goes."""
+    import shutil
+
+    from core.run_folder import LOGS, REPO
+
+    s, out = spec.distill, []
+    if s.cache_root:
+        p = Path(s.cache_root)
+        target = (p if p.is_absolute() else REPO / p).resolve()
+        roots = list(dict.fromkeys(Path(r).resolve() for r in ((getattr(cluster, "scratch_roots", None) or []) +
+                                                               (getattr(cluster, "logs_roots", None) or [])))) \
+            if p.is_absolute() else [LOGS.resolve()]
+        if not any(target == r or r in target.parents for r in roots):
+            name = getattr(cluster, "name", "the profile")
+            allowed = ", ".join(map(str, roots)) or "none: the profile sets no scratch_roots"
+            out.append(("distill.cache_root", f"{target} is outside the folders {name} allows ({allowed}); add it "
+                                              f"to the profile's scratch_roots or use a path relative to logs/"))
+            return out
+        where = target
+    else:
+        lp = Path(spec.outputs.logs_dir)
+        where = (lp if lp.is_absolute() else REPO / lp)
+    probe = where
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if total and probe.exists():
+        free = shutil.disk_usage(probe).free
+        if total > free:
+            out.append(("distill.cache_root" if s.cache_root else "outputs.logs_dir",
+                        f"the teacher features need ~{_size(total)} but {probe} has {_size(free)} free; point "
+                        f"distill.cache_root at a scratch folder with room, or cache fewer tokens "
+                        f"(distill.hidden_tokens: cls)"))
+    return out
+
+
+def slide_encoder_peak_bytes(cfg: dict, n: int) -> int:
+    """Rough peak bytes of a LongNet slide encoder forward (no grad) over n tiles with this module's attention:
+    the largest score block (heads x (segment / dilation)^2, float32, with its exponential and the matmul) plus
+    a few (n x ffn) activations."""
+    seg = cfg["segment_length"]
+    heads = cfg["num_heads"]
+    block = max(heads * (min(sl, n) // r + 1) ** 2 for sl, r in zip(seg, cfg["dilated_ratio"]))
+    return int(3 * 4 * block + 8 * 4 * n * max(cfg["ffn_dim"], cfg["embed_dim"]))
+
+
+def slide_length_notes(spec: JobSpec, teacher_cfg: dict, counts: dict, cluster) -> list[str]:
+    """A plan note when the longest slide's slide-encoder pass would not fit the device (or exceeds
+    distill.slide_max_tiles, which caps it)."""
+    from core.models import gigapath as gp
+
+    cap = spec.distill.slide_max_tiles
+    longest = max(counts.values()) if counts else 0
+    mem = (getattr(cluster, "device_mem_gb", None) or 0) * 2 ** 30 \
+        if getattr(cluster, "accelerator", "cpu") != "cpu" else 0
+    cfg = gp.slide_config({"in_chans": gp.teacher_width(teacher_cfg), **teacher_cfg.get("slide_encoder", {})})
+    out = []
+    if cap:
+        over = sorted(k for k, v in counts.items() if v > cap)
+        need = slide_encoder_peak_bytes(cfg, cap)
+        out.append(f"slide encoders see at most {cap:,} tiles at once (distill.slide_max_tiles; ~{_size(need)} for the "
+                   f"teacher's): " + (f"{len(over)} slide(s) longer use a seeded subset of {cap:,} for teacher and "
+                                      f"student alike ({', '.join(over[:5])}{' ...' if len(over) > 5 else ''})"
+                                      if over else "no slide here is longer"))
+    elif longest and mem:
+        need = slide_encoder_peak_bytes(cfg, longest)
+        if need > mem / 2:
+            fits = next((n for n in (100_000, 50_000, 20_000, 10_000, 5_000, 2_000)
+                         if slide_encoder_peak_bytes(cfg, n) <= mem / 2), 1_000)
+            out.append(f"the longest slide ({longest:,} tiles) needs ~{_size(need)} in the teacher slide encoder, "
+                       f"over half of {cluster.name}'s {cluster.device_mem_gb} GiB: set distill.slide_max_tiles "
+                       f"(e.g. {fits:,})")
+    return out
 
 
 def _size(n: float) -> str:
@@ -251,8 +423,15 @@ def model_size(spec: JobSpec):
                                           f"over {tokens} tokens per tile; set model.seq_len: {tokens} (the memory "
                                           f"estimate counts deepspeed.micro_batch tiles of that many tokens)")
     net = student.tile
-    return size_of(student, layers=len(net.blocks), hidden=int(net.embed_dim),
+    size = size_of(student, layers=len(net.blocks), hidden=int(net.embed_dim),
                    heads=int(net.blocks[0].attn.num_heads), vocab=0)
+    if spec.distill.slide_target != "subset":
+        return size
+    # the frozen teacher slide encoder computes the slide target on every rank: frozen weights on the device
+    from dataclasses import replace
+
+    slide = sum(p.numel() for p in gp.build_teacher(cfg, meta=True)[1].parameters())
+    return replace(size, total=size.total + slide, trainable=size.total)
 
 
 # ---------------------------------------------------------------- step 2: training + evaluation
@@ -269,11 +448,12 @@ def prepare(spec: JobSpec, ctx: TaskContext, rank: int) -> dict:
                                  "classes": found.classes, "seed": spec.data.seed})
 
     index = rank0_index(ctx.run_dir / INDEX, rank, "slide index", write)
-    missing = [sid for sid in index["train"] + index["heldout"] if not features_path(ctx.run_dir, sid).is_file()]
+    missing = [sid for sid in index["train"] + index["heldout"]
+               if not features_path(ctx.run_dir, sid, spec).is_file()]
     if missing:
-        raise RuntimeError(f"no teacher features for slide(s) {missing[:8]} in {ctx.run_dir / FEATURES}; compute "
-                           f"them with: python launchers/submit.py SPEC --resume-missing {ctx.run_dir}")
-    index["tiles"] = {sid: int(safetensors_metadata(features_path(ctx.run_dir, sid))["tiles"])
+        raise RuntimeError(f"no teacher features for slide(s) {missing[:8]} in {features_dir(ctx.run_dir, spec)}; "
+                           f"compute them with: python launchers/submit.py SPEC --resume-missing {ctx.run_dir}")
+    index["tiles"] = {sid: int(safetensors_metadata(features_path(ctx.run_dir, sid, spec))["tiles"])
                       for sid in index["train"] + index["heldout"]}
     return index
 
@@ -306,8 +486,41 @@ def distance(kind: str, a, b):
     return (1 - F.cosine_similarity(a, b, dim=-1)).mean()
 
 
-def run(spec: JobSpec, ctx: TaskContext) -> dict:
+def draw_tiles(n: int, micro: int, seed: int, k: int) -> Optional[list[int]]:
+    """The tiles of the k-th micro-step's slide (n tiles): micro of them drawn with seed [seed, k], sorted; None (all)
+    when it has no more than micro."""
     import numpy as np
+
+    if n <= micro:
+        return None
+    rng = np.random.default_rng([seed, k])
+    return sorted(int(i) for i in rng.choice(n, micro, replace=False))
+
+
+def training_batch(spec: JobSpec, run_dir, sid: str, rows: Optional[list[int]]) -> dict:
+    """One micro-step's slide on the CPU: the drawn tiles' images and coordinates, the teacher's cached tokens and
+    tile embeddings of the same rows, and the cached whole-slide embedding (used by slide_target: whole)."""
+    f = read_features(run_dir, sid, rows, spec)
+    names = f["names"] if rows is None else [f["names"][i] for i in rows]
+    return {"images": load_tiles(Path(f["folder"]), names, spec.data), "coords": f["coords"],
+            "t_hidden": f["hidden"].float(), "t_emb": f["tile_emb"].float(), "t_slide": f["slide_emb"].float(),
+            "slide": sid, "rows": rows}
+
+
+def to_device(b: dict, device, dtype, teacher_slide=None) -> dict:
+    """A micro-step's batch on the device; with the teacher slide encoder given, the slide target is its embedding
+    of the cached tile embeddings of exactly these tiles (the lab's notes: the same tiles for both slide encoders)."""
+    import torch
+
+    out = {"images": b["images"].to(device, dtype), "coords": b["coords"].to(device),
+           "t_hidden": b["t_hidden"].to(device), "t_slide": b["t_slide"].to(device)}
+    if teacher_slide is not None:
+        with torch.no_grad():
+            out["t_slide"] = teacher_slide(b["t_emb"][None].to(device, dtype), out["coords"][None])[0][0].float()
+    return out
+
+
+def run(spec: JobSpec, ctx: TaskContext) -> dict:
     import torch
 
     from core import engine as eng
@@ -334,18 +547,16 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
     def sample(k: int) -> tuple[str, Optional[list[int]]]:
         """The k-th slide of the run and the tiles drawn from it: a function of k alone."""
         sid = train[eng.sample_index(k, len(train), d.seed)]
-        n = index["tiles"][sid]
-        if n <= micro:
-            return sid, None
-        rng = np.random.default_rng([d.seed, k])
-        return sid, sorted(int(i) for i in rng.choice(n, micro, replace=False))
+        return sid, draw_tiles(index["tiles"][sid], micro, d.seed, k)
 
     def load(k: int) -> dict:
         sid, rows = sample(k)
-        f = read_features(ctx.run_dir, sid, rows)
-        names = f["names"] if rows is None else [f["names"][i] for i in rows]
-        return {"images": load_tiles(Path(f["folder"]), names, d), "coords": f["coords"],
-                "t_hidden": f["hidden"].float(), "t_slide": f["slide_emb"].float(), "slide": sid}
+        return training_batch(spec, ctx.run_dir, sid, rows)
+
+    teacher_slide = None
+    if s.slide_target == "subset":
+        teacher_slide = gp.load_teacher_slide(spec.models["teacher"], cfg, s.ignore_unexpected_keys)
+        teacher_slide = teacher_slide.to(device, dtype)
 
     ahead = 2
     prefetch = Prefetcher(load, d.workers, keep=4 * (ahead + 2))
@@ -355,8 +566,7 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
         k = (step * accum + m) * world + rank
         prefetch.ahead(k + world * a for a in range(1, ahead + 1))
         b = prefetch.get(k)
-        return {"images": b["images"].to(device, dtype), "coords": b["coords"].to(device),
-                "t_hidden": b["t_hidden"].to(device), "t_slide": b["t_slide"].to(device)}
+        return to_device(b, device, dtype, teacher_slide)
 
     def loss_fn(engine, batch):
         out = engine(batch["images"], batch["coords"])
@@ -390,35 +600,68 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
 
 def evaluate(spec, ctx, session, engine, slides: list[str], index: dict, keep_tiles: bool = False):
     """Each rank its share of the slides (padded_share: equal forward passes on every rank, for ZeRO-3), all tiles of
-    each: per-slide cosine / MSE of student vs teacher; rank 0 gets every row (None elsewhere)."""
+    each, in chunks (evaluate_slide): per-slide cosine / MSE of student vs teacher; rank 0 gets every row (None
+    elsewhere)."""
     import torch
 
     from core.engine import padded_share
 
-    d = spec.data
     model = engine.module
     model.eval()
-    chunk = model.tile_chunk
-    model.tile_chunk = chunk or (spec.deepspeed.micro_batch if spec.deepspeed else None)
     rows = []
+    chunk = spec.distill.tile_chunk or (spec.deepspeed.micro_batch if spec.deepspeed else 64)
     with torch.no_grad():
         for sid, keep in padded_share(slides, session.rank, session.dist.world_size):
-            f = read_features(ctx.run_dir, sid)
-            images = load_tiles(Path(f["folder"]), f["names"], d).to(session.device, session.dtype)
-            out = model(images, f["coords"].to(session.device))
-            th = f["hidden"].float().to(session.device)
-            sh, ts = out["hidden"].float(), f["slide_emb"].float().to(session.device)
-            if not keep:
-                continue
-            row = {"slide_id": sid, "tiles": len(f["names"]), **embedding_agreement(sh, th, out["slide_emb"], ts),
-                   "student_slide": out["slide_emb"].float().cpu().tolist(),
-                   "teacher_slide": ts.cpu().tolist()}
-            if keep_tiles:
-                row["tile_emb"] = out["tile_emb"].float().cpu()
-            rows.append(row)
-    model.tile_chunk = chunk
+            row = evaluate_slide(spec, ctx.run_dir, sid, model, session.device, session.dtype, chunk, keep_tiles)
+            if keep:
+                rows.append(row)
     model.train()
     return session.gather_rows(rows, "slide_id", slides)
+
+
+def evaluate_slide(spec, run_dir, sid: str, model, device, dtype, chunk: int, keep_tiles: bool = False) -> dict:
+    """AGREEMENT of one slide with memory bounded by `chunk` tiles: images, student tokens and the teacher's cached
+    tokens go to the device a chunk at a time (sums of cosines and squared errors kept), the tile embeddings of the
+    slide (student width) are kept for the slide encoder, which sees all of them or, for a slide over
+    distill.slide_max_tiles, the same seeded subset the cached teacher slide embedding was computed on."""
+    import torch
+
+    d, s = spec.data, spec.distill
+    f = read_features(run_dir, sid, spec=spec, hidden=False)
+    names, n = f["names"], len(f["names"])
+    folder = Path(f["folder"])
+    sums = {"tok_cos": 0.0, "tok_se": 0.0, "cls_cos": 0.0, "cls_se": 0.0}
+    tokens = width = 0
+    embs = []
+    for a in range(0, n, chunk):
+        images = load_tiles(folder, names[a:a + chunk], d).to(device, dtype)
+        hidden, emb = model.encode(images)
+        sh = model.adaptor(hidden).float()
+        th = read_hidden(f["path"], a, a + len(images)).to(device).float()
+        sums["tok_cos"] += float(torch.nn.functional.cosine_similarity(sh, th, dim=-1).sum())
+        sums["tok_se"] += float(((sh - th) ** 2).sum())
+        sums["cls_cos"] += float(torch.nn.functional.cosine_similarity(sh[:, 0], th[:, 0], dim=-1).sum())
+        sums["cls_se"] += float(((sh[:, 0] - th[:, 0]) ** 2).sum())
+        tokens, width = tokens + sh.shape[0] * sh.shape[1], sh.shape[-1]
+        embs.append(emb)
+        del images, hidden, sh, th
+    emb = torch.cat(embs)
+    sel = slide_rows(n, s.slide_max_tiles, d.seed)
+    coords = f["coords"].to(device)
+    if sel is not None:
+        emb, coords = emb[sel], coords[sel]
+    student_slide = model.slide_head(model.slide(emb[None], coords[None])[0])[0].float()
+    ts = f["slide_emb"].float().to(device)
+    row = {"slide_id": sid, "tiles": n,
+           "tile_cos": sums["tok_cos"] / tokens, "tile_mse": sums["tok_se"] / (tokens * width),
+           "cls_cos": sums["cls_cos"] / n, "cls_mse": sums["cls_se"] / (n * width),
+           "slide_cos": float(torch.nn.functional.cosine_similarity(student_slide, ts, dim=-1)),
+           "slide_mse": float(((student_slide - ts) ** 2).mean()),
+           "student_slide": student_slide.cpu().tolist(), "teacher_slide": ts.cpu().tolist(),
+           "slide_tiles": n if sel is None else len(sel)}
+    if keep_tiles:
+        row["tile_emb"] = torch.cat(embs).float().cpu()
+    return row
 
 
 METRICS = AGREEMENT  # per slide: tile_cos, tile_mse, cls_cos, cls_mse, slide_cos, slide_mse

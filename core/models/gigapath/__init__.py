@@ -21,7 +21,8 @@ from core.models.gigapath.config import (SLIDE_ARCHS, SLIDE_DEFAULTS, SLIDE_WEIG
                                          tokens_of, weights_in)
 from core.models.gigapath.export import export_student, timm_config  # noqa: F401
 from core.models.gigapath.loading import (check_student_weights, check_teacher_files, fit_state,  # noqa: F401
-                                          key_problems, load_student_weights, load_teacher, read_state_dict,
+                                          key_problems, load_student_weights, load_teacher, load_teacher_slide,
+                                          read_state_dict,
                                           student_state)
 from core.models.gigapath.longnet import LongNetViT, dilated_attention, grid_pos_embed  # noqa: F401
 from core.models.gigapath.models import (build_student, build_teacher, cosine, create_tile_encoder,  # noqa: F401

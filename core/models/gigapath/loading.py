@@ -104,6 +104,27 @@ def load_teacher(model_spec, cfg: dict, ignore_unexpected: bool = False):
     return tile, slide
 
 
+def load_teacher_slide(model_spec, cfg: dict, ignore_unexpected: bool = False):
+    """The frozen teacher slide encoder alone (eval, no grad) with its weights: the training step computes the slide
+    target with it on the cached tile embeddings of the tiles the student sees. A preset without weights is random
+    (seed 0; not the random slide encoder load_teacher builds after the tile encoder: dry runs only)."""
+    import torch
+
+    from core.models.gigapath.config import slide_config, teacher_width
+    from core.models.gigapath.longnet import LongNetViT
+
+    torch.manual_seed(0)
+    slide = LongNetViT(slide_config({"in_chans": teacher_width(cfg), **cfg.get("slide_encoder", {})}))
+    if model_spec.path and Path(model_spec.path).is_dir():
+        f = weights_in(Path(model_spec.path), SLIDE_WEIGHTS)
+        if f is None:
+            raise FieldError("models.teacher.path", f"{model_spec.path}: no slide encoder weights "
+                                                    f"({', '.join(SLIDE_WEIGHTS)})")
+        slide.load_state_dict(fit_state(slide, read_state_dict(f), f, "models.teacher.path",
+                                        "slide encoder (GigaPath LongNetViT)", ignore_unexpected), strict=True)
+    return slide.eval().requires_grad_(False)
+
+
 def student_state(student, path) -> tuple[Path, dict]:
     """model.path (a timm checkpoint of the student's architecture: a file, or a folder with model.safetensors /
     pytorch_model.bin) as it fits the student's tile encoder; a classifier head in the file is left out."""
