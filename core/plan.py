@@ -118,7 +118,8 @@ def checkpoint_host_bytes(trainable: int, tasks_per_node: int, world: int) -> fl
     return 12 * trainable * tasks_per_node / max(world, 1) + 4 * trainable
 
 
-def _checkpoint_note(plan: "Plan", spec: JobSpec, cluster: Cluster, trainable: int, tasks_per_node: int) -> None:
+def _checkpoint_note(plan: "Plan", spec: JobSpec, cluster: Cluster, trainable: int, tasks_per_node: int,
+                     source: str, keep_going: bool) -> None:
     """What checkpoints cost the job: background writes (train.async_checkpoint) and the host memory they copy
     into; a copy that cannot fit next to DeepSpeed's own host memory on the profile's nodes is refused."""
     from core.memory import GiB
@@ -134,10 +135,12 @@ def _checkpoint_note(plan: "Plan", spec: JobSpec, cluster: Cluster, trainable: i
                       f"before going on")
     need = copy + (plan.memory.cpu_per_node if plan.memory is not None else 0)
     if cluster.mem_gb_per_node and need > cluster.mem_gb_per_node * GiB:
-        plan.problems.append(("train.async_checkpoint",
-                              f"a background checkpoint copies up to {copy / GiB:.1f} GiB per node, which with "
-                              f"DeepSpeed's host memory does not fit the profile's mem_gb_per_node "
-                              f"({cluster.mem_gb_per_node:g}); set train.async_checkpoint: false"))
+        problem = ("train.async_checkpoint", f"a background checkpoint copies up to {copy / GiB:.1f} GiB per node, "
+                   f"which with DeepSpeed's host memory ({(need - copy) / GiB:.1f} GiB) does not fit the profile's "
+                   f"mem_gb_per_node ({cluster.mem_gb_per_node:g}); set train.async_checkpoint: false")
+        if not keep_going:
+            raise SpecError(source, [problem])
+        plan.problems.append(problem)
 
 
 def checkpointing(spec: JobSpec) -> bool:
@@ -333,7 +336,7 @@ def make_plan(spec: JobSpec, cluster: Cluster, source: str = "spec", force: bool
             plan.notes.append(f"trainable: {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"
                               + (f", frozen base in {spec.peft.quantize}" if spec.peft and spec.peft.quantize else ""))
             if registry.get(spec.workload).trains:
-                _checkpoint_note(plan, spec, cluster, trainable, tasks_per_node)
+                _checkpoint_note(plan, spec, cluster, trainable, tasks_per_node, source, keep_going)
         if plan.memory is not None and not plan.memory.fits:
             msg = (f"{plan.memory.describe()}: does not fit one {cluster.accelerator} device; raise deepspeed.stage, "
                    f"enable deepspeed.offload_optimizer/offload_param, lower model.seq_len or deepspeed.micro_batch, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from core.model_sizes import PRESETS
 from core.models.pangu import meta_size
@@ -184,3 +185,24 @@ def test_the_plan_promises_activation_checkpointing_only_where_the_job_switches_
     dia, _ = load_spec(REPO / "jobs" / "dia_pangu.yaml", ("deepspeed.activation_checkpointing=true",))
     assert ", activation checkpointing" in make_plan(dia, load_cluster("ascend_910b"), limits={},
                                                      keep_going=True).describe()
+
+
+def test_the_plan_says_how_checkpoints_are_written_and_refuses_a_host_copy_that_cannot_fit(tmp_path):
+    tiny = REPO / "jobs" / "tiny" / "pangu_lm.yaml"
+    notes = make_plan(load_spec(tiny, ("train.checkpoint_every=10",))[0], load_cluster("local_slurm")).notes
+    assert any(n.startswith("checkpoints: every 10 steps in the background") for n in notes)
+    notes = make_plan(load_spec(tiny, ("train.async_checkpoint=false",))[0], load_cluster("local_slurm")).notes
+    assert any("written before training goes on" in n for n in notes)
+    # openPangu-7B fully trained under ZeRO-3 on 2 x 8 NPUs: each node copies 8/16 of 12 B/param of optimizer
+    # state plus (at most) 4 B/param of weights = 80.3 GB, which with DeepSpeed's host memory exceeds 64 GB nodes
+    full = ("model.preset=openpangu-7b", "model.path=null", "deepspeed.stage=3", "deepspeed.precision=bf16",
+            "resources.nodes=2", "resources.tasks_per_node=null")
+    profile = yaml.safe_load((REPO / "cluster_configs" / "ascend_910b.yaml").read_text())
+    small = tmp_path / "small_nodes.yaml"
+    small.write_text(yaml.safe_dump({**profile, "name": "small_nodes", "mem_gb_per_node": 64}))
+    with pytest.raises(SpecError) as e:
+        make_plan(load_spec(tiny, full)[0], load_cluster(str(small)), source="job.yaml")
+    msg = dict(e.value.problems)["train.async_checkpoint"]
+    assert "74.8 GiB per node" in msg and "train.async_checkpoint: false" in msg
+    plan = make_plan(load_spec(tiny, (*full, "train.async_checkpoint=false"))[0], load_cluster(str(small)))
+    assert any("written before training goes on" in n for n in plan.notes)
