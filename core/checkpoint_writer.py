@@ -22,27 +22,54 @@ from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchChe
 log = logging.getLogger("checkpoint")
 
 
-def host_copy(obj: Any, pin: bool = False) -> Any:
-    """A copy of `obj` that later in-place updates of the training state cannot change: tensors cloned into host
+def host_copy(obj: Any, pin: bool = False, buffer: Optional[Callable[[Any], Any]] = None) -> Any:
+    """A copy of `obj` that later in-place updates of the training state cannot change: tensors copied into host
     memory (views become compact tensors), dicts / lists / tuples rebuilt, every other value kept (DeepSpeed's
-    state dicts hold numbers, strings, torch.Size and small config objects besides tensors)."""
+    state dicts hold numbers, strings, torch.Size and small config objects besides tensors). `buffer(tensor)`
+    gives the host tensor to copy into (reused between checkpoints: no page faults, no pinned allocations)."""
     import torch
 
     if isinstance(obj, torch.Tensor):
         t = obj.detach()
-        if t.device.type == "cpu":
-            return t.clone()
-        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
-        out.copy_(t, non_blocking=pin)
+        out = buffer(t) if buffer is not None else torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+        out.copy_(t, non_blocking=pin and t.device.type != "cpu")
         return out
     if isinstance(obj, dict):
-        copied = {k: host_copy(v, pin) for k, v in obj.items()}
+        copied = {k: host_copy(v, pin, buffer) for k, v in obj.items()}
         return type(obj)(copied) if type(obj) is not dict else copied
     if isinstance(obj, list):
-        return [host_copy(v, pin) for v in obj]
-    if isinstance(obj, tuple) and not hasattr(obj, "_fields") and type(obj) is tuple:
-        return tuple(host_copy(v, pin) for v in obj)
+        return [host_copy(v, pin, buffer) for v in obj]
+    if type(obj) is tuple:
+        return tuple(host_copy(v, pin, buffer) for v in obj)
     return obj
+
+
+class HostBuffers:
+    """Host tensors kept from one checkpoint to the next, one per (file name, position in its state dict): the
+    second and later checkpoints copy into memory that is already mapped (and pinned), the first allocates. Safe
+    because a new checkpoint starts only after the previous one is written (CheckpointManager.save)."""
+
+    def __init__(self, pin: bool):
+        self.pin = pin
+        self._kept: dict[tuple, Any] = {}
+        self._file, self._i = "", 0
+
+    def start(self, path: str) -> None:
+        self._file, self._i = os.path.basename(path), 0
+
+    def __call__(self, t):
+        import torch
+
+        key = (self._file, self._i)
+        self._i += 1
+        got = self._kept.get(key)
+        if got is None or got.shape != t.shape or got.dtype != t.dtype:
+            got = self._kept[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin)
+        return got
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._kept.values())
 
 
 def fsync_file(path: str) -> None:
@@ -65,13 +92,15 @@ class BackgroundWriter(TorchCheckpointEngine):
         self._error: Optional[BaseException] = None
         self._thread = threading.Thread(target=self._work, name="checkpoint-writer", daemon=True)
         self._thread.start()
+        self.buffers = HostBuffers(pin_memory)
         self.copy_seconds = 0.0     # host copies of the checkpoint being saved (the stall)
         self.write_seconds = 0.0    # background writes of the last finished checkpoint
 
     # DeepSpeed's checkpoint-engine interface -----------------------------------------------------------------
     def save(self, state_dict, path: str):
         t0 = time.perf_counter()
-        snapshot = host_copy(state_dict, self.pin)
+        self.buffers.start(path)
+        snapshot = host_copy(state_dict, self.pin, self.buffers)
         if self.pin:
             import torch
 
