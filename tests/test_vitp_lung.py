@@ -1,6 +1,8 @@
-"""ViTP-style lung classification: dataset formats (folders + CSV, ViTP meta + jsonl, DICOM series), patient split
-and slice sampling, local weights, the classifier's size on the meta device, bad input refused before submission,
-and training + patient-level evaluation through the real local Slurm on 2 ranks (ZeRO-3 over gloo, requeue)."""
+"""ViTP lung classification: the lab's method (InternVL, `<cls>` question, ViTP's use_classifier loss) on a tiny
+twin in OpenGVLab's original layout (strict loading, the loss by hand, InternVL's tiling, InternVL2.5-1B counted on
+the meta device), dataset formats (folders + CSV, ViTP meta + jsonl with the lab's split files, DICOM series),
+patient split and slice sampling, the timm baseline switch, bad input refused before submission, and training +
+patient-level evaluation through the real local Slurm on 2 ranks (ZeRO-3 over gloo, requeue)."""
 from __future__ import annotations
 
 import csv
@@ -30,7 +32,15 @@ def dataset(tmp_path_factory):
     paths = write_synthetic(root / "ds", patients_per_class=PER_CLASS, dicom_every=6)
     victim = sorted((paths["slices"] / "P0001").glob("*.png"))[3]
     victim.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
-    return {**paths, "logs": root / "logs", "victim": victim}
+    return {**paths, "logs": root / "logs", "victim": victim, "internvl": root / "internvl"}
+
+
+@pytest.fixture(scope="module")
+def tiny_internvl(tmp_path_factory):
+    """The tiny InternVL twin, in OpenGVLab's original layout (what model.make_tiny writes)."""
+    from core.models.internvl import write_tiny
+
+    return write_tiny(tmp_path_factory.mktemp("internvl") / "tiny")
 
 
 def data_args(paths, fmt="folders"):
@@ -40,8 +50,10 @@ def data_args(paths, fmt="folders"):
 
 
 def vitp_args(paths, name, *extra, fmt="folders"):
-    """submit.py's arguments for the tiny ViTP run on the test's patients: 2 nodes of the local Slurm, ZeRO-3."""
+    """submit.py's arguments for the tiny ViTP run (InternVL, <cls>) on the test's patients: 2 nodes of the local
+    Slurm, ZeRO-3."""
     return (SPEC, "-c", "local_slurm", "--set", f"name={name}", *data_args(paths, fmt),
+            "--set", f"model.path={paths['internvl']}",
             "--set", f"outputs.logs_dir={paths['logs']}", "--set", "resources.nodes=2", "--set", "deepspeed.stage=3",
             "--set", f"train.steps={STEPS}", "--set", "train.checkpoint_every=10", *extra)
 
@@ -59,14 +71,49 @@ def trained(slurm, dataset):
 
 
 # ---------------------------------------------------------------- the model on the meta device
-def test_full_size_spec_counts_the_vit_b16_classifier_on_the_meta_device(dataset):
+BASELINE = ("vitp.method=timm_classifier", "model.path=null", "model.preset=null", "model.make_tiny=false",
+            "data.image_size=224", "model.seq_len=197")
+
+
+def test_full_size_spec_counts_internvl2_5_1b_on_the_meta_device_and_the_dry_run_shows_it():
+    import torch
+
+    from core.config import load_spec
+    from core.models import internvl as iv
+    from core.workloads import get
+
+    spec, _ = load_spec(FULL, ())
+    size = get("vitp_lung").model_size(spec)
+    model = iv.build(iv.native_config(iv.INTERNVL2_5_1B), meta=True)
+    part = {k: sum(p.numel() for n, p in model.named_parameters() if n.startswith(k))
+            for k in ("model.vision_tower", "model.multi_modal_projector", "model.language_model", "lm_head")}
+    # InternViT-300M: patch conv + class token + 1025 positions + 24 blocks of 12,598,272
+    assert part["model.vision_tower"] == 3 * 14 * 14 * 1024 + 1024 + 1024 + 1025 * 1024 + 24 * 12_598_272
+    assert part["model.multi_modal_projector"] == 2 * 4096 + 4096 * 896 + 896 + 896 * 896 + 896   # mlp1
+    # Qwen2.5-0.5B's 494,032,768 at vocab 151936, here at InternVL's 151674, and an untied lm_head
+    assert part["model.language_model"] == 494_032_768 - (151936 - 151674) * 896
+    assert part["lm_head"] == 151674 * 896
+    assert size.total == sum(part.values()) == iv.INTERNVL2_5_1B_PARAMS == 938_193_024
+    assert (size.layers, size.hidden, size.heads, size.vocab) == (48, 1024, 16, 151674)
+    assert isinstance(model.model.language_model.layers[0].self_attn.k_proj, torch.nn.Linear)
+    assert model.model.language_model.layers[0].self_attn.k_proj.weight.shape == (128, 896)   # 2 KV heads of 64
+    # away from the data: the count and a memory estimate, then the missing folder, exit 2, nothing submitted
+    res = cli("submit", FULL, "--dry-run")
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "trainable: 938,193,024 of 938,193,024 parameters" in res.stdout
+    assert "memory: est. " in res.stdout and "activation checkpointing" in res.stdout
+    assert "model.path: /data/models/InternVL2_5-1B: InternVL model folder not found" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_baseline_switch_counts_the_vit_b16_classifier_on_the_meta_device(dataset):
     import timm
     import torch
 
     from core.config import load_spec
     from core.workloads import get
 
-    spec, _ = load_spec(FULL, ("model.path=null",))
+    spec, _ = load_spec(FULL, BASELINE)
     size = get("vitp_lung").model_size(spec)
     with torch.device("meta"):
         ref = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=4)
@@ -74,15 +121,128 @@ def test_full_size_spec_counts_the_vit_b16_classifier_on_the_meta_device(dataset
     # ViT-B/16's well-known 86,567,656 with the 1000-class head swapped for a 4-class one
     assert size.total == timm_count == 86_567_656 - (768 * 1000 + 1000) + (768 * 4 + 4) == 85_801_732
     assert (size.layers, size.hidden, size.heads, size.vocab) == (12, 768, 12, 4)
-    # the plan of the full spec on the A100 profile estimates this classifier and fits one device
-    res = cli("submit", FULL, "-c", "cuda_a100", "--dry-run", "--no-preflight", "--set", "model.path=null", *data_args(dataset))
+    sets = [a for kv in BASELINE for a in ("--set", kv)]
+    res = cli("submit", FULL, "-c", "cuda_a100", "--dry-run", "--no-preflight", *sets, *data_args(dataset))
     assert res.returncode == 0, res.stderr
     est = float(res.stdout.split("memory: est. ")[1].split(" GiB/device")[0])
     assert 0 < est < 80 and "of 80 GiB" in res.stdout and "split by patient: train 35 / val 9 / test 9" in res.stdout
-    res = cli("submit", FULL, "-c", "cuda_a100", "--dry-run", "--no-preflight", "--set", "model.path=null", "--set", "model.seq_len=2048",
+    res = cli("submit", FULL, "-c", "cuda_a100", "--dry-run", "--no-preflight", *sets, "--set", "model.seq_len=2048",
               *data_args(dataset))
     assert res.returncode == 2 and res.stderr.startswith("error: ") and "model.seq_len" in res.stderr
     assert "set model.seq_len: 197" in res.stderr and "Traceback" not in res.stderr
+
+
+# ---------------------------------------------------------------- InternVL: loading, prompt, loss, tiling
+def test_internvl_original_layout_loads_strictly_and_a_missing_or_misshaped_tensor_is_refused(tiny_internvl,
+                                                                                             tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from core.models import internvl as iv
+
+    state = load_file(str(tiny_internvl / "model.safetensors"))
+    # the original names: fused qkv, ls1/ls2, mlp1.0/1/3, language_model.model.* / language_model.lm_head
+    assert "vision_model.encoder.layers.1.attn.qkv.weight" in state and "mlp1.3.bias" in state
+    assert "vision_model.embeddings.class_embedding" in state and "vision_model.encoder.layers.0.ls2" in state
+    assert "language_model.lm_head.weight" in state and not any(k.startswith("model.") for k in state)
+    model, tok, cfg, report = iv.from_folder(tiny_internvl)
+    assert report["unused"] == [] and report["loaded"] == len(model.state_dict())
+    own = model.state_dict()
+    qkv = state["vision_model.encoder.layers.1.attn.qkv.weight"]
+    att = "model.vision_tower.encoder.layer.1.attention"
+    assert torch.equal(torch.cat([own[f"{att}.{p}_proj.weight"] for p in "qkv"]), qkv)
+    assert torch.equal(own["model.multi_modal_projector.linear_2.bias"], state["mlp1.3.bias"])
+    assert torch.equal(own["lm_head.weight"], state["language_model.lm_head.weight"])
+
+    def variant(name, change):
+        folder = tmp_path / name
+        shutil.copytree(tiny_internvl, folder)
+        st = dict(state)
+        change(st)
+        save_file(st, str(folder / "model.safetensors"))
+        return folder
+
+    extra = variant("extra", lambda st: st.update({"vision_model.extra.weight": torch.zeros(2)}))
+    assert iv.from_folder(extra)[3]["unused"] == ["vision_model.extra.weight"]
+    gone = variant("gone", lambda st: st.pop("language_model.model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(iv.InternVLCheckpointError, match=r"lacks 1 tensor\(s\) of the model \(first: "
+                       r"language_model\.model\.layers\.1\.mlp\.up_proj\.weight") as e:
+        iv.from_folder(gone)
+    assert str(gone / "model.safetensors") in str(e.value) and e.value.field == "model.path"
+    bent = variant("bent", lambda st: st.update({"mlp1.1.weight": torch.zeros(32, 64)}))
+    with pytest.raises(iv.InternVLCheckpointError, match=r"mlp1\.1\.weight has shape \[32, 64\] but the model "
+                       r"\(model\.multi_modal_projector\.linear_1\.weight\) needs \[32, 128\]") as e:
+        iv.from_folder(bent)
+    assert str(bent / "model.safetensors") in str(e.value)
+
+
+def test_cls_loss_equals_a_hand_computation_on_one_batch(tiny_internvl):
+    import numpy as np
+    import torch
+
+    from core.config import load_spec
+    from core.models import internvl as iv
+    from core.workloads.vitp_lung import InternVLInputs
+
+    spec, _ = load_spec(SPEC, (f"model.path={tiny_internvl}",))
+    model, tok, cfg, _ = iv.from_folder(tiny_internvl)
+    inputs = InternVLInputs(spec, tok, cfg)
+    assert inputs.question == "<image>\n<cls>: 0|1|2|3." and inputs.choices == ["0", "1", "2", "3"]
+    # the prompt as ViTP's preprocess_internvl2_5 writes it: system, user with the image tokens, the answer
+    ids, labels, pos = inputs.prompt(1, 2)
+    toks = tok.convert_ids_to_tokens(ids)
+    assert toks[:3] == ["<|im_start|>", "system", "\n"] and toks.count("<|im_start|>") == 3
+    user = toks.index("user") - 1
+    assert toks[user - 2:user] == ["<|im_end|>", "\n"]
+    assert toks[user:] == ["<|im_start|>", "user", "\n", "<img>", *["<IMG_CONTEXT>"] * 4, "</img>", "\n", "<", "cls",
+                           ">", ":", " ", "0", "|", "1", "|", "2", "|", "3", ".", "<|im_end|>", "\n",
+                           "<|im_start|>", "assistant", "\n", "2", "<|im_end|>", "\n"]
+    assert toks[pos + 1] == "2" and toks[pos] == "\n"
+    assert [t for t, l in zip(toks, labels) if l != -100] == ["2", "<|im_end|>"]   # the answer turn, no newline
+    rng = np.random.default_rng(0)
+    items = [inputs.iv.dynamic_tiles(rng.random((64, 64)), 32, 1, True, spec.data.mean, spec.data.std)
+             for _ in range(3)]
+    targets = [2, 0, 3]
+    batch = inputs.batch(items, targets, "cpu", torch.float32)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                       attention_mask=batch["attention_mask"]).logits.double()
+        lm, cls, choice_logits = iv.cls_losses(logits, batch["labels"], batch["cls_positions"], inputs.choice_ids,
+                                               batch["targets"], 0.01)
+    # by hand: -log p of every labelled token given the tokens before it, averaged over the batch's tokens
+    nll, n = 0.0, 0
+    for b in range(3):
+        lp = torch.log_softmax(logits[b], -1)
+        for t in range(1, logits.shape[1]):
+            if batch["labels"][b, t] != -100:
+                nll, n = nll - float(lp[t - 1, batch["labels"][b, t]]), n + 1
+    assert n == 6 and float(lm) == pytest.approx(nll / n, rel=1e-6)   # cls_losses works in fp32
+    # ViTP: CrossEntropyLoss(label_smoothing=0.01) over the choices' logits at the position before the answer
+    hand = 0.0
+    for b, y in enumerate(targets):
+        row = logits[b, batch["cls_positions"][b], inputs.choice_ids]
+        lp = torch.log_softmax(row, -1)
+        assert batch["input_ids"][b, batch["cls_positions"][b] + 1] == inputs.choice_ids[y]
+        hand += -(0.99 * float(lp[y]) + 0.01 * float(lp.mean()))
+    assert float(cls) == pytest.approx(hand / 3, rel=1e-6)
+    assert choice_logits.shape == (3, 4)
+
+
+def test_internvl_dynamic_tiling_as_dynamic_preprocess():
+    import numpy as np
+
+    from core.models.internvl import closest_grid, dynamic_tiles
+
+    assert closest_grid(512, 512, 448, 1, 6) == (1, 1)            # a CT slice: one tile
+    assert closest_grid(1000, 1000, 448, 1, 6) == (2, 2)          # > half of 2 x 2 tiles' pixels: the larger grid
+    assert closest_grid(896, 448, 448, 1, 6) == (2, 1) and closest_grid(448, 1400, 448, 1, 6) == (1, 3)
+    m, s = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    img = np.linspace(0, 1, 64 * 128, dtype=np.float32).reshape(64, 128)
+    x = dynamic_tiles(img, 32, 6, True, m, s)
+    assert x.shape == (3, 3, 32, 32)                               # 2 x 1 tiles + the thumbnail
+    assert dynamic_tiles(img, 32, 1, True, m, s).shape == (1, 3, 32, 32)   # max_dynamic_patch 1: one tile
+    one = dynamic_tiles(np.full((32, 32), 0.5, np.float32), 32, 1, True, m, s)
+    assert np.allclose(one[0, :, 0, 0].numpy(), [(0.5 - a) / b for a, b in zip(m, s)], atol=1e-6)
 
 
 def test_local_weights_load_into_a_fresh_4_class_head(tmp_path):
