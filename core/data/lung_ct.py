@@ -383,7 +383,8 @@ def scan(data, num_classes: int) -> Scan:
     """The spec's `data:` section (format folders or vitp) -> Scan."""
     if data.format == "vitp":
         return scan_vitp(data.meta, num_classes, data.verify_images, data.max_unreadable,
-                         getattr(data, "patient_pattern", None), getattr(data, "meta_splits", None))
+                         patient_pattern=getattr(data, "patient_pattern", None),
+                         meta_splits=getattr(data, "meta_splits", None))
     return scan_folders(data.path, data.labels_csv, num_classes, data.verify_images, data.max_unreadable)
 
 

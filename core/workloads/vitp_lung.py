@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
 from pathlib import Path
@@ -52,6 +53,9 @@ class VitpSection(Strict):
                                                   "cut into several tiles")
     label_smoothing: float = Field(0.01, ge=0, lt=1, description="internvl_cls: label smoothing of the choices' "
                                                                   "cross-entropy (ViTP's 0.01)")
+    select_on_val: bool = Field(True, description="internvl_cls: score the val split at every checkpoint and "
+                                                  "evaluate the best one (patient accuracy, then the true class's "
+                                                  "mean log-probability) on vitp.eval_split")
     backbone: Literal["timm", "transformers"] = Field(
         "timm", description="timm: timm.create_model(vitp.arch); transformers: AutoModelForImageClassification "
                             "from the local folder model.path")
@@ -567,21 +571,126 @@ def run_internvl(spec: JobSpec, ctx: TaskContext) -> dict:
         log.info("InternVL <cls> training on %d patients x %d slices per epoch, %d slice(s) per rank per micro-step, "
                  "%d rank(s); choices %s (token ids %s)", len(train), K, micro, world, "|".join(inputs.choices),
                  inputs.choice_ids)
-    result = eng.Trainer(session, engine, spec, ctx, loss_fn, batch_fn).fit()
+    chooser = None
+    if spec.vitp.evaluate and spec.vitp.select_on_val and splits["val"]:
+        chooser = CheckpointChooser(spec, ctx, session, engine, splits["val"], inputs)
+
+    class ChoosingTrainer(eng.Trainer):
+        def save(self, step: int) -> None:
+            super().save(step)
+            if chooser is not None:
+                chooser.after_save(step)
+
+    result = ChoosingTrainer(session, engine, spec, ctx, loss_fn, batch_fn).fit()
     losses = result.pop("losses", [])
     result.update(rank=rank, world_size=world, first_loss=losses[0] if losses else None, method="internvl_cls",
                   patients={s: len(ps) for s, ps in splits.items()}, unreadable_skipped=len(found.unreadable),
                   trainable=sum(p.numel() for p in engine.module.parameters() if p.requires_grad))
     if spec.vitp.evaluate:
+        step = chooser.restore_best(result["steps"]) if chooser is not None else result["steps"]
+        extra = {"checkpoint_step": step, "chosen_on": "val" if chooser is not None else "last step",
+                 "last_step": result["steps"]}
         result["evaluation"] = evaluate_internvl(spec, ctx, session, engine, splits[spec.vitp.eval_split], inputs,
-                                                 found)
+                                                 found, extra)
+        result["evaluated_step"] = step
     result["runtime_unreadable"] = len(inputs.failed)
     return result
 
 
-def evaluate_internvl(spec, ctx, session, engine, patients, inputs, found) -> dict:
+def evaluate_internvl(spec, ctx, session, engine, patients, inputs, found, extra: Optional[dict] = None) -> dict:
+    """Score the eval split's patients (score_internvl); rank 0 writes results/."""
+    ordered = score_internvl(spec, session, engine, patients, inputs)
+    if ordered is None:
+        return {}
+    return write_results(ctx.run_dir, ordered, spec, skipped=len(found.unreadable) + len(inputs.failed),
+                         extra=extra)
+
+
+class CheckpointChooser:
+    """The val split chooses the checkpoint evaluated on test. After every checkpoint all ranks score the val
+    patients; rank 0 appends (step, patient accuracy, mean log-probability of the true class) to
+    results/val_by_step.csv and hard-links the best checkpoint so far into checkpoints/best/<tag> (pruning keeps it,
+    no extra disk). A requeued run reads the file back and goes on."""
+
+    FILE = "results/val_by_step.csv"
+
+    def __init__(self, spec, ctx, session, engine, patients, inputs):
+        self.spec, self.ctx, self.session, self.engine = spec, ctx, session, engine
+        self.patients, self.inputs = patients, inputs
+        self.path = ctx.run_dir / self.FILE
+
+    def rows(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [{"step": int(r["step"]), "patient_accuracy": float(r["patient_accuracy"]),
+                 "mean_logp": float(r["mean_logp"])} for r in csv.DictReader(self.path.open())]
+
+    @staticmethod
+    def best(rows: list[dict]) -> Optional[dict]:
+        return max(rows, key=lambda r: (r["patient_accuracy"], r["mean_logp"], -r["step"])) if rows else None
+
+    def after_save(self, step: int) -> None:
+        import numpy as np
+
+        ordered = score_internvl(self.spec, self.session, self.engine, self.patients, self.inputs)
+        self.engine.module.train()
+        if self.session.rank == 0:
+            probs = [np.mean(np.asarray(r["probs"], dtype=np.float64), axis=0) for r in ordered]
+            acc = float(np.mean([int(p.argmax()) == r["label"] for p, r in zip(probs, ordered)]))
+            logp = float(np.mean([np.log(max(p[r["label"]], 1e-12)) for p, r in zip(probs, ordered)]))
+            rows = [r for r in self.rows() if r["step"] < step] + [{"step": step, "patient_accuracy": acc,
+                                                                    "mean_logp": logp}]
+            buf = io.StringIO()
+            w = csv.writer(buf)
+            w.writerow(["step", "patient_accuracy", "mean_logp"])
+            w.writerows([[r["step"], repr(r["patient_accuracy"]), repr(r["mean_logp"])] for r in rows])
+            write_text_atomic(self.path, buf.getvalue())
+            if self.best(rows)["step"] == step:
+                self._link(step)
+            log.info("val at step %d: patient accuracy %.3f, mean log p(true) %.4f (best: step %d)", step, acc, logp,
+                     self.best(rows)["step"])
+        self.session.barrier()
+
+    def _link(self, step: int) -> None:
+        import os
+        import shutil
+
+        from core.checkpoint import tag_for
+
+        root = self.session.ckpt.root
+        src, dst = root / tag_for(step), root / "best" / tag_for(step)
+        tmp = root / "best.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        for d, _, files in os.walk(src):
+            out = tmp / tag_for(step) / Path(d).relative_to(src)
+            out.mkdir(parents=True, exist_ok=True)
+            for f in files:
+                os.link(Path(d) / f, out / f)
+        shutil.rmtree(root / "best", ignore_errors=True)
+        os.rename(tmp, root / "best")
+        assert dst.is_dir()
+
+    def restore_best(self, last_step: int) -> int:
+        """Load the best checkpoint's weights (every rank) when it is not the last step; its step."""
+        from core.checkpoint import MARKER, ResumePoint, tag_for
+
+        best = self.best(self.rows())
+        if best is None or best["step"] == last_step:
+            return last_step
+        tag = tag_for(best["step"])
+        folder = self.session.ckpt.root / "best"
+        meta = json.loads((folder / tag / MARKER).read_text())
+        self.session.ckpt.load(self.engine, ResumePoint(tag, best["step"], folder, False, meta))
+        if self.session.rank == 0:
+            log.info("evaluating the checkpoint of step %d (best on val) instead of the last one (%d)",
+                     best["step"], last_step)
+        return best["step"]
+
+
+def score_internvl(spec, session, engine, patients, inputs) -> Optional[list[dict]]:
     """Each rank scores its share of the patients: K uniformly spread slices each, the prompt without the answer,
-    softmax over the choices' first-token logits at the answer position; rank 0 gathers and writes results/."""
+    softmax over the choices' first-token logits at the answer position; rank 0 gets every patient's rows (in the
+    patients' order), the other ranks None."""
     import torch
 
     from core.data.lung_ct import eval_slices
@@ -608,10 +717,7 @@ def evaluate_internvl(spec, ctx, session, engine, patients, inputs, found) -> di
             if keep:
                 rows.append({"patient_id": p.id, "label": p.label, "slices": [p.slices[i] for i in indices],
                              "indices": indices, "probs": probs})
-    ordered = session.gather_rows(rows, "patient_id", [p.id for p in patients])
-    if ordered is None:
-        return {}
-    return write_results(ctx.run_dir, ordered, spec, skipped=len(found.unreadable) + len(inputs.failed))
+    return session.gather_rows(rows, "patient_id", [p.id for p in patients])
 
 
 def run_classifier(spec: JobSpec, ctx: TaskContext) -> dict:
@@ -717,7 +823,8 @@ def evaluate(spec, ctx, session, engine, patients, loader, found) -> dict:
 
 
 # ---------------------------------------------------------------- metrics and result files
-def write_results(run_dir: Path, rows: list[dict], spec, skipped: int = 0, folder: str = "results") -> dict:
+def write_results(run_dir: Path, rows: list[dict], spec, skipped: int = 0, folder: str = "results",
+                  extra: Optional[dict] = None) -> dict:
     """results/: patients.csv and slices.csv (class probabilities), confusion_{patient,slice}.csv / .png and
     metrics.json (classification metrics at both levels)."""
     import numpy as np
@@ -740,7 +847,7 @@ def write_results(run_dir: Path, rows: list[dict], spec, skipped: int = 0, folde
     metrics = {"split": spec.vitp.eval_split, "classes": classes, "patients": len(rows),
                "slices_per_patient": spec.data.slices_per_patient,
                "chance_accuracy": float(counts.max() / counts.sum()),
-               "uniform_chance": 1 / len(classes), "unreadable_slices_skipped": skipped, **levels}
+               "uniform_chance": 1 / len(classes), "unreadable_slices_skipped": skipped, **(extra or {}), **levels}
     files = {}
     for level, m in levels.items():
         cm = m["confusion_matrix"]
