@@ -228,6 +228,41 @@ def test_cls_loss_equals_a_hand_computation_on_one_batch(tiny_internvl):
     assert choice_logits.shape == (3, 4)
 
 
+def test_lora_and_activation_checkpointing_reach_both_towers(tiny_internvl):
+    """peft: LoRA (all-linear) on the tiny InternVL with checkpointed InternViT and Qwen2 layers: one <cls> step
+    gives gradients to adapters of both towers and of the projector, none to the frozen base."""
+    import numpy as np
+    import torch
+
+    from core.config import load_spec
+    from core.models import internvl as iv
+    from core.models.peft import apply_peft
+    from core.workloads.vitp_lung import InternVLInputs
+
+    spec, _ = load_spec(SPEC, (f"model.path={tiny_internvl}", "peft.r=4", "peft.target_modules=all-linear",
+                               "peft.dropout=0"))
+    model, tok, cfg, _ = iv.from_folder(tiny_internvl)
+    inputs = InternVLInputs(spec, tok, cfg)
+    model = apply_peft(model, spec.peft, ("lm_head",))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    assert all(m.gradient_checkpointing for m in (model.base_model.model.model.vision_tower.encoder,
+                                                  model.base_model.model.model.language_model))
+    rng = np.random.default_rng(1)
+    items = [iv.dynamic_tiles(rng.random((64, 64)), 32, 1, True, spec.data.mean, spec.data.std) for _ in range(2)]
+    b = inputs.batch(items, [1, 3], "cpu", torch.float32)
+    out = model(input_ids=b["input_ids"], pixel_values=b["pixel_values"], attention_mask=b["attention_mask"])
+    lm, cls, _ = iv.cls_losses(out.logits, b["labels"], b["cls_positions"], inputs.choice_ids, b["targets"])
+    (lm + cls).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all("lora_" in n for n in grads)
+    assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
+    for part in ("vision_tower.encoder.layer.0.attention.q_proj", "multi_modal_projector.linear_1",
+                 "language_model.layers.1.mlp.down_proj"):
+        # lora_B: A's gradient is zero on the first step (B starts at 0)
+        assert any(part in n and "lora_B" in n and float(g.abs().sum()) > 0 for n, g in grads.items()), part
+
+
 def test_internvl_dynamic_tiling_as_dynamic_preprocess():
     import numpy as np
 
@@ -343,7 +378,8 @@ def test_the_lab_split_files_are_used_as_given_and_guide_style_rows_are_refused(
     extra["conversations"][1]["value"] = "1"
     with (paths["root"] / "val.jsonl").open("a") as f:
         f.write(json.dumps(extra) + "\n")
-    with pytest.raises(FieldError, match=r"data.meta_splits: .*test.jsonl line 1: patient P0003 is in the test split here but in val at .*val.jsonl line 36"):
+    with pytest.raises(FieldError, match=r"data.meta_splits: .*test.jsonl line 1: patient P0003 is in the test split "
+                                         r"here but in val at .*val.jsonl line 36"):
         read_dataset(spec)
     # the guide's example layout: train/0001.png, no patient_id: refused, never one patient called 'train'
     guide = tmp_path / "guide"
@@ -615,4 +651,5 @@ def test_tiny_spec_runs_the_timm_baseline_switch_on_the_local_executor(tmp_path)
     metrics = json.loads((run_dir / "results" / "metrics.json").read_text())
     assert metrics["patients"] == 8 and metrics["patient"]["accuracy"] >= 6 / 8
     assert rank0_result(run_dir)["trainable"] == 32_356 and not (run_dir / "model_load.json").exists()   # the ViT
+    assert metrics["checkpoint_step"] == metrics["last_step"] == 200 and metrics["chosen_on"] == "last step"
     assert (ds / "labels.csv").is_file() and (ds / "vitp_train.jsonl").is_file()

@@ -195,7 +195,8 @@ def native_to_original(name: str) -> str:
     if name.startswith("model.vision_tower."):
         name = "vision_model." + name[len("model.vision_tower."):]
         for new, old in ((".layer.", ".layers."), ("cls_token", "class_embedding"),
-                         ("position_embeddings", "position_embedding"), ("patch_embeddings.projection", "patch_embedding"),
+                         ("position_embeddings", "position_embedding"),
+                         ("patch_embeddings.projection", "patch_embedding"),
                          (".attention.projection_layer.", ".attn.proj."), (".attention.", ".attn."),
                          (".layernorm_before.", ".norm1."), (".layernorm_after.", ".norm2.")):
             name = name.replace(new, old)

@@ -577,9 +577,15 @@ def run_internvl(spec: JobSpec, ctx: TaskContext) -> dict:
 
     class ChoosingTrainer(eng.Trainer):
         def save(self, step: int) -> None:
-            super().save(step)
-            if chooser is not None:
-                chooser.after_save(step)
+            if chooser is None:
+                return super().save(step)
+            score = chooser.score()          # on the weights the checkpoint holds, before it is written
+            meta = {"checksum": eng.weights_checksum(self.engine), "val": score}
+            tag = self.session.ckpt.save(self.engine, step, {"step": step}, meta)
+            if self.session.rank == 0:
+                log.info("checkpoint %s saved", tag)
+            chooser.record(step, score)
+            self.session.barrier()
 
     result = ChoosingTrainer(session, engine, spec, ctx, loss_fn, batch_fn).fit()
     losses = result.pop("losses", [])
@@ -607,8 +613,9 @@ def evaluate_internvl(spec, ctx, session, engine, patients, inputs, found, extra
 
 
 class CheckpointChooser:
-    """The val split chooses the checkpoint evaluated on test. After every checkpoint all ranks score the val
-    patients; rank 0 appends (step, patient accuracy, mean log-probability of the true class) to
+    """The val split chooses the checkpoint evaluated on test. Before every checkpoint is written all ranks score
+    the val patients on its weights; the score goes into the checkpoint's marker (so a run killed right after a save
+    finds it again), rank 0 appends (step, patient accuracy, mean log-probability of the true class) to
     results/val_by_step.csv and hard-links the best checkpoint so far into checkpoints/best/<tag> (pruning keeps it,
     no extra disk). A requeued run reads the file back and goes on."""
 
@@ -618,6 +625,12 @@ class CheckpointChooser:
         self.spec, self.ctx, self.session, self.engine = spec, ctx, session, engine
         self.patients, self.inputs = patients, inputs
         self.path = ctx.run_dir / self.FILE
+        point = session.resume
+        if point is not None and point.meta.get("val") and session.rank == 0:
+            rows = [r for r in self.rows() if r["step"] <= point.step]
+            if not any(r["step"] == point.step for r in rows):   # killed between the save and the file
+                self.record(point.step, point.meta["val"])
+        session.barrier()
 
     def rows(self) -> list[dict]:
         if not self.path.is_file():
@@ -629,27 +642,34 @@ class CheckpointChooser:
     def best(rows: list[dict]) -> Optional[dict]:
         return max(rows, key=lambda r: (r["patient_accuracy"], r["mean_logp"], -r["step"])) if rows else None
 
-    def after_save(self, step: int) -> None:
+    def score(self) -> Optional[dict]:
+        """Every rank: the val patients on the current weights; rank 0 gets {patient_accuracy, mean_logp}."""
         import numpy as np
 
         ordered = score_internvl(self.spec, self.session, self.engine, self.patients, self.inputs)
         self.engine.module.train()
-        if self.session.rank == 0:
-            probs = [np.mean(np.asarray(r["probs"], dtype=np.float64), axis=0) for r in ordered]
-            acc = float(np.mean([int(p.argmax()) == r["label"] for p, r in zip(probs, ordered)]))
-            logp = float(np.mean([np.log(max(p[r["label"]], 1e-12)) for p, r in zip(probs, ordered)]))
-            rows = [r for r in self.rows() if r["step"] < step] + [{"step": step, "patient_accuracy": acc,
-                                                                    "mean_logp": logp}]
-            buf = io.StringIO()
-            w = csv.writer(buf)
-            w.writerow(["step", "patient_accuracy", "mean_logp"])
-            w.writerows([[r["step"], repr(r["patient_accuracy"]), repr(r["mean_logp"])] for r in rows])
-            write_text_atomic(self.path, buf.getvalue())
-            if self.best(rows)["step"] == step:
-                self._link(step)
-            log.info("val at step %d: patient accuracy %.3f, mean log p(true) %.4f (best: step %d)", step, acc, logp,
-                     self.best(rows)["step"])
-        self.session.barrier()
+        if ordered is None:
+            return None
+        probs = [np.mean(np.asarray(r["probs"], dtype=np.float64), axis=0) for r in ordered]
+        return {"patient_accuracy": float(np.mean([int(p.argmax()) == r["label"] for p, r in zip(probs, ordered)])),
+                "mean_logp": float(np.mean([np.log(max(p[r["label"]], 1e-12)) for p, r in zip(probs, ordered)]))}
+
+    def record(self, step: int, score: Optional[dict]) -> None:
+        """Rank 0: the step's row in results/val_by_step.csv (later rows dropped: a resumed run redoes them), the
+        best checkpoint linked."""
+        if self.session.rank != 0 or score is None:
+            return
+        rows = [r for r in self.rows() if r["step"] < step] + [{"step": step, **score}]
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["step", "patient_accuracy", "mean_logp"])
+        w.writerows([[r["step"], repr(r["patient_accuracy"]), repr(r["mean_logp"])] for r in rows])
+        write_text_atomic(self.path, buf.getvalue())
+        best = self.best(rows)["step"]
+        if best == step:
+            self._link(step)
+        log.info("val at step %d: patient accuracy %.3f, mean log p(true) %.4f (best: step %d)", step,
+                 score["patient_accuracy"], score["mean_logp"], best)
 
     def _link(self, step: int) -> None:
         import os
@@ -787,12 +807,14 @@ def run_classifier(spec: JobSpec, ctx: TaskContext) -> dict:
                   patients={s: len(ps) for s, ps in splits.items()}, unreadable_skipped=len(found.unreadable),
                   trainable=sum(p.numel() for p in engine.module.parameters() if p.requires_grad))
     if spec.vitp.evaluate:
-        result["evaluation"] = evaluate(spec, ctx, session, engine, splits[spec.vitp.eval_split], loader, found)
+        result["evaluation"] = evaluate(spec, ctx, session, engine, splits[spec.vitp.eval_split], loader, found,
+                                        {"checkpoint_step": result["steps"], "chosen_on": "last step",
+                                         "last_step": result["steps"]})
     result["runtime_unreadable"] = len(loader.failed)
     return result
 
 
-def evaluate(spec, ctx, session, engine, patients, loader, found) -> dict:
+def evaluate(spec, ctx, session, engine, patients, loader, found, extra: Optional[dict] = None) -> dict:
     """Each rank scores its share of the patients (K fixed slices each; core.engine.padded_share keeps the number
     of forward passes equal on every rank, which ZeRO-3's parameter gathering needs); rank 0 gathers and writes
     results/."""
@@ -819,7 +841,8 @@ def evaluate(spec, ctx, session, engine, patients, loader, found) -> dict:
     ordered = session.gather_rows(rows, "patient_id", [p.id for p in patients])
     if ordered is None:
         return {}
-    return write_results(ctx.run_dir, ordered, spec, skipped=len(found.unreadable) + len(loader.failed))
+    return write_results(ctx.run_dir, ordered, spec, skipped=len(found.unreadable) + len(loader.failed),
+                         extra=extra)
 
 
 # ---------------------------------------------------------------- metrics and result files
