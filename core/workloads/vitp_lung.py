@@ -591,7 +591,8 @@ def run_internvl(spec: JobSpec, ctx: TaskContext) -> dict:
     losses = result.pop("losses", [])
     result.update(rank=rank, world_size=world, first_loss=losses[0] if losses else None, method="internvl_cls",
                   patients={s: len(ps) for s, ps in splits.items()}, unreadable_skipped=len(found.unreadable),
-                  trainable=sum(p.numel() for p in engine.module.parameters() if p.requires_grad))
+                  trainable=sum(getattr(p, "ds_numel", p.numel())     # ZeRO-3 partitions: their full size
+                                for p in engine.module.parameters() if p.requires_grad))
     if spec.vitp.evaluate:
         step = chooser.restore_best(result["steps"]) if chooser is not None else result["steps"]
         extra = {"checkpoint_step": step, "chosen_on": "val" if chooser is not None else "last step",
@@ -805,7 +806,8 @@ def run_classifier(spec: JobSpec, ctx: TaskContext) -> dict:
     losses = result.pop("losses", [])
     result.update(rank=rank, world_size=world, first_loss=losses[0] if losses else None,
                   patients={s: len(ps) for s, ps in splits.items()}, unreadable_skipped=len(found.unreadable),
-                  trainable=sum(p.numel() for p in engine.module.parameters() if p.requires_grad))
+                  trainable=sum(getattr(p, "ds_numel", p.numel())     # ZeRO-3 partitions: their full size
+                                for p in engine.module.parameters() if p.requires_grad))
     if spec.vitp.evaluate:
         result["evaluation"] = evaluate(spec, ctx, session, engine, splits[spec.vitp.eval_split], loader, found,
                                         {"checkpoint_step": result["steps"], "chosen_on": "last step",
