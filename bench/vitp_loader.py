@@ -84,8 +84,12 @@ def main():
     from core.workloads.vitp_lung import SliceLoader
 
     torch.set_num_threads(1)
-    full, _ = load_spec(REPO / "jobs/vitp_lung.yaml", ("model.path=null",))
-    tiny, _ = load_spec(REPO / "jobs/tiny/vitp_lung.yaml")
+    # the timm baseline switch (vitp.method timm_classifier) for the ViT rows; the lab's InternVL tiling below
+    full, _ = load_spec(REPO / "jobs/vitp_lung.yaml", ("vitp.method=timm_classifier", "model.path=null",
+                                                       "model.preset=null", "data.image_size=224", "model.seq_len=197"))
+    tiny, _ = load_spec(REPO / "jobs/tiny/vitp_lung.yaml", ("vitp.method=timm_classifier", "model.path=null",
+                                                            "model.make_tiny=false", "model.seq_len=17"))
+    lab, _ = load_spec(REPO / "jobs/vitp_lung.yaml")
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
@@ -100,6 +104,12 @@ def main():
         png_rate = rate(full_loader.image, pngs)
         dcm_rate = rate(full_loader.image, dcms)
         png_rate_2 = prefetched_rate(full_loader.image, pngs, 2)
+        from core.data.lung_ct import load_slice
+        from core.models.internvl import dynamic_tiles
+
+        v, d = lab.vitp, lab.data
+        tiles_rate = rate(lambda f: dynamic_tiles(load_slice(f), d.image_size, v.max_dynamic_patch, v.use_thumbnail,
+                                                  d.mean, d.std), pngs)
         small = sorted(str(p) for p in (write_synthetic(tmp / "ds", patients_per_class=1)["slices"]).rglob("*.png"))
         tiny_rate = rate(tiny_loader.image, small[:64])
     tiny_step = step_rate(tiny, tiny.deepspeed.micro_batch, 10)
@@ -108,6 +118,8 @@ def main():
           f"the step's thread; PNG {png_rate_2:.0f} images/s with the 2-thread prefetcher (data.workers: 2) = "
           f"{png_rate_2 / png_rate:.2f}x")
     print(f"loader, tiny (64x64 PNG -> 3x32x32): {tiny_rate:.0f} images/s")
+    print(f"loader, the lab's InternVL input (512x512 PNG -> one 3x448x448 tile, max_dynamic_patch "
+          f"{lab.vitp.max_dynamic_patch}): {tiles_rate:.0f} images/s in the step's thread")
     print(f"step, tiny ViT (32 px, micro-batch {tiny.deepspeed.micro_batch}, CPU, 1 thread): {tiny_step:.0f} images/s"
           f" -> loader/step = {tiny_rate / tiny_step:.1f}")
     print(f"step, ViT-B/16 (224 px, micro-batch 4, CPU, 1 thread): {full_step:.1f} images/s -> loader/step = "

@@ -45,6 +45,7 @@ class Patient:
     label: int
     slices: list[str]            # readable slice files, in series order
     where: str = ""              # where the label came from ("labels.csv line 5", "train.jsonl line 12")
+    split: str = ""              # the lab's own split (vitp format with data.meta_splits), "" when none was given
 
 
 @dataclass
@@ -282,7 +283,40 @@ def parse_row(row, where: str, choices: list[str]) -> tuple[str, str]:
     return image, value
 
 
-def scan_vitp(meta, num_classes: int, verify: bool = True, max_unreadable: float = 0.02, workers: int = 8) -> Scan:
+NOT_A_PATIENT = {"", ".", "train", "training", "val", "valid", "validation", "test", "testing", "images", "image",
+                 "imgs", "data", "slices", "png", "pngs"}
+
+
+def patient_of(row: dict, image: str, where: str, pattern: Optional[str]) -> str:
+    """The patient of a jsonl row: its `patient_id` field, else `pattern` (data.patient_pattern: a regex searched in
+    the image path, its `patient` group or its first group), else the image's folder, unless that folder is a split
+    or a generic name ('train/0001.png' as in the guide's example), which is refused: one patient called 'train'
+    would put every slice of the split into one patient."""
+    pid = str(row.get("patient_id") or "").strip()
+    if pid:
+        return pid
+    if pattern:
+        m = re.search(pattern, image)
+        if not m:
+            raise DatasetError("data.patient_pattern", f"{where}: {pattern!r} does not match the image path {image!r}")
+        pid = (m.groupdict().get("patient") or (m.group(1) if m.groups() else m.group(0)) or "").strip()
+        if not pid:
+            raise DatasetError("data.patient_pattern", f"{where}: {pattern!r} matches {image!r} with an empty patient")
+        return pid
+    folder = Path(image).parent.name
+    if folder.lower() in NOT_A_PATIENT:
+        raise DatasetError("data.meta", f"{where}: cannot tell the patient of {image!r} (its folder "
+                                        f"'{folder or '.'}' is not a patient): give each row a 'patient_id' field, "
+                                        f"or set data.patient_pattern to a regex over the image path with a "
+                                        f"(?P<patient>...) group, or keep each patient's slices in a folder of its "
+                                        f"own (<patient>/<slice>.png)")
+    return folder
+
+
+def scan_vitp(meta, num_classes: int, verify: bool = True, max_unreadable: float = 0.02, workers: int = 8,
+              patient_pattern: Optional[str] = None, meta_splits: Optional[dict] = None) -> Scan:
+    """`meta_splits` ({entry: train|val|test}, data.meta_splits): the lab's own split, one annotation file per split;
+    every entry must be named in it and each patient keeps the split of its entry."""
     meta = Path(meta)
     if not meta.is_file():
         raise DatasetError("data.meta", f"{meta}: ViTP meta json not found")
@@ -295,9 +329,20 @@ def scan_vitp(meta, num_classes: int, verify: bool = True, max_unreadable: float
     choices = [str(i) for i in range(num_classes)]
     found: dict[str, tuple[int, list[Path], str]] = {}
     first_line: dict[str, str] = {}
+    split_of: dict[str, str] = {}
+    if meta_splits:
+        unknown = sorted(set(meta_splits) - set(entries))
+        if unknown:
+            raise DatasetError("data.meta_splits", f"{meta} has no entry {', '.join(unknown)} (entries: "
+                                                   f"{', '.join(entries)})")
+        unnamed = [n for n in entries if n not in meta_splits]
+        if unnamed:
+            raise DatasetError("data.meta_splits", f"{meta}: entry {', '.join(unnamed)} has no split; name every "
+                                                   f"entry (train, val or test)")
     for name, entry in entries.items():
         if not isinstance(entry, dict):
             raise DatasetError("data.meta", f"{meta}: entry '{name}' must be an object with root and annotation")
+        entry_split = (meta_splits or {}).get(name, "")
         root = _existing(meta, name, "root", entry.get("root"), want_dir=True)
         ann = _existing(meta, name, "annotation", entry.get("annotation"), want_dir=False)
         with ann.open(encoding="utf-8") as f:
@@ -310,10 +355,12 @@ def scan_vitp(meta, num_classes: int, verify: bool = True, max_unreadable: float
                 except json.JSONDecodeError as e:
                     raise DatasetError("data.meta", f"{where}: not valid JSON ({e.msg})") from None
                 image, answer = parse_row(row, where, choices)
-                pid = str(row.get("patient_id") or row.get("patient") or "").strip() or Path(image).parent.name
-                if not pid:
-                    raise DatasetError("data.meta", f"{where}: cannot tell the patient of {image}: give a "
-                                                    f"'patient_id' key or keep each patient's slices in its own folder")
+                pid = patient_of(row, image, where, patient_pattern)
+                if entry_split:
+                    if split_of.setdefault(pid, entry_split) != entry_split:
+                        raise DatasetError("data.meta_splits", f"{where}: patient {pid} is in the {entry_split} "
+                                                               f"split here but in {split_of[pid]} at "
+                                                               f"{first_line[pid]}; a patient belongs to one split")
                 label = int(answer)
                 if pid in found:
                     if found[pid][0] != label:
@@ -326,19 +373,34 @@ def scan_vitp(meta, num_classes: int, verify: bool = True, max_unreadable: float
                     first_line[pid] = where
     if not found:
         raise DatasetError("data.meta", f"{meta}: the annotation files have no rows")
-    return _finish(found, "data.meta", verify, max_unreadable, [], workers)
+    out = _finish(found, "data.meta", verify, max_unreadable, [], workers)
+    for p in out.patients:
+        p.split = split_of.get(p.id, "")
+    return out
 
 
 def scan(data, num_classes: int) -> Scan:
     """The spec's `data:` section (format folders or vitp) -> Scan."""
     if data.format == "vitp":
-        return scan_vitp(data.meta, num_classes, data.verify_images, data.max_unreadable)
+        return scan_vitp(data.meta, num_classes, data.verify_images, data.max_unreadable,
+                         patient_pattern=getattr(data, "patient_pattern", None),
+                         meta_splits=getattr(data, "meta_splits", None))
     return scan_folders(data.path, data.labels_csv, num_classes, data.verify_images, data.max_unreadable)
 
 
 # ---------------------------------------------------------------- patient split and slice sampling
 def _round(x: float) -> int:
     return int(math.floor(x + 0.5))
+
+
+def given_split(patients: list[Patient]) -> Optional[dict[str, list[Patient]]]:
+    """The lab's own split (every patient's `split` set from data.meta_splits), else None."""
+    if not any(p.split for p in patients):
+        return None
+    out: dict[str, list[Patient]] = {s: [] for s in SPLITS}
+    for p in sorted(patients, key=lambda p: natural_key(p.id)):
+        out[p.split].append(p)
+    return out
 
 
 def split_patients(patients: list[Patient], fractions=(0.7, 0.15, 0.15), seed: int = 0) -> dict[str, list[Patient]]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
 from pathlib import Path
@@ -41,6 +42,20 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class VitpSection(Strict):
+    method: Literal["internvl_cls", "timm_classifier"] = Field(
+        "internvl_cls", description="internvl_cls: the lab's method (InternVL chat model from model.path, question "
+                                    "'<image>\\n<cls>: 0|1|2|3.', LM loss on the answer + cross-entropy over the "
+                                    "choices' first-token logits); timm_classifier: the baseline image classifier "
+                                    "(vitp.backbone) with a C-class head")
+    max_dynamic_patch: PositiveInt = Field(6, description="internvl_cls: at most this many 448 px tiles per slice "
+                                                          "(InternVL's dynamic_preprocess; 1 = one tile)")
+    use_thumbnail: bool = Field(True, description="internvl_cls: add a whole-slice thumbnail tile when a slice is "
+                                                  "cut into several tiles")
+    label_smoothing: float = Field(0.01, ge=0, lt=1, description="internvl_cls: label smoothing of the choices' "
+                                                                  "cross-entropy (ViTP's 0.01)")
+    select_on_val: bool = Field(True, description="internvl_cls: score the val split at every checkpoint and "
+                                                  "evaluate the best one (patient accuracy, then the true class's "
+                                                  "mean log-probability) on vitp.eval_split")
     backbone: Literal["timm", "transformers"] = Field(
         "timm", description="timm: timm.create_model(vitp.arch); transformers: AutoModelForImageClassification "
                             "from the local folder model.path")
@@ -68,6 +83,12 @@ class LungData(DataSpec):
                                                                       "vitp: data.meta")
     labels_csv: Optional[str] = Field(None, description="folders format: CSV with patient_id,label")
     meta: Optional[str] = Field(None, description="vitp format: meta json {name: {root, annotation}}")
+    meta_splits: Optional[dict[str, Literal["train", "val", "test"]]] = Field(
+        None, description="vitp format: the lab's own split, {meta entry: train|val|test} (one annotation file per "
+                          "split); used as given, data.split is then not applied")
+    patient_pattern: Optional[str] = Field(None, description="vitp format: regex over a row's image path whose "
+                                                             "'patient' group (or first group) names the patient, "
+                                                             "for rows without a patient_id field")
     slices_per_patient: PositiveInt = Field(16, description="K: slices per patient, one per stratum of the series")
     image_size: PositiveInt = 224
     split: tuple[float, float, float] = Field((0.7, 0.15, 0.15), description="train / val / test fractions of "
@@ -84,6 +105,18 @@ class LungData(DataSpec):
     def _split(cls, v):
         if any(f < 0 for f in v) or abs(sum(v) - 1) > 1e-6 or v[0] <= 0:
             raise ValueError(f"train / val / test fractions must be >= 0, train > 0, and add up to 1 (got {list(v)})")
+        return v
+
+    @field_validator("patient_pattern")
+    @classmethod
+    def _pattern(cls, v):
+        if v is not None:
+            import re
+
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"not a regular expression ({e})") from None
         return v
 
     @field_validator("std")
@@ -135,12 +168,79 @@ def _check_model_path(spec: JobSpec) -> None:
                                               f"vitp.arch: {arch}")
 
 
+INTERNVL_PRESET = "internvl2_5-1b"
+
+
+def internvl_config(spec: JobSpec) -> dict:
+    """The original InternVL config (InternVLChatConfig dict) the spec trains: model.path's config.json, else the
+    tiny twin's (model.make_tiny writes it there), else the published InternVL2.5-1B one (model.preset
+    internvl2_5-1b: the plan can count the model before the weights are on this machine)."""
+    from core.models import internvl as iv
+    from core.models.checkpoint_files import find_config
+
+    m = spec.model
+    if m.preset not in (None, INTERNVL_PRESET):
+        raise FieldError("model.preset", f"unknown InternVL preset {m.preset!r}; use {INTERNVL_PRESET} (or none: "
+                                         f"the config.json of model.path)")
+    cfg = find_config(m.path)
+    if cfg is not None:
+        if "vision_config" not in cfg or "llm_config" not in cfg:
+            raise FieldError("model.path", f"{m.path}/config.json is not an InternVL chat config (vision_config, "
+                                           f"llm_config); vitp.method internvl_cls loads OpenGVLab's layout")
+        return cfg
+    if m.make_tiny:
+        return iv.TINY
+    if m.preset == INTERNVL_PRESET:
+        return iv.INTERNVL2_5_1B
+    raise FieldError("model.path", f"{m.path!r}: no config.json; give the local InternVL folder (config.json, "
+                                   f"model.safetensors, tokenizer), or model.preset: {INTERNVL_PRESET} to plan")
+
+
+def internvl_tiles(spec: JobSpec) -> int:
+    v = spec.vitp
+    return v.max_dynamic_patch + (1 if v.use_thumbnail and v.max_dynamic_patch > 1 else 0)
+
+
+def _check_internvl(spec: JobSpec) -> None:
+    from core.models import internvl as iv
+
+    v, m, d = spec.vitp, spec.model, spec.data
+    if v.class_weights is not None:
+        raise FieldError("vitp.class_weights", "applies to vitp.method timm_classifier; the lab's <cls> loss is "
+                                               "unweighted (remove it or switch the method)")
+    if m.make_tiny and not m.path:
+        raise FieldError("model.path", "model.make_tiny writes the tiny InternVL twin there: give a folder")
+    cfg = internvl_config(spec)
+    size = cfg.get("force_image_size") or cfg["vision_config"]["image_size"]
+    if d.image_size != size:
+        raise FieldError("data.image_size", f"{d.image_size} but the InternVL model takes {size} px tiles; set "
+                                            f"data.image_size: {size}")
+    need = internvl_tiles(spec) * iv.tokens_per_tile(cfg)
+    if m.seq_len < need:
+        raise FieldError("model.seq_len", f"{m.seq_len} but a slice of up to {internvl_tiles(spec)} tile(s) "
+                                          f"(vitp.max_dynamic_patch {v.max_dynamic_patch}) takes up to {need} image "
+                                          f"tokens plus the prompt; set model.seq_len: {need + 128} or more")
+    if not m.make_tiny:
+        p = Path(m.path) if m.path else None
+        if p is None or not p.is_dir():
+            raise FieldError("model.path", f"{m.path}: InternVL model folder not found (config.json, the weights in "
+                                           f"the original vision_model / mlp1 / language_model layout, tokenizer)")
+        if not any((p / n).is_file() for n in iv.WEIGHT_NAMES):
+            raise FieldError("model.path", f"{p}: no weights (looked for {', '.join(iv.WEIGHT_NAMES)})")
+        if not (p / "tokenizer_config.json").is_file():
+            raise FieldError("model.path", f"{p}: no tokenizer_config.json (InternVL's tokenizer is part of the "
+                                           f"model folder)")
+
+
 def check_spec(spec: JobSpec) -> None:
     """Everything about the spec that needs no dataset: FieldError naming the field."""
     v, d = spec.vitp, spec.data
     if isinstance(v.class_weights, list) and len(v.class_weights) != len(v.classes):
         raise FieldError("vitp.class_weights", f"{len(v.class_weights)} weights for {len(v.classes)} classes "
                                                f"({', '.join(v.classes)})")
+    if d.format != "vitp" and (d.meta_splits or d.patient_pattern):
+        raise FieldError("data.meta_splits" if d.meta_splits else "data.patient_pattern",
+                         "applies to data.format vitp (the lab's meta json + jsonl)")
     need = ("path", "labels_csv") if d.format == "folders" else ("meta",)
     for name in need:
         if not getattr(d, name):
@@ -157,19 +257,22 @@ def check_spec(spec: JobSpec) -> None:
         if len(v.classes) != len(CLASS_NAMES):
             raise FieldError("vitp.classes", f"the synthetic dataset has the {len(CLASS_NAMES)} classes "
                                              f"{', '.join(CLASS_NAMES)}")
-    _check_model_path(spec)
+    if v.method == "internvl_cls":
+        _check_internvl(spec)
+    else:
+        _check_model_path(spec)
 
 
 def read_dataset(spec: JobSpec) -> tuple[Scan, dict]:
     """Scan + patient split of the spec's dataset; DatasetError -> FieldError naming the field and the file."""
-    from core.data.lung_ct import scan, split_patients
+    from core.data.lung_ct import given_split, scan, split_patients
 
     d, v = spec.data, spec.vitp
     try:
         found = scan(d, len(v.classes))
     except DatasetError as e:
         raise FieldError(e.field, e.message) from None
-    splits = split_patients(found.patients, d.split, d.seed)
+    splits = given_split(found.patients) or split_patients(found.patients, d.split, d.seed)
     if not splits["train"]:
         raise FieldError("data.split", f"no patient left for training out of {len(found.patients)}")
     if v.evaluate and not splits[v.eval_split]:
@@ -181,8 +284,9 @@ def read_dataset(spec: JobSpec) -> tuple[Scan, dict]:
 def describe(spec: JobSpec, found: Scan, splits: dict) -> list[str]:
     classes = spec.vitp.classes
     counts = [sum(p.label == c for p in found.patients) for c in range(len(classes))]
+    given = " (the lab's own split files, data.meta_splits)" if any(p.split for p in found.patients) else ""
     notes = [f"dataset: {len(found.patients)} patients ({', '.join(f'{n} {c}' for n, c in zip(counts, classes))}), "
-             f"{sum(len(p.slices) for p in found.patients)} slices; split by patient: "
+             f"{sum(len(p.slices) for p in found.patients)} slices; split by patient{given}: "
              + " / ".join(f"{s} {len(splits[s])}" for s in ("train", "val", "test"))
              + f"; {spec.data.slices_per_patient} slices per patient"]
     missing = [c for i, c in enumerate(classes) if not any(p.label == i for p in splits["train"])]
@@ -211,9 +315,26 @@ def plan(spec: JobSpec, resume_dir: Optional[Path] = None) -> Shape:
 def model_size(spec: JobSpec):
     """The classifier (not an LLM) counted on the meta device, for the plan's memory estimate (an unknown
     vitp.arch, arguments it does not take, a wrong image size or model.seq_len are FieldErrors naming the field)."""
+    if spec.vitp.method == "internvl_cls":
+        return internvl_size(spec)
     from core.models.classifier import meta_size
 
     return meta_size(spec)
+
+
+def internvl_size(spec: JobSpec):
+    """The InternVL model (both towers, projector, LM head; + LoRA with a peft: section) counted on the meta device.
+    The activation term takes the deeper of the two towers' widths over all their layers, model.seq_len tokens."""
+    from core.model_sizes import size_of
+    from core.models import internvl as iv
+
+    cfg = internvl_config(spec)
+    model = iv.build(iv.native_config(cfg), meta=True)
+    vc, lc = cfg["vision_config"], cfg["llm_config"]
+    return size_of(model, layers=vc["num_hidden_layers"] + lc["num_hidden_layers"],
+                   hidden=max(vc["hidden_size"], lc["hidden_size"]),
+                   heads=max(vc["num_attention_heads"], lc["num_attention_heads"]), vocab=lc["vocab_size"],
+                   peft=spec.peft, head=("lm_head",))
 
 
 # ---------------------------------------------------------------- the dataset inside the job
@@ -298,6 +419,330 @@ def class_weights(spec: JobSpec, train) -> Optional[list[float]]:
 
 # ---------------------------------------------------------------- run: train, then evaluate
 def run(spec: JobSpec, ctx: TaskContext) -> dict:
+    if spec.vitp.method == "internvl_cls":
+        return run_internvl(spec, ctx)
+    return run_classifier(spec, ctx)
+
+
+def question(spec: JobSpec) -> str:
+    """The lab's prompt: `<image>\\n<cls>: 0|1|2|3.` (one choice per class, the class index as its answer)."""
+    return "<image>\n<cls>: " + "|".join(str(i) for i in range(len(spec.vitp.classes))) + "."
+
+
+def parse_choices(text: str) -> list[str]:
+    """The choices of a `<cls>` question, as ViTP's dataset reads them."""
+    from core.data.lung_ct import CLS_CHOICES
+
+    m = CLS_CHOICES.search(text)
+    if not m:
+        raise ValueError(f"no '<cls>: a|b|...' choices in {text!r}")
+    return [c.strip() for c in m.group(1).split("|")]
+
+
+class InternVLInputs:
+    """Slices -> InternVL tiles and the chat prompt around them: (tiles, input ids, labels, cls position)."""
+
+    def __init__(self, spec: JobSpec, tok, cfg: dict):
+        from core.models import internvl as iv
+
+        self.spec, self.tok, self.iv = spec, tok, iv
+        self.per_tile = iv.tokens_per_tile(cfg)
+        self.question = question(spec)
+        self.choices = parse_choices(self.question)
+        self.choice_ids = iv.choice_ids(tok, self.choices)
+        self.window = tuple(spec.data.dicom_window)
+        self.failed: set[str] = set()
+        self._prompts: dict = {}
+
+    def tiles(self, path: str):
+        from core.data.lung_ct import load_slice
+
+        d, v = self.spec.data, self.spec.vitp
+        return self.iv.dynamic_tiles(load_slice(path, self.window), d.image_size, v.max_dynamic_patch,
+                                     v.use_thumbnail, d.mean, d.std)
+
+    def slice(self, patient, index: int):
+        order = sorted(range(len(patient.slices)), key=lambda i: (abs(i - index), i))
+        for i in order:
+            path = patient.slices[i]
+            if path in self.failed:
+                continue
+            try:
+                return self.tiles(path)
+            except Exception as e:
+                self.failed.add(path)
+                log.warning("unreadable slice skipped: %s (%s: %s); %d so far", path, type(e).__name__, e,
+                            len(self.failed))
+        raise RuntimeError(f"patient {patient.id}: no slice can be read")
+
+    def prompt(self, n_tiles: int, label: Optional[int]):
+        key = (n_tiles, label)
+        if key not in self._prompts:
+            answer = None if label is None else self.choices[label]
+            self._prompts[key] = self.iv.prompt_ids(self.tok, self.question, n_tiles * self.per_tile, answer)
+        return self._prompts[key]
+
+    def batch(self, items, labels: Optional[list[int]], device, dtype):
+        import torch
+
+        prompts = [self.prompt(len(t), None if labels is None else y) for t, y in
+                   zip(items, labels if labels is not None else [None] * len(items))]
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        ids, lab, mask, pos = self.iv.collate(prompts, pad)
+        return {"input_ids": ids.to(device), "labels": lab.to(device), "attention_mask": mask.to(device),
+                "cls_positions": pos.to(device), "pixel_values": torch.cat(list(items)).to(device, dtype),
+                "targets": torch.tensor(labels if labels is not None else [0] * len(items), device=device)}
+
+
+def load_internvl(spec: JobSpec, ctx: TaskContext, session):
+    """The spec's InternVL model (the tiny twin written first with model.make_tiny), its weights loaded strictly
+    from the original layout; rank 0 writes what it loaded to <run>/model_load.json."""
+    from core.models import internvl as iv
+
+    folder = Path(spec.model.path)
+    if spec.model.make_tiny:
+        session.rank0_first(lambda: iv.write_tiny(folder, seed=0))
+    model, tok, cfg, report = iv.from_folder(folder)
+    if session.rank == 0:
+        write_json_atomic(ctx.run_dir / "model_load.json", report)
+    return model, tok, cfg
+
+
+def run_internvl(spec: JobSpec, ctx: TaskContext) -> dict:
+    """The lab's method: InternVL fine-tuned on `<image>\\n<cls>: 0|1|2|3.` -> "c" with ViTP's use_classifier loss;
+    patient prediction = mean of its K slices' choice probabilities."""
+    import torch
+
+    from core import engine as eng
+    from core.data.lung_ct import train_slice
+    from core.data.prefetch import Prefetcher
+    from core.models import internvl as iv
+    from core.runtime import bf16_supported
+
+    session = eng.start(spec, ctx)
+    if session.precision == "bf16" and not bf16_supported(session.acc):
+        raise RuntimeError("deepspeed.precision bf16 but this CUDA device has no bf16: use fp16 or fp32")
+    found, splits = session.rank0_first(lambda: prepare(spec, ctx, session.rank))
+    torch.manual_seed(spec.train.seed)
+    model, tok, cfg = load_internvl(spec, ctx, session)
+    ds = spec.deepspeed or DeepSpeedSpec()
+    if spec.peft is not None:
+        from core.models.peft import apply_peft
+
+        model = apply_peft(model, spec.peft, ("lm_head",))
+    if ds.activation_checkpointing:   # both towers: InternViT's and Qwen2's layers are checkpointed
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    engine = eng.initialize(session, model, spec)
+
+    d, device, dtype = spec.data, session.device, session.dtype
+    train, K = splits["train"], d.slices_per_patient
+    micro, accum, world, rank = ds.micro_batch, ds.grad_accum, session.dist.world_size, session.rank
+    n_items = len(train) * K
+    inputs = InternVLInputs(spec, tok, cfg)
+    smoothing = spec.vitp.label_smoothing
+
+    def sample(k: int):
+        p, j = divmod(eng.sample_index(k, n_items, d.seed), K)
+        return train[p], train_slice(len(train[p].slices), K, j, d.seed, k // n_items, p)
+
+    def load(k: int):
+        patient, index = sample(k)
+        return inputs.slice(patient, index), patient.label
+
+    ahead = 2
+    prefetch = Prefetcher(load, d.workers, keep=micro * (ahead + 2) + 8)
+
+    def batch_fn(step: int, m: int):
+        first = ((step * accum + m) * world + rank) * micro
+        prefetch.ahead(first + world * micro * a + i for a in range(1, ahead + 1) for i in range(micro))
+        items = [prefetch.get(k) for k in range(first, first + micro)]
+        return inputs.batch([x for x, _ in items], [y for _, y in items], device, dtype)
+
+    def loss_fn(engine, batch):
+        out = engine(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                     attention_mask=batch["attention_mask"], use_cache=False)
+        lm, cls, choice_logits = iv.cls_losses(out.logits, batch["labels"], batch["cls_positions"],
+                                               inputs.choice_ids, batch["targets"], smoothing)
+        acc = (choice_logits.argmax(-1) == batch["targets"]).float().mean()
+        return {"loss": lm + cls, "lm_loss": lm.detach(), "cls_loss": cls.detach(), "acc": acc}
+
+    if rank == 0:
+        log.info("InternVL <cls> training on %d patients x %d slices per epoch, %d slice(s) per rank per micro-step, "
+                 "%d rank(s); choices %s (token ids %s)", len(train), K, micro, world, "|".join(inputs.choices),
+                 inputs.choice_ids)
+    chooser = None
+    if spec.vitp.evaluate and spec.vitp.select_on_val and splits["val"]:
+        chooser = CheckpointChooser(spec, ctx, session, engine, splits["val"], inputs)
+
+    class ChoosingTrainer(eng.Trainer):
+        def save(self, step: int) -> None:
+            if chooser is None:
+                return super().save(step)
+            score = chooser.score()          # on the weights the checkpoint holds, before it is written
+            meta = {"checksum": eng.weights_checksum(self.engine), "val": score}
+            tag = self.session.ckpt.save(self.engine, step, {"step": step}, meta)
+            if self.session.rank == 0:
+                log.info("checkpoint %s saved", tag)
+            chooser.record(step, score)
+            self.session.barrier()
+
+    result = ChoosingTrainer(session, engine, spec, ctx, loss_fn, batch_fn).fit()
+    losses = result.pop("losses", [])
+    result.update(rank=rank, world_size=world, first_loss=losses[0] if losses else None, method="internvl_cls",
+                  patients={s: len(ps) for s, ps in splits.items()}, unreadable_skipped=len(found.unreadable),
+                  trainable=sum(getattr(p, "ds_numel", p.numel())     # ZeRO-3 partitions: their full size
+                                for p in engine.module.parameters() if p.requires_grad))
+    if spec.vitp.evaluate:
+        step = chooser.restore_best(result["steps"]) if chooser is not None else result["steps"]
+        extra = {"checkpoint_step": step, "chosen_on": "val" if chooser is not None else "last step",
+                 "last_step": result["steps"]}
+        result["evaluation"] = evaluate_internvl(spec, ctx, session, engine, splits[spec.vitp.eval_split], inputs,
+                                                 found, extra)
+        result["evaluated_step"] = step
+    result["runtime_unreadable"] = len(inputs.failed)
+    return result
+
+
+def evaluate_internvl(spec, ctx, session, engine, patients, inputs, found, extra: Optional[dict] = None) -> dict:
+    """Score the eval split's patients (score_internvl); rank 0 writes results/."""
+    ordered = score_internvl(spec, session, engine, patients, inputs)
+    if ordered is None:
+        return {}
+    return write_results(ctx.run_dir, ordered, spec, skipped=len(found.unreadable) + len(inputs.failed),
+                         extra=extra)
+
+
+class CheckpointChooser:
+    """The val split chooses the checkpoint evaluated on test. Before every checkpoint is written all ranks score
+    the val patients on its weights; the score goes into the checkpoint's marker (so a run killed right after a save
+    finds it again), rank 0 appends (step, patient accuracy, mean log-probability of the true class) to
+    results/val_by_step.csv and hard-links the best checkpoint so far into checkpoints/best/<tag> (pruning keeps it,
+    no extra disk). A requeued run reads the file back and goes on."""
+
+    FILE = "results/val_by_step.csv"
+
+    def __init__(self, spec, ctx, session, engine, patients, inputs):
+        self.spec, self.ctx, self.session, self.engine = spec, ctx, session, engine
+        self.patients, self.inputs = patients, inputs
+        self.path = ctx.run_dir / self.FILE
+        point = session.resume
+        if point is not None and point.meta.get("val") and session.rank == 0:
+            rows = [r for r in self.rows() if r["step"] <= point.step]
+            if not any(r["step"] == point.step for r in rows):   # killed between the save and the file
+                self.record(point.step, point.meta["val"])
+        session.barrier()
+
+    def rows(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [{"step": int(r["step"]), "patient_accuracy": float(r["patient_accuracy"]),
+                 "mean_logp": float(r["mean_logp"])} for r in csv.DictReader(self.path.open())]
+
+    @staticmethod
+    def best(rows: list[dict]) -> Optional[dict]:
+        return max(rows, key=lambda r: (r["patient_accuracy"], r["mean_logp"], -r["step"])) if rows else None
+
+    def score(self) -> Optional[dict]:
+        """Every rank: the val patients on the current weights; rank 0 gets {patient_accuracy, mean_logp}."""
+        import numpy as np
+
+        ordered = score_internvl(self.spec, self.session, self.engine, self.patients, self.inputs)
+        self.engine.module.train()
+        if ordered is None:
+            return None
+        probs = [np.mean(np.asarray(r["probs"], dtype=np.float64), axis=0) for r in ordered]
+        return {"patient_accuracy": float(np.mean([int(p.argmax()) == r["label"] for p, r in zip(probs, ordered)])),
+                "mean_logp": float(np.mean([np.log(max(p[r["label"]], 1e-12)) for p, r in zip(probs, ordered)]))}
+
+    def record(self, step: int, score: Optional[dict]) -> None:
+        """Rank 0: the step's row in results/val_by_step.csv (later rows dropped: a resumed run redoes them), the
+        best checkpoint linked."""
+        if self.session.rank != 0 or score is None:
+            return
+        rows = [r for r in self.rows() if r["step"] < step] + [{"step": step, **score}]
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["step", "patient_accuracy", "mean_logp"])
+        w.writerows([[r["step"], repr(r["patient_accuracy"]), repr(r["mean_logp"])] for r in rows])
+        write_text_atomic(self.path, buf.getvalue())
+        best = self.best(rows)["step"]
+        if best == step:
+            self._link(step)
+        log.info("val at step %d: patient accuracy %.3f, mean log p(true) %.4f (best: step %d)", step,
+                 score["patient_accuracy"], score["mean_logp"], best)
+
+    def _link(self, step: int) -> None:
+        import os
+        import shutil
+
+        from core.checkpoint import tag_for
+
+        root = self.session.ckpt.root
+        src, dst = root / tag_for(step), root / "best" / tag_for(step)
+        tmp = root / "best.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        for d, _, files in os.walk(src):
+            out = tmp / tag_for(step) / Path(d).relative_to(src)
+            out.mkdir(parents=True, exist_ok=True)
+            for f in files:
+                os.link(Path(d) / f, out / f)
+        shutil.rmtree(root / "best", ignore_errors=True)
+        os.rename(tmp, root / "best")
+        assert dst.is_dir()
+
+    def restore_best(self, last_step: int) -> int:
+        """Load the best checkpoint's weights (every rank) when it is not the last step; its step."""
+        from core.checkpoint import MARKER, ResumePoint, tag_for
+
+        best = self.best(self.rows())
+        if best is None or best["step"] == last_step:
+            return last_step
+        tag = tag_for(best["step"])
+        folder = self.session.ckpt.root / "best"
+        meta = json.loads((folder / tag / MARKER).read_text())
+        self.session.ckpt.load(self.engine, ResumePoint(tag, best["step"], folder, False, meta))
+        if self.session.rank == 0:
+            log.info("evaluating the checkpoint of step %d (best on val) instead of the last one (%d)",
+                     best["step"], last_step)
+        return best["step"]
+
+
+def score_internvl(spec, session, engine, patients, inputs) -> Optional[list[dict]]:
+    """Each rank scores its share of the patients: K uniformly spread slices each, the prompt without the answer,
+    softmax over the choices' first-token logits at the answer position; rank 0 gets every patient's rows (in the
+    patients' order), the other ranks None."""
+    import torch
+
+    from core.data.lung_ct import eval_slices
+    from core.engine import padded_share
+
+    K, micro = spec.data.slices_per_patient, (spec.deepspeed or DeepSpeedSpec()).micro_batch
+    pick = padded_share(patients, session.rank, session.dist.world_size)
+    model = engine.module
+    model.eval()
+    rows = []
+    with torch.no_grad():
+        for p, keep in pick:
+            indices = eval_slices(len(p.slices), K)
+            probs = []
+            for lo in range(0, K, micro):
+                items = [inputs.slice(p, i) for i in indices[lo:lo + micro]]
+                b = inputs.batch(items, None, session.device, session.dtype)
+                out = model(input_ids=b["input_ids"], pixel_values=b["pixel_values"],
+                            attention_mask=b["attention_mask"], use_cache=False)
+                rows_i = torch.arange(len(items), device=out.logits.device)
+                logits = out.logits[rows_i, b["cls_positions"]][:, torch.tensor(inputs.choice_ids,
+                                                                                 device=out.logits.device)]
+                probs += torch.softmax(logits.float(), dim=-1).cpu().tolist()
+            if keep:
+                rows.append({"patient_id": p.id, "label": p.label, "slices": [p.slices[i] for i in indices],
+                             "indices": indices, "probs": probs})
+    return session.gather_rows(rows, "patient_id", [p.id for p in patients])
+
+
+def run_classifier(spec: JobSpec, ctx: TaskContext) -> dict:
+    """The baseline (vitp.method timm_classifier): an image classifier with a C-class head, slice cross-entropy."""
     import torch
     import torch.nn.functional as F
 
@@ -361,14 +806,17 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
     losses = result.pop("losses", [])
     result.update(rank=rank, world_size=world, first_loss=losses[0] if losses else None,
                   patients={s: len(ps) for s, ps in splits.items()}, unreadable_skipped=len(found.unreadable),
-                  trainable=sum(p.numel() for p in engine.module.parameters() if p.requires_grad))
+                  trainable=sum(getattr(p, "ds_numel", p.numel())     # ZeRO-3 partitions: their full size
+                                for p in engine.module.parameters() if p.requires_grad))
     if spec.vitp.evaluate:
-        result["evaluation"] = evaluate(spec, ctx, session, engine, splits[spec.vitp.eval_split], loader, found)
+        result["evaluation"] = evaluate(spec, ctx, session, engine, splits[spec.vitp.eval_split], loader, found,
+                                        {"checkpoint_step": result["steps"], "chosen_on": "last step",
+                                         "last_step": result["steps"]})
     result["runtime_unreadable"] = len(loader.failed)
     return result
 
 
-def evaluate(spec, ctx, session, engine, patients, loader, found) -> dict:
+def evaluate(spec, ctx, session, engine, patients, loader, found, extra: Optional[dict] = None) -> dict:
     """Each rank scores its share of the patients (K fixed slices each; core.engine.padded_share keeps the number
     of forward passes equal on every rank, which ZeRO-3's parameter gathering needs); rank 0 gathers and writes
     results/."""
@@ -395,11 +843,13 @@ def evaluate(spec, ctx, session, engine, patients, loader, found) -> dict:
     ordered = session.gather_rows(rows, "patient_id", [p.id for p in patients])
     if ordered is None:
         return {}
-    return write_results(ctx.run_dir, ordered, spec, skipped=len(found.unreadable) + len(loader.failed))
+    return write_results(ctx.run_dir, ordered, spec, skipped=len(found.unreadable) + len(loader.failed),
+                         extra=extra)
 
 
 # ---------------------------------------------------------------- metrics and result files
-def write_results(run_dir: Path, rows: list[dict], spec, skipped: int = 0, folder: str = "results") -> dict:
+def write_results(run_dir: Path, rows: list[dict], spec, skipped: int = 0, folder: str = "results",
+                  extra: Optional[dict] = None) -> dict:
     """results/: patients.csv and slices.csv (class probabilities), confusion_{patient,slice}.csv / .png and
     metrics.json (classification metrics at both levels)."""
     import numpy as np
@@ -422,7 +872,7 @@ def write_results(run_dir: Path, rows: list[dict], spec, skipped: int = 0, folde
     metrics = {"split": spec.vitp.eval_split, "classes": classes, "patients": len(rows),
                "slices_per_patient": spec.data.slices_per_patient,
                "chance_accuracy": float(counts.max() / counts.sum()),
-               "uniform_chance": 1 / len(classes), "unreadable_slices_skipped": skipped, **levels}
+               "uniform_chance": 1 / len(classes), "unreadable_slices_skipped": skipped, **(extra or {}), **levels}
     files = {}
     for level, m in levels.items():
         cm = m["confusion_matrix"]
