@@ -304,12 +304,27 @@ def plan(spec: JobSpec, resume_dir: Optional[Path] = None) -> Shape:
     """One (multi-node) training + evaluation job; the spec and the dataset are checked before submission."""
     if resume_dir is not None:
         raise FieldError("--resume-missing", "vitp_lung has no per-item results; use --resume")
-    check_spec(spec)
+    problems = []
+    try:
+        check_spec(spec)
+    except FieldError as e:   # the model folder is the last check: a dry run away from it still plans
+        if e.field != "model.path" or not _absent(spec.model.path):
+            raise
+        problems.append((e.field, e.message))
     if spec.data.make_synthetic:
         return Shape(items=None, merge=False, notes=[f"synthetic dataset: written under {synthetic_root(spec.data)} "
-                                                     f"on first use"])
+                                                     f"on first use"], problems=problems)
+    absent = [(f"data.{n}", f"{getattr(spec.data, n)}: not on this machine") for n in ("path", "labels_csv", "meta")
+              if getattr(spec.data, n) and _absent(getattr(spec.data, n))]
+    if absent:   # away from the data: the plan still prints, then every missing input is listed
+        return Shape(items=None, merge=False, notes=["dataset: not on this machine (patients and splits unknown "
+                                                     "here)"], problems=problems + absent)
     found, splits = read_dataset(spec)
-    return Shape(items=None, merge=False, notes=describe(spec, found, splits))
+    return Shape(items=None, merge=False, notes=describe(spec, found, splits), problems=problems)
+
+
+def _absent(path) -> bool:
+    return not path or not Path(path).exists()
 
 
 def model_size(spec: JobSpec):
