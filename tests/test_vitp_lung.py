@@ -103,8 +103,8 @@ def test_full_size_spec_counts_internvl2_5_1b_on_the_meta_device_and_the_dry_run
     assert "trainable: 938,193,024 of 938,193,024 parameters" in res.stdout
     assert "memory: est. " in res.stdout and "activation checkpointing" in res.stdout
     assert "model.path: /data/models/InternVL2_5-1B: InternVL model folder not found" in res.stderr
-    assert "data.path: /data/lung_ct/slices: not on this machine" in res.stderr      # every missing input listed
-    assert "data.labels_csv: /data/lung_ct/labels.csv: not on this machine" in res.stderr
+    # every missing input listed: the lab's meta json (its own split files, data.meta_splits)
+    assert "data.meta: /data/lung_ct/ViTP_configs/ft_data_lung.json: not on this machine" in res.stderr
     assert "Traceback" not in res.stderr
 
 
