@@ -196,6 +196,14 @@ class CheckpointManager:
             writer.then(lambda: self._finalize_when_written(tag, info))
         return tag
 
+    def when_complete(self, fn) -> None:
+        """Run `fn()` once the checkpoint just saved is complete on disk: now after a synchronous save, on this
+        rank's writer thread after a background one (on rank 0 that is after COMPLETE and `latest`)."""
+        if self._writer is not None and self._writer.busy():
+            self._writer.then(fn)
+        else:
+            fn()
+
     def finish(self) -> float:
         """Wait for this rank's background save (rank 0: until it is finalised). Returns the seconds waited;
         a failed background write raises CheckpointError here."""

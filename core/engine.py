@@ -278,7 +278,7 @@ class Trainer:
         """Checkpoint at `step`; background=True returns after the host copy (core.checkpoint_writer). The time
         training was held goes to checkpoint_times.csv and TensorBoard's train/checkpoint_stall_s."""
         t0 = time.perf_counter()
-        meta = {"checksum": weights_checksum(self.engine)}
+        meta = {"checksum": weights_checksum(self.engine), **self.checkpoint_meta(step)}
         ckpt = self.session.ckpt
         tag = ckpt.save(self.engine, step, {"step": step}, meta, background=background)
         held = time.perf_counter() - t0
@@ -296,6 +296,14 @@ class Trainer:
                             round(ckpt.last_stall, 4) if background else ""])
             if self._writer is not None:
                 self._writer.add_scalar("train/checkpoint_stall_s", held, step)
+        self.after_checkpoint(step, meta)
+
+    def checkpoint_meta(self, step: int) -> dict:
+        """What a workload adds to the checkpoint's COMPLETE marker (all ranks call it, before the save)."""
+        return {}
+
+    def after_checkpoint(self, step: int, meta: dict) -> None:
+        """Called on every rank once the checkpoint at `step` is saved (queued, for a background save)."""
 
     def fit(self) -> dict:
         from tqdm import tqdm

@@ -591,16 +591,13 @@ def run_internvl(spec: JobSpec, ctx: TaskContext) -> dict:
         chooser = CheckpointChooser(spec, ctx, session, engine, splits["val"], inputs)
 
     class ChoosingTrainer(eng.Trainer):
-        def save(self, step: int) -> None:
-            if chooser is None:
-                return super().save(step)
-            score = chooser.score()          # on the weights the checkpoint holds, before it is written
-            meta = {"checksum": eng.weights_checksum(self.engine), "val": score}
-            tag = self.session.ckpt.save(self.engine, step, {"step": step}, meta)
-            if self.session.rank == 0:
-                log.info("checkpoint %s saved", tag)
-            chooser.record(step, score)
-            self.session.barrier()
+        def checkpoint_meta(self, step: int) -> dict:
+            # the val score of the weights the checkpoint holds, in its marker (a killed run recovers it)
+            return {} if chooser is None else {"val": chooser.score()}
+
+        def after_checkpoint(self, step: int, meta: dict) -> None:
+            if chooser is not None:   # rank 0 links the checkpoint as "best": only once its files are complete
+                self.session.ckpt.when_complete(lambda: chooser.record(step, meta["val"]))
 
     result = ChoosingTrainer(session, engine, spec, ctx, loss_fn, batch_fn).fit()
     losses = result.pop("losses", [])
