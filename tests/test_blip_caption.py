@@ -178,11 +178,16 @@ def test_zero3_two_ranks_train_and_caption(slurm, workdir):
 
 @pytest.mark.parametrize("bits", ["4bit", "8bit"])
 def test_qlora_runs_on_the_cpu_with_bitsandbytes(workdir, bits):
-    """bitsandbytes 0.50 has a CPU backend: a 4-bit (NF4, double quant) or 8-bit frozen base trains its adapters."""
+    """bitsandbytes 0.50 has a CPU backend: a 4-bit (NF4, double quant, bf16 compute on fp32 training, ZeRO-2: the
+    combination that used to fail in a LayerNorm) or 8-bit frozen base trains its adapters through bitsandbytes
+    layers (every linear layer but the LM head and the modules_to_save)."""
     run_dir, _ = submit_run(*args(workdir, f"blip_{bits}", "--set", f"peft.quantize={bits}",
-                                  "--set", "peft.compute_dtype=fp32", "--set", "train.steps=20",
+                                  "--set", "deepspeed.stage=2", "--set", "train.steps=20",
                                   "--set", "train.checkpoint_every=0", "--set", "caption.evaluate=false"), timeout=600)
     got = losses(run_dir)
     assert len(got) == 20 and sum(v for _, v in got[-5:]) < sum(v for _, v in got[:5])
+    # 2 vision layers x (qkv, projection, fc1, fc2) + 2 text layers x (query, key, value and output dense of the self-
+    # and the cross-attention, intermediate, output) + the head transform: 29 linear layers, all but the tied LM head
+    assert rank0_result(run_dir)["quantized_modules"] == 29
     cfg = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     assert cfg["r"] == 16 and (run_dir / "adapter" / "adapter_model.safetensors").is_file()

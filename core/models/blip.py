@@ -52,8 +52,10 @@ def meta_size(cfg: Optional[dict] = None, peft=None, head: tuple[str, ...] = ())
                    hidden=t.hidden_size, heads=t.num_attention_heads, vocab=t.vocab_size, peft=peft, head=head)
 
 
-def load_blip(folder, dtype=None, quantization_config=None):
-    """The captioner and its processor from a local folder (bf16 by default; 4/8-bit when quantized)."""
+def load_blip(folder, dtype=None, quantization_config=None, device="cpu"):
+    """The captioner and its processor from a local folder (bf16 by default). With a BitsAndBytesConfig its linear
+    layers are loaded in 4/8 bit straight onto `device`; every other tensor (norms, embeddings, the skipped head
+    and modules_to_save) in `dtype`."""
     import torch
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
@@ -61,7 +63,10 @@ def load_blip(folder, dtype=None, quantization_config=None):
     read_config(folder)
     if not any(folder.glob("*.safetensors")) and not (folder / "pytorch_model.bin").is_file():
         raise ModelFolderError(f"{folder}: no model weights (*.safetensors or pytorch_model.bin)")
-    kwargs = {"quantization_config": quantization_config, "device_map": "cpu"} if quantization_config else {}
+    from core.models.peft import quantized_load_kwargs
+
+    kwargs = {"quantization_config": quantization_config, **quantized_load_kwargs(device)} if quantization_config \
+        else {}
     model = BlipForConditionalGeneration.from_pretrained(folder, dtype=dtype or torch.bfloat16, **kwargs)
     return model, BlipProcessor.from_pretrained(folder)
 

@@ -69,7 +69,16 @@ def model_size(spec: JobSpec):
     from core.models.blip import meta_size
 
     cfg = model_cfg(spec)
-    return None if cfg is None else meta_size(cfg, spec.peft, HEAD)
+    if cfg is None:
+        return None
+    size = meta_size(cfg, spec.peft, HEAD)
+    if spec.peft is not None and spec.peft.quantize:
+        from core.models.blip import meta_model
+        from core.models.peft import frozen_size, quantized_numel
+
+        quantized = quantized_numel(meta_model(cfg)[0], spec.peft, HEAD)
+        size = frozen_size(size, quantized, spec.peft, spec.deepspeed.precision if spec.deepspeed else "bf16")
+    return size
 
 
 def plan(spec: JobSpec, resume_dir: Optional[Path] = None) -> None:
@@ -155,10 +164,8 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
 
     from core import engine as eng
     from core.models.blip import load_blip
-    from core.models.peft import apply_peft, quantization_config, save_adapter
+    from core.models.peft import apply_peft, quantization_config, quantized_modules, save_adapter
     from core.run_folder import write_json_atomic
-    from core.runtime import torch_dtype
-
     cfg = spec.caption
     session = eng.start(spec, ctx)
     rows = session.rank0_first(lambda: prepare(spec))
@@ -170,10 +177,13 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
                                                        "skipped_images": rows.failed})
     folder = session.rank0_first(lambda: tiny_folder(spec, rows))
     quant = quantization_config(spec.peft, HEAD)
-    dtype = torch_dtype(spec.peft.compute_dtype) if quant else session.dtype
+    # a quantized base computes its 4/8-bit matmuls in peft.compute_dtype; everything else (and the batches) stays in
+    # deepspeed.precision's dtype, which DeepSpeed trains the adapters and modules_to_save in
+    dtype = session.dtype
     torch.manual_seed(spec.train.seed)
     session.enable_zero3_init()
-    model, processor = load_blip(folder, dtype=dtype, quantization_config=quant)
+    model, processor = load_blip(folder, dtype=dtype, quantization_config=quant, device=session.device)
+    quantized = quantized_modules(model) if quant else 0
     model = apply_peft(model, spec.peft, HEAD)
     engine = eng.initialize(session, model, spec)
     batches = Batches(processor, spec, session.device, dtype)
@@ -203,7 +213,7 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
             plot(results, result["evaluation"], untrained)
         if untrained:
             result["untrained"] = untrained  # the submit summary prints both side by side
-    result.update(train_rows=n, test_rows=len(test_rows), skipped_images=len(rows.failed),
+    result.update(train_rows=n, test_rows=len(test_rows), skipped_images=len(rows.failed), quantized_modules=quantized,
                   trainable=sum(p.numel() for p in engine.module.parameters() if p.requires_grad))
     result.pop("losses", None)
     return result
