@@ -423,6 +423,8 @@ class Trainer:
                 else None, "losses": [h["loss"] for h in self.history], "resumed_checksum": resumed_checksum,
                 "saved_checksum": saved_checksum, "checksum": weights_checksum(self.engine),
                 "restart_count": restart_count(),
+                "param_groups": [{"name": g.get("name"), "lr": g["lr"], "initial_lr": g.get("initial_lr"),
+                                  "weight_decay": g["weight_decay"]} for g in self.engine.optimizer.param_groups],
                 "frozen_checksum_before": frozen_before,
                 "frozen_checksum_after": weights_checksum(self.engine, trainable=False)}
 
