@@ -62,8 +62,8 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
         return engine(input_ids=batch, labels=batch).loss
 
     result = eng.Trainer(session, engine, spec, ctx, loss_fn, batch_fn).fit()
-    result.update(rank=rank, world_size=world, blocks=n, quantized_modules=quantized, trainable=sum(p.numel() for p in engine.module.parameters()
-                                                                          if p.requires_grad))
+    result.update(rank=rank, world_size=world, blocks=n, quantized_modules=quantized,
+                  trainable=sum(p.numel() for p in engine.module.parameters() if p.requires_grad))
     return result
 
 
