@@ -27,6 +27,24 @@ def test_full_size_blip_and_the_labs_lora_counts_on_meta():
     assert size.trainable == 2_359_296 and size.total == 226_330_940
 
 
+def test_full_size_memory_estimate_is_per_tower_without_checkpointing():
+    """The plan's activations: the vision tower over 577 tokens (384 px, 16 px patches + CLS), the text decoder with
+    its real 12 heads cross-attending to them, and no activation checkpointing (the workload does not switch it on)."""
+    from core.config import load_cluster, load_spec
+    from core.memory import tower_activation_bytes
+    from core.models.blip import meta_size
+    from core.plan import make_plan
+
+    vision, text = meta_size({}).towers
+    assert (vision.layers, vision.tokens, vision.heads, vision.cross_tokens) == (12, 577, 12, 0)
+    assert (text.layers, text.tokens, text.heads, text.cross_tokens) == (12, None, 12, 577)
+    spec = load_spec("jobs/blip_medtrinity.yaml")[0]
+    plan = make_plan(spec, load_cluster("cuda_a100"), keep_going=True)
+    expected = tower_activation_bytes(meta_size({}), 256, 4, checkpointing=False, half=True)
+    assert plan.memory.activations == expected and expected > 2 * 1024 ** 3
+    assert "activation checkpointing" not in plan.describe().split("deepspeed:")[1].split("\n")[0]
+
+
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     from core.data.medtrinity import write_synthetic
