@@ -45,6 +45,18 @@ def test_full_size_memory_estimate_is_per_tower_without_checkpointing():
     assert "activation checkpointing" not in plan.describe().split("deepspeed:")[1].split("\n")[0]
 
 
+def test_no_java_is_refused_before_a_local_run_not_after_training():
+    """METEOR needs Java: on a machine without it the plan refuses a local run that evaluates (a Slurm task checks
+    at its start, before any training step)."""
+    import sys
+
+    res = cli("submit", SPEC, "--dry-run", "--no-preflight", env={"PATH": str(Path(sys.executable).parent)})
+    assert res.returncode == 2 and "caption.evaluate" in res.stderr and "java" in res.stderr, res.stderr
+    off = cli("submit", SPEC, "--dry-run", "--no-preflight", "--set", "caption.evaluate=false",
+              env={"PATH": str(Path(sys.executable).parent)})
+    assert off.returncode == 0, off.stderr
+
+
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     from core.data.medtrinity import write_synthetic

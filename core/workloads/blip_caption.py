@@ -84,8 +84,20 @@ def model_size(spec: JobSpec):
     return size
 
 
-def plan(spec: JobSpec, resume_dir: Optional[Path] = None) -> None:
-    """Model and adapters first (the targets must exist: checked on the meta device), then the dataset's columns."""
+JAVA_MISSING = ("the evaluation's METEOR and PTB tokenizer (pycocoevalcap) run on Java and there is no `java` on "
+                "{where}: install a JRE (apt-get install default-jre-headless; launchers/setup.sh does this) or set "
+                "caption.evaluate: false")
+
+
+def java_problem(where: str) -> Optional[str]:
+    import shutil
+
+    return JAVA_MISSING.format(where=where) if shutil.which("java") is None else None
+
+
+def plan(spec: JobSpec, resume_dir: Optional[Path] = None, cluster=None) -> None:
+    """Model and adapters first (the targets must exist: checked on the meta device), then the dataset's columns,
+    then what the evaluation at the end needs (Java), where this machine is where the job runs."""
     if resume_dir is not None:
         raise FieldError("--resume-missing", "blip_caption has no per-item results; use --resume")
     if spec.model.preset not in (None, PRESET):
@@ -107,6 +119,11 @@ def plan(spec: JobSpec, resume_dir: Optional[Path] = None) -> None:
             open_rows(d.path, d.image_column, d.caption_column, d.id_column, d.hf_config)
         except DatasetError as e:
             raise FieldError(e.field, e.message) from None
+    if spec.caption.evaluate and cluster is not None:
+        from core import scheduler
+
+        if scheduler.for_cluster(cluster).single_host and java_problem("this machine"):
+            raise FieldError("caption.evaluate", java_problem("this machine"))
     return None
 
 
@@ -183,6 +200,8 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
     from core.models.peft import apply_peft, quantization_config, quantized_modules, save_adapter
     from core.run_folder import write_json_atomic
     cfg = spec.caption
+    if cfg.evaluate and java_problem(ctx.hostname or "this node"):  # at the start, never after hours of training
+        raise RuntimeError("caption.evaluate: " + java_problem(ctx.hostname or "this node"))
     session = eng.start(spec, ctx)
     rows = session.rank0_first(lambda: prepare(spec))
     train_idx, test_idx = split(len(rows), spec.data.seed, cfg.test_fraction, cfg.train_size, cfg.test_size)
