@@ -194,21 +194,86 @@ def start(spec: JobSpec, ctx: TaskContext) -> Session:
     return session
 
 
+# the Hugging Face Trainer's rule (Trainer.get_decay_parameter_names): no weight decay inside a LayerNorm module or
+# on a parameter whose lower-cased name matches one of these
+NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+
+
+def no_decay_names(model) -> set[str]:
+    """Names of the parameters the HF Trainer exempts from weight decay: biases and norm weights."""
+    import re
+
+    import torch
+
+    patterns = [re.compile(p) for p in NO_DECAY_PATTERNS]
+    in_layernorm = {f"{m_name}.{n}" if m_name else n for m_name, m in model.named_modules()
+                    if isinstance(m, torch.nn.LayerNorm) for n, _ in m.named_parameters(recurse=False)}
+    return {n for n, _ in model.named_parameters() if n in in_layernorm or any(p.search(n.lower()) for p in patterns)}
+
+
+def _group_of(name: str, patterns: list[str]) -> Optional[str]:
+    """The most specific train.lr_groups pattern that names a module above this parameter (whole path components)."""
+    import re
+
+    hits = [p for p in patterns if re.search(rf"(?:^|\.){re.escape(p)}\.", name)]
+    return max(hits, key=len) if hits else None
+
+
+def param_groups(model, train) -> list[dict]:
+    """AdamW parameter groups from the spec: train.lr for the rest, train.lr_groups' rate for the parameters under a
+    named module, and (unless train.decay_norms_and_biases) weight decay 0 for biases and norm weights. Only
+    trainable parameters; the default group comes first (its lr is the one the metrics log). A group's "name" says
+    which pattern and decay it has (saved in the checkpoint with the optimizer state)."""
+    patterns = list(train.lr_groups)
+    exempt = no_decay_names(model) if train.weight_decay and not train.decay_norms_and_biases else set()
+    groups: dict[tuple, dict] = {}
+    used = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        pattern = _group_of(name, patterns)
+        used.add(pattern)
+        decay = 0.0 if name in exempt else train.weight_decay
+        key = (pattern or "", decay == 0.0 and bool(train.weight_decay))
+        group = groups.setdefault(key, {"params": [], "names": [], "lr": train.lr_groups[pattern] if pattern
+                                        else train.lr, "weight_decay": decay,
+                                        "name": (pattern or "default") + (" no_decay" if key[1] else "")})
+        group["params"].append(p)
+        group["names"].append(name)
+    unused = [p for p in patterns if p not in used]
+    if unused:
+        some = sorted({n.rsplit(".", 1)[0] for g in groups.values() for n in g["names"]})[:12]
+        raise ValueError(f"train.lr_groups: {unused} name no module above a trainable parameter of "
+                         f"{type(model).__name__}; trainable modules include {some}")
+    ordered = sorted(groups.items(), key=lambda kv: kv[0])
+    return [{k: v for k, v in g.items() if k != "names"} for _, g in ordered]
+
+
+def group_layout(groups: list[dict]) -> list[dict]:
+    """What the spec asked of each optimizer group (name, base lr, weight decay, parameter count): saved with every
+    checkpoint and compared on resume."""
+    return [{"name": g["name"], "lr": float(g["lr"]), "weight_decay": float(g["weight_decay"]),
+             "params": int(sum(getattr(p, "ds_numel", p.numel()) for p in g["params"]))} for g in groups]
+
+
 def initialize(session: Session, model, spec: JobSpec, steps: Optional[int] = None):
-    """deepspeed.initialize with AdamW over the trainable parameters only (frozen ones get no optimizer state)
-    and the spec's learning-rate schedule."""
+    """deepspeed.initialize with AdamW over the trainable parameters only (frozen ones get no optimizer state), in
+    the spec's parameter groups (param_groups), and the spec's learning-rate schedule."""
     import deepspeed
     import torch
 
     train = spec.train
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameters: check peft: / the workload's freezing")
-    opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    groups = param_groups(model, train)
+    layout = group_layout(groups)
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train.scheduler, train.warmup_steps,
                                                              steps or train.steps))
     engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                                  model_parameters=params, config=session.ds_config)
+    engine.group_layout = layout
     return engine
 
 
@@ -226,6 +291,16 @@ def weights_checksum(engine, trainable: bool = True) -> float:
         for p in params:
             total += float(p.detach().float().sum())
     return total
+
+
+def check_groups(saved: Optional[list], wanted: Optional[list], tag: str) -> None:
+    """A resume continues the optimizer groups it saved (DeepSpeed restores their lr and weight decay from the
+    checkpoint): a spec whose train.lr / lr_groups / weight_decay now say otherwise is stopped, not silently
+    overruled."""
+    if saved is None or wanted is None or saved == wanted:
+        return
+    raise ValueError(f"train.lr_groups: checkpoint {tag} was trained with optimizer groups {saved}, the spec now "
+                     f"asks for {wanted}; resume with the spec it was saved with, or start over with --fresh")
 
 
 # ---------------------------------------------------------------- the train loop
@@ -279,8 +354,9 @@ class Trainer:
         training was held goes to checkpoint_times.csv and TensorBoard's train/checkpoint_stall_s."""
         t0 = time.perf_counter()
         meta = {"checksum": weights_checksum(self.engine), **self.checkpoint_meta(step)}
+        client = {"step": step, "param_groups": getattr(self.engine, "group_layout", None)}
         ckpt = self.session.ckpt
-        tag = ckpt.save(self.engine, step, {"step": step}, meta, background=background)
+        tag = ckpt.save(self.engine, step, client, meta, background=background)
         held = time.perf_counter() - t0
         self.checkpoint_stalls.append(held)
         if self.session.rank == 0:
@@ -314,6 +390,7 @@ class Trainer:
         point = self.session.resume
         if point is not None:
             client = self.session.ckpt.load(self.engine, point)
+            check_groups(client.get("param_groups"), getattr(self.engine, "group_layout", None), point.tag)
             start_step = int(client.get("step", point.step))
             saved_checksum = point.meta.get("checksum")
             resumed_checksum = weights_checksum(self.engine)
@@ -377,6 +454,8 @@ class Trainer:
                 "saved_checksum": saved_checksum, "checksum": weights_checksum(self.engine),
                 "restart_count": restart_count(),
                 "checkpoint_held_s": [round(x, 4) for x in self.checkpoint_stalls],
+                "param_groups": [{"name": g.get("name"), "lr": g["lr"], "initial_lr": g.get("initial_lr"),
+                                  "weight_decay": g["weight_decay"]} for g in self.engine.optimizer.param_groups],
                 "frozen_checksum_before": frozen_before,
                 "frozen_checksum_after": weights_checksum(self.engine, trainable=False)}
 

@@ -50,6 +50,26 @@ def activation_bytes(size: ModelSize, seq: int, micro_batch: int, checkpointing:
     return acts + logits
 
 
+def tower_activation_bytes(size, seq: int, micro_batch: int, checkpointing: bool, half: bool) -> float:
+    """Activations of a model made of towers (size.towers, e.g. BLIP's vision encoder and text decoder): each tower's
+    layers at their own token count, width and heads (the same per-layer term as activation_bytes), plus, for a
+    tower that cross-attends, per layer the cross-attention block: its query side over the tower's tokens
+    (s*b*h*11: q, output projection, dropout masks, layer norm) and its key/value projections over the attended
+    tokens (4*t*b*h) and its scores, softmax and dropout (5*a*s*t*b); and the logits."""
+    b, total, largest = micro_batch, 0.0, 0.0
+    for tw in size.towers:
+        s, h, a, t = tw.tokens or seq, tw.hidden, tw.heads, tw.cross_tokens
+        layer = s * b * h * (34 + 5 * a * s / h)
+        if t:
+            layer += s * b * h * 11 + 4 * t * b * h + 5 * a * s * t * b
+        largest = max(largest, layer)
+        total += tw.layers * (2 * s * b * h if checkpointing else layer)
+    acts = total + (largest if checkpointing else 0)
+    if not half:
+        acts *= 2
+    return acts + seq * b * size.vocab * 6
+
+
 def _estimators():
     """DeepSpeed's ZeRO-2/3 model-state estimators: arithmetic, run where the job is submitted. Importing them picks
     an accelerator and, on a login node or laptop without one, warns "Setting accelerator to CPU"; that says nothing
@@ -105,5 +125,6 @@ def estimate(size: ModelSize, trainable: int, *, stage: int, precision: str, off
     if trainable and stage > 0:
         # the gradient reduce bucket DeepSpeed allocates (reduce_bucket_size, default 5e8 elements)
         states += min(REDUCE_BUCKET, trainable) * bytes_per_weight
-    acts = activation_bytes(size, seq, micro_batch, checkpointing, precision != "fp32")
+    acts = (tower_activation_bytes if getattr(size, "towers", None) else activation_bytes)(
+        size, seq, micro_batch, checkpointing, precision != "fp32")
     return MemoryEstimate(float(states), float(frozen), float(acts), float(cpu), device_gib)

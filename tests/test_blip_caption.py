@@ -27,6 +27,36 @@ def test_full_size_blip_and_the_labs_lora_counts_on_meta():
     assert size.trainable == 2_359_296 and size.total == 226_330_940
 
 
+def test_full_size_memory_estimate_is_per_tower_without_checkpointing():
+    """The plan's activations: the vision tower over 577 tokens (384 px, 16 px patches + CLS), the text decoder with
+    its real 12 heads cross-attending to them, and no activation checkpointing (the workload does not switch it on)."""
+    from core.config import load_cluster, load_spec
+    from core.memory import tower_activation_bytes
+    from core.models.blip import meta_size
+    from core.plan import make_plan
+
+    vision, text = meta_size({}).towers
+    assert (vision.layers, vision.tokens, vision.heads, vision.cross_tokens) == (12, 577, 12, 0)
+    assert (text.layers, text.tokens, text.heads, text.cross_tokens) == (12, None, 12, 577)
+    spec = load_spec("jobs/blip_medtrinity.yaml")[0]
+    plan = make_plan(spec, load_cluster("cuda_a100"), keep_going=True)
+    expected = tower_activation_bytes(meta_size({}), 256, 4, checkpointing=False, half=True)
+    assert plan.memory.activations == expected and expected > 2 * 1024 ** 3
+    assert "activation checkpointing" not in plan.describe().split("deepspeed:")[1].split("\n")[0]
+
+
+def test_no_java_is_refused_before_a_local_run_not_after_training():
+    """METEOR needs Java: on a machine without it the plan refuses a local run that evaluates (a Slurm task checks
+    at its start, before any training step)."""
+    import sys
+
+    res = cli("submit", SPEC, "--dry-run", "--no-preflight", env={"PATH": str(Path(sys.executable).parent)})
+    assert res.returncode == 2 and "caption.evaluate" in res.stderr and "java" in res.stderr, res.stderr
+    off = cli("submit", SPEC, "--dry-run", "--no-preflight", "--set", "caption.evaluate=false",
+              env={"PATH": str(Path(sys.executable).parent)})
+    assert off.returncode == 0, off.stderr
+
+
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     from core.data.medtrinity import write_synthetic
@@ -178,11 +208,16 @@ def test_zero3_two_ranks_train_and_caption(slurm, workdir):
 
 @pytest.mark.parametrize("bits", ["4bit", "8bit"])
 def test_qlora_runs_on_the_cpu_with_bitsandbytes(workdir, bits):
-    """bitsandbytes 0.50 has a CPU backend: a 4-bit (NF4, double quant) or 8-bit frozen base trains its adapters."""
+    """bitsandbytes 0.50 has a CPU backend: a 4-bit (NF4, double quant, bf16 compute on fp32 training, ZeRO-2: the
+    combination that used to fail in a LayerNorm) or 8-bit frozen base trains its adapters through bitsandbytes
+    layers (every linear layer but the LM head and the modules_to_save)."""
     run_dir, _ = submit_run(*args(workdir, f"blip_{bits}", "--set", f"peft.quantize={bits}",
-                                  "--set", "peft.compute_dtype=fp32", "--set", "train.steps=20",
+                                  "--set", "deepspeed.stage=2", "--set", "train.steps=20",
                                   "--set", "train.checkpoint_every=0", "--set", "caption.evaluate=false"), timeout=600)
     got = losses(run_dir)
     assert len(got) == 20 and sum(v for _, v in got[-5:]) < sum(v for _, v in got[:5])
+    # 2 vision layers x (qkv, projection, fc1, fc2) + 2 text layers x (query, key, value and output dense of the self-
+    # and the cross-attention, intermediate, output) + the head transform: 29 linear layers, all but the tied LM head
+    assert rank0_result(run_dir)["quantized_modules"] == 29
     cfg = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     assert cfg["r"] == 16 and (run_dir / "adapter" / "adapter_model.safetensors").is_file()

@@ -154,6 +154,9 @@ class PeftSpec(Strict):
     double_quant: bool = True
     compute_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass")
+    bias: Literal["none", "all", "lora_only"] = Field(
+        "none", description="biases trained with the adapters (peft's LoraConfig.bias): none, all, or those of the "
+                            "adapted layers (lora_only)")
 
     @field_validator("target_modules")
     @classmethod
@@ -172,6 +175,11 @@ class TrainSection(Strict):
     warmup_steps: int = Field(0, ge=0)
     scheduler: Literal["constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
     weight_decay: float = Field(0.0, ge=0)
+    decay_norms_and_biases: bool = Field(False, description="apply weight_decay to biases and norm weights too "
+                                                            "(false: exempt, as the Hugging Face Trainer does)")
+    lr_groups: dict[str, float] = Field(default_factory=dict, description="learning rate per module: a name "
+                                        "(matches every parameter under a module path ending with it, e.g. "
+                                        "mm_projector) or a full path -> lr; the rest train at train.lr")
     seed: int = 0
     checkpoint_every: int = Field(50, ge=0, description="0: only at the end and on Slurm's signal")
     keep_last: PositiveInt = 2
@@ -179,6 +187,16 @@ class TrainSection(Strict):
                                                      "only for the copy into host memory (the final checkpoint and "
                                                      "the one on Slurm's signal are always written before going on)")
     fresh: bool = Field(False, description="move existing checkpoints aside and start over (--fresh)")
+
+    @field_validator("lr_groups")
+    @classmethod
+    def _lr_groups(cls, v):
+        for name, lr in v.items():
+            if not re.fullmatch(r"[A-Za-z0-9_.]{1,200}", name) or name.startswith(".") or name.endswith("."):
+                raise ValueError(f"'{redact(name)[:80]}' is not a module name or path (letters, digits, '_', '.')")
+            if not (math.isfinite(lr) and lr > 0):
+                raise ValueError(f"{name}: the learning rate must be a positive number, not {lr}")
+        return v
 
 
 class Outputs(Strict):

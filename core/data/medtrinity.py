@@ -1,5 +1,10 @@
 """MedTrinity-style captioning data: rows `{image, id, caption}` from a Hugging Face `datasets` folder
-(`save_to_disk`), a parquet file, or a jsonl file whose `image` is a path relative to the file.
+(`save_to_disk`), a hub snapshot (a folder of parquet shards, e.g. `25M_demo/*.parquet`, any shard naming), a
+datasets cache folder (`load_dataset(..., cache_dir=...)`: its arrow files, picked by `hf_config`), a parquet file,
+or a jsonl file whose `image` is a path relative to the file.
+
+Parquet is read lazily: ids and captions up front (text only), images one row group at a time when a row is asked
+for (memory bounded by a row group, a few cached per reader), decoded by the caller's loader threads.
 
 `open_rows` checks the source and its columns without decoding any image (torch-free, so the plan calls it before
 anything is submitted); `split` is the seeded 90/10 split of the lab's notebook with configurable sizes;
@@ -60,27 +65,43 @@ class ImageRows:
 
 
 def open_rows(path: Optional[str], image_column: str = "image", caption_column: str = "caption",
-              id_column: str = "id") -> ImageRows:
-    """The dataset at `path` (a save_to_disk folder, a .parquet file or a .jsonl file), columns checked."""
+              id_column: str = "id", hf_config: Optional[str] = None) -> ImageRows:
+    """The dataset at `path` (a save_to_disk folder, a hub snapshot of parquet shards, a datasets cache folder, a
+    .parquet file or a .jsonl file), columns checked."""
     if not path:
-        raise DatasetError("data.path", "give a datasets folder (save_to_disk), a .parquet file or a .jsonl file")
+        raise DatasetError("data.path", "give a datasets folder (save_to_disk), a hub snapshot or datasets cache "
+                                        "folder, a .parquet file or a .jsonl file")
     p = Path(path)
-    if p.is_dir():
+    if p.is_dir() and _is_save_to_disk(p):
         rows, columns, base = _from_datasets_folder(p), None, p
+    elif p.is_dir():
+        shards = _parquet_shards(p, hf_config)
+        arrows = [] if shards else _cache_arrow_files(p, hf_config)
+        if shards:
+            rows, base = ParquetColumns(shards, image_column), p
+        elif arrows:
+            rows, base = _from_arrow_files(p, arrows), p
+        else:
+            raise DatasetError("data.path", f"{p} is not a datasets folder (save_to_disk), holds no parquet shards"
+                                            + (f" for data.hf_config '{hf_config}'" if hf_config else "")
+                                            + " and no datasets-cache arrow files; for a cache folder give "
+                                              "data.hf_config (e.g. 25M_demo)")
     elif p.suffix == ".parquet" and p.is_file():
-        rows, columns, base = _from_parquet(p), None, p.parent
+        rows, columns, base = ParquetColumns([p], image_column), None, p.parent
     elif p.suffix == ".jsonl" and p.is_file():
         rows, columns, base = _from_jsonl(p), None, p.parent
     elif not p.exists():
         raise DatasetError("data.path", f"{p} not found")
     else:
         raise DatasetError("data.path", f"{p} is not a datasets folder, a .parquet or a .jsonl file")
-    columns = list(rows.keys()) if isinstance(rows, dict) else rows.column_names
+    columns = list(rows.keys()) if isinstance(rows, (dict, ParquetColumns)) else rows.column_names
     for name, col in (("data.image_column", image_column), ("data.caption_column", caption_column),
                       ("data.id_column", id_column)):
         if col not in columns:
             raise DatasetError(name, f"{p} has no column '{col}' (columns: {', '.join(columns)})")
-    if isinstance(rows, dict):
+    if isinstance(rows, ParquetColumns):
+        ids, captions, images = rows.text(id_column), rows.text(caption_column), rows
+    elif isinstance(rows, dict):
         ids, captions, images = rows[id_column], rows[caption_column], rows[image_column]
     else:  # a datasets.Dataset: read the text columns, keep images lazy (decoded per row, by us)
         from datasets import Image as HFImage
@@ -120,14 +141,103 @@ def _from_datasets_folder(p: Path):
     return ds
 
 
-def _from_parquet(p: Path) -> dict:
+def _is_save_to_disk(p: Path) -> bool:
+    return any((p / n).is_file() for n in ("dataset_dict.json", "state.json", "dataset_info.json")) and \
+        not any(p.glob("*.parquet"))
+
+
+def _parquet_shards(p: Path, hf_config: Optional[str]) -> list[Path]:
+    """The parquet shards of a hub snapshot: <p>/<hf_config>/**.parquet when that folder exists, else every parquet
+    file under p, in name order (the hub's shard names sort in order; any other naming is read in its sort order)."""
+    root = p / hf_config if hf_config and (p / hf_config).is_dir() else p
+    shards = sorted(root.rglob("*.parquet"))
+    train = [s for s in shards if "train" in s.name or "train" in s.parent.name]
+    return train or shards
+
+
+def _cache_arrow_files(p: Path, hf_config: Optional[str]) -> list[Path]:
+    """The train split's arrow files in a datasets cache folder (`<cache>/<dataset>/<config>/<version>/<hash>/
+    <builder>-train*.arrow`), for the folder of `hf_config` (a path component equal to it or starting with
+    '<hf_config>-')."""
+    if not hf_config:
+        return []
+    found = [f for f in sorted(p.rglob("*.arrow")) if "-train" in f.name and any(
+        part == hf_config or part.startswith(hf_config + "-") for part in f.relative_to(p).parts[:-1])]
+    if found:
+        newest = max(found, key=lambda f: f.parent.stat().st_mtime).parent  # one build of the config
+        found = [f for f in found if f.parent == newest]
+    return found
+
+
+def _from_arrow_files(p: Path, files: list[Path]):
     try:
+        from datasets import Dataset, concatenate_datasets
+
+        parts = [Dataset.from_file(str(f)) for f in files]  # memory-mapped: nothing is read until asked for
+        return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+    except Exception as e:
+        raise DatasetError("data.path", f"{p}: the datasets cache files {[f.name for f in files][:3]} are not "
+                                        f"readable: {type(e).__name__}: {str(e)[:200]}") from None
+
+
+class ParquetColumns:
+    """One or more parquet files read lazily: column names from the schema, text columns in full, the image column
+    one row group at a time (a few row groups cached), so memory is bounded by a row group, not the dataset.
+    Indexing gives row i's image value; safe to call from several loader threads."""
+
+    def __init__(self, files: list[Path], image_column: str, cache: int = 4):
+        import threading
+
         import pyarrow.parquet as pq
 
-        return pq.read_table(str(p)).to_pydict()
-    except Exception as e:
-        raise DatasetError("data.path", f"{p} is not a readable parquet file: {type(e).__name__}: "
-                                        f"{str(e)[:200]}") from None
+        self.files, self.image_column, self.cache = files, image_column, cache
+        self.readers, self.groups = [], []   # groups: (start row, file index, row group index, rows)
+        start = 0
+        for f in files:
+            try:
+                reader = pq.ParquetFile(str(f))
+            except Exception as e:
+                raise DatasetError("data.path", f"{f} is not a readable parquet file: {type(e).__name__}: "
+                                                f"{str(e)[:200]}") from None
+            self.readers.append(reader)
+            for g in range(reader.metadata.num_row_groups):
+                n = reader.metadata.row_group(g).num_rows
+                self.groups.append((start, len(self.readers) - 1, g, n))
+                start += n
+        self.rows = start
+        self._starts = [g[0] for g in self.groups]
+        self._lock = threading.Lock()
+        self._cached: dict = {}
+        names = [set(r.schema_arrow.names) for r in self.readers]
+        self._columns = [c for c in self.readers[0].schema_arrow.names if all(c in n for n in names)]
+
+    def keys(self) -> list[str]:
+        return list(self._columns)
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def text(self, column: str) -> list:
+        """A text column in full, read batch by batch (never the image column)."""
+        out: list = []
+        for reader in self.readers:
+            for batch in reader.iter_batches(columns=[column], batch_size=4096):
+                out += batch.column(0).to_pylist()
+        return out
+
+    def __getitem__(self, i: int):
+        import bisect
+
+        g = bisect.bisect_right(self._starts, int(i)) - 1
+        start, f, rg, _ = self.groups[g]
+        with self._lock:
+            column = self._cached.pop(g, None)
+            if column is None:
+                column = self.readers[f].read_row_group(rg, columns=[self.image_column]).column(0)
+            self._cached[g] = column  # most recently used last
+            while len(self._cached) > self.cache:
+                self._cached.pop(next(iter(self._cached)))
+        return column[int(i) - start].as_py()
 
 
 def _from_jsonl(p: Path) -> dict:

@@ -17,7 +17,9 @@ from core.errors import ModelFolderError
 from core.models import checkpoint_files
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-FULL_CONFIG: dict = {}   # transformers' BlipConfig() defaults are the captioning-base shapes
+# transformers' BlipConfig() defaults are the captioning-base shapes except the text decoder's heads: the hub's
+# config.json of Salesforce/blip-image-captioning-base has 12 (BlipTextConfig's default is 8); parameters are equal
+FULL_CONFIG: dict = {"text_config": {"num_attention_heads": 12}}
 TINY = {"hidden": 64, "layers": 2, "heads": 2, "intermediate": 128, "image_size": 32, "patch": 8, "positions": 64}
 
 
@@ -29,7 +31,7 @@ def read_config(folder) -> dict:
 def blip_config(cfg: Optional[dict] = None):
     from transformers import BlipConfig
 
-    return BlipConfig(**(cfg if cfg is not None else FULL_CONFIG))
+    return BlipConfig(**(cfg or FULL_CONFIG))  # {} (the preset) is the captioning-base as well
 
 
 def meta_model(cfg: Optional[dict] = None):
@@ -43,17 +45,51 @@ def meta_model(cfg: Optional[dict] = None):
 
 
 def meta_size(cfg: Optional[dict] = None, peft=None, head: tuple[str, ...] = ()):
-    """core.model_sizes.ModelSize of the captioner (the text decoder's shape drives the activation term)."""
+    """core.model_sizes.ModelSize of the captioner, with its towers for the activation estimate
+    (core.memory.tower_activation_bytes): the vision encoder over (image_size / patch)^2 + 1 tokens (577 at 384 px)
+    and the text decoder, whose layers also cross-attend to those image tokens."""
+    import dataclasses
+
     from core.model_sizes import size_of
 
     model, config = meta_model(cfg)
-    t = config.text_config
-    return size_of(model, layers=t.num_hidden_layers + config.vision_config.num_hidden_layers,
+    t, v = config.text_config, config.vision_config
+    size = size_of(model, layers=t.num_hidden_layers + v.num_hidden_layers,
                    hidden=t.hidden_size, heads=t.num_attention_heads, vocab=t.vocab_size, peft=peft, head=head)
+    image_tokens = (v.image_size // v.patch_size) ** 2 + 1
+    towers = (Tower("vision", v.num_hidden_layers, image_tokens, v.hidden_size, v.num_attention_heads, 0),
+              Tower("text", t.num_hidden_layers, None, t.hidden_size, t.num_attention_heads, image_tokens))
+    return TowerSize(**{f.name: getattr(size, f.name) for f in dataclasses.fields(size)}, towers=towers)
 
 
-def load_blip(folder, dtype=None, quantization_config=None):
-    """The captioner and its processor from a local folder (bf16 by default; 4/8-bit when quantized)."""
+def _tower_types():
+    from dataclasses import dataclass
+
+    from core.model_sizes import ModelSize
+
+    @dataclass(frozen=True)
+    class Tower:
+        name: str
+        layers: int
+        tokens: Optional[int]      # None: the text length (model.seq_len)
+        hidden: int
+        heads: int
+        cross_tokens: int          # tokens each layer cross-attends to (0: none)
+
+    @dataclass(frozen=True)
+    class TowerSize(ModelSize):
+        towers: tuple = ()
+
+    return Tower, TowerSize
+
+
+Tower, TowerSize = _tower_types()
+
+
+def load_blip(folder, dtype=None, quantization_config=None, device="cpu"):
+    """The captioner and its processor from a local folder (bf16 by default). With a BitsAndBytesConfig its linear
+    layers are loaded in 4/8 bit straight onto `device`; every other tensor (norms, embeddings, the skipped head
+    and modules_to_save) in `dtype`."""
     import torch
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
@@ -61,7 +97,10 @@ def load_blip(folder, dtype=None, quantization_config=None):
     read_config(folder)
     if not any(folder.glob("*.safetensors")) and not (folder / "pytorch_model.bin").is_file():
         raise ModelFolderError(f"{folder}: no model weights (*.safetensors or pytorch_model.bin)")
-    kwargs = {"quantization_config": quantization_config, "device_map": "cpu"} if quantization_config else {}
+    from core.models.peft import quantized_load_kwargs
+
+    kwargs = {"quantization_config": quantization_config, **quantized_load_kwargs(device)} if quantization_config \
+        else {}
     model = BlipForConditionalGeneration.from_pretrained(folder, dtype=dtype or torch.bfloat16, **kwargs)
     return model, BlipProcessor.from_pretrained(folder)
 

@@ -21,6 +21,7 @@ from core.models import checkpoint_files
 REPO = Path(__file__).resolve().parents[2]
 TINY_CORPUS = REPO / "jobs" / "tiny" / "data" / "corpus.txt"
 TINY_LAYERS = 4
+HEAD = ("lm_head",)  # the output head: no adapter, never quantized
 
 # PanguEmbedded config.json keys -> LlamaConfig keywords (the rest share names)
 _RENAMED = {"bias": "attention_bias"}
@@ -41,9 +42,11 @@ def read_config(folder) -> dict:
                                                      "*.safetensors + tokenizer.model)")
 
 
-def load_pangu(folder, dtype=None, device: Optional[str] = None, **kwargs):
+def load_pangu(folder, dtype=None, device: Optional[str] = None, quantization_config=None, **kwargs):
     """LlamaForCausalLM with the folder's weights (bf16 by default). Under an active HfDeepSpeedConfig with
-    ZeRO-3, transformers builds it inside deepspeed.zero.Init, so each rank only ever holds its shard."""
+    ZeRO-3, transformers builds it inside deepspeed.zero.Init, so each rank only ever holds its shard. With a
+    BitsAndBytesConfig (QLoRA) the linear layers are packed in 4/8 bit as they are placed on `device` (default
+    cpu); the other tensors (embeddings, norms, biases, the head) stay in `dtype`."""
     import torch
     from transformers import LlamaForCausalLM
 
@@ -51,6 +54,11 @@ def load_pangu(folder, dtype=None, device: Optional[str] = None, **kwargs):
     config = llama_config(read_config(folder))
     if not any(folder.glob("*.safetensors")):
         raise ModelFolderError(f"{folder}: no *.safetensors weights")
+    if quantization_config is not None:
+        from core.models.peft import quantized_load_kwargs
+
+        kwargs.update(quantization_config=quantization_config, **quantized_load_kwargs(device or "cpu"))
+        device = None  # placed (and packed) by from_pretrained
     model = LlamaForCausalLM.from_pretrained(folder, config=config, dtype=dtype or torch.bfloat16,
                                              use_safetensors=True, **kwargs)
     return model.to(device) if device else model
@@ -107,13 +115,24 @@ def meta_size(cfg: dict, peft=None):
 
 def decoder_size(spec):
     """The default builder for the plan's estimate: the decoder LLM of model.path / model.preset, built on the
-    meta device (meta_size, with the spec's adapters); None when neither names one."""
+    meta device (meta_size, with the spec's adapters); None when neither names one. With peft.quantize the frozen
+    weights count at the bytes they are loaded in (quantized_size)."""
     from core.model_sizes import model_config
 
     cfg = model_config(spec.model.path, spec.model.preset)
     if cfg is None:
         return None
-    return meta_size(cfg, peft=spec.peft)
+    size = meta_size(cfg, peft=spec.peft)
+    if spec.peft is not None and spec.peft.quantize:
+        import torch
+        from transformers import LlamaForCausalLM
+
+        from core.models.peft import frozen_size, quantized_numel
+
+        with torch.device("meta"):
+            quantized = quantized_numel(LlamaForCausalLM(llama_config(cfg)), spec.peft, HEAD)
+        size = frozen_size(size, quantized, spec.peft, spec.deepspeed.precision if spec.deepspeed else "bf16")
+    return size
 
 
 def bos_encode(tokenizer, text: str) -> list[int]:

@@ -2,7 +2,10 @@
 
 One implementation for all workloads:
 - `quantization_config(peft)` gives transformers' BitsAndBytesConfig for a 4/8-bit base (QLoRA) or None; the
-  workload passes it to its `from_pretrained`.
+  workload passes it to its `from_pretrained` with `quantized_load_kwargs(device)`; `quantized_modules(model)`
+  counts the bitsandbytes layers of what was loaded, `frozen_weight_bytes(...)` gives the plan the bytes of the
+  frozen weights as they will be loaded (packed 4/8-bit linear weights + their quantisation constants, the rest
+  at the training precision).
 - `apply_peft(model, peft)` freezes the base and adds LoRA (names, full module paths or 'all-linear'; `exclude` by
   full path; `modules_to_save` trained in full), switching on gradient checkpointing when asked. A target that
   matches nothing is a `PeftTargetError` naming the modules that do exist.
@@ -38,7 +41,8 @@ def lora_config(peft_spec, head: tuple[str, ...] = ()):
 
     targets = peft_spec.target_modules if isinstance(peft_spec.target_modules, str) else list(peft_spec.target_modules)
     return LoraConfig(r=peft_spec.r, lora_alpha=peft_spec.alpha, lora_dropout=peft_spec.dropout,
-                      target_modules=targets, exclude_modules=_exclude_pattern(list(peft_spec.exclude) + list(head)),
+                      target_modules=targets, bias=peft_spec.bias,
+                      exclude_modules=_exclude_pattern(list(peft_spec.exclude) + list(head)),
                       modules_to_save=list(peft_spec.modules_to_save) or None, task_type=None)
 
 
@@ -58,6 +62,64 @@ def quantization_config(peft_spec, head: tuple[str, ...] = ()):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=peft_spec.quant_type,
                               bnb_4bit_use_double_quant=peft_spec.double_quant,
                               bnb_4bit_compute_dtype=torch_dtype(peft_spec.compute_dtype), llm_int8_skip_modules=skip)
+
+
+def quantized_load_kwargs(device) -> dict:
+    """from_pretrained keywords for a quantized base: bitsandbytes packs the weights as they are placed, so the whole
+    model goes straight onto this rank's device (DeepSpeed then finds it there)."""
+    return {"device_map": {"": str(device)}}
+
+
+def skip_modules(peft_spec, head: tuple[str, ...] = ()) -> list[str]:
+    """Modules kept in full precision: the `modules_to_save` and the output head."""
+    return list(peft_spec.modules_to_save) + list(head)
+
+
+def would_quantize(model, peft_spec, head: tuple[str, ...] = ()) -> list[str]:
+    """Paths of the linear layers that transformers' bitsandbytes integration replaces for this spec (type
+    nn.Linear, not matched by the skip list, by transformers' own matching rule): what the plan counts at 4/8 bit."""
+    import torch
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    skip = skip_modules(peft_spec, head) or None
+    return [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and should_convert_module(n, skip)]
+
+
+def bytes_per_quantized_weight(peft_spec) -> float:
+    """Bytes a 4/8-bit weight takes with its quantisation constants: NF4/FP4 packs two weights per byte with one
+    absmax per block of 64 (fp32, or 8 bit + an fp32 per 256 blocks with double quantisation); LLM.int8 one byte
+    (+ one fp32 scale per row, left out)."""
+    if peft_spec.quantize == "8bit":
+        return 1.0
+    return 0.5 + ((1 + 4 / 256) / 64 if peft_spec.double_quant else 4 / 64)
+
+
+def quantized_numel(model, peft_spec, head: tuple[str, ...] = ()) -> int:
+    """Weights (unpacked count) that bitsandbytes will hold in 4/8 bit for this spec (model unadapted; meta is
+    enough)."""
+    names = {n + ".weight" for n in would_quantize(model, peft_spec, head)}
+    return sum(p.numel() for n, p in model.named_parameters() if n in names)
+
+
+def frozen_size(size, quantized: int, peft_spec, precision: str):
+    """`size` (core.model_sizes.ModelSize, adapters counted) with weight_bytes = the mean bytes per frozen weight as a
+    QLoRA job loads it: `quantized` weights at bytes_per_quantized_weight, every other frozen tensor (norms,
+    embeddings, biases, the head, the originals of modules_to_save) at deepspeed.precision's width."""
+    import dataclasses
+
+    frozen = size.total - (size.trainable or 0)
+    if not peft_spec or not peft_spec.quantize or frozen <= 0:
+        return size
+    full = 4 if precision == "fp32" else 2
+    total = quantized * bytes_per_quantized_weight(peft_spec) + (frozen - quantized) * full
+    return dataclasses.replace(size, weight_bytes=total / frozen)
+
+
+def quantized_modules(model) -> int:
+    """bitsandbytes layers (Linear4bit / Linear8bitLt) in a loaded model: what QLoRA really runs through."""
+    import bitsandbytes as bnb
+
+    return sum(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in model.modules())
 
 
 def _check_names(model, peft_spec) -> None:
@@ -87,8 +149,10 @@ def apply_peft(model, peft_spec, head: tuple[str, ...] = ()):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()  # a frozen embedding must still pass gradients to the adapters
-    # (peft's prepare_model_for_kbit_training is not used: on bitsandbytes' CPU backend it turns the packed 4-bit
-    # weights back into plain Parameters, which peft's Linear4bit then cannot wrap)
+    # peft's prepare_model_for_kbit_training is not called: of its three steps, freezing is get_peft_model's,
+    # gradient checkpointing is peft.gradient_checkpointing above, and its upcast of every 16-bit tensor to fp32
+    # would be undone by DeepSpeed, which casts the module to deepspeed.precision (bf16/fp16) in initialize; the
+    # workloads load the unquantized tensors at the training precision instead (fp32 when deepspeed.precision is)
     try:
         return get_peft_model(model, lora_config(peft_spec, head))
     except ValueError as e:  # e.g. 'all-linear' with an exclude that leaves nothing

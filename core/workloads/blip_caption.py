@@ -46,7 +46,10 @@ class CaptionSection(Strict):
 
 
 class CaptionData(DataSpec):
-    path: Optional[str] = Field(None, description="a datasets folder (save_to_disk), a .parquet or a .jsonl file")
+    path: Optional[str] = Field(None, description="a datasets folder (save_to_disk), a hub snapshot (folder of parquet "
+                                                  "shards), a datasets cache folder, a .parquet or a .jsonl file")
+    hf_config: Optional[str] = Field(None, description="the dataset config (the lab's: 25M_demo): its subfolder of a "
+                                                       "hub snapshot, its folder in a datasets cache")
     image_column: str = "image"
     caption_column: str = "caption"
     id_column: str = "id"
@@ -69,11 +72,32 @@ def model_size(spec: JobSpec):
     from core.models.blip import meta_size
 
     cfg = model_cfg(spec)
-    return None if cfg is None else meta_size(cfg, spec.peft, HEAD)
+    if cfg is None:
+        return None
+    size = meta_size(cfg, spec.peft, HEAD)
+    if spec.peft is not None and spec.peft.quantize:
+        from core.models.blip import meta_model
+        from core.models.peft import frozen_size, quantized_numel
+
+        quantized = quantized_numel(meta_model(cfg)[0], spec.peft, HEAD)
+        size = frozen_size(size, quantized, spec.peft, spec.deepspeed.precision if spec.deepspeed else "bf16")
+    return size
 
 
-def plan(spec: JobSpec, resume_dir: Optional[Path] = None) -> None:
-    """Model and adapters first (the targets must exist: checked on the meta device), then the dataset's columns."""
+JAVA_MISSING = ("the evaluation's METEOR and PTB tokenizer (pycocoevalcap) run on Java and there is no `java` on "
+                "{where}: install a JRE (apt-get install default-jre-headless; launchers/setup.sh does this) or set "
+                "caption.evaluate: false")
+
+
+def java_problem(where: str) -> Optional[str]:
+    import shutil
+
+    return JAVA_MISSING.format(where=where) if shutil.which("java") is None else None
+
+
+def plan(spec: JobSpec, resume_dir: Optional[Path] = None, cluster=None) -> None:
+    """Model and adapters first (the targets must exist: checked on the meta device), then the dataset's columns,
+    then what the evaluation at the end needs (Java), where this machine is where the job runs."""
     if resume_dir is not None:
         raise FieldError("--resume-missing", "blip_caption has no per-item results; use --resume")
     if spec.model.preset not in (None, PRESET):
@@ -92,9 +116,14 @@ def plan(spec: JobSpec, resume_dir: Optional[Path] = None) -> None:
     if not spec.data.make_synthetic:
         d = spec.data
         try:
-            open_rows(d.path, d.image_column, d.caption_column, d.id_column)
+            open_rows(d.path, d.image_column, d.caption_column, d.id_column, d.hf_config)
         except DatasetError as e:
             raise FieldError(e.field, e.message) from None
+    if spec.caption.evaluate and cluster is not None:
+        from core import scheduler
+
+        if scheduler.for_cluster(cluster).single_host and java_problem("this machine"):
+            raise FieldError("caption.evaluate", java_problem("this machine"))
     return None
 
 
@@ -103,7 +132,7 @@ def prepare(spec: JobSpec) -> ImageRows:
     d = spec.data
     if d.make_synthetic:
         write_synthetic(Path(d.path).parent, seed=d.seed)
-    return open_rows(d.path, d.image_column, d.caption_column, d.id_column)
+    return open_rows(d.path, d.image_column, d.caption_column, d.id_column, d.hf_config)
 
 
 def tiny_folder(spec: JobSpec, rows: ImageRows) -> Path:
@@ -146,8 +175,21 @@ class Batches:
 
 
 def good_rows(rows: ImageRows, index: list[int]) -> list[int]:
-    """The rows of `index` whose image decodes; bad ones are named in the log and counted."""
+    """The rows of `index` whose image decodes (the held-out rows only: every rank must caption the same list); bad
+    ones are named in the log and counted."""
     return [i for i in index if rows.image(i) is not None]
+
+
+def first_good(loader, order: list[int], pos: int):
+    """The row at order[pos], or, when its image does not decode, the next one in `order` whose image does: a bad
+    training image is skipped (and counted in rows.failed) when the loop meets it, deterministically, so a resumed
+    run draws the same rows."""
+    for j in range(len(order)):
+        i = order[(pos + j) % len(order)]
+        image = loader.get(i)
+        if image is not None:
+            return i, image
+    raise RuntimeError("no training image decodes")
 
 
 def run(spec: JobSpec, ctx: TaskContext) -> dict:
@@ -155,25 +197,40 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
 
     from core import engine as eng
     from core.models.blip import load_blip
-    from core.models.peft import apply_peft, quantization_config, save_adapter
+    from core.models.peft import apply_peft, quantization_config, quantized_modules, save_adapter
     from core.run_folder import write_json_atomic
-    from core.runtime import torch_dtype
-
     cfg = spec.caption
+    if cfg.evaluate and java_problem(ctx.hostname or "this node"):  # at the start, never after hours of training
+        raise RuntimeError("caption.evaluate: " + java_problem(ctx.hostname or "this node"))
     session = eng.start(spec, ctx)
     rows = session.rank0_first(lambda: prepare(spec))
     train_idx, test_idx = split(len(rows), spec.data.seed, cfg.test_fraction, cfg.train_size, cfg.test_size)
-    train_idx, test_idx = good_rows(rows, train_idx), good_rows(rows, test_idx)
-    if session.rank == 0:
-        write_json_atomic(ctx.run_dir / "split.json", {"train": [rows.ids[i] for i in train_idx],
-                                                       "test": [rows.ids[i] for i in test_idx],
-                                                       "skipped_images": rows.failed})
+    test_idx = good_rows(rows, test_idx)  # training images are checked as the loop meets them (first_good)
+
+    def write_split():
+        failed = dict(rows.failed)
+        if session.dist.world_size > 1:  # each rank met its own share of the bad images
+            import torch.distributed as tdist
+
+            parts = [None] * session.dist.world_size
+            tdist.all_gather_object(parts, failed)
+            failed = {k: v for part in parts for k, v in sorted(part.items())}
+        if session.rank == 0:
+            write_json_atomic(ctx.run_dir / "split.json", {"train": [rows.ids[i] for i in train_idx],
+                                                           "test": [rows.ids[i] for i in test_idx],
+                                                           "skipped_images": failed})
+        return failed
+
+    write_split()
     folder = session.rank0_first(lambda: tiny_folder(spec, rows))
     quant = quantization_config(spec.peft, HEAD)
-    dtype = torch_dtype(spec.peft.compute_dtype) if quant else session.dtype
+    # a quantized base computes its 4/8-bit matmuls in peft.compute_dtype; everything else (and the batches) stays in
+    # deepspeed.precision's dtype, which DeepSpeed trains the adapters and modules_to_save in
+    dtype = session.dtype
     torch.manual_seed(spec.train.seed)
     session.enable_zero3_init()
-    model, processor = load_blip(folder, dtype=dtype, quantization_config=quant)
+    model, processor = load_blip(folder, dtype=dtype, quantization_config=quant, device=session.device)
+    quantized = quantized_modules(model) if quant else 0
     model = apply_peft(model, spec.peft, HEAD)
     engine = eng.initialize(session, model, spec)
     batches = Batches(processor, spec, session.device, dtype)
@@ -186,10 +243,17 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
     micro, accum = spec.deepspeed.micro_batch, spec.deepspeed.grad_accum
     world, rank, n = session.dist.world_size, session.rank, len(train_idx)
 
+    from core.data.prefetch import Prefetcher
+
+    loader = Prefetcher(rows.image, spec.data.workers)  # images read and decoded in background threads
+
     def batch_fn(step: int, m: int):
         first = ((step * accum + m) * world + rank) * micro
-        picked = [train_idx[eng.sample_index(k, n, spec.data.seed)] for k in range(first, first + micro)]
-        return batches.training([rows.image(i) for i in picked], [rows.captions[i] for i in picked])
+        ahead = ((step * accum + m + 1) * world + rank) * micro  # this rank's next micro-batch
+        loader.ahead(train_idx[eng.sample_index(k, n, spec.data.seed)] for k in range(ahead, ahead + micro))
+        picked = [first_good(loader, train_idx, eng.sample_index(k, n, spec.data.seed))
+                  for k in range(first, first + micro)]
+        return batches.training([img for _, img in picked], [rows.captions[i] for i, _ in picked])
 
     def loss_fn(engine, batch):
         return engine(**batch).loss
@@ -203,7 +267,8 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
             plot(results, result["evaluation"], untrained)
         if untrained:
             result["untrained"] = untrained  # the submit summary prints both side by side
-    result.update(train_rows=n, test_rows=len(test_rows), skipped_images=len(rows.failed),
+    failed = write_split()
+    result.update(train_rows=n, test_rows=len(test_rows), skipped_images=len(failed), quantized_modules=quantized,
                   trainable=sum(p.numel() for p in engine.module.parameters() if p.requires_grad))
     result.pop("losses", None)
     return result

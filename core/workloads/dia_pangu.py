@@ -80,6 +80,10 @@ def plan(spec: JobSpec, resume_dir: Optional[Path] = None) -> Shape:
             raise FieldError(f"data.{name}", "required for the CTRG dataset (volumes folder, annotation.json, labels CSV)")
     if dia.stage == 2 and spec.peft is None:
         raise FieldError("peft", "dia.stage: 2 adds LoRA on the LLM: give a peft: section (r, alpha, target_modules)")
+    if dia.stage == 1 and spec.peft is not None and spec.peft.quantize:
+        raise FieldError("peft.quantize", "stage 1 adds no LoRA (the LLM is frozen, peft: is read in stage 2 only), "
+                                          "so nothing would load the base in 4/8 bit; drop peft.quantize or set "
+                                          "dia.stage: 2")
     if not dia.train_head and not dia.init_from:
         raise FieldError("dia.train_head", "the diagnostic head is frozen (dia.train_head: false) and comes from a "
                                            "Dia-LLaMA checkpoint: give dia.init_from, or set dia.train_head: true")
@@ -111,7 +115,7 @@ def model_size(spec: JobSpec):
 
     import torch
 
-    from core.model_sizes import QUANTIZED_BYTES, model_config, size_of
+    from core.model_sizes import model_config, size_of
     from core.models.dia_pangu import DiaPangu, vision_configs
     from core.models.pangu import llama_config
 
@@ -131,8 +135,15 @@ def model_size(spec: JobSpec):
         model.llm = apply_peft(model.llm, peft)
     size = size_of(model, layers=config.num_hidden_layers, hidden=config.hidden_size,
                    heads=config.num_attention_heads, vocab=config.vocab_size)
-    return dataclasses.replace(size, trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
-                               weight_bytes=QUANTIZED_BYTES[peft.quantize] if peft and peft.quantize else None)
+    size = dataclasses.replace(size, trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
+    if peft is None or not peft.quantize:
+        return size
+    from core.models.pangu import HEAD
+    from core.models.peft import frozen_size, quantized_numel
+
+    with torch.device("meta"):  # the LLM as bitsandbytes sees it (unadapted): its linear layers are what is packed
+        quantized = quantized_numel(LlamaForCausalLM(config), peft, HEAD)
+    return frozen_size(size, quantized, peft, spec.deepspeed.precision if spec.deepspeed else "bf16")
 
 
 def prepare_data(spec: JobSpec, session) -> dict[str, list[Case]]:
@@ -175,8 +186,8 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
 
     from core import engine as eng
     from core.models.dia_pangu import DiaPangu, vision_configs
-    from core.models.pangu import load_pangu, load_tokenizer, model_folder
-    from core.models.peft import apply_peft
+    from core.models.pangu import HEAD, load_pangu, load_tokenizer, model_folder
+    from core.models.peft import apply_peft, quantization_config, quantized_modules
 
     session = eng.start(spec, ctx)
     cases = prepare_data(spec, session)  # clear errors before any model is loaded
@@ -190,7 +201,10 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
     torch.manual_seed(spec.train.seed)
     session.enable_zero3_init()
     dtype = session.dtype
-    llm = load_pangu(folder, dtype=dtype)
+    # stage 2 with peft.quantize: the frozen LLM in 4/8 bit (QLoRA; its head and modules_to_save in dtype)
+    quant = quantization_config(spec.peft, HEAD) if spec.dia.stage == 2 else None
+    llm = load_pangu(folder, dtype=dtype, quantization_config=quant, device=session.device if quant else None)
+    quantized = quantized_modules(llm) if quant else 0
     vit_cfg, per_cfg = vision_configs(spec.dia.size)
     model = DiaPangu(llm, tok, vit_cfg, per_cfg, spec.dia.contrastive_weight, train_head=spec.dia.train_head)
     init = init_from_checkpoint(model, spec.dia.init_from, ctx.run_dir, session.rank) if spec.dia.init_from else None
@@ -199,7 +213,7 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
     if session.rank == 0:
         save_frozen_vision(model, ctx.run_dir)
     if spec.dia.stage == 2:
-        model.llm = apply_peft(model.llm, spec.peft)
+        model.llm = apply_peft(model.llm, spec.peft, HEAD)
     model.train()  # as Dia-LLaMA's trainer: dropout in the (frozen) ViT, checkpointing active in the LLM
     train, device = cases["train"], session.device
     accum, world, rank = spec.deepspeed.grad_accum, session.dist.world_size, session.rank
@@ -238,6 +252,7 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
 
     result = eng.Trainer(session, engine, spec, ctx, loss_fn, batch_fn, steps=steps).fit()
     result.update(activation_checkpointing=checkpointing, total_steps=steps, train_cases=len(train),
+                  quantized_modules=quantized,
                   init_from=init["counts"] if init else None)
     if spec.dia.evaluate:
         result["evaluation"] = evaluate(spec, ctx, session, engine, prompts, cases[spec.dia.eval_split], dtype,

@@ -34,8 +34,8 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
     import torch
 
     from core import engine as eng
-    from core.models.pangu import load_pangu, load_tokenizer, model_folder
-    from core.models.peft import apply_peft
+    from core.models.pangu import HEAD, load_pangu, load_tokenizer, model_folder
+    from core.models.peft import apply_peft, quantization_config, quantized_modules
 
     session = eng.start(spec, ctx)
     folder = session.rank0_first(lambda: model_folder(spec))
@@ -43,7 +43,11 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
     blocks = token_blocks(tokenizer, Path(spec.data.path or ""), spec.model.seq_len)
     torch.manual_seed(spec.train.seed)
     session.enable_zero3_init()
-    model = apply_peft(load_pangu(folder, dtype=session.dtype), spec.peft)
+    quant = quantization_config(spec.peft, HEAD)
+    model = load_pangu(folder, dtype=session.dtype, quantization_config=quant,
+                       device=session.device if quant else None)
+    quantized = quantized_modules(model) if quant else 0
+    model = apply_peft(model, spec.peft, HEAD)
     engine = eng.initialize(session, model, spec)
 
     micro, accum = spec.deepspeed.micro_batch, spec.deepspeed.grad_accum
@@ -58,9 +62,17 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
         return engine(input_ids=batch, labels=batch).loss
 
     result = eng.Trainer(session, engine, spec, ctx, loss_fn, batch_fn).fit()
-    result.update(rank=rank, world_size=world, blocks=n, trainable=sum(p.numel() for p in engine.module.parameters()
-                                                                          if p.requires_grad))
+    result.update(rank=rank, world_size=world, blocks=n, quantized_modules=quantized,
+                  trainable=sum(p.numel() for p in engine.module.parameters() if p.requires_grad))
     return result
 
 
-WORKLOAD = Workload(run=run, trains=True)
+def model_size(spec: JobSpec):
+    """The plan's model: openPangu of model.path / model.preset with the spec's adapters, its frozen weights at the
+    bytes they are loaded in (core.models.peft.frozen_size)."""
+    from core.models.pangu import decoder_size
+
+    return decoder_size(spec)
+
+
+WORKLOAD = Workload(run=run, trains=True, model_size=model_size)
