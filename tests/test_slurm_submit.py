@@ -6,6 +6,7 @@ import re
 import subprocess
 
 from conftest import job_mark, new_jobs, record, run_folder, sacct_states, submit, task_records, wait_terminal
+from core.scheduler import master_port_for
 
 SMOKE = "jobs/tiny/smoke.yaml"
 ARRAY = "jobs/tiny/smoke_array.yaml"
@@ -34,14 +35,19 @@ def test_single_job_result_and_run_record(slurm, uname, tmp_path):
 
 
 def test_two_node_job_reports_ranks_from_n1_and_n2(slurm, uname, tmp_path):
+    # rank variables left in the submitter's shell (torchrun habits, an in-process run) must not reach the job:
+    # sbatch exports the environment, and a MASTER_PORT there would put every job of a node on one port
+    leftovers = {"MASTER_PORT": "1", "MASTER_ADDR": "elsewhere", "RANK": "7", "WORLD_SIZE": "9"}
     res = submit(SMOKE, "-c", "local_slurm", "--set", "resources.nodes=2", "--set", f"name={uname}",
-                 "--set", f"outputs.logs_dir={tmp_path}", "--wait")
+                 "--set", f"outputs.logs_dir={tmp_path}", "--wait", env=leftovers)
     run_dir = run_folder(res.stdout)
     tasks = task_records(run_dir)
     assert sorted(t["rank"] for t in tasks) == [0, 1]
     assert {t["world_size"] for t in tasks} == {2}
     assert sorted(t["host"] for t in tasks) == ["n1", "n2"]
     assert tasks[0]["result"]["context"]["hostnames"] == ["n1", "n2"]
+    job = record(run_dir)["steps"][0]["job_ids"][0]
+    assert {t["result"]["master"] for t in tasks} == {f"n1:{master_port_for(job)}"}
 
 
 def test_array_of_five_with_throttle(slurm, uname, tmp_path):

@@ -43,6 +43,7 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
     env_sha = {k: hashlib.sha256(os.environ[k].encode()).hexdigest() if k in os.environ else None
                for k in cfg.report_env}  # digests only: a secret's value never reaches a log or a result
     return {"message": cfg.message, "context": context_dict(ctx), "slurm": slurm, "pid": os.getpid(),
+            "master": f"{ctx.dist.master_addr}:{ctx.dist.master_port}",   # the rendezvous address the ranks would use
             "env_sha256": env_sha}
 
 

@@ -3,8 +3,10 @@ run, and the submission of a step (arrays through `map_array`, one call per chun
 dependencies through submitit's `dependency` parameter)."""
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import submitit
 from submitit.slurm.slurm import _make_sbatch_string
@@ -89,6 +91,22 @@ def render(plan: "Plan") -> dict[str, list[str]]:
     return out
 
 
+# What torchrun / an earlier in-process run leaves in a shell: sbatch exports the submitter's environment into the
+# job, where a MASTER_PORT would make every job on a node listen on one port (core.scheduler.slurm.env honours it)
+RANK_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK")
+
+
+@contextmanager
+def without_rank_variables() -> Iterator[None]:
+    """Submit with the rank variables of this process removed from the environment sbatch exports; the task sets
+    its own from Slurm's (a spec that wants a fixed port says so in its env: section, which the job itself sets)."""
+    saved = {k: os.environ.pop(k) for k in RANK_VARIABLES if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def submit_step(plan: "Plan", step: "Step", root: Optional[str], deps: list[str], make_entry, hold: bool = False,
                 held: Optional[list[str]] = None) -> tuple[list, str]:
     """Submit one step; returns (jobs, run folder template used). The first chunk's array id names the run folder
@@ -100,13 +118,15 @@ def submit_step(plan: "Plan", step: "Step", root: Optional[str], deps: list[str]
     entry = make_entry(step, run_dir)
     held = held if held is not None else []
     if not step.is_array:
-        job = ex.submit(entry)
+        with without_rank_variables():
+            job = ex.submit(entry)
         held += [job.job_id] if hold else []
         return [job], run_dir
     jobs: list = []
     for a, b in step.chunks:
         idx = list(range(a, b))
-        chunk = ex.map_array(entry, idx, [step.task_items[i] for i in idx])
+        with without_rank_variables():
+            chunk = ex.map_array(entry, idx, [step.task_items[i] for i in idx])
         jobs += chunk
         held += [chunk[0].job_id.split("_")[0]] if hold and chunk else []
         if root is None:
