@@ -46,7 +46,7 @@ def tiny_internvl(tmp_path_factory):
 def data_args(paths, fmt="folders"):
     return ("--set", "data.make_synthetic=false", "--set", f"data.format={fmt}",
             "--set", f"data.path={paths['slices']}", "--set", f"data.labels_csv={paths['labels_csv']}",
-            "--set", f"data.meta={paths['meta']}")
+            "--set", f"data.meta={paths['meta']}", "--set", "data.meta_splits=null")
 
 
 def vitp_args(paths, name, *extra, fmt="folders"):
