@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from conftest import cli, record, run_folder
+from core.scheduler import master_port_for
 
 
 def test_local_smoke_runs_and_reports(tmp_path, uname):
@@ -19,11 +20,14 @@ def test_local_smoke_runs_and_reports(tmp_path, uname):
 
 
 def test_local_two_nodes_become_two_processes_and_array_with_merge(tmp_path, uname):
+    # rank variables left in the submitter's environment (an in-process run, torchrun habits) stay out of the tasks
     res = cli("submit", "jobs/tiny/smoke.yaml", "--set", "resources.nodes=2", "--set", f"name={uname}",
-              "--set", f"outputs.logs_dir={tmp_path}")
+              "--set", f"outputs.logs_dir={tmp_path}", env={"MASTER_PORT": "1", "RANK": "5", "WORLD_SIZE": "9"})
     assert res.returncode == 0, res.stderr
     tasks = [json.loads(p.read_text()) for p in (run_folder(res.stdout) / "tasks").glob("*.json")]
     assert sorted(t["rank"] for t in tasks) == [0, 1] and {t["world_size"] for t in tasks} == {2}
+    job = record(run_folder(res.stdout))["steps"][0]["job_ids"][0]
+    assert {t["result"]["master"] for t in tasks} == {f"127.0.0.1:{master_port_for(job)}"}
     res = cli("submit", "jobs/tiny/smoke_array.yaml", "--set", "resources.array.items=5", "--set", f"name={uname}a",
               "--set", f"outputs.logs_dir={tmp_path}")
     assert res.returncode == 0, res.stderr

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import re
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 
 class DistEnvError(RuntimeError):
@@ -46,3 +47,20 @@ def single_process() -> DistEnv:
     """One process, no scheduler: rank 0 of 1 on this host."""
     return DistEnv(0, 1, 0, 1, 0, 1, "127.0.0.1", master_port_for(str(os.getpid())), str(os.getpid()),
                    (socket.gethostname(),))
+
+
+# What torchrun habits or an earlier in-process run leave in the submitter's environment. A submitted task inherits
+# that environment (sbatch exports it; the local executor's processes copy it), and both backends' dist_env honour
+# MASTER_PORT: a leftover would put every job of a node on one port.
+RANK_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK")
+
+
+@contextmanager
+def without_rank_variables() -> Iterator[None]:
+    """Submit with this process's rank variables out of the environment the task inherits; the task sets its own
+    (a spec that wants a fixed port says so in its env: section, which the task itself sets)."""
+    saved = {k: os.environ.pop(k) for k in RANK_VARIABLES if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)

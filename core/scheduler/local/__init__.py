@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from core.scheduler.base import Scheduler
-from core.scheduler.task_env import DistEnv, master_port_for
+from core.scheduler.task_env import DistEnv, master_port_for, without_rank_variables
 
 
 class Local(Scheduler):
@@ -31,13 +31,15 @@ class Local(Scheduler):
                              signal_delay_s=c.signal_s_before_timeout, stderr_to_stdout=True)
         entry = make_entry(step, run_dir)
         if not step.is_array:
-            return [ex.submit(entry)], run_dir
+            with without_rank_variables():
+                return [ex.submit(entry)], run_dir
         jobs: list = []
         for a, b in step.chunks:  # no scheduler to throttle: run `parallelism` tasks at a time
             idx = list(range(a, b))
             width = step.parallelism or os.cpu_count() or 1
             for s in range(0, len(idx), width):
-                batch = ex.map_array(entry, idx[s:s + width], [step.task_items[i] for i in idx[s:s + width]])
+                with without_rank_variables():
+                    batch = ex.map_array(entry, idx[s:s + width], [step.task_items[i] for i in idx[s:s + width]])
                 for j in batch:
                     j.wait()
                 jobs += batch

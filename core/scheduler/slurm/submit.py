@@ -3,15 +3,14 @@ run, and the submission of a step (arrays through `map_array`, one call per chun
 dependencies through submitit's `dependency` parameter)."""
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import submitit
 from submitit.slurm.slurm import _make_sbatch_string
 
 from core import registry, run_folder
+from core.scheduler.task_env import without_rank_variables
 
 if TYPE_CHECKING:
     from core.plan import Plan, Step
@@ -89,22 +88,6 @@ def render(plan: "Plan") -> dict[str, list[str]]:
                                 **{**ex.parameters, **({"map_count": n} if n else {})})
             for n in sizes]
     return out
-
-
-# What torchrun / an earlier in-process run leaves in a shell: sbatch exports the submitter's environment into the
-# job, where a MASTER_PORT would make every job on a node listen on one port (core.scheduler.slurm.env honours it)
-RANK_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK")
-
-
-@contextmanager
-def without_rank_variables() -> Iterator[None]:
-    """Submit with the rank variables of this process removed from the environment sbatch exports; the task sets
-    its own from Slurm's (a spec that wants a fixed port says so in its env: section, which the job itself sets)."""
-    saved = {k: os.environ.pop(k) for k in RANK_VARIABLES if k in os.environ}
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
 
 
 def submit_step(plan: "Plan", step: "Step", root: Optional[str], deps: list[str], make_entry, hold: bool = False,
