@@ -32,7 +32,7 @@ def host_copy(obj: Any, pin: bool = False, buffer: Optional[Callable[[Any], Any]
     if isinstance(obj, torch.Tensor):
         t = obj.detach()
         out = buffer(t) if buffer is not None else torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
-        out.copy_(t, non_blocking=pin and t.device.type != "cpu")
+        out.copy_(t)   # blocking: the copy is complete (a DMA into pinned memory on a device) when save returns
         return out
     if isinstance(obj, dict):
         copied = {k: host_copy(v, pin, buffer) for k, v in obj.items()}
@@ -101,11 +101,6 @@ class BackgroundWriter(TorchCheckpointEngine):
         t0 = time.perf_counter()
         self.buffers.start(path)
         snapshot = host_copy(state_dict, self.pin, self.buffers)
-        if self.pin:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
         self.copy_seconds += time.perf_counter() - t0
         self._queue.put(("file", snapshot, str(path)))
 
