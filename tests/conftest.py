@@ -158,6 +158,15 @@ def new_jobs(mark: int, name: str | None = None) -> dict[int, set[tuple[str, str
             if j > mark and any(w == str(REPO) and (name is None or n.startswith(name)) for n, w in seen)}
 
 
+def log_tails(run_dir: Path, lines: int = 25) -> str:
+    """The last lines of every task log of a run: what a failed fixture run's assertion shows (CI keeps nothing else)."""
+    parts = []
+    for p in sorted(Path(run_dir).rglob("*_log.*")):
+        if p.is_file():
+            parts.append(f"==> {p} <==\n" + "\n".join(p.read_text(errors="replace").splitlines()[-lines:]))
+    return "\n".join(parts) or f"no task logs under {run_dir}"
+
+
 def final_state(job_id: str, timeout: float = 900) -> str:
     """The job's state once it is over, after any requeues (sacct shows the newest run of a job)."""
     t0 = time.time()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (cli, final_state, job_mark, losses, new_jobs, rank0_result, record, requeue_once_checkpointed,
+from conftest import (cli, final_state, job_mark, losses, new_jobs, rank0_result, record, requeue_once_checkpointed, log_tails,
                       submit_run)
 
 SPEC = "jobs/tiny/blip_medtrinity.yaml"
@@ -125,7 +125,7 @@ STEPS = ("--set", "train.steps=120", "--set", "train.checkpoint_every=40")
 @pytest.fixture(scope="module")
 def zero2(slurm, workdir):
     run_dir, job = submit_run(*args(workdir, "blip_z2", *TWO_NODES, *STEPS), timeout=600)
-    assert final_state(job) == "COMPLETED", list((run_dir / "submitit").glob("*log.out"))
+    assert final_state(job) == "COMPLETED", log_tails(run_dir)
     return run_dir
 
 
@@ -185,7 +185,7 @@ def test_requeue_resumes_exactly(zero2, workdir):
     run_dir, job = submit_run(*args(workdir, "blip_requeue", *TWO_NODES, *STEPS, "--set", "caption.evaluate=false"),
                               timeout=600)
     requeue_once_checkpointed(run_dir, job)
-    assert final_state(job) == "COMPLETED"
+    assert final_state(job) == "COMPLETED", log_tails(run_dir)
     result = rank0_result(run_dir)
     assert result["start_step"] > 0 and result["restart_count"] >= 1
     got, ref = losses(run_dir), losses(zero2)
@@ -197,7 +197,7 @@ def test_zero3_two_ranks_train_and_caption(slurm, workdir):
     run_dir, job = submit_run(*args(workdir, "blip_z3", *TWO_NODES, "--set", "deepspeed.stage=3",
                                     "--set", "train.steps=80", "--set", "train.checkpoint_every=40",
                                     "--set", "caption.baseline_eval=false"), timeout=600)
-    assert final_state(job) == "COMPLETED"
+    assert final_state(job) == "COMPLETED", log_tails(run_dir)
     got = losses(run_dir)
     assert len(got) == 80 and sum(v for _, v in got[-10:]) < 0.7 * sum(v for _, v in got[:10])
     metrics = json.loads((run_dir / "results" / "metrics.json").read_text())

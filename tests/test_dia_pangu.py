@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (cli, final_state, job_mark, new_jobs, rank0_result, record, requeue_once_checkpointed,
+from conftest import (cli, final_state, job_mark, new_jobs, rank0_result, record, requeue_once_checkpointed, log_tails,
                       run_folder, submit_run)
 
 SPEC = "jobs/tiny/dia_pangu.yaml"
@@ -235,7 +235,7 @@ def dia_args(workdir, name, *extra):
 @pytest.fixture(scope="module")
 def trained(slurm, workdir):
     run_dir, job = submit_run(*dia_args(workdir, "dia", "--set", "train.steps=60", "--set", "train.checkpoint_every=30"))
-    assert final_state(job) == "COMPLETED", (run_dir / "submitit").glob("*log.out")
+    assert final_state(job) == "COMPLETED", log_tails(run_dir)
     return run_dir
 
 
@@ -277,7 +277,7 @@ def test_requeue_in_the_middle_resumes_and_results_have_one_row_per_case(slurm, 
     run_dir, job = submit_run(*dia_args(workdir, "dia_requeue", "--set", "train.steps=60",
                                         "--set", "train.checkpoint_every=10"))
     requeue_once_checkpointed(run_dir, job, timeout=300)
-    assert final_state(job) == "COMPLETED"
+    assert final_state(job) == "COMPLETED", log_tails(run_dir)
     res = rank0_result(run_dir)
     assert res["start_step"] > 0 and res["steps"] == 60 and res["restart_count"] >= 1
     ids = [r["ID"] for r in csv.DictReader((run_dir / "results" / "dia-pangu.csv").open())]

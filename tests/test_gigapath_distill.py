@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (cli, final_state, losses, rank0_result, record, run_folder, sacct_states, submit, task_records,
+from conftest import (cli, final_state, losses, rank0_result, record, run_folder, sacct_states, submit, task_records, log_tails,
                       wait_terminal)
 
 SPEC = "jobs/tiny/gigapath_distill.yaml"
@@ -581,7 +581,7 @@ def reference(slurm, data):
     """Features array (4 tasks of 3 slides) -> 2-rank ZeRO-2 training on n1 + n2 -> evaluation and export."""
     run_dir = run_folder(submit(*gpd_args(data, "gpd_ref")).stdout)
     job = steps_of(run_dir)["main"]["job_ids"][0]
-    assert final_state(job) == "COMPLETED", sorted((run_dir / "submitit").glob("*log.out"))
+    assert final_state(job) == "COMPLETED", log_tails(run_dir)
     return run_dir
 
 

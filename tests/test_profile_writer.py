@@ -3,9 +3,7 @@ every value saying where it came from; it validates and plans every tiny spec ex
 profile does."""
 from __future__ import annotations
 
-from pathlib import Path
 
-import pytest
 
 from conftest import REPO, cli
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli, final_state, losses, rank0_result, record, run_folder, submit, submit_run
+from conftest import cli, final_state, losses, rank0_result, record, run_folder, log_tails, submit, submit_run
 
 SPEC = "jobs/tiny/pangu_lm.yaml"
 STEPS = 240
@@ -49,7 +49,7 @@ def assert_same_losses(run_dir: Path, reference: list[tuple[int, float]]):
 def reference(slurm, tiny_pangu, logs):
     """An uninterrupted 2-rank ZeRO-2 fp32 run: the losses every interrupted run must reproduce."""
     run_dir, job = submit_run(*common(tiny_pangu, logs, "ref"))
-    assert final_state(job) == "COMPLETED"
+    assert final_state(job) == "COMPLETED", log_tails(run_dir)
     return run_dir, losses(run_dir)
 
 
@@ -74,7 +74,7 @@ def test_zero2_two_nodes_loss_goes_down_and_both_ranks_report(reference):
 def test_zero3_bf16_two_nodes_trains(slurm, tiny_pangu, logs):
     run_dir, job = submit_run(*common(tiny_pangu, logs, "z3", "--set", "deepspeed.stage=3",
                                   "--set", "deepspeed.precision=bf16", "--set", "train.steps=40"))
-    assert final_state(job) == "COMPLETED"
+    assert final_state(job) == "COMPLETED", log_tails(run_dir)
     loss = [l for _, l in losses(run_dir)]
     assert len(loss) == 40 and sum(loss[-5:]) / 5 < sum(loss[:5]) / 5 - 0.2
     meta = json.loads((run_dir / "checkpoints" / "step00000040" / "COMPLETE").read_text())
@@ -87,7 +87,7 @@ def test_scontrol_requeue_resumes_exactly(reference, tiny_pangu, logs):
     run_dir, job = submit_run(*common(tiny_pangu, logs, "requeue"))
     wait_for(lambda: (run_dir / "checkpoints" / "latest").exists(), what="a first checkpoint")
     subprocess.run(["scontrol", "requeue", job], check=True)
-    assert final_state(job) == "COMPLETED"
+    assert final_state(job) == "COMPLETED", log_tails(run_dir)
     res = rank0_result(run_dir)
     assert res["start_step"] > 0 and res["steps"] == STEPS
     assert_same_losses(run_dir, reference[1])
@@ -98,7 +98,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(reference, t
     wait_for(lambda: (run_dir / "metrics.csv").exists() and len(losses(run_dir)) > 15, what="training to start")
     # the signal Slurm sends before the time limit (--signal=USR2@N), delivered to every task of the step
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
-    assert final_state(job) == "COMPLETED"
+    assert final_state(job) == "COMPLETED", log_tails(run_dir)
     log = next((run_dir / "submitit").glob(f"{job}_0_log.out")).read_text()
     assert "received SIGUSR2" in log and "requeue" in log
     res = rank0_result(run_dir)
@@ -166,7 +166,7 @@ def test_zero_to_fp32_output_loads_into_the_hf_model_strictly(reference, tiny_pa
 
 def test_incomplete_checkpoints_stop_the_run_and_fresh_moves_them_aside(slurm, tiny_pangu, logs):
     run_dir, job = submit_run(*common(tiny_pangu, logs, "corrupt", "--set", "train.steps=20"))
-    assert final_state(job) == "COMPLETED"
+    assert final_state(job) == "COMPLETED", log_tails(run_dir)
     ck = run_dir / "checkpoints"
     # a save that never completed: no marker. Remove the complete ones so only the broken one is left.
     for d in ck.glob("step*"):
@@ -189,7 +189,7 @@ def test_incomplete_checkpoints_stop_the_run_and_fresh_moves_them_aside(slurm, t
 
 def test_truncated_complete_checkpoint_is_a_clear_error(slurm, tiny_pangu, logs):
     run_dir, job = submit_run(*common(tiny_pangu, logs, "trunc", "--set", "train.steps=20"))
-    assert final_state(job) == "COMPLETED"
+    assert final_state(job) == "COMPLETED", log_tails(run_dir)
     victim = run_dir / "checkpoints" / "step00000020" / "mp_rank_00_model_states.pt"
     victim.write_bytes(victim.read_bytes()[:1000])
     cli("submit", *common(tiny_pangu, logs, "trunc", "--set", "train.steps=30"), "--resume", str(run_dir))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, cli, final_state, losses, rank0_result, requeue_once_checkpointed, run_folder, submit_run
+from conftest import REPO, cli, final_state, losses, rank0_result, requeue_once_checkpointed, run_folder, submit_run, log_tails
 
 SPEC = "jobs/tiny/vitp_lung.yaml"
 FULL = "jobs/vitp_lung.yaml"
@@ -66,7 +66,7 @@ def read_csv(path: Path) -> list[dict]:
 def trained(slurm, dataset):
     """One 2-rank ZeRO-3 run (n1 + n2) on the folders format: the reference every other run is compared with."""
     run_dir, job = submit_run(*vitp_args(dataset, "vitp_ref"))
-    assert final_state(job) == "COMPLETED", sorted((run_dir / "submitit").glob("*log.out"))
+    assert final_state(job) == "COMPLETED", log_tails(run_dir)
     return run_dir
 
 
@@ -625,7 +625,7 @@ def test_scontrol_requeue_resumes_exactly_on_the_vitp_format(trained, dataset):
     `scontrol requeue` once a checkpoint exists: every step once, the reference's losses and predictions."""
     run_dir, job = submit_run(*vitp_args(dataset, "vitp_requeue", fmt="vitp"))
     requeue_once_checkpointed(run_dir, job)
-    assert final_state(job) == "COMPLETED"
+    assert final_state(job) == "COMPLETED", log_tails(run_dir)
     res = rank0_result(run_dir)
     assert 0 < res["start_step"] < STEPS and res["steps"] == STEPS and res["restart_count"] >= 1
     got, ref = losses(run_dir), losses(trained)

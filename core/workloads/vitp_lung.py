@@ -241,8 +241,7 @@ def check_spec(spec: JobSpec) -> None:
     if d.format != "vitp" and (d.meta_splits or d.patient_pattern):
         raise FieldError("data.meta_splits" if d.meta_splits else "data.patient_pattern",
                          "applies to data.format vitp (the lab's meta json + jsonl)")
-    need = ("path", "labels_csv") if d.format == "folders" else ("meta",)
-    for name in need:
+    for name in format_inputs(d):
         if not getattr(d, name):
             what = {"path": "the folder of patient folders", "labels_csv": "the patient_id,label CSV",
                     "meta": "the ViTP meta json"}[name]
@@ -314,13 +313,18 @@ def plan(spec: JobSpec, resume_dir: Optional[Path] = None) -> Shape:
     if spec.data.make_synthetic:
         return Shape(items=None, merge=False, notes=[f"synthetic dataset: written under {synthetic_root(spec.data)} "
                                                      f"on first use"], problems=problems)
-    absent = [(f"data.{n}", f"{getattr(spec.data, n)}: not on this machine") for n in ("path", "labels_csv", "meta")
-              if getattr(spec.data, n) and _absent(getattr(spec.data, n))]
+    absent = [(f"data.{n}", f"{getattr(spec.data, n)}: not on this machine") for n in format_inputs(spec.data)
+              if _absent(getattr(spec.data, n))]
     if absent:   # away from the data: the plan still prints, then every missing input is listed
         return Shape(items=None, merge=False, notes=["dataset: not on this machine (patients and splits unknown "
                                                      "here)"], problems=problems + absent)
     found, splits = read_dataset(spec)
     return Shape(items=None, merge=False, notes=describe(spec, found, splits), problems=problems)
+
+
+def format_inputs(d) -> tuple[str, ...]:
+    """The data fields data.format reads (the others are ignored, wherever they point)."""
+    return ("path", "labels_csv") if d.format == "folders" else ("meta",)
 
 
 def _absent(path) -> bool:
