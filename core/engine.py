@@ -24,6 +24,7 @@ from core.checkpoint import CheckpointManager, ResumePoint
 from core.runtime import (PREEMPT, Accelerator, DistEnv, TaskContext, activate, check_rendezvous, init_distributed,
                           requeue, resolve_accelerator, restart_count, torch_dtype)
 from core.config import DeepSpeedSpec, JobSpec
+from core.model_sizes import lr_group_of
 
 log = logging.getLogger("engine")
 T = TypeVar("T")
@@ -211,14 +212,6 @@ def no_decay_names(model) -> set[str]:
     return {n for n, _ in model.named_parameters() if n in in_layernorm or any(p.search(n.lower()) for p in patterns)}
 
 
-def _group_of(name: str, patterns: list[str]) -> Optional[str]:
-    """The most specific train.lr_groups pattern that names a module above this parameter (whole path components)."""
-    import re
-
-    hits = [p for p in patterns if re.search(rf"(?:^|\.){re.escape(p)}\.", name)]
-    return max(hits, key=len) if hits else None
-
-
 def param_groups(model, train) -> list[dict]:
     """AdamW parameter groups from the spec: train.lr for the rest, train.lr_groups' rate for the parameters under a
     named module, and (unless train.decay_norms_and_biases) weight decay 0 for biases and norm weights. Only
@@ -231,7 +224,7 @@ def param_groups(model, train) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        pattern = _group_of(name, patterns)
+        pattern = lr_group_of(name, patterns)
         used.add(pattern)
         decay = 0.0 if name in exempt else train.weight_decay
         key = (pattern or "", decay == 0.0 and bool(train.weight_decay))

@@ -30,6 +30,8 @@ class ModelSize:
     vocab: int
     trainable: Optional[int] = None   # with a peft: section, what the adapters train (None: model.trainable)
     weight_bytes: Optional[float] = None  # bytes per frozen weight when the base is quantized (4bit 0.5, 8bit 1)
+    param_names: tuple[str, ...] = ()     # what train.lr_groups may name: the adapters' parameters with a peft:
+    #                                       section, else every parameter (the workload freezes its own parts later)
 
 
 QUANTIZED_BYTES = {"4bit": 0.5, "8bit": 1.0}
@@ -48,7 +50,22 @@ def size_of(model, *, layers: int, hidden: int, heads: int, vocab: int, peft=Non
     total = sum(p.numel() for p in model.parameters())
     largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
     weight_bytes = QUANTIZED_BYTES[peft.quantize] if peft is not None and peft.quantize else None
-    return ModelSize(int(total), int(largest), layers, hidden, heads, vocab, trainable, weight_bytes)
+    names = tuple(n for n, p in model.named_parameters() if peft is None or p.requires_grad)
+    return ModelSize(int(total), int(largest), layers, hidden, heads, vocab, trainable, weight_bytes, names)
+
+
+def lr_group_of(name: str, patterns) -> Optional[str]:
+    """The most specific train.lr_groups pattern that names a module above parameter `name` (whole path
+    components: 'mm_projector' matches 'model.mm_projector.0.weight', not 'mm_projector2.weight')."""
+    import re
+
+    hits = [p for p in patterns if re.search(rf"(?:^|\.){re.escape(p)}\.", name)]
+    return max(hits, key=len) if hits else None
+
+
+def unused_lr_groups(patterns, names) -> list[str]:
+    """The train.lr_groups patterns that name no module above any of `names`."""
+    return [p for p in patterns if not any(lr_group_of(n, [p]) is not None for n in names)]
 
 
 def model_config(path: Optional[str], preset: Optional[str]) -> Optional[dict]:

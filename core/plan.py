@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from core import registry, scheduler
 from core.config import FILE_REF, Cluster, FieldError, JobSpec, SpecError, secret_file_problem
+from core.model_sizes import unused_lr_groups
 
 
 @dataclass
@@ -99,6 +100,14 @@ def _memory(spec: JobSpec, cluster: Cluster, tasks_per_node: int):
     size = builder(spec)
     if size is None:
         return None
+    groups = spec.train.lr_groups if spec.train is not None else {}
+    unused = unused_lr_groups(groups, size.param_names) if size.param_names else []
+    if unused:
+        owners = sorted({n.rsplit(".", 1)[0] for n in size.param_names})
+        what = "the adapters' modules" if spec.peft is not None else "the model's modules"
+        raise FieldError("train.lr_groups", f"{unused} name no module above a trainable parameter of the model "
+                                            f"{spec.workload} builds; give a module name or dotted path, e.g. of "
+                                            f"{what}: {_sample(owners)}")
     t = spec.model.trainable
     trainable = size.trainable if size.trainable is not None and t == "all" else \
         size.total if t == "all" else 0 if t == "none" else int(t)
@@ -109,6 +118,14 @@ def _memory(spec: JobSpec, cluster: Cluster, tasks_per_node: int):
                     offload_param=ds.offload_param, devices_per_node=tasks_per_node, nodes=spec.resources.nodes,
                     seq=spec.model.seq_len, micro_batch=ds.micro_batch, checkpointing=checkpointing(spec),
                     device_gib=cluster.device_mem_gb if cluster.accelerator != "cpu" else None)
+
+
+def _sample(names: list[str], n: int = 8) -> str:
+    """A few distinct names spread over the model (first, middle, last), not the first n of one block."""
+    if len(names) <= n:
+        return ", ".join(names)
+    step = (len(names) - 1) / (n - 1)
+    return ", ".join(names[round(i * step)] for i in range(n)) + f" ({len(names)} in all)"
 
 
 def checkpoint_host_bytes(trainable: int, tasks_per_node: int, world: int) -> float:

@@ -97,3 +97,17 @@ def test_two_lr_groups_reach_the_optimizer_and_survive_a_resume(tiny_pangu, tmp_
     changed = spec_for(tiny_pangu, tmp_path, *sets[:2], "train.lr_groups={lm_head: 0.001}", *sets[3:])
     with pytest.raises(ValueError, match="train.lr_groups: checkpoint step00000004"):
         run_here(changed, run_dir)
+
+
+def test_the_dry_run_refuses_an_lr_group_that_names_no_module():
+    """The planner counts the model on the meta device: a pattern that names no module above a trainable parameter
+    is refused before anything is submitted, with real module paths to choose from; a real one plans."""
+    from conftest import cli
+
+    bad = cli("submit", "jobs/tiny/pangu_lm.yaml", "--dry-run", "--no-preflight", "--set", "train.lr_groups.mm_projector=2e-5")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert ("error: jobs/tiny/pangu_lm.yaml: train.lr_groups: ['mm_projector'] name no module above a trainable "
+            "parameter of the model lm_finetune builds; give a module name or dotted path, e.g. of the model's "
+            "modules: lm_head, model.layers.0.mlp.up_proj") in bad.stderr
+    good = cli("submit", "jobs/tiny/pangu_lm.yaml", "--dry-run", "--no-preflight", "--set", "train.lr_groups.lm_head=2e-5")
+    assert good.returncode == 0, good.stderr
