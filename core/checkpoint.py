@@ -191,6 +191,8 @@ class CheckpointManager:
         writer.save(rng_state(), str(staging / tag / f"rng_rank{self.rank}.pt"))
         self.last_stall = writer.copy_seconds
         mark = staging / tag / f".written_rank{self.rank}"
+        failed = staging / tag / f".failed_rank{self.rank}"
+        writer.on_error = lambda e: write_text_atomic(failed, f"{type(e).__name__}: {e}"[:500], fsync=True)
         writer.then(lambda: write_text_atomic(mark, str(step), fsync=True))
         if self.rank == 0:
             writer.then(lambda: self._finalize_when_written(tag, info))
@@ -243,11 +245,17 @@ class CheckpointManager:
         engine.checkpoint_engine = writer if writer is not None else own
 
     def _finalize_when_written(self, tag: str, info: dict, timeout: float = 3600.0) -> None:
-        """Rank 0's writer thread: wait for every rank's `.written_rank<R>` mark, then finalise. A rank that died
-        mid-write never marks: the checkpoint stays in .staging and `latest` keeps naming the previous one."""
+        """Rank 0's writer thread: wait for every rank's `.written_rank<R>` mark, then finalise. A rank whose write
+        failed marks `.failed_rank<R>` (rank 0 stops at once and says which); a rank that died mid-write never marks:
+        either way the checkpoint stays in .staging and `latest` keeps naming the previous one."""
         folder = self.root / ".staging" / tag
         t0 = time.time()
         while not all((folder / f".written_rank{r}").is_file() for r in range(self.world_size)):
+            failed = sorted(folder.glob(".failed_rank*"))
+            if failed:
+                why = failed[0].read_text(errors="replace").strip()
+                raise CheckpointError(f"{folder}: rank {failed[0].name.removeprefix('.failed_rank')} could not write "
+                                      f"its part ({why}); `latest` still names the last complete checkpoint")
             if time.time() - t0 > timeout:
                 raise CheckpointError(f"{folder}: not every rank finished writing within {timeout:.0f} s")
             time.sleep(0.05)

@@ -95,6 +95,9 @@ class BackgroundWriter(TorchCheckpointEngine):
         self.buffers = HostBuffers(pin_memory)
         self.copy_seconds = 0.0     # host copies of the checkpoint being saved (the stall)
         self.write_seconds = 0.0    # background writes of the last finished checkpoint
+        # called on the writer thread with the first error of a save (the manager marks the rank failed, so rank 0
+        # stops waiting for a mark that will never come)
+        self.on_error: Optional[Callable[[BaseException], None]] = None
 
     # DeepSpeed's checkpoint-engine interface -----------------------------------------------------------------
     def save(self, state_dict, path: str):
@@ -144,7 +147,12 @@ class BackgroundWriter(TorchCheckpointEngine):
                         self.write_seconds, started = time.perf_counter() - started, None
             except BaseException as e:  # kept for wait(): the training thread decides what a failed write means
                 log.error("background checkpoint write failed: %s: %s", type(e).__name__, e)
-                self._error = e
+                first, self._error = self._error is None, e
+                if first and self.on_error is not None:
+                    try:
+                        self.on_error(e)
+                    except Exception as mark_error:  # the original error is the one wait() raises
+                        log.error("could not mark the failed write: %s", mark_error)
             finally:
                 del payload
                 self._queue.task_done()
