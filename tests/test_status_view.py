@@ -24,6 +24,7 @@ SQUEUE = """\
 205_1|arr|RUNNING|0:05|1|n1|2026-12-06T10:00:00|run={arr}
 206|arr-merge|PENDING|0:00|1|(Dependency)|N/A|run={arr}
 207|big|PENDING|0:00|2|(Resources)|2026-12-06T11:30:00|(null)
+300|again|PENDING|0:00|1|(BeginTime)|N/A|(null)
 """
 SACCT = """\
 100|train|REQUEUED|0:0|00:10:00|1|g1|600|billing=8,cpu=64,gres/gpu=8,node=1|2026-12-05T08:00:00|2026-12-05T08:10:00|run={train}
@@ -33,6 +34,8 @@ SACCT = """\
 150_2|bad|COMPLETED|0:0|00:00:30|1|n2|30|billing=1,cpu=1,node=1|2026-12-05T10:00:00|2026-12-05T10:00:30|run={bad}
 205_0|arr|COMPLETED|0:0|00:00:10|1|n1|10|billing=1,cpu=1,node=1|2026-12-06T09:59:00|2026-12-06T09:59:10|run={arr}
 205_1|arr|RUNNING|0:0|00:00:05|1|n1|5|billing=1,cpu=1,node=1|2026-12-06T10:00:00|Unknown|run={arr}
+300|again|NODE_FAIL|0:0|00:05:00|1|n2|300|billing=1,cpu=1,node=1|2026-12-06T09:00:00|2026-12-06T09:05:00|(null)
+300|again|PENDING|0:0|00:00:00|1|None assigned|0|billing=1,cpu=1,node=1|Unknown|Unknown|(null)
 """
 
 LOG_OK = ("submitit INFO (2026-12-05 10:00:00,000) - Starting with JobEnvironment(job_id={t})\n[smoke] array item\n"
@@ -80,6 +83,8 @@ def test_pending_reasons_in_plain_words_with_the_expected_start(recorded):
     assert rows["207"].why.startswith("not enough free nodes") and rows["207"].expected_start == "2026-12-06T11:30:00"
     assert rows["205"].state == "RUNNING" and "throttle" in rows["205"].why  # the pending tasks' reason
     assert rows["207"].run_dir == ""  # (null): not ours
+    # requeued after a node failure and waiting again: the old attempt's NODE_FAIL is history, not its state
+    assert rows["300"].state == "PENDING" and [a.state for a in rows["300"].attempts] == ["NODE_FAIL", "PENDING"]
     for code in ("Priority", "Resources", "Dependency", "DependencyNeverSatisfied", "QOSMaxGRESPerUser",
                  "ReqNodeNotAvail", "AssocGrpGRES", "BeginTime", "JobHeldUser", "PartitionDown"):
         assert explain(f"({code})") != code and explain(code)[0].islower()

@@ -116,7 +116,7 @@ def merge_rows(live: str, acct: str) -> list[JobRow]:
             elif state in RUNNING and not r.why:
                 r.reason = reason
             r.run_dir = r.run_dir or _folder(comment)
-    last: dict[str, Attempt] = {}
+    newest: dict[str, tuple[float, str]] = {}   # task -> (start, state) of its newest accounted attempt
     for line in acct.splitlines():
         parts = line.split("|", 11)
         if len(parts) < 12:
@@ -124,21 +124,23 @@ def merge_rows(live: str, acct: str) -> list[JobRow]:
         jid, name, state, _exit, elapsed, nnodes, nodelist, raw, tres, start, end, comment = parts
         unit, count = charged(tres)
         began = _epoch(start)
+        # an attempt that has not started (a requeued job waiting again: Start=Unknown) is the newest one
+        order = began if began else float("inf")
         for task in expand_task_ids(jid):
             r = row(task)
-            if task in last:  # another attempt of a requeued task (sacct -D): the newest one says its state
-                if began >= last[task].start:
-                    r.states[task] = state
-            elif task not in r.states or category(state) in ("done", "failed"):
-                r.states[task] = state  # sacct was asked last: its terminal states are the newest news
             r.name = r.name or name
             r.seconds, r.nodes = max(r.seconds, parse_elapsed(elapsed)), r.nodes or nodelist
             r.run_dir = r.run_dir or _folder(comment)
             secs = int(raw) if raw.strip().isdigit() else parse_elapsed(elapsed)
-            attempt = Attempt(task, state.split()[0] if state else "UNKNOWN", secs, unit, count, began, _epoch(end))
-            r.attempts.append(attempt)
-            if task not in last or began >= last[task].start:
-                last[task] = attempt
+            r.attempts.append(Attempt(task, state.split()[0] if state else "UNKNOWN", secs, unit, count, began,
+                                      _epoch(end)))
+            if task not in newest or order >= newest[task][0]:
+                newest[task] = (order, state)
+    for task, (_, state) in newest.items():
+        r = row(task)
+        # the newest attempt's end is the newest news (squeue was asked first); otherwise the live view stands
+        if task not in r.states or category(state) in ("done", "failed"):
+            r.states[task] = state
     for r in rows.values():  # the first step's comment names its folder with Slurm's %A (= its own id)
         r.run_dir = r.run_dir.replace("%A", r.job_id)
     return sorted(rows.values(), key=lambda r: int(r.job_id) if r.job_id.isdigit() else 0, reverse=True)
