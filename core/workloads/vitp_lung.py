@@ -677,14 +677,14 @@ class CheckpointChooser:
         if self.session.rank != 0 or score is None:
             return
         rows = [r for r in self.rows() if r["step"] < step] + [{"step": step, **score}]
+        best = self.best(rows)["step"]
+        if best == step:   # the link first: the file never names a best that best/ does not hold yet
+            self._link(step)
         buf = io.StringIO()
         w = csv.writer(buf)
         w.writerow(["step", "patient_accuracy", "mean_logp"])
         w.writerows([[r["step"], repr(r["patient_accuracy"]), repr(r["mean_logp"])] for r in rows])
         write_text_atomic(self.path, buf.getvalue())
-        best = self.best(rows)["step"]
-        if best == step:
-            self._link(step)
         log.info("val at step %d: patient accuracy %.3f, mean log p(true) %.4f (best: step %d)", step,
                  score["patient_accuracy"], score["mean_logp"], best)
 
@@ -703,8 +703,12 @@ class CheckpointChooser:
             out.mkdir(parents=True, exist_ok=True)
             for f in files:
                 os.link(Path(d) / f, out / f)
-        shutil.rmtree(root / "best", ignore_errors=True)
+        old = root / "best.old"   # replaced by renames: a kill in between leaves best.old, which restore_best reads
+        shutil.rmtree(old, ignore_errors=True)
+        if (root / "best").exists():
+            os.rename(root / "best", old)
         os.rename(tmp, root / "best")
+        shutil.rmtree(old, ignore_errors=True)
         assert dst.is_dir()
 
     def restore_best(self, last_step: int) -> int:
@@ -715,7 +719,13 @@ class CheckpointChooser:
         if best is None or best["step"] == last_step:
             return last_step
         tag = tag_for(best["step"])
-        folder = self.session.ckpt.root / "best"
+        root = self.session.ckpt.root
+        folder = next((f for f in (root / "best", root / "best.old", root) if (f / tag / MARKER).is_file()), None)
+        if folder is None:   # a run killed while best/ was being replaced, its tag since pruned
+            if self.session.rank == 0:
+                log.warning("the best val checkpoint (step %d) is no longer on disk: evaluating the last one (%d)",
+                            best["step"], last_step)
+            return last_step
         meta = json.loads((folder / tag / MARKER).read_text())
         self.session.ckpt.load(self.engine, ResumePoint(tag, best["step"], folder, False, meta))
         if self.session.rank == 0:
