@@ -63,3 +63,19 @@ def test_datasets_cache_folder_with_hf_config(tmp_path, rows_table):
     assert rows.image(3).size == (48, 48) and rows.image(47) is None and list(rows.failed) == ["syn00047"]
     with pytest.raises(DatasetError, match="data.hf_config"):
         open_rows(str(cache))
+
+
+def test_a_config_the_snapshot_does_not_have_is_refused_not_replaced_by_every_shard(tmp_path, rows_table):
+    """data.hf_config misspelled on a snapshot with config folders: refused naming the folders there (reading every
+    parquet file instead would mix other configs' rows into training); a path is no config name."""
+    from core.config import SpecError, load_spec
+    from core.data.medtrinity import open_rows
+    from core.errors import DatasetError
+
+    snapshot = write_snapshot(tmp_path / "snap", rows_table, ["train-00000-of-00001.parquet"])
+    with pytest.raises(DatasetError, match=r"data.hf_config: '25M_dmeo' is not a folder of the snapshot .*snap; its "
+                                           r"folders with parquet shards are \['25M_demo'\]"):
+        open_rows(str(snapshot), hf_config="25M_dmeo")
+    for bad in ("../25M_demo", "/abs", ".hidden"):
+        with pytest.raises(SpecError, match=r"data.hf_config: String should match pattern"):
+            load_spec("jobs/tiny/blip_medtrinity.yaml", (f"data.hf_config={bad}",))

@@ -151,6 +151,11 @@ def _parquet_shards(p: Path, hf_config: Optional[str]) -> list[Path]:
     file under p, in name order (the hub's shard names sort in order; any other naming is read in its sort order)."""
     root = p / hf_config if hf_config and (p / hf_config).is_dir() else p
     shards = sorted(root.rglob("*.parquet"))
+    if hf_config and root == p and p.name != hf_config:
+        configs = sorted({s.relative_to(p).parts[0] for s in shards if len(s.relative_to(p).parts) > 1})
+        if configs:   # a snapshot of several configs without this one: never read the others' rows instead
+            raise DatasetError("data.hf_config", f"{hf_config!r} is not a folder of the snapshot {p}; its folders "
+                                                 f"with parquet shards are {configs[:12]}")
     train = [s for s in shards if "train" in s.name or "train" in s.parent.name]
     return train or shards
 

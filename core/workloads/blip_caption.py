@@ -48,8 +48,9 @@ class CaptionSection(Strict):
 class CaptionData(DataSpec):
     path: Optional[str] = Field(None, description="a datasets folder (save_to_disk), a hub snapshot (folder of parquet "
                                                   "shards), a datasets cache folder, a .parquet or a .jsonl file")
-    hf_config: Optional[str] = Field(None, description="the dataset config (the lab's: 25M_demo): its subfolder of a "
-                                                       "hub snapshot, its folder in a datasets cache")
+    hf_config: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$",
+                                     description="the dataset config (the lab's: 25M_demo): its subfolder of a "
+                                                 "hub snapshot, its folder in a datasets cache (a name, not a path)")
     image_column: str = "image"
     caption_column: str = "caption"
     id_column: str = "id"
