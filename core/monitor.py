@@ -418,17 +418,24 @@ def step_phase(states: dict[str, str]) -> str:
     return (own or bad)[0] if bad else "COMPLETED"
 
 
+LOST_AFTER_ROUNDS = 6   # --wait polls every 5 s: half a minute unknown to squeue and sacct alike
+
+
 def follow(sched, steps: dict[str, list[str]], out, poll_s: float = 5.0, sleep=time.sleep) -> dict[str, str]:
     """Wait for the jobs of each step (step -> job ids) to end, writing a line each time a step starts or ends;
     one scheduler query (states) per round. Returns each step's end state."""
     seen: dict[str, str] = {}
+    unseen = {name: 0 for name in steps}
     ids = [j for js in steps.values() for j in js]
     while True:
-        states, _ = sched.states(ids)
+        states, answered = sched.states(ids)
         phases = {}
         for name, js in steps.items():
             mine = {t: s for t, s in states.items() if t.split("_")[0] in js}
-            phases[name] = step_phase(mine)
+            # neither the queue nor accounting knows the jobs (purged, or accounting lost them): after a few rounds
+            # in which the queue answered, the step is LOST, not pending forever (accounting lags only seconds)
+            unseen[name] = 0 if mine else unseen[name] + 1 if answered else unseen[name]
+            phases[name] = "LOST" if unseen[name] >= LOST_AFTER_ROUNDS else step_phase(mine)
             if seen.get(name) != phases[name] and (name in seen or phases[name] != "pending"):
                 tasks = f" ({len(mine)} tasks)" if len(mine) > 1 else ""
                 word = "started" if phases[name] == "running" else f"ended {phases[name]}" \

@@ -206,6 +206,22 @@ def test_wait_prints_a_line_per_step_start_and_end():
                     "step merge: started (job 8)", "step merge: ended FAILED (job 8)"]
 
 
+def test_wait_ends_a_step_whose_jobs_neither_queue_nor_accounting_know():
+    """A job purged from accounting (or never recorded) while --wait follows it: LOST after a few answered rounds,
+    not a wait forever; rounds in which the queue did not answer do not count."""
+    calls = []
+
+    class Forgotten:
+        def states(self, ids):
+            calls.append(ids)
+            return {}, len(calls) % 2 == 0   # every other round squeue did not answer
+
+    out = io.StringIO()
+    assert monitor.follow(Forgotten(), {"main": ["9"]}, out, sleep=lambda s: None) == {"main": "LOST"}
+    assert len(calls) == 2 * monitor.LOST_AFTER_ROUNDS
+    assert out.getvalue().split(" ", 1)[1] == "step main: ended LOST (job 9)\n"
+
+
 # ---------------------------------------------------------------- through the real local Slurm
 @pytest.fixture(scope="module")
 def busy(slurm, tmp_path_factory):
