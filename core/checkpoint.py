@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from core.run_folder import write_text_atomic
+from core.run_folder import fsync_path, write_text_atomic
 from core.runtime import fault_point
 
 log = logging.getLogger("checkpoint")
@@ -272,6 +272,7 @@ class CheckpointManager:
         if final.exists():
             shutil.rmtree(final)
         os.rename(staging / tag, final)
+        fsync_path(self.root)   # the renamed folder is on disk before `latest` names it
         write_text_atomic(self.root / "latest", tag, fsync=True)
         self._prune()
 

@@ -15,9 +15,12 @@ import os
 import queue
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+from core.run_folder import atomic_path
 
 log = logging.getLogger("checkpoint")
 
@@ -70,14 +73,6 @@ class HostBuffers:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._kept.values())
-
-
-def fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class BackgroundWriter(TorchCheckpointEngine):
@@ -138,10 +133,8 @@ class BackgroundWriter(TorchCheckpointEngine):
                     started = started or time.perf_counter()
                     if kind == "file":
                         self.fault(path)
-                        tmp = f"{path}.tmp"
-                        torch.save(payload, tmp)
-                        fsync_file(tmp)
-                        os.replace(tmp, path)
+                        with atomic_path(Path(path), fsync=True) as tmp:
+                            torch.save(payload, tmp)
                     else:
                         payload()
                         self.write_seconds, started = time.perf_counter() - started, None

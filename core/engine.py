@@ -345,8 +345,9 @@ class Trainer:
     def save(self, step: int, background: bool = False) -> None:
         """Checkpoint at `step`; background=True returns after the host copy (core.checkpoint_writer). The time
         training was held goes to checkpoint_times.csv and TensorBoard's train/checkpoint_stall_s."""
+        extra = self.checkpoint_meta(step)   # a workload's own work (ViTP scores val): not the checkpoint's stall
         t0 = time.perf_counter()
-        meta = {"checksum": weights_checksum(self.engine), **self.checkpoint_meta(step)}
+        meta = {"checksum": weights_checksum(self.engine), **extra}
         client = {"step": step, "param_groups": getattr(self.engine, "group_layout", None)}
         ckpt = self.session.ckpt
         tag = ckpt.save(self.engine, step, client, meta, background=background)

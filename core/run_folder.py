@@ -41,15 +41,22 @@ def atomic_path(path: Path, fsync: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         if fsync:
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_path(tmp)
         os.replace(tmp, path)
+        if fsync:   # the rename itself is durable only once the folder's entry is (a node crash, not just a kill)
+            fsync_path(path.parent)
     finally:
         if tmp.exists() or tmp.is_symlink():
             tmp.unlink()
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a folder (its entries: what a rename into it changed)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _writer_id() -> str:

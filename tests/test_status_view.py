@@ -24,7 +24,6 @@ SQUEUE = """\
 205_1|arr|RUNNING|0:05|1|n1|2026-12-06T10:00:00|run={arr}
 206|arr-merge|PENDING|0:00|1|(Dependency)|N/A|run={arr}
 207|big|PENDING|0:00|2|(Resources)|2026-12-06T11:30:00|(null)
-300|again|PENDING|0:00|1|(BeginTime)|N/A|(null)
 """
 SACCT = """\
 100|train|REQUEUED|0:0|00:10:00|1|g1|600|billing=8,cpu=64,gres/gpu=8,node=1|2026-12-05T08:00:00|2026-12-05T08:10:00|run={train}
@@ -34,8 +33,6 @@ SACCT = """\
 150_2|bad|COMPLETED|0:0|00:00:30|1|n2|30|billing=1,cpu=1,node=1|2026-12-05T10:00:00|2026-12-05T10:00:30|run={bad}
 205_0|arr|COMPLETED|0:0|00:00:10|1|n1|10|billing=1,cpu=1,node=1|2026-12-06T09:59:00|2026-12-06T09:59:10|run={arr}
 205_1|arr|RUNNING|0:0|00:00:05|1|n1|5|billing=1,cpu=1,node=1|2026-12-06T10:00:00|Unknown|run={arr}
-300|again|NODE_FAIL|0:0|00:05:00|1|n2|300|billing=1,cpu=1,node=1|2026-12-06T09:00:00|2026-12-06T09:05:00|(null)
-300|again|PENDING|0:0|00:00:00|1|None assigned|0|billing=1,cpu=1,node=1|Unknown|Unknown|(null)
 """
 
 LOG_OK = ("submitit INFO (2026-12-05 10:00:00,000) - Starting with JobEnvironment(job_id={t})\n[smoke] array item\n"
@@ -84,7 +81,11 @@ def test_pending_reasons_in_plain_words_with_the_expected_start(recorded):
     assert rows["205"].state == "RUNNING" and "throttle" in rows["205"].why  # the pending tasks' reason
     assert rows["207"].run_dir == ""  # (null): not ours
     # requeued after a node failure and waiting again: the old attempt's NODE_FAIL is history, not its state
-    assert rows["300"].state == "PENDING" and [a.state for a in rows["300"].attempts] == ["NODE_FAIL", "PENDING"]
+    again = merge_rows("300|again|PENDING|0:00|1|(BeginTime)|N/A|(null)\n",
+                       "300|again|NODE_FAIL|0:0|00:05:00|1|n2|300|billing=1,cpu=1,node=1|2026-12-06T09:00:00|"
+                       "2026-12-06T09:05:00|(null)\n300|again|PENDING|0:0|00:00:00|1|None assigned|0|billing=1,"
+                       "cpu=1,node=1|Unknown|Unknown|(null)\n")[0]
+    assert again.state == "PENDING" and [a.state for a in again.attempts] == ["NODE_FAIL", "PENDING"]
     for code in ("Priority", "Resources", "Dependency", "DependencyNeverSatisfied", "QOSMaxGRESPerUser",
                  "ReqNodeNotAvail", "AssocGrpGRES", "BeginTime", "JobHeldUser", "PartitionDown"):
         assert explain(f"({code})") != code and explain(code)[0].islower()
@@ -238,19 +239,21 @@ def busy(slurm, tmp_path_factory):
     bad_id = record(bad)["steps"][0]["job_ids"][0]
     wait_terminal([bad_id], expect_tasks=3)
     spec = root / "study.yaml"
-    spec.write_text(f"study: {tag}st\nsteps:\n  first: {{spec: jobs/tiny/smoke.yaml, set: [smoke.sleep_s=20]}}\n"
-                    f"  second: {{spec: jobs/tiny/smoke.yaml, after: [first]}}\n")
+    go = root / "go"   # the first step runs until the tests that need it running touch this file
+    spec.write_text(f"study: {tag}st\nsteps:\n  first: {{spec: jobs/tiny/smoke.yaml, set: [smoke.sleep_s=600, "
+                    f"'smoke.release_file={go}']}}\n  second: {{spec: jobs/tiny/smoke.yaml, after: [first]}}\n")
     res = cli("submit", str(spec), *common, "--set", f"name={tag}s")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "released the 2 held jobs of this submission" in res.stdout
     study_dir = Path(next(ln for ln in res.stdout.splitlines() if ln.startswith("study folder: ")).split(": ", 1)[1])
     steps = json.loads((study_dir / "study.json").read_text())["steps"]
     _scheduled(steps["second"]["job_ids"][0])
-    return {"tag": tag, "bad": bad, "bad_id": bad_id, "study_dir": study_dir, "steps": steps,
-            "first": steps["first"]["job_ids"][0], "second": steps["second"]["job_ids"][0]}
+    yield {"tag": tag, "bad": bad, "bad_id": bad_id, "study_dir": study_dir, "steps": steps, "go": go,
+           "first": steps["first"]["job_ids"][0], "second": steps["second"]["job_ids"][0]}
+    go.touch()   # whatever the tests did: the study ends
 
 
-def _scheduled(job: str, timeout: float = 60) -> None:
+def _scheduled(job: str, timeout: float = 300) -> None:
     """Until Slurm's scheduler has looked at a fresh (or just released) job: its reason is no longer None."""
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -258,6 +261,7 @@ def _scheduled(job: str, timeout: float = 60) -> None:
         if said.strip() != "None":
             return
         time.sleep(0.5)
+    raise AssertionError(f"job {job}: Slurm's scheduler gave no reason within {timeout} s")
 
 
 def _shim(tmp_path) -> tuple[dict, Path]:
@@ -319,15 +323,11 @@ def test_status_explains_a_job_pending_for_resources_with_its_expected_start(bus
         env, log = _shim(tmp_path)
         rows = {r["job_id"]: r for r in json.loads(cli("status", "--name", uname, "--json", env=env).stdout)[0]["jobs"]}
         assert log.read_text().split() == ["squeue", "sacct"]
-        if rows[job]["state"] == "PENDING":
-            assert rows[job]["reason"] in ("(Resources)", "(Priority)")
-            assert rows[job]["why"] == explain(rows[job]["reason"]) != rows[job]["reason"]
-            text = cli("status", "--name", uname).stdout
-            assert f"pending: {rows[job]['why']}" in text
-        else:  # only when the study's first step had already ended and left the cluster free
-            from conftest import sacct_states
-
-            assert sacct_states([busy["first"]])[busy["first"]] == "COMPLETED", rows[job]
+        assert rows[job]["state"] == "PENDING"   # the study's first step holds a CPU until the last test
+        assert rows[job]["reason"] in ("(Resources)", "(Priority)")
+        assert rows[job]["why"] == explain(rows[job]["reason"]) != rows[job]["reason"]
+        text = cli("status", "--name", uname).stdout
+        assert f"pending: {rows[job]['why']}" in text
     finally:
         subprocess.run(["scancel", job], capture_output=True)
 
@@ -340,6 +340,7 @@ def test_device_hours_of_the_finished_study_and_a_failed_attempt_equal_sacct(bus
     from conftest import cli, wait_terminal
 
     ids = [busy["first"], busy["second"]]
+    busy["go"].touch()   # the first step may end now
     wait_terminal(ids)
     out = subprocess.run(["sacct", "-X", "-D", "-n", "-P", "-j", ",".join(ids + [busy["bad_id"]]), "-o",
                           "JobID,State,ElapsedRaw,AllocTRES"], capture_output=True, text=True, check=True).stdout

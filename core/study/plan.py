@@ -162,8 +162,9 @@ def describe(study: Study, planned: dict[str, PlannedStep], cluster, source: str
                         f" ({n_jobs} jobs, run one step after another by the {cluster.executor} executor)"))
     else:
         lines.append("graph: no dependencies")
-    if scheduler.for_cluster(cluster).holds and n_jobs > 1:
+    if scheduler.for_cluster(cluster).holds:   # (core.study.submit always submits a study held)
         lines.append(f"all or nothing: the {n_jobs} jobs are submitted held and released together once every one is "
-                     f"queued (a submission stopped half-way leaves nothing runnable)")
+                     f"queued (a submission stopped half-way leaves nothing runnable)" if n_jobs > 1 else
+                     "the job is submitted held and released once it is queued (as every study's jobs are)")
     return "\n".join(lines)
 

@@ -26,6 +26,8 @@ log = logging.getLogger("smoke")
 class SmokeSection(Strict):
     message: str = "hello from the smoke workload"
     sleep_s: float = Field(0.0, ge=0)
+    release_file: str = Field("", description="with sleep_s: end the sleep as soon as this file exists (tests hold "
+                                               "a step running exactly as long as they need it)")
     fail_items: list[Any] = Field(default_factory=list, description="array items that raise (to test afterok)")
     report_env: list[str] = Field(default_factory=list, description="variables whose SHA-256 the job reports")
 
@@ -33,7 +35,9 @@ class SmokeSection(Strict):
 def run(spec: JobSpec, ctx: TaskContext) -> dict:
     cfg = spec.smoke
     if cfg.sleep_s:
-        time.sleep(cfg.sleep_s)
+        end = time.monotonic() + cfg.sleep_s
+        while time.monotonic() < end and not (cfg.release_file and os.path.exists(cfg.release_file)):
+            time.sleep(min(0.5, max(end - time.monotonic(), 0)) if cfg.release_file else cfg.sleep_s)
     bad = [i for i in (ctx.items or []) if i in cfg.fail_items]
     if bad:
         raise RuntimeError(f"smoke: items {bad} are listed in smoke.fail_items")
