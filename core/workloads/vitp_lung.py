@@ -527,14 +527,42 @@ def load_internvl(spec: JobSpec, ctx: TaskContext, session):
     return model, tok, cfg
 
 
+def slice_batches(spec: JobSpec, session, train: list, read, collate):
+    """The Trainer's batch_fn for both methods: the k-th training sample of the run from k alone (a seeded patient
+    and slice: a resumed run draws the same ones), read by `read(patient, slice index)` in the prefetcher's threads
+    two micro-batches ahead; `collate(images, labels)` makes the batch."""
+    from core import engine as eng
+    from core.data.lung_ct import train_slice
+    from core.data.prefetch import Prefetcher
+
+    d, ds = spec.data, spec.deepspeed or DeepSpeedSpec()
+    K, micro, accum = d.slices_per_patient, ds.micro_batch, ds.grad_accum
+    world, rank = session.dist.world_size, session.rank
+    n_items = len(train) * K
+
+    def load(k: int):
+        p, j = divmod(eng.sample_index(k, n_items, d.seed), K)
+        patient = train[p]
+        return read(patient, train_slice(len(patient.slices), K, j, d.seed, k // n_items, p)), patient.label
+
+    ahead = 2
+    prefetch = Prefetcher(load, d.workers, keep=micro * (ahead + 2) + 8)
+
+    def batch_fn(step: int, m: int):
+        first = ((step * accum + m) * world + rank) * micro
+        prefetch.ahead(first + world * micro * a + i for a in range(1, ahead + 1) for i in range(micro))
+        items = [prefetch.get(k) for k in range(first, first + micro)]
+        return collate([x for x, _ in items], [y for _, y in items])
+
+    return batch_fn
+
+
 def run_internvl(spec: JobSpec, ctx: TaskContext) -> dict:
     """The lab's method: InternVL fine-tuned on `<image>\\n<cls>: 0|1|2|3.` -> "c" with ViTP's use_classifier loss;
     patient prediction = mean of its K slices' choice probabilities."""
     import torch
 
     from core import engine as eng
-    from core.data.lung_ct import train_slice
-    from core.data.prefetch import Prefetcher
     from core.models import internvl as iv
     from core.runtime import bf16_supported
 
@@ -556,27 +584,12 @@ def run_internvl(spec: JobSpec, ctx: TaskContext) -> dict:
 
     d, device, dtype = spec.data, session.device, session.dtype
     train, K = splits["train"], d.slices_per_patient
-    micro, accum, world, rank = ds.micro_batch, ds.grad_accum, session.dist.world_size, session.rank
-    n_items = len(train) * K
+    micro, world, rank = ds.micro_batch, session.dist.world_size, session.rank
     inputs = InternVLInputs(spec, tok, cfg)
     smoothing = spec.vitp.label_smoothing
 
-    def sample(k: int):
-        p, j = divmod(eng.sample_index(k, n_items, d.seed), K)
-        return train[p], train_slice(len(train[p].slices), K, j, d.seed, k // n_items, p)
-
-    def load(k: int):
-        patient, index = sample(k)
-        return inputs.slice(patient, index), patient.label
-
-    ahead = 2
-    prefetch = Prefetcher(load, d.workers, keep=micro * (ahead + 2) + 8)
-
-    def batch_fn(step: int, m: int):
-        first = ((step * accum + m) * world + rank) * micro
-        prefetch.ahead(first + world * micro * a + i for a in range(1, ahead + 1) for i in range(micro))
-        items = [prefetch.get(k) for k in range(first, first + micro)]
-        return inputs.batch([x for x, _ in items], [y for _, y in items], device, dtype)
+    batch_fn = slice_batches(spec, session, train, inputs.slice,
+                             lambda xs, ys: inputs.batch(xs, ys, device, dtype))
 
     def loss_fn(engine, batch):
         out = engine(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
@@ -773,8 +786,6 @@ def run_classifier(spec: JobSpec, ctx: TaskContext) -> dict:
     import torch.nn.functional as F
 
     from core import engine as eng
-    from core.data.lung_ct import train_slice
-    from core.data.prefetch import Prefetcher
     from core.models.classifier import build
     from core.runtime import bf16_supported
 
@@ -795,30 +806,13 @@ def run_classifier(spec: JobSpec, ctx: TaskContext) -> dict:
 
     d, device, dtype = spec.data, session.device, session.dtype
     train, K = splits["train"], d.slices_per_patient
-    micro, accum, world, rank = ds.micro_batch, ds.grad_accum, session.dist.world_size, session.rank
-    n_items = len(train) * K
+    micro, world, rank = ds.micro_batch, session.dist.world_size, session.rank
     loader = SliceLoader(d)
     weights = class_weights(spec, train)
     weight_t = torch.tensor(weights, dtype=torch.float32, device=device) if weights else None
 
-    def sample(k: int):
-        """The k-th training sample of the run: (patient, slice index), from k alone."""
-        p, j = divmod(eng.sample_index(k, n_items, d.seed), K)
-        return train[p], train_slice(len(train[p].slices), K, j, d.seed, k // n_items, p)
-
-    def load(k: int):
-        patient, index = sample(k)
-        return loader.slice(patient, index), patient.label
-
-    ahead = 2
-    prefetch = Prefetcher(load, d.workers, keep=micro * (ahead + 2) + 8)
-
-    def batch_fn(step: int, m: int):
-        first = ((step * accum + m) * world + rank) * micro
-        prefetch.ahead(first + world * micro * a + i for a in range(1, ahead + 1) for i in range(micro))
-        items = [prefetch.get(k) for k in range(first, first + micro)]
-        images = torch.stack([x for x, _ in items]).to(device, dtype)
-        return {"images": images, "labels": torch.tensor([y for _, y in items], device=device)}
+    batch_fn = slice_batches(spec, session, train, loader.slice, lambda xs, ys: {
+        "images": torch.stack(xs).to(device, dtype), "labels": torch.tensor(ys, device=device)})
 
     def loss_fn(engine, batch):
         logits = engine(batch["images"]).float()
