@@ -183,13 +183,13 @@ class TaskEntry:
         ctx = self.context(task_index, items)
         started = time.time()
         fn = registry.get(self.workload).entry(self.entry)
+        from core import watchdog
+
         try:
-            result = fn(spec, ctx)
+            with watchdog.in_task():  # a hang watchdog the step starts (core.watchdog) ends with it
+                result = fn(spec, ctx)
         finally:
             ignore_preemption_signals()
-            from core.watchdog import stop_active
-
-            stop_active()  # a hang watchdog the step started watches nothing after it returns
         record = {"step": self.step, "task_index": task_index, "items": items, "rank": ctx.rank,
                   "world_size": ctx.world_size, "job_id": ctx.job_id, "host": ctx.hostname,
                   "started": started, "seconds": round(time.time() - started, 3), "result": result}

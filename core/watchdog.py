@@ -427,6 +427,7 @@ class Watchdog:
 
     def _end(self, cause: str) -> None:
         log.error("hang: %s", cause)
+        sys.stderr.write("\n")  # a progress bar's unfinished line must not swallow the mark's start
         failure_mark.report("hang", cause)
         sys.stdout.flush()
         os._exit(EXIT_CODE)
@@ -454,14 +455,30 @@ def set_collective_timeout(seconds: int) -> None:
     log.debug("collective timeout %d s", seconds)
 
 
-_ACTIVE: dict[str, Any] = {"watchdog": None}
+_ACTIVE: dict[str, Any] = {"watchdog": None, "task": False}
+
+
+@contextmanager
+def in_task() -> Iterator[None]:
+    """The span of a task's step function (core.runtime.TaskEntry): only there does `start` run a watchdog thread,
+    so a workload function called in-process (tests, notebooks) never has a thread that could end its process."""
+    _ACTIVE["task"] = True
+    try:
+        yield
+    finally:
+        _ACTIVE["task"] = False
+        stop_active()
 
 
 def start(spec, run_dir: Path, job_id: str, rank: int, world_size: int, host: str, restart: int = 0,
           what: str = "step", on_limit=None) -> Watchdog:
-    """Start this rank's watchdog (stopping one that an earlier phase of the task left running)."""
+    """Start this rank's watchdog (stopping one that an earlier phase of the task left running); outside a task's
+    step function (`in_task`) the watchdog is idle: it counts, but runs no thread."""
     stop_active()
-    wd = Watchdog(run_dir, job_id, rank, world_size, host, Limits.of(spec), restart, what, on_limit).start()
+    limits = Limits.of(spec)
+    if not _ACTIVE["task"]:
+        limits = Limits(limits.factor, limits.floor_s, limits.first_step_s, enabled=False)
+    wd = Watchdog(run_dir, job_id, rank, world_size, host, limits, restart, what, on_limit).start()
     if wd.limits.enabled:
         _ACTIVE["watchdog"] = wd
         log.info("rank %d: hang watchdog on (a %s within max(%g x p95, %g s); the first within %g s)", rank, what,

@@ -119,6 +119,38 @@ def test_a_stopped_process_is_named_by_its_live_peer_which_writes_its_stacks_and
     assert silent.startswith("rank 1 of 2 on host1") and "NO STACKS" in silent and "last step ended: 5" in silent
 
 
+SOLO_SCRIPT = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {repo!r})
+    from pathlib import Path
+    from core import watchdog
+
+    def stuck_in_compute():
+        while True:
+            time.sleep(0.01)
+
+    wd = watchdog.Watchdog(Path(sys.argv[1]), "78", 0, 1, "solo", watchdog.Limits(factor=3, floor_s=2, first_step_s=60),
+                           restart=1, what="layer").start()
+    wd.ready()
+    for layer in range(1, 4):
+        time.sleep(0.05)
+        wd.beat(layer)
+    stuck_in_compute()
+""")
+
+
+def test_a_single_task_stuck_in_its_own_work_is_ended_with_its_stacks_after_a_requeue_in_its_own_folder(tmp_path):
+    script = tmp_path / "solo.py"
+    script.write_text(SOLO_SCRIPT.format(repo=str(REPO)))
+    res = subprocess.run([PY, str(script), str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == watchdog.EXIT_CODE, res.stderr
+    klass, cause = failure_mark.find(res.stderr)
+    assert klass == "hang" and "no layer ended within max(3 x p95" in cause
+    assert "stuck: rank 0 (solo, pid" in cause and "layer 3 ended" in cause and "stopped reporting" not in cause
+    stacks = (tmp_path / "hang" / "78-r1" / "rank0.txt").read_text()   # the job's second run (restart 1)
+    assert "stuck_in_compute" in stacks and "last layer ended: 3" in stacks
+
+
 # ---------------------------------------------------------------- through the real local Slurm
 def _mark(run_dir: Path) -> list[tuple[str, str, str]]:
     """(log file, class, cause) of every task log of the run that carries a failure mark."""
@@ -154,7 +186,7 @@ def test_a_rank_stopped_in_a_two_node_run_ends_the_job_as_a_hang_with_both_ranks
     # the node health check passed on both nodes before the model was loaded
     health = json.loads((run_dir / "health" / f"{job}.json").read_text())
     assert sorted(r["host"] for r in health["ranks"]) == ["n1", "n2"] and health["allreduce_ms"] > 0
-    assert [r["rendezvous"] for r in health["ranks"] if r["host"] == "n2"][0].startswith("127.0.0.1:")
+    assert [r["rendezvous"] for r in health["ranks"] if r["host"] == "n2"][0].startswith("n1:")
 
 
 def test_a_node_that_fails_its_health_check_is_named_and_ends_the_job_with_the_node_mark(slurm, tiny_pangu, tmp_path):
