@@ -178,6 +178,7 @@ class Watchdog:
         self.step: Optional[int] = None          # the last step that ended
         self.progress_t = self.started           # when it ended (or the start)
         self.durations: deque = deque(maxlen=200)
+        self._lock = threading.Lock()            # the thread reads the step times while the main thread adds one
         self._first: Optional[float] = None      # the first step's time (compile, warm-up): dropped after 5 more
         self._phase: Optional[str] = "start"     # a phase with the first-step allowance, or None
         self._timeout_set: Optional[int] = None
@@ -187,7 +188,8 @@ class Watchdog:
 
     # ---- the main thread's side (memory only, except at a fault point)
     def p95(self) -> Optional[float]:
-        vals = list(self.durations)
+        with self._lock:
+            vals = list(self.durations)
         if self._first is not None and len(vals) < 5:
             vals.append(self._first)
         return percentile(vals, 95)
@@ -208,7 +210,8 @@ class Watchdog:
         if self.step is None and self._first is None and self._phase and self._phase.startswith("first"):
             self._first = took
         elif self._phase is None or self.step is not None:
-            self.durations.append(took)
+            with self._lock:
+                self.durations.append(took)
         self.step, self.progress_t, self._phase = int(step), now, None
         self._follow_limit()
         self._fault(step)
