@@ -185,6 +185,7 @@ class Watchdog:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._fired = False
+        self._armed = False                      # faulthandler's backstop timer is set
 
     # ---- the main thread's side (memory only, except at a fault point)
     def p95(self) -> Optional[float]:
@@ -262,10 +263,9 @@ class Watchdog:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         self._thread = None
-        try:
+        if self._armed:  # only the timer this watchdog armed (a test runner may have its own)
             faulthandler.cancel_dump_traceback_later()
-        except Exception:
-            pass
+            self._armed = False
         if self.limits.enabled and not self._fired:
             self._write_heartbeat(done=True)
         if self.on_limit is not None and self._timeout_set != self.limits.collective_timeout_s():
@@ -294,6 +294,7 @@ class Watchdog:
     def _poll(self) -> None:
         self._write_heartbeat()
         faulthandler.dump_traceback_later(self.limit() + self.limits.grace_s, exit=True)
+        self._armed = True
         if (self.hang_dir / HANG_FILE).exists():
             self._join_hang()
             return
