@@ -86,7 +86,7 @@ class Limits:
     def grace_s(self) -> float:
         """What the watchdog needs past a limit to notice, write the stacks and end the job: the collective timeout
         and the faulthandler backstop wait this much longer, so the watchdog speaks first."""
-        return 30.0 + 4 * self.poll_s
+        return 5.0 + 5 * self.poll_s   # a poll to notice, up to 3 polls + 5 s waiting for the peers' stacks, a poll spare
 
     def step_limit(self, p95: Optional[float]) -> float:
         return self.first_step_s if p95 is None else max(self.factor * p95, self.floor_s)
