@@ -119,6 +119,7 @@ class Session:
     ds_config: dict
     run_dir: Path
     precision: str = "fp32"
+    watchdog: Any = None             # core.watchdog.Watchdog of this rank (the train loop beats it)
 
     @property
     def rank(self) -> int:
@@ -174,17 +175,27 @@ class Session:
 
 
 def start(spec: JobSpec, ctx: TaskContext) -> Session:
-    """Bring the task up: device, process group, checkpoint resume point, DeepSpeed config."""
+    """Bring the task up: node health (multi-node), the hang watchdog, device, process group (its collective timeout
+    from the watchdog's figure), checkpoint resume point, DeepSpeed config."""
+    from core import health, watchdog
+
     dist = ctx.dist
     check_rendezvous(dist, ctx.cluster)
     acc = resolve_accelerator(ctx.accelerator, dist, ctx.cluster)
-    device = activate(acc)
-    init_distributed(dist, acc)
+    if dist.num_nodes > 1:
+        device, found = health.before_rendezvous(dist, acc, ctx.hostname)
+    else:
+        device, found = activate(acc), None
+    wd = watchdog.start(spec, ctx.run_dir, ctx.job_id, dist.rank, dist.world_size, ctx.hostname, restart_count(),
+                        on_limit=watchdog.set_collective_timeout)
+    init_distributed(dist, acc, timeout_s=wd.limits.collective_timeout_s())
+    if found is not None:
+        health.after_rendezvous(dist, device, ctx.hostname, found, ctx.run_dir, ctx.job_id)
     if dist.rank == 0:
         log.info("%d ranks on %d node(s), master %s:%d, %s", dist.world_size, dist.num_nodes, dist.master_addr,
                  dist.master_port, acc.describe())
     precision = (spec.deepspeed or DeepSpeedSpec()).precision
-    session = Session(dist, acc, device, None, None, {}, ctx.run_dir, precision)
+    session = Session(dist, acc, device, None, None, {}, ctx.run_dir, precision, watchdog=wd)
     train = spec.train
     session.ckpt = CheckpointManager(ctx.run_dir / "checkpoints", dist.rank, dist.world_size, train.keep_last,
                                      barrier=session.barrier)
@@ -393,11 +404,13 @@ class Trainer:
                 log.info("resumed from %s%s at step %d", point.tag, how, start_step)
         frozen_before = weights_checksum(self.engine, trainable=False)
         rank0 = self.session.rank == 0
+        wd = self._watchdog()
         metrics = self._metrics_file(start_step) if rank0 else None
         writer = self._writer = _tensorboard(self.ctx.run_dir / "tensorboard") if rank0 else None
         total = self.steps or train.steps
         bar = tqdm(total=total, initial=start_step, disable=not rank0, mininterval=2, desc="train")
         step = start_step
+        wd.ready()
         while step < total:
             t0 = time.time()
             losses, extras = [], {}
@@ -428,15 +441,19 @@ class Trainer:
                         writer.add_scalar(f"train/{k}", v, step)
                 bar.update(1)
                 bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
+            wd.beat(step)
             preempt = self._agree_preempt()
             if preempt or (train.checkpoint_every and step % train.checkpoint_every == 0) or step == total:
                 # the final checkpoint and the one on Slurm's signal are finished before going on
-                self.save(step, background=train.async_checkpoint and not preempt and step < total)
+                with wd.phase("checkpoint"):
+                    self.save(step, background=train.async_checkpoint and not preempt and step < total)
             if preempt and step < total:
                 bar.close()
                 self._requeue_or_stop(step)
         bar.close()
-        self.session.ckpt.finish()   # nothing of this run's checkpoints is left to the background writer
+        with wd.phase("checkpoint"):
+            self.session.ckpt.finish()   # nothing of this run's checkpoints is left to the background writer
+        wd.stop()                    # what follows (evaluation, generation) is not timed by the step figure
         if writer:
             writer.close()
         self._writer = None
@@ -453,10 +470,16 @@ class Trainer:
                 "frozen_checksum_before": frozen_before,
                 "frozen_checksum_after": weights_checksum(self.engine, trainable=False)}
 
+    def _watchdog(self):
+        from core import watchdog
+
+        return self.session.watchdog or watchdog.idle()
+
     def _requeue_or_stop(self, step: int) -> None:
         import torch
         import torch.distributed as tdist
 
+        self._watchdog().stop()  # the ranks now wait for the scheduler, not for a step
         ok = 0
         if self.session.rank == 0 and self.ctx.can_requeue():
             accepted, detail = requeue(self.ctx)

@@ -228,6 +228,23 @@ def check_limits(spec: JobSpec, cluster: Cluster, source: str, tasks_per_node: i
         raise SpecError(source, problems)
 
 
+def _watchdog_notes(spec: JobSpec, steps: list[Step], notes: list[str]) -> None:
+    """What the hang watchdog and the node health check will do (core/watchdog.py, core/health.py)."""
+    from core import watchdog
+
+    what = registry.get(spec.workload).watched
+    if what is None:
+        if "hang" in spec.model_fields_set:
+            notes.append(f"hang: workload {spec.workload} runs no hang watchdog; the section is not used")
+        return
+    notes.append(watchdog.describe(spec, what))
+    main = next((s for s in steps if s.name == "main"), None)
+    if main is not None and main.nodes > 1 and registry.get(spec.workload).trains:
+        notes.append(f"node health check on each of the {main.nodes} nodes before the rendezvous: the device, a TCP "
+                     f"connection to the first node's rendezvous port, one timed all-reduce; a failing node ends the "
+                     f"job (class node) and is named")
+
+
 def make_plan(spec: JobSpec, cluster: Cluster, source: str = "spec", force: bool = False,
               limits: Optional[dict[str, int]] = None, resume_dir=None, keep_going: bool = False) -> Plan:
     """The plan, or a SpecError for the first thing a submission would be refused for. With keep_going (a dry
@@ -337,6 +354,7 @@ def make_plan(spec: JobSpec, cluster: Cluster, source: str = "spec", force: bool
         if cluster.accelerator != "cpu":
             notes.append(f"workload {spec.workload} needs no {cluster.accelerator} device: its jobs run on CPU "
                          f"and ask for no gres")
+    _watchdog_notes(spec, steps, notes)
     plan = Plan(spec, cluster, steps, max_array, notes=notes, problems=problems)
     if spec.deepspeed is not None:
         from core.models.peft import PeftTargetError

@@ -52,6 +52,8 @@ class Workload:
               (default: the decoder LLM named by model.path / model.preset)
     models:   extra named models it needs under `models:` (e.g. ("teacher", "student"))
     entries:  functions a step may call by name ("run", "merge", "baseline", ...)
+    watchdog: what the hang watchdog of its main step counts ("layer", ...) when it is not the train loop's "step"
+              (core/watchdog.py): set it only if the step function beats the watchdog (see core/workloads/README.md)
     checkpointing: it switches on activation checkpointing when deepspeed.activation_checkpointing asks; the plan
               promises (and the memory estimate assumes) checkpointing only for such workloads
     device:   False for a workload that never touches the accelerator (e.g. the study table): its jobs ask for no
@@ -70,6 +72,7 @@ class Workload:
     resumable: Optional[bool] = None    # a requeued job continues where it stopped (default: workloads that train)
     device: bool = True                 # its tasks use the profile's accelerator; False: CPU only, no gres asked
     checkpointing: bool = False         # it applies deepspeed.activation_checkpointing to its model
+    watchdog: Optional[str] = None      # what its main step's hang watchdog counts ("layer"); default "step" if it trains
 
     @property
     def has_merge(self) -> bool:
@@ -79,6 +82,11 @@ class Workload:
     def can_resume(self) -> bool:
         """Slurm may requeue its jobs (--requeue): they resume instead of starting over (or are idempotent)."""
         return self.trains if self.resumable is None else self.resumable
+
+    @property
+    def watched(self) -> Optional[str]:
+        """What the hang watchdog of its main step counts (core.watchdog), or None when it runs none."""
+        return self.watchdog or ("step" if self.trains else None)
 
     def entry(self, name: str) -> Callable:
         fns = {"run": self.run, **({"merge": self.merge} if self.merge else {}), **self.entries}

@@ -183,8 +183,11 @@ class TaskEntry:
         ctx = self.context(task_index, items)
         started = time.time()
         fn = registry.get(self.workload).entry(self.entry)
+        from core import watchdog
+
         try:
-            result = fn(spec, ctx)
+            with watchdog.in_task():  # a hang watchdog the step starts (core.watchdog) ends with it
+                result = fn(spec, ctx)
         finally:
             ignore_preemption_signals()
         record = {"step": self.step, "task_index": task_index, "items": items, "rank": ctx.rank,
@@ -261,6 +264,23 @@ def activate(acc: Accelerator):
             raise RuntimeError("accelerator 'cuda' but torch sees no CUDA device on this node")
         torch.cuda.set_device(acc.device)
     return torch.device(acc.device)
+
+
+def device_check(acc: Accelerator) -> str:
+    """The node health check's device part (core.health): bind this rank's device and compute one small sum on it.
+    What was found, or an exception naming what failed; a CPU profile has no device to check."""
+    if acc.kind == "cpu":
+        return "cpu: no device to check"
+    import torch
+
+    device = activate(acc)
+    backend = torch.cuda if acc.kind == "cuda" else torch.npu
+    got = float((torch.arange(1024, dtype=torch.float32, device=device) * 2).sum().item())
+    backend.synchronize()
+    if got != 1047552.0:
+        raise RuntimeError(f"2 x sum(0..1023) on {acc.device} gave {got}, not 1047552")
+    free, total = backend.mem_get_info()
+    return f"{acc.device} {backend.get_device_name()}: {free / 2 ** 30:.1f} of {total / 2 ** 30:.1f} GiB free"
 
 
 def bf16_supported(acc: Accelerator) -> bool:

@@ -12,7 +12,7 @@ nothing here imports torch. Import from `core.config`: the names below are its i
 from __future__ import annotations
 
 from core.config.base import (ANY_REF, CONTROL, ENV_REF, FILE_REF, Strict, check_env_names, validate)  # noqa: F401
-from core.config.job import (ArraySpec, DataSpec, DeepSpeedSpec, JobSpec, MAX_ARRAY_ITEMS, MAX_MINUTES, MAX_NODES,
+from core.config.job import (ArraySpec, DataSpec, DeepSpeedSpec, HangSpec, JobSpec, MAX_ARRAY_ITEMS, MAX_MINUTES, MAX_NODES,
                              MAX_TASKS_PER_NODE, ModelSpec, Outputs, PeftSpec, Resources, TrainSection,
                              parse_minutes, parse_spec, spec_class)  # noqa: F401
 from core.config.cluster import (Cluster, HCCL_BASE_PORT_MAX)  # noqa: F401

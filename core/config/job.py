@@ -199,6 +199,17 @@ class TrainSection(Strict):
         return v
 
 
+class HangSpec(Strict):
+    """The hang watchdog (core/watchdog.py, docs/hangs.md): read by the train loop of every workload that trains and by
+    the sensitivity scan's per-layer array tasks."""
+    enabled: bool = Field(True, description="false: no watchdog (a hung job runs until its time limit)")
+    factor: float = Field(10.0, ge=1, le=1000, description="a step must end within factor x the p95 of the rank's "
+                                                           "step times (or floor_s, whichever is longer)")
+    floor_s: float = Field(300.0, ge=1, le=7 * 86400, description="the shortest step limit, in seconds")
+    first_step_s: float = Field(1800.0, ge=1, le=7 * 86400, description="allowance for loading and the first step "
+                                                                        "(compile), and for each checkpoint save")
+
+
 class Outputs(Strict):
     logs_dir: str = Field("logs", min_length=1, max_length=1024,
                           description="run folders go to <logs_dir>/<name>/<jobid>/: relative to the checkout and "
@@ -222,6 +233,7 @@ class JobSpec(Strict):
     resources: Resources = Field(default_factory=Resources)
     deepspeed: Optional[DeepSpeedSpec] = None
     outputs: Outputs = Field(default_factory=Outputs)
+    hang: HangSpec = Field(default_factory=HangSpec, description="the hang watchdog (docs/hangs.md)")
     env: dict[str, str] = Field(default_factory=dict, description="variables exported in the job; ${env:VAR} allowed")
 
     @field_validator("workload")

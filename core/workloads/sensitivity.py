@@ -453,16 +453,26 @@ def hidden_metrics(model, prompts: list, device, block_size: int = 1) -> dict[in
 def run(spec: JobSpec, ctx: TaskContext) -> dict:
     import time
 
+    from core import watchdog
+    from core.runtime import restart_count
+
     t0 = time.time()
     scan = spec.scan
+    # the hang watchdog (docs/hangs.md): loading and the first layer get hang.first_step_s, each further layer
+    # max(hang.factor x p95 layer time, hang.floor_s)
+    wd = watchdog.start(spec, ctx.run_dir, ctx.job_id, ctx.rank, ctx.world_size, ctx.hostname, restart_count(),
+                        what="layer")
     if scan.metric in ("bi", "angular"):
         model, tok, device = load(spec, ctx, scan.dtype)
         prompts = encode(tok, text_lines(scan.prompts, "scan.prompts"), scan.max_prompt_tokens)
         layers = scanned_layers(scan, len(model.model.layers))
-        per = hidden_metrics(model, prompts, device, scan.block_size)
+        wd.ready()
+        per = hidden_metrics(model, prompts, device, scan.block_size)  # one pass scores every layer
         for layer in layers:
             write_layer(ctx.run_dir, layer, scan.metric, per[layer][scan.metric],
                         {"block_size": scan.block_size} if scan.metric == "angular" else None)
+            wd.beat(layer)
+        wd.stop()
         return {"layers": layers, "metric": scan.metric}
     from core.runtime import fault_point
 
@@ -474,11 +484,14 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
     base = read_baseline(ctx.run_dir, layers=list(ctx.items) if scan.reuse_hidden else [],
                          fields=("target_lp",) if scan.metric == "logprob" else ("last_lp",), stats=baseline_io)
     t1 = time.time()
+    wd.ready()
     for layer in ctx.items:
         fault_point("layer", layer)
         values = scan_layer(model, base, layer, scan.mode, scan.reuse_hidden, device)
         write_layer(ctx.run_dir, layer, scan.metric, values[scan.metric], {"mode": scan.mode})
         log.info("layer %d: %s %.6f", layer, scan.metric, sum(values[scan.metric]) / len(base))
+        wd.beat(layer)
+    wd.stop()
     return {"layers": list(ctx.items), "metric": scan.metric, "mode": scan.mode, "load_s": round(load_s, 3),
             "scan_s": round(time.time() - t1, 3), "weights_read_bytes": weights.get("bytes_read"),
             "weights_total_bytes": weights.get("bytes_total"), "baseline_read_bytes": baseline_io["bytes_read"],
@@ -524,4 +537,4 @@ def sensitivity_figure(df, candidates: list[int], label: str):
 
 
 WORKLOAD = Workload(run=run, merge=merge, section="scan", Section=ScanSection, plan=plan,
-                    entries={"baseline": baseline}, resumable=True)  # per-layer results are atomic: a requeued task redoes only its own layers
+                    entries={"baseline": baseline}, resumable=True, watchdog="layer")  # per-layer results are atomic: a requeued task redoes only its own layers

@@ -24,6 +24,9 @@ def parameters(plan: "Plan", step: "Step", dependency: Optional[str], run_dir: s
         "cpus_per_task": step.cpus_per_task, "signal_delay_s": c.signal_s_before_timeout,
         "stderr_to_stdout": True, "comment": f"run={run_dir}",
     }
+    # one task that ends with an error ends the step: a rank the hang watchdog or the node health check stopped
+    # (core/watchdog.py, core/health.py) takes the others with it instead of leaving them blocked in a collective
+    params["srun_args"] = ["--kill-on-bad-exit=1"]
     mem = step.mem_gb or c.mem_gb_per_node
     if mem:
         params["mem"] = f"{int(mem)}GB" if float(mem).is_integer() else f"{int(mem * 1024)}MB"
