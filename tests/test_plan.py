@@ -187,11 +187,12 @@ def test_the_plan_promises_activation_checkpointing_only_where_the_job_switches_
                                                      keep_going=True).describe()
 
 
-def test_the_plan_says_how_checkpoints_are_written_and_refuses_a_host_copy_that_cannot_fit(tmp_path):
+def test_the_plan_says_how_checkpoints_are_written_and_refuses_a_host_copy_that_cannot_fit(tmp_path, tiny_pangu):
     tiny = REPO / "jobs" / "tiny" / "pangu_lm.yaml"
-    notes = make_plan(load_spec(tiny, ("train.checkpoint_every=10",))[0], load_cluster("local_slurm")).notes
+    here = (f"model.path={tiny_pangu}", "model.make_tiny=false")   # (a fresh clone has no logs/tiny_models yet)
+    notes = make_plan(load_spec(tiny, (*here, "train.checkpoint_every=10"))[0], load_cluster("local_slurm")).notes
     assert any(n.startswith("checkpoints: every 10 steps in the background") for n in notes)
-    notes = make_plan(load_spec(tiny, ("train.async_checkpoint=false",))[0], load_cluster("local_slurm")).notes
+    notes = make_plan(load_spec(tiny, (*here, "train.async_checkpoint=false"))[0], load_cluster("local_slurm")).notes
     assert any("written before training goes on" in n for n in notes)
     # openPangu-7B fully trained under ZeRO-3 on 2 x 8 NPUs: each node copies 8/16 of 12 B/param of optimizer
     # state plus (at most) 4 B/param of weights = 80.3 GB, which with DeepSpeed's host memory exceeds 64 GB nodes
