@@ -191,7 +191,19 @@ class TaskEntry:
                   "world_size": ctx.world_size, "job_id": ctx.job_id, "host": ctx.hostname,
                   "started": started, "seconds": round(time.time() - started, 3), "result": result}
         run_folder.write_task_record(ctx.run_dir, record)
+        if ctx.rank == 0 and task_index is None:  # an array's page comes from its merge step
+            _write_report(ctx.run_dir)
         return result
+
+
+def _write_report(run_dir: Path) -> None:
+    """The run's report.html (core.report); a page that cannot be drawn never fails the finished task."""
+    try:
+        from core.report import write_run_report
+
+        write_run_report(run_dir)
+    except Exception as e:
+        log.warning("report.html not written: %s: %s", type(e).__name__, e)
 
 
 BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}

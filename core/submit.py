@@ -94,6 +94,10 @@ def submit(plan: Plan, raw_spec: dict, spec_file: str, resume_dir: Optional[Path
         "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_dir": str(run_dir), "root_id": root,
         "plan": plan.describe(), "steps": steps_record, "python": sys.executable, **(extra_record or {}),
     }
+    from core.tracking import package_versions
+
+    record["packages"] = package_versions()   # provenance: the checkout's environment (issue 25)
+    record["profile"] = plan.cluster.name
     if previous is not None:  # keep the history of the run: every submission that worked in this folder
         record["submissions"] = previous.get("submissions", [{k: previous[k] for k in ("submitted_at", "steps")
                                                              if k in previous}])
