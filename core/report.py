@@ -133,7 +133,8 @@ def _training_section(run_dir: Path) -> str:
     summary = table(["", "step", "loss"], [["first", rows[0]["step"], rows[0]["loss"]],
                                            ["final", rows[-1]["step"], rows[-1]["loss"]],
                                            ["lowest", best["step"], best["loss"]]], "training")
-    plot = loss_plot(path)
+    drawn = run_dir / "results" / "loss.png"   # the engine's own plot of the same rows, when it is there
+    plot = drawn.read_bytes() if drawn.is_file() and drawn.stat().st_size <= MAX_PNG_BYTES else loss_plot(path)
     return summary + (png_tag(plot, "loss curve") if plot else "")
 
 

@@ -102,11 +102,26 @@ def package_versions() -> dict:
     return out
 
 
+def git_commit() -> dict:
+    """The checkout's commit and whether tracked files differ from it (None, None outside a git checkout)."""
+    import subprocess
+
+    from core.run_folder import REPO
+
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return {"commit": head or None, "dirty": bool(dirty)}
+    except (OSError, subprocess.TimeoutExpired):
+        return {"commit": None, "dirty": None}
+
+
 def provenance(spec, ctx) -> dict:
     """What produced this run: the spec as resolved (references stay references), the checkout's commit and dirty
     flag, package versions, the scheduler's job id and nodes, the profile."""
     from core.runtime import restart_count
-    from core.submit import git_commit
 
     return {"spec": spec.model_dump(mode="json"), "git": git_commit(), "packages": package_versions(),
             "job": {"job_id": ctx.job_id, "root_id": ctx.root_id, "step": ctx.step, "task_index": ctx.task_index,
