@@ -197,6 +197,17 @@ def run_report(run_dir: Path) -> str:
             ["submitted", rec.get("submitted_at", "")],
             ["jobs", " ".join(j for s in rec.get("steps", []) for j in s.get("job_ids") or [])],
             *[[f"version {k}", v] for k, v in (rec.get("packages") or {}).items()]]
+    for ids_file in sorted((run_dir / "tracking").glob("*/ids.json")) if (run_dir / "tracking").is_dir() else []:
+        try:
+            ids = json.loads(ids_file.read_text())
+        except ValueError:
+            continue
+        where = ids_file.parent.relative_to(run_dir)
+        if ids.get("wandb_id"):
+            prov.append([f"W&B run ({where.name})", f"{ids['wandb_id']} in {where}/wandb (python launchers/sync.py "
+                                                      f"{run_dir})"])
+        if ids.get("mlflow_run_id"):
+            prov.append([f"MLflow run ({where.name})", f"{ids['mlflow_run_id']} in {where}/mlruns"])
     if rec.get("study"):
         prov.append(["study", f"{rec.get('study_name', '')} step {rec.get('study_step', '')}: {rec['study']}"])
     sections = [("Run", table(["", ""], prov, "provenance")),

@@ -159,13 +159,21 @@ class Tracker:
         self.last_step = step
         values = {k: float(v) for k, v in metrics.items() if v is not None}
         if self.wandb_run is not None:
-            self.wandb_run.log(values, step=step)
+            try:
+                self.wandb_run.log(values, step=step)
+            except Exception as e:  # a tracker never stops training: metrics.csv has every step anyway
+                log.warning("W&B off from step %d on: %s: %s", step, type(e).__name__, e)
+                self.wandb_run = None
         if self.mlflow is not None:
             from mlflow.entities import Metric
 
             client, run_id = self.mlflow
             ts = int(time.time() * 1000)
-            client.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v in values.items()])
+            try:
+                client.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v in values.items()])
+            except Exception as e:
+                log.warning("MLflow off from step %d on: %s: %s", step, type(e).__name__, e)
+                self.mlflow = None
 
     def summary(self, values: dict) -> None:
         """Final numbers (evaluation metrics): W&B summary, MLflow metrics without a step."""
