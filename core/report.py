@@ -38,7 +38,7 @@ table{border-collapse:collapse;margin:8px 0;font-size:13px}
 th,td{border:1px solid #d5d9e0;padding:3px 8px;text-align:left;vertical-align:top}
 th{background:#eef1f6}td.num{text-align:right;font-variant-numeric:tabular-nums}
 pre{background:#f6f8fb;border:1px solid #d5d9e0;padding:8px;overflow-x:auto;font-size:12px}
-img{max-width:100%;border:1px solid #d5d9e0;margin:6px 0}.bad{color:#a4161a;font-weight:600}
+.wide{overflow-x:auto}img{max-width:100%;border:1px solid #d5d9e0;margin:6px 0}.bad{color:#a4161a;font-weight:600}
 """
 
 
@@ -60,7 +60,7 @@ def table(columns: list[str], rows: Iterable[Iterable[Any]], table_id: str = "")
     body = "".join("<tr>" + "".join(f'<td class="num">{esc(v)}</td>' if _is_number(v) else f"<td>{esc(v)}</td>"
                                     for v in row) + "</tr>" for row in rows)
     ident = f' id="{esc(table_id)}"' if table_id else ""
-    return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<div class=\"wide\"><table{ident}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
 def png_tag(data: bytes, alt: str) -> str:
@@ -270,7 +270,7 @@ def study_report(study_dir: Path, table_csv: Optional[Path] = None, title: str =
         done = bool(s.get("run_dir")) and bool(task_records(run_dir, "main") or task_records(run_dir, "merge"))
         link = f"{s.get('run_dir')}/{NAME}" if s.get("run_dir") else ""
         step_rows.append([name, " ".join(s.get("job_ids") or []), " ".join(s.get("dependency") or []),
-                          "results written" if done else "no results yet", link])
+                          "results written" if done else "no results when this page was written", link])
     sections = [("Steps", table(["step", "jobs", "waited for", "state", "run page"], step_rows, "steps"))]
     if table_csv is not None and Path(table_csv).is_file():
         cols, rows = _csv(Path(table_csv))
