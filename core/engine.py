@@ -455,7 +455,7 @@ class Trainer:
         if writer:
             writer.close()
         self._writer = None
-        tracker.close("FINISHED")
+        # the trackers stay open for the workload's evaluation; the task closes them (core.tracking.finish_task)
         loss_png = self.ctx.run_dir / "results" / "loss.png"
         if rank0:
             plot_losses(metrics, loss_png)

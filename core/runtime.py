@@ -185,8 +185,12 @@ class TaskEntry:
         fn = registry.get(self.workload).entry(self.entry)
         try:
             result = fn(spec, ctx)
+        except BaseException:
+            _finish_tracking(ctx.run_dir, failed=True)
+            raise
         finally:
             ignore_preemption_signals()
+        _finish_tracking(ctx.run_dir)
         record = {"step": self.step, "task_index": task_index, "items": items, "rank": ctx.rank,
                   "world_size": ctx.world_size, "job_id": ctx.job_id, "host": ctx.hostname,
                   "started": started, "seconds": round(time.time() - started, 3), "result": result}
@@ -194,6 +198,13 @@ class TaskEntry:
         if ctx.rank == 0 and task_index is None:  # an array's page comes from its merge step
             _write_report(ctx.run_dir)
         return result
+
+
+def _finish_tracking(run_dir: Path, failed: bool = False) -> None:
+    """Close the W&B / MLflow runs the task opened (core.tracking), with its evaluation in their summary."""
+    from core import tracking
+
+    tracking.finish_task(run_dir, failed)
 
 
 def _write_report(run_dir: Path) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -121,7 +122,7 @@ def git_commit() -> dict:
 def provenance(spec, ctx) -> dict:
     """What produced this run: the spec as resolved (references stay references), the checkout's commit and dirty
     flag, package versions, the scheduler's job id and nodes, the profile."""
-    from core.runtime import restart_count
+    from core.scheduler import restart_count
 
     return {"spec": spec.model_dump(mode="json"), "git": git_commit(), "packages": package_versions(),
             "job": {"job_id": ctx.job_id, "root_id": ctx.root_id, "step": ctx.step, "task_index": ctx.task_index,
@@ -177,7 +178,8 @@ class Tracker:
 
     def summary(self, values: dict) -> None:
         """Final numbers (evaluation metrics): W&B summary, MLflow metrics without a step."""
-        flat = {k: float(v) for k, v in _flat(values).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        flat = {k: float(v) for k, v in _flat(values).items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                and math.isfinite(v)}
         if self.wandb_run is not None:
             self.wandb_run.summary.update(flat)
         if self.mlflow is not None and flat:
@@ -189,6 +191,8 @@ class Tracker:
                     log.warning("MLflow metric %s not logged: %s", k, e)
 
     def close(self, status: str = "FINISHED") -> None:
+        if self in _OPEN:
+            _OPEN.remove(self)
         if self.wandb_run is not None:
             self.wandb_run.finish(exit_code=0 if status == "FINISHED" else 1)
             self.wandb_run = None
@@ -196,6 +200,27 @@ class Tracker:
             client, run_id = self.mlflow
             client.set_terminated(run_id, status=status)
             self.mlflow = None
+
+
+_OPEN: list[Tracker] = []   # this process's active trackers: training ends, evaluation follows, the task closes them
+
+
+def finish_task(run_dir: Path, failed: bool = False) -> None:
+    """At the end of a task (core.runtime.TaskEntry): the evaluation the workload wrote after training
+    (results/metrics.json, and results/untrained/metrics.json as untrained/...) goes into the runs' summary, then
+    they are closed. A tracker problem here is a warning: the task's work is done."""
+    while _OPEN:
+        tracker = _OPEN.pop()
+        try:
+            if not failed:
+                results = Path(run_dir) / "results"
+                for path, prefix in ((results / "metrics.json", "eval"), (results / "untrained" / "metrics.json",
+                                                                          "untrained")):
+                    if path.is_file():
+                        tracker.summary({prefix: json.loads(path.read_text())})
+            tracker.close("FAILED" if failed else "FINISHED")
+        except Exception as e:
+            log.warning("closing the trackers: %s: %s", type(e).__name__, e)
 
 
 def open_tracker(spec, ctx, start_step: int = 0, metrics_csv: Optional[Path] = None) -> Tracker:
@@ -222,6 +247,12 @@ def open_tracker(spec, ctx, start_step: int = 0, metrics_csv: Optional[Path] = N
             log.warning("MLflow off for this task: %s: %s", type(e).__name__, e)
     _write_ids(folder, ids)
     tracker.last_step = start_step
+    if tracker.active:
+        if not _OPEN:
+            import atexit
+
+            atexit.register(finish_task, ctx.run_dir)   # outside a TaskEntry too, the runs end closed
+        _OPEN.append(tracker)
     return tracker
 
 
@@ -359,7 +390,7 @@ def read_wandb_offline(run_folder: Path) -> dict:
             pending += chunk
         elif kind == 4:
             records.append(pending + chunk)
-    out: dict = {"history": [], "config": {}}
+    out: dict = {"history": [], "config": {}, "summary": {}}
     for raw in records:
         rec = pb.Record()
         rec.ParseFromString(raw)
@@ -370,6 +401,9 @@ def read_wandb_offline(run_folder: Path) -> dict:
             out["config"].update({i.key: json.loads(i.value_json) for i in rec.run.config.update})
         elif which == "config":
             out["config"].update({i.key: json.loads(i.value_json) for i in rec.config.update})
+        elif which == "summary":
+            out["summary"].update({(i.key or "/".join(i.nested_key)): json.loads(i.value_json)
+                                   for i in rec.summary.update})
         elif which == "history":
             values = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item}
             out["history"].append((int(rec.history.step.num), {k: v for k, v in values.items()

@@ -59,7 +59,11 @@ def resumed(tmp_path_factory):
     _append_rows(metrics, 7, 12)
     for s in range(5, 13):
         again.log(s, {"train/loss": _loss(s), "train/lr": 0.001})
-    again.close()
+    # the workload's evaluation after training, then the task's end (core.runtime.TaskEntry) closes the runs
+    (run_dir / "results" / "untrained").mkdir(parents=True)
+    (run_dir / "results" / "metrics.json").write_text(json.dumps({"BLEU-4": 0.375, "head": {"micro_f1": 0.5}}))
+    (run_dir / "results" / "untrained" / "metrics.json").write_text(json.dumps({"BLEU-4": 0.125}))
+    tracking.finish_task(run_dir)
     mp.undo()
     return run_dir
 
@@ -83,6 +87,10 @@ def test_a_resumed_task_is_one_wandb_and_one_mlflow_run_with_each_step_once(resu
     assert [s for s, _ in runs[0]["metrics"]["train/lr"]] == list(range(1, 13))
     assert runs[0]["params"]["name"] == "pangu_lm" and runs[0]["params"]["tracking.wandb"] == "offline"
     assert runs[0]["tags"]["medhpc.job_id"] == "4242"
+    # the evaluation after training: W&B summary and MLflow metrics
+    assert {k: w["summary"].get(k) for k in ("eval.BLEU-4", "eval.head.micro_f1", "untrained.BLEU-4")} == \
+        {"eval.BLEU-4": 0.375, "eval.head.micro_f1": 0.5, "untrained.BLEU-4": 0.125}
+    assert runs[0]["metrics"]["eval.BLEU-4"] == [(0, 0.375)] and runs[0]["metrics"]["untrained.BLEU-4"] == [(0, 0.125)]
 
 
 def test_the_key_set_through_env_is_nowhere_in_the_run_folder(resumed):
