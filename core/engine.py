@@ -3,7 +3,7 @@ checkpoints and resumes, and preemption that every rank agrees on.
 
 `start(spec, ctx)` brings a task up (device, process group, resume point); the workload builds its own model
 (the engine knows no model family) and `initialize(...)` wraps it; `Trainer.fit(...)` runs optimizer steps, logs
-metrics (tqdm on rank 0, metrics.csv, TensorBoard), saves every `train.checkpoint_every` steps and when Slurm's
+metrics (tqdm on rank 0, metrics.csv, TensorBoard, W&B / MLflow through core.tracking), saves every `train.checkpoint_every` steps and when Slurm's
 signal arrives. The signal handler (core.runtime) only sets a flag; at the next step boundary the ranks agree on
 it with one all-reduce, all save (DeepSpeed's save must be called by every rank), then rank 0 asks the runtime to
 requeue the job while the profile's requeue budget lasts.
@@ -320,6 +320,7 @@ class Trainer:
     history: list[dict] = field(default_factory=list)
     checkpoint_stalls: list[float] = field(default_factory=list)   # seconds each checkpoint held training
     _writer: Any = None                                            # rank 0's TensorBoard writer while fit() runs
+    _tracker: Any = None                                           # rank 0's W&B / MLflow fan-out (core.tracking)
 
     def _mean_across_ranks(self, value: float) -> float:
         import torch
@@ -406,7 +407,12 @@ class Trainer:
         rank0 = self.session.rank == 0
         wd = self._watchdog()
         metrics = self._metrics_file(start_step) if rank0 else None
-        writer = self._writer = _tensorboard(self.ctx.run_dir / "tensorboard") if rank0 else None
+        from core import tracking
+
+        tracked = tracking.settings(self.spec, self.ctx.cluster)
+        writer = self._writer = (_tensorboard(self.ctx.run_dir / "tensorboard") if rank0 and tracked["tensorboard"]
+                                 else None)
+        tracker = self._tracker = tracking.open_tracker(self.spec, self.ctx, start_step, metrics)
         total = self.steps or train.steps
         bar = tqdm(total=total, initial=start_step, disable=not rank0, mininterval=2, desc="train")
         step = start_step
@@ -439,6 +445,8 @@ class Trainer:
                 if writer:
                     for k, v in {"loss": mean, **parts, "lr": lr}.items():
                         writer.add_scalar(f"train/{k}", v, step)
+                if tracker.active:
+                    tracker.log(step, {f"train/{k}": v for k, v in {"loss": mean, **parts, "lr": lr}.items()})
                 bar.update(1)
                 bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
             wd.beat(step)
@@ -449,6 +457,7 @@ class Trainer:
                     self.save(step, background=train.async_checkpoint and not preempt and step < total)
             if preempt and step < total:
                 bar.close()
+                tracker.close("KILLED")   # flushed; the requeued task continues the same runs
                 self._requeue_or_stop(step)
         bar.close()
         with wd.phase("checkpoint"):
@@ -457,6 +466,7 @@ class Trainer:
         if writer:
             writer.close()
         self._writer = None
+        # the trackers stay open for the workload's evaluation; the task closes them (core.tracking.finish_task)
         loss_png = self.ctx.run_dir / "results" / "loss.png"
         if rank0:
             plot_losses(metrics, loss_png)

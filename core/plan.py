@@ -224,6 +224,13 @@ def check_limits(spec: JobSpec, cluster: Cluster, source: str, tasks_per_node: i
         for m in FILE_REF.finditer(value):
             if Path(m.group(1)).exists() and secret_file_problem(m.group(1)):
                 problems.append((f"env.{key}", secret_file_problem(m.group(1))))
+    from core import tracking
+
+    problems += tracking.plan_problems(spec, cluster)
+    key_ref = spec.tracking.wandb_key or ""
+    for m in FILE_REF.finditer(key_ref):
+        if Path(m.group(1)).exists() and secret_file_problem(m.group(1)):
+            problems.append(("tracking.wandb_key", secret_file_problem(m.group(1))))
     if problems:
         raise SpecError(source, problems)
 
@@ -356,6 +363,10 @@ def make_plan(spec: JobSpec, cluster: Cluster, source: str = "spec", force: bool
                          f"and ask for no gres")
     _watchdog_notes(spec, steps, notes)
     plan = Plan(spec, cluster, steps, max_array, notes=notes, problems=problems)
+    if registry.get(spec.workload).trains:
+        from core import tracking
+
+        notes.append(tracking.describe(spec, cluster))
     if spec.deepspeed is not None:
         from core.models.peft import PeftTargetError
 

@@ -188,13 +188,36 @@ class TaskEntry:
         try:
             with watchdog.in_task():  # a hang watchdog the step starts (core.watchdog) ends with it
                 result = fn(spec, ctx)
+        except BaseException:
+            _finish_tracking(ctx.run_dir, failed=True)
+            raise
         finally:
             ignore_preemption_signals()
+        _finish_tracking(ctx.run_dir)
         record = {"step": self.step, "task_index": task_index, "items": items, "rank": ctx.rank,
                   "world_size": ctx.world_size, "job_id": ctx.job_id, "host": ctx.hostname,
                   "started": started, "seconds": round(time.time() - started, 3), "result": result}
         run_folder.write_task_record(ctx.run_dir, record)
+        if ctx.rank == 0 and task_index is None:  # an array's page comes from its merge step
+            _write_report(ctx.run_dir)
         return result
+
+
+def _finish_tracking(run_dir: Path, failed: bool = False) -> None:
+    """Close the W&B / MLflow runs the task opened (core.tracking), with its evaluation in their summary."""
+    from core import tracking
+
+    tracking.finish_task(run_dir, failed)
+
+
+def _write_report(run_dir: Path) -> None:
+    """The run's report.html (core.report); a page that cannot be drawn never fails the finished task."""
+    try:
+        from core.report import write_run_report
+
+        write_run_report(run_dir)
+    except Exception as e:
+        log.warning("report.html not written: %s: %s", type(e).__name__, e)
 
 
 BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import getpass
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,8 +19,8 @@ from typing import Any, Optional
 
 from core import run_folder, scheduler
 from core.plan import Plan, Step
-from core.run_folder import REPO
 from core.runtime import TaskEntry
+from core.tracking import git_commit, package_versions
 
 
 @dataclass
@@ -40,17 +39,6 @@ def sbatch_texts(plan: Plan) -> dict[str, list[str]]:
     """The job scripts the plan's scheduler would submit for each step (one per array chunk), nothing submitted;
     empty for a scheduler without scripts (local)."""
     return scheduler.for_cluster(plan.cluster).render(plan)
-
-
-def git_commit() -> dict:
-    try:
-        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return {"commit": head or None, "dirty": bool(dirty)}
-    except (OSError, subprocess.TimeoutExpired):
-        return {"commit": None, "dirty": None}
 
 
 def _local_failed(jobs: list) -> bool:
@@ -94,6 +82,8 @@ def submit(plan: Plan, raw_spec: dict, spec_file: str, resume_dir: Optional[Path
         "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_dir": str(run_dir), "root_id": root,
         "plan": plan.describe(), "steps": steps_record, "python": sys.executable, **(extra_record or {}),
     }
+    record["packages"] = package_versions()   # provenance: the checkout's environment (issue 25)
+    record["profile"] = plan.cluster.name
     if previous is not None:  # keep the history of the run: every submission that worked in this folder
         record["submissions"] = previous.get("submissions", [{k: previous[k] for k in ("submitted_at", "steps")
                                                              if k in previous}])

@@ -216,3 +216,59 @@ def tiny_chexbert(tmp_path_factory) -> Path:
     from core.models.chexbert import write_tiny_chexbert
 
     return write_tiny_chexbert(tmp_path_factory.mktemp("tiny_chexbert"))
+
+
+# ---------------------------------------------------------------- report pages in a real browser (issue 25)
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def chromium(page: Path, tmp: Path, screenshot: Path | None = None, timeout: int = 120) -> str:
+    """Load a page from disk in headless Chromium (Debian's chromium, a fresh profile under tmp): the DOM it built
+    (--dump-dom), or with `screenshot` a PNG of the page written there (then the empty string)."""
+    import shutil
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert exe, "chromium is not installed (tests/run.sh installs it as root: apt-get install chromium)"
+    profile = Path(tmp) / f"chromium-profile-{uuid.uuid4().hex[:6]}"
+    what = [f"--screenshot={screenshot}", "--window-size=1280,1600"] if screenshot else ["--dump-dom"]
+    res = subprocess.run([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *what, Path(page).resolve().as_uri()],
+                         capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout
+
+
+def html_tables(dom: str) -> dict[str, list[list[str]]]:
+    """Every <table id=...> of a page: its rows (header row first) as lists of cell texts."""
+    from html.parser import HTMLParser
+
+    tables: dict[str, list[list[str]]] = {}
+
+    class Reader(HTMLParser):
+        current, row, cell = None, None, None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "table":
+                self.current = dict(attrs).get("id") or f"table{len(tables)}"
+                tables[self.current] = []
+            elif tag == "tr" and self.current is not None:
+                self.row = []
+            elif tag in ("td", "th") and self.row is not None:
+                self.cell = ""
+
+        def handle_endtag(self, tag):
+            if tag in ("td", "th") and self.cell is not None:
+                self.row.append(self.cell)
+                self.cell = None
+            elif tag == "tr" and self.row is not None:
+                tables[self.current].append(self.row)
+                self.row = None
+            elif tag == "table":
+                self.current = None
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell += data
+
+    Reader().feed(dom)
+    return tables

@@ -33,7 +33,7 @@ def common_sets(work) -> list[str]:
             f"dia:data.path={work['data_dir']}", f"dia:data.annotation={work['annotation']}",
             f"dia:data.labels_csv={work['labels_csv']}", "dia:data.make_synthetic=false",
             f"dia:dia.chexbert={work['chexbert']}", "dia:train.steps=10", "dia:train.checkpoint_every=10",
-            "dia:dia.eval_limit=4"]
+            "dia:dia.eval_limit=4", "tracking.mlflow=true"]
     return [x for s in sets for x in ("--set", s)]
 
 
@@ -93,6 +93,35 @@ def test_tiny_study_is_one_submission_and_its_table_equals_the_steps_one_by_one(
               "--set", f"table.pruning_csv={prune}/pruning_eval.csv", timeout=WAIT)
     assert res.returncode == 0, res.stdout + res.stderr
     assert (run_folder(res.stdout) / "study_table.csv").read_text() == study_csv
+
+
+def test_study_report_renders_in_chromium_with_the_table_of_study_table_csv_and_mlflow_has_one_parent(
+        tiny_study, tmp_path):
+    """report.html beside study.json, loaded from disk in headless Chromium: its table cells are study_table.csv's,
+    the screenshot is a PNG; the study's MLflow store holds one parent with each step as a child and the table."""
+    import csv
+
+    from conftest import chromium, html_tables
+    from core import tracking
+
+    study_dir, rec, _ = tiny_study
+    page = study_dir / "report.html"
+    with (Path(rec["steps"]["table"]["run_dir"]) / "study_table.csv").open(newline="") as f:
+        want = list(csv.reader(f))
+    tables = html_tables(chromium(page, tmp_path))
+    assert tables["study-table"] == want
+    assert [r[0] for r in tables["steps"][1:]] == list(rec["steps"])
+    shot = tmp_path / "study_report.png"
+    chromium(page, tmp_path, screenshot=shot)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 5000
+    runs = tracking.mlflow_runs(study_dir / "mlruns")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r["tags"]]
+    assert len(parents) == 1 and parents[0]["name"] == rec["study"]
+    children = [r for r in runs if r["tags"].get("mlflow.parentRunId") == parents[0]["id"]]
+    assert {r["tags"]["medhpc.study_step"] for r in children} == set(rec["steps"]) and len(runs) == 1 + len(children)
+    dia = [r for r in children if r["tags"]["medhpc.study_step"] == "dia"]
+    assert [s for s, _ in dia[0]["metrics"]["train/loss"]] == list(range(1, 11))  # the stage-1 run's 10 steps
+    assert any(k.endswith("/perplexity") for k in parents[0]["metrics"])
 
 
 def test_status_shows_the_study_as_one_group(tiny_study):

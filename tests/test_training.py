@@ -83,14 +83,41 @@ def test_zero3_bf16_two_nodes_trains(slurm, tiny_pangu, logs):
     assert {"zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"} <= names
 
 
+FAKE_KEY = "wandbfake0123456789abcdefSECRET"   # what ${env:WANDB_API_KEY} resolves to in the job
+
+
 def test_scontrol_requeue_resumes_exactly(reference, tiny_pangu, logs):
-    run_dir, job = submit_run(*common(tiny_pangu, logs, "requeue"))
+    """Also the trackers (issue 25): W&B offline and MLflow on, requeued once, are one run each with every step
+    of metrics.csv exactly once, and the key given through ${env:} is nowhere in the run folder."""
+    from core import tracking
+
+    tracked = ("--set", "tracking.wandb=offline", "--set", "tracking.mlflow=true",
+               "--set", "tracking.wandb_key=${env:WANDB_API_KEY}")
+    run_dir, job = submit_run(*common(tiny_pangu, logs, "requeue", *tracked), env={"WANDB_API_KEY": FAKE_KEY})
     wait_for(lambda: (run_dir / "checkpoints" / "latest").exists(), what="a first checkpoint")
     subprocess.run(["scontrol", "requeue", job], check=True)
     assert final_state(job) == "COMPLETED", log_tails(run_dir)
     res = rank0_result(run_dir)
     assert res["start_step"] > 0 and res["steps"] == STEPS
     assert_same_losses(run_dir, reference[1])
+
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    want = [(int(r["step"]), float(r["loss"])) for r in rows]
+    offline = tracking.wandb_offline_runs(run_dir)
+    assert len(offline) == 1, offline                      # one W&B run across the requeue
+    w = tracking.read_wandb_offline(offline[0])
+    assert w["id"] == json.loads((run_dir / "tracking" / "main" / "ids.json").read_text())["wandb_id"]
+    assert [(s, v["train/loss"]) for s, v in w["history"]] == want   # each step once, the values of metrics.csv
+    assert w["config"]["job"]["restart"] == 1 and w["config"]["git"]["commit"]
+    runs = tracking.mlflow_runs(run_dir / "tracking" / "main" / "mlruns")
+    assert len(runs) == 1 and runs[0]["status"] == "FINISHED"
+    assert runs[0]["metrics"]["train/loss"] == want
+    assert runs[0]["tags"]["medhpc.restart"] == "1" and runs[0]["params"]["tracking.wandb_key"] == "${env:WANDB_API_KEY}"
+    assert {"torch", "deepspeed", "transformers"} <= set(record(run_dir)["packages"])
+    leaked = [p for p in run_dir.rglob("*") if p.is_file() and FAKE_KEY.encode() in p.read_bytes()]
+    assert leaked == []
+    report = (run_dir / "report.html").read_text()
+    assert "data:image/png;base64," in report and f"{want[-1][1]!r}" in report
 
 
 def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(reference, tiny_pangu, logs):

@@ -37,6 +37,16 @@ class SlurmSection(Strict):
     _gres = field_validator("gres")(classmethod(lambda cls, v: SLURM_GRES(v)))
 
 
+class TrackingDefaults(Strict):
+    """The profile's defaults for a spec's `tracking:` section, and whether its nodes reach the W&B server."""
+    wandb: Literal["off", "offline", "online"] = Field("off", description="off, offline or online (online needs "
+                                                                          "wandb_reachable)")
+    mlflow: bool = False
+    tensorboard: bool = True
+    project: str = Field("medhpc", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+    wandb_reachable: bool = Field(False, description="compute nodes reach the W&B server (else online is refused)")
+
+
 class Cluster(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
     executor: Literal["slurm", "local"]
@@ -72,6 +82,8 @@ class Cluster(Strict):
     signal_s_before_timeout: PositiveInt = 120
     max_requeues: int = Field(3, ge=0)
     python: Optional[str] = Field(None, description="python command on the nodes; default: this interpreter")
+    tracking: TrackingDefaults = Field(default_factory=lambda: TrackingDefaults(),
+                                       description="defaults of the specs' tracking: section (docs/tracking.md)")
 
     _env = field_validator("env")(classmethod(lambda cls, v: check_env_names(v)))
 

@@ -216,6 +216,39 @@ class Outputs(Strict):
                                       "inside its logs/, or absolute inside one of the profile's logs_roots")
 
 
+TRACKER_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$"
+
+
+class TrackingSection(Strict):
+    """Where a run's metrics go besides metrics.csv (core/tracking.py); unset fields take the profile's
+    `tracking:` defaults. Rank 0 of each task logs; nothing ever needs a server while the job runs unless
+    wandb is online (which the profile must allow)."""
+    wandb: Optional[Literal["off", "offline", "online"]] = Field(
+        None, description="Weights & Biases: off, offline (the run folder holds the offline run; upload it later "
+                          "with python launchers/sync.py RUN) or online (only where the profile says nodes reach "
+                          "the server); default: the profile's")
+    mlflow: Optional[bool] = Field(None, description="an MLflow file store per task inside the run folder "
+                                                     "(tracking/<task>/mlruns); default: the profile's")
+    tensorboard: Optional[bool] = Field(None, description="TensorBoard events in <run>/tensorboard; default: the "
+                                                          "profile's (on)")
+    project: Optional[str] = Field(None, pattern=TRACKER_NAME, description="W&B project / MLflow experiment "
+                                                                            "(default: the profile's, else medhpc)")
+    group: Optional[str] = Field(None, pattern=TRACKER_NAME, description="W&B group / MLflow tag: runs that "
+                                                                          "belong together (default: the spec's name)")
+    wandb_key: Optional[str] = Field(None, description="the W&B API key as a reference only: ${env:WANDB_API_KEY} "
+                                                       "or ${file:/path} (mode 600); needed for online")
+
+    @field_validator("wandb_key")
+    @classmethod
+    def _key_is_reference(cls, v):
+        from core.secrets_guard import REFERENCE
+
+        if v is not None and not REFERENCE.fullmatch(v):
+            raise ValueError("give the key as a reference, never the key itself: '${env:WANDB_API_KEY}' or "
+                             "'${file:/path/to/key}' (a file only you can read)")
+        return v
+
+
 class JobSpec(Strict):
     """The generic schema. Each workload's spec class (`spec_class`) adds its own section and data schema."""
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", max_length=100,
@@ -235,6 +268,8 @@ class JobSpec(Strict):
     outputs: Outputs = Field(default_factory=Outputs)
     hang: HangSpec = Field(default_factory=HangSpec, description="the hang watchdog (docs/hangs.md)")
     env: dict[str, str] = Field(default_factory=dict, description="variables exported in the job; ${env:VAR} allowed")
+    tracking: TrackingSection = Field(default_factory=TrackingSection, description="W&B / MLflow / TensorBoard "
+                                                                                   "(docs/tracking.md)")
 
     @field_validator("workload")
     @classmethod

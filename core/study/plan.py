@@ -42,7 +42,8 @@ def plan_step(study: Study, step: Step, folders: dict[str, Path], pending: dict[
     if step.spec_file is None:
         return PlannedStep(step, run_dir=step.run)
     where = f"{study.source}: steps.{step.name} ({step.spec_file})"
-    sets = tuple(study.global_sets) + tuple(_resolve_sets(step, folders))
+    # a study's runs are one W&B group (docs/tracking.md) unless its sets name another
+    sets = (f"tracking.group={study.spec.study}",) + tuple(study.global_sets) + tuple(_resolve_sets(step, folders))
     try:
         spec, raw = load_spec(step.spec_file, sets)
         with run_folder.promises({str(f): s for s, f in pending.items()}):

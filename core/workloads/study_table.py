@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from core.run_folder import promised_by, write_text_atomic
+from core.run_folder import promised_by, record_if_any, write_text_atomic
 from core.runtime import TaskContext
 from core.config import JobSpec, Strict
 from core.workloads import Shape, Workload
@@ -105,6 +105,18 @@ def _csv_cell(v: str) -> str:
 def run(spec: JobSpec, ctx: TaskContext) -> dict:
     out = write(ctx.run_dir, spec)
     log.info("study table with %d rows -> %s", out["rows"], out["csv"])
+    study = (record_if_any(ctx.run_dir) or {}).get("study")
+    if study and Path(study).is_dir():  # the study's page beside study.json (core.report)
+        from core.report import write_study_report
+
+        out["report"] = str(write_study_report(Path(study), Path(out["csv"]), spec.table.title))
+        log.info("study page -> %s", out["report"])
+        from core.tracking import merge_study
+
+        store = merge_study(Path(study), Path(out["csv"]), (record_if_any(ctx.run_dir) or {}).get("study_name", ""))
+        if store is not None:
+            out["mlflow"] = str(store)
+            log.info("the steps' MLflow runs merged under one parent -> %s", store)
     return out
 
 
