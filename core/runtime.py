@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from core import run_folder, scheduler
+from core.errors import FieldError
 from core.scheduler import DistEnv, DistEnvError, master_port_for, single_process  # noqa: F401 (the task's names)
 
 log = logging.getLogger("runtime")
@@ -185,6 +186,11 @@ class TaskEntry:
         fn = registry.get(self.workload).entry(self.entry)
         try:
             result = fn(spec, ctx)
+        except FieldError as e:  # bad input (DatasetError too): the failure mark says so (core.failures: class data)
+            from core import failure_mark
+
+            failure_mark.report("data", f"{type(e).__name__}: {e}")
+            raise
         finally:
             ignore_preemption_signals()
         record = {"step": self.step, "task_index": task_index, "items": items, "rank": ctx.rank,

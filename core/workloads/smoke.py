@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import Field
 
-from core import scheduler
+from core import fault_inject, scheduler
 from core.run_folder import write_json_atomic
 from core.runtime import TaskContext, context_dict
 from core.config import JobSpec, Strict
@@ -34,6 +34,8 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
     cfg = spec.smoke
     if cfg.sleep_s:
         time.sleep(cfg.sleep_s)
+    for item in ctx.items or []:  # MEDHPC_FAULT=<fault>@item:<item>;...: the failure-class tests (core.fault_inject)
+        fault_inject.inject("item", item, node=ctx.hostname, job_ref=ctx.job_id)
     bad = [i for i in (ctx.items or []) if i in cfg.fail_items]
     if bad:
         raise RuntimeError(f"smoke: items {bad} are listed in smoke.fail_items")

@@ -1,0 +1,144 @@
+"""The retry policy: what happens to a failed job or array task, decided from its failure class (core.failures) and
+the profile's `retry:` section (core.config.cluster.RetryPolicy), and recorded in the run folder.
+
+Why it is shaped like this (a demanding HPC user's rules):
+- retry only what a retry can fix: the cluster's faults (node, communication, hang, preemption, time limit); never a
+  workload bug or bad data (`exception`, `data` always stop: the profile cannot say otherwise);
+- a bound: at most `retry.max_retries` retries per job or array task, all classes together;
+- a loop guard: a retry must make progress. When the same class comes back at the same training step (the newest
+  complete checkpoint, or the step the task reported), the second one stops: a job that dies at step 1200 with a
+  comm timeout twice will die there a third time, and each retry burns an allocation;
+- a node that failed is kept out of the retry (requeue with that node excluded);
+- every decision (class, cause, action, attempt, step, who decided, what the scheduler said) is written to the run
+  folder before it is acted on, so status shows it and the next decision can read it.
+
+Where the decision runs, so that it works without the user's terminal open:
+- inside the task, when the task knows why it fails (the hang watchdog, the node health check, a communication
+  error caught in-process): `in_task(ctx, klass, cause, step)` prints the failure mark, decides, records and asks
+  the scheduler to requeue this job with the failing node excluded (the other ranks end with the job);
+- the time-limit and preemption signals keep their own in-task path (core.engine: checkpoint, then requeue while
+  the profile's `max_requeues` lasts), and Slurm requeues a NODE_FAIL of a `--requeue` job by itself;
+- `submit.py --wait` (core.submission.follow_job) decides for every task that ended failed while it watches:
+  requeue through the scheduler, resubmit from the checkpoint with `--resume`, or stop.
+Decisions live in `<run_dir>/retries/<task>.<attempt>.json`, one file per decision: tasks on different nodes and the
+watcher write them at the same time, and one file each needs no lock (run.json is the submission's record).
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Optional
+
+from core import failure_mark
+from core.failures import WORKLOAD_FAULTS, Failure
+from core.run_folder import write_json_atomic
+
+FOLDER = "retries"
+ACTIONS = ("requeue", "resubmit", "stop")
+
+
+def policy_of(cluster) -> dict:
+    """The profile's retry policy as a dict (a Cluster, its dict, or a dict without `retry`: the defaults)."""
+    from core.config.cluster import RetryPolicy
+
+    data = cluster if isinstance(cluster, dict) else cluster.model_dump()
+    return RetryPolicy(**(data.get("retry") or {})).model_dump()
+
+
+def checkpoint_step(run_dir: Path) -> Optional[int]:
+    """The step of the run's newest complete checkpoint (what a retry resumes from); None without one."""
+    steps = []
+    for marker in (Path(run_dir) / "checkpoints").glob("step*/COMPLETE"):
+        m = re.fullmatch(r"step(\d+)", marker.parent.name)
+        if m:
+            steps.append(int(m.group(1)))
+    return max(steps) if steps else None
+
+
+def decisions(run_dir: Path, task: Optional[str] = None) -> list[dict]:
+    """The retry decisions recorded in a run folder (of one task when given), oldest first."""
+    folder = Path(run_dir) / FOLDER
+    out = []
+    for p in folder.glob("*.json") if folder.is_dir() else []:
+        try:
+            d = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(d, dict) and (task is None or d.get("task") == task):
+            out.append(d)
+    return sorted(out, key=lambda d: (d.get("at", 0), d.get("attempt", 0)))
+
+
+def decide(policy: dict, failure: Failure, history: list[dict], step: Optional[int]) -> tuple[str, str]:
+    """(action, why) for one failure of one task, given the policy and that task's earlier decisions. Pure."""
+    klass = failure.klass
+    if klass in WORKLOAD_FAULTS:
+        return "stop", f"{klass} is never retried (the same input fails the same way)"
+    action = policy.get(klass) if klass in policy else "stop"
+    if action not in ACTIONS:
+        action = "stop"
+    if action == "stop":
+        return "stop", f"the profile's retry.{klass} is stop" if klass in policy else \
+            f"class {klass} has no retry policy: stop"
+    same = [d for d in history if d.get("class") == klass and d.get("step") == step]
+    if same:
+        where = f"step {step}" if step is not None else "the same point (no checkpoint yet)"
+        return "stop", f"loop guard: {klass} again at {where} (attempt {same[-1].get('attempt')} failed the same way)"
+    tried = [d for d in history if d.get("action") in ("requeue", "resubmit")]
+    if len(tried) >= int(policy.get("max_retries", 0)):
+        return "stop", f"retry bound reached: {len(tried)} of retry.max_retries={policy.get('max_retries', 0)}"
+    return action, f"the profile's retry.{klass} is {action}"
+
+
+def record(run_dir: Path, task: str, failure: Failure, action: str, why: str, step: Optional[int],
+           by: str, detail: str = "") -> dict:
+    """Write one decision to the run folder; returns it."""
+    attempt = len(decisions(run_dir, task)) + 1
+    entry = {"task": task, "attempt": attempt, "class": failure.klass, "cause": failure.cause,
+             "node": failure.node or None, "action": action, "why": why, "step": step, "by": by,
+             "detail": detail, "at": round(time.time(), 3)}
+    safe = re.sub(r"[^\w.\-]", "_", task)
+    write_json_atomic(Path(run_dir) / FOLDER / f"{safe}.{attempt:03d}.json", entry)
+    return entry
+
+
+def apply(sched, run_dir: Path, task: str, failure: Failure, policy: dict, by: str, step: Optional[int] = None,
+          resubmit=None) -> dict:
+    """Decide for one failed task, act on it and record it: `requeue` through the scheduler (the failing node
+    excluded), `resubmit` through the callable given (the watcher's `--resume`; without one it requeues, which on
+    a resumable workload also continues from the checkpoint), `stop` does nothing. What the scheduler refused is
+    recorded as a stop with its words. Returns the recorded decision."""
+    step = step if step is not None else checkpoint_step(run_dir)
+    action, why = decide(policy, failure, decisions(run_dir, task), step)
+    detail = ""
+    if action == "resubmit" and resubmit is not None:
+        ok, detail = resubmit()
+        if not ok:
+            action, why = "stop", f"resubmission failed: {detail}"
+    elif action in ("requeue", "resubmit"):
+        ok, detail = sched.requeue_excluding(task, failure.node if failure.klass == "node" else "")
+        if not ok:
+            action, why = "stop", f"the scheduler refused the requeue: {' '.join(detail.split())[:200]}"
+            detail = ""
+        else:
+            action = "requeue"
+    return record(run_dir, task, failure, action, why, step, by, detail)
+
+
+def in_task(ctx, klass: str, cause: str, step: Optional[int] = None, node: str = "") -> dict:
+    """For a task that knows why it fails (hang watchdog, node health check, a caught communication error): print
+    the failure mark to its log, then on the task's first rank decide with the profile's policy, record it and, for
+    a retry, requeue this job (with `node` excluded for class node). The caller then exits non-zero; the other
+    ranks end with the job. Returns the decision (every rank: what rank 0 decides is in the run folder)."""
+    from core import scheduler
+
+    failure_mark.report(klass, cause)
+    failure = Failure(klass, " ".join(cause.split()), "mark", node if klass == "node" else "")
+    policy = policy_of(ctx.cluster)
+    if ctx.rank != 0:
+        step = step if step is not None else checkpoint_step(ctx.run_dir)
+        action, why = decide(policy, failure, decisions(ctx.run_dir, ctx.job_id), step)
+        return {"task": ctx.job_id, "class": klass, "action": action, "why": why, "step": step, "recorded": False}
+    return apply(scheduler.by_name(ctx.executor), ctx.run_dir, ctx.job_id, failure, policy, by="task", step=step)
