@@ -49,11 +49,13 @@ _ATTEMPT_START = re.compile(r"submitit INFO .* - Starting with JobEnvironment")
 _RANK = re.compile(r"^\[rank\d+\]:\s?")
 _DEVICE_OOM = re.compile(r"(CUDA|NPU|HIP|XPU) out of memory|OutOfMemoryError|ACL_ERROR_RT_MEMORY_ALLOCATION"
                          r"|CUBLAS_STATUS_ALLOC_FAILED|cudaErrorMemoryAllocation", re.I)
-_COMM = re.compile(r"\bNCCL (error|WARN)|nccl(System|Internal|Remote|UnhandledCuda|InvalidUsage)Error|ProcessGroupNCCL"
-                   r".*(timeout|Timeout|error)|Watchdog caught collective operation timeout|\bHCC[LP]\b.*(error|fail|"
-                   r"timeout|time out)|EI000[0-9]|third_party/gloo/.*(Timed out|Connection (closed|reset|refused)|"
-                   r"Read error|Socket)|\bgloo\b.*(timed out|Timed out|Connection closed|connection reset)|"
-                   r"DistBackendError|DistNetworkError|RendezvousTimeoutError|RendezvousConnectionError", re.I)
+_COMM = re.compile(r"\bNCCL error|\bHccl[A-Z]\w*.*error|nccl(System|Internal|Remote|UnhandledCuda|InvalidUsage)Error"
+                   r"|ProcessGroupNCCL.*(timeout|Timeout|error)|Watchdog caught collective operation timeout"
+                   r"|\bHCC[LP]\b.*(error|fail|timeout|time out)|\bEI000[0-9]"
+                   r"|third_party/gloo/.*(Timed out|Connection (closed|reset|refused)|Read error|Socket)"
+                   r"|\bgloo\b.*(timed out|Timed out|Connection closed|connection reset)"
+                   r"|DistBackendError|DistNetworkError|DistStoreError|RendezvousTimeoutError"
+                   r"|RendezvousConnectionError", re.I)
 _EXC = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt|Failure|Fault|Exit)|([a-z_]\w*\.)+[A-Z]\w*)(:\s|$)")
 _DATA_EXC = re.compile(r"^([\w.]*\.)?(DatasetError|FieldError)(:|$)")
 _FRAME = re.compile(r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<fn>\S+)')
@@ -127,7 +129,7 @@ def from_log(lines: list[str]) -> Optional[Failure]:
     for ln in reversed(lines):
         if _DEVICE_OOM.search(ln):
             return Failure("device_oom", _RANK.sub("", ln).strip()[:200], "log")
-    for ln in reversed(lines):
+    for ln in lines:  # the first one: later ranks' and layers' lines are its fallout
         if _COMM.search(ln):
             return Failure("comm", _RANK.sub("", ln).strip()[:200], "log")
     data = exception_at(lines, _DATA_EXC)

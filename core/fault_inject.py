@@ -11,9 +11,9 @@ What each fault does, and how real it is on a CPU-only test cluster:
   comm        a real gloo collective timeout against a peer that never joins      (real, 3 s)
   cancel      the task cancels its own job through the scheduler                  (real)
   device_oom  raises with CUDA's out-of-memory message                              (the text only: no GPU here)
-  host_oom    writes slurmstepd's oom-kill notice and SIGKILLs itself              (the text only: no cgroup limit)
-  node        prints the node health check's failure mark and exits 1             (the mark the check prints)
-  hang        prints the hang watchdog's failure mark and exits 1                 (the mark the watchdog prints)
+  host_oom    writes slurmstepd's oom-kill notice, raises MemoryError             (the text only: no cgroup limit)
+  node        prints the node health check's failure mark, then raises           (the mark the check prints)
+  hang        prints the hang watchdog's failure mark, then raises               (the mark the watchdog prints)
 The existing `kill@` / `fail@` points of core.runtime.fault_point are separate (one exact entry).
 """
 from __future__ import annotations
@@ -38,11 +38,13 @@ def wanted(point: str, value) -> str:
 
 _PEER = ("import datetime, time, torch.distributed as d\n"
          "d.init_process_group('gloo', init_method='tcp://127.0.0.1:{port}', rank=1, world_size=2, "
-         "timeout=datetime.timedelta(seconds=30))\ntime.sleep(30)\n")
+         "timeout=datetime.timedelta(seconds=120))\n"
+         "d.new_group([0, 1], timeout=datetime.timedelta(seconds={seconds}))\ntime.sleep(60)\n")
 
 
 def _gloo_timeout(seconds: float = 3.0) -> None:
-    """A real gloo timeout: a 2-rank group whose peer joins the group but never the all-reduce."""
+    """A real gloo timeout: a 2-rank group whose peer joins the group but never the all-reduce. The rendezvous has
+    a long timeout (the peer imports torch first: seconds on a loaded node), the group of the all-reduce a short one."""
     import datetime
 
     import torch
@@ -51,11 +53,12 @@ def _gloo_timeout(seconds: float = 3.0) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    peer = subprocess.Popen([sys.executable, "-c", _PEER.format(port=port)])
+    peer = subprocess.Popen([sys.executable, "-c", _PEER.format(port=port, seconds=seconds)])
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2,
-                                timeout=datetime.timedelta(seconds=seconds))
-        dist.all_reduce(torch.ones(1))
+                                timeout=datetime.timedelta(seconds=120))
+        group = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=seconds))
+        dist.all_reduce(torch.ones(1), group=group)
     finally:
         peer.kill()
 
@@ -90,7 +93,8 @@ def inject(point: str, value, node: str = "", job_ref: str = "") -> None:
         print(f"slurmstepd: error: Detected 1 oom-kill event(s) in StepId={job_ref}.batch. Some of your processes "
               f"may have been killed by the cgroup out-of-memory handler. [fault: injected text at {where}]",
               file=sys.stderr, flush=True)
-        os.kill(os.getpid(), 9)
+        raise MemoryError(f"[fault] injected host OOM at {where}")  # the notice decides; an exception (not a
+        # SIGKILL) leaves submitit's result file, so --wait does not wait 15 s for one that never comes
     from core import failure_mark
 
     if fault == "node":
@@ -98,4 +102,4 @@ def inject(point: str, value, node: str = "", job_ref: str = "") -> None:
                                     f"{where}: all-reduce of 4 bytes took 31.0 s (limit 10 s)")
     else:
         failure_mark.report("hang", f"[fault] injected at {where}: no step ended within 30 s (p95 step 0.2 s)")
-    raise SystemExit(1)
+    raise RuntimeError(f"[fault] {fault} at {where}: the task ends after its failure mark")

@@ -1,0 +1,166 @@
+"""Failure classes and the retry policy (issue 23, items 1-2; docs/failures.md).
+
+Unit tests read captured sacct lines and log tails (tests/data/failures/, its README says which are captured);
+one Slurm test submits ONE smoke array whose tasks each fail a different way (MEDHPC_FAULT, core/fault_inject.py)
+plus its merge, watched by `submit.py --wait`: every task gets its class, the policy decides, nothing loops."""
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+
+from core import failures, monitor, retry
+from core.config import SpecError, load_cluster
+from core.failures import Failure
+from core.scheduler import TaskEnd, by_name
+from core.scheduler.slurm.queue import merge_rows
+
+DATA = Path(__file__).parent / "data" / "failures"
+SLURM = by_name("slurm")
+
+
+def _acct_rows(run: Path) -> dict:
+    text = "\n".join(ln for ln in (DATA / "sacct_ends.txt").read_text().splitlines() if not ln.startswith("#"))
+    return {r.job_id: r for r in merge_rows("", text.replace("{run}", str(run)))}
+
+
+def test_accounting_alone_names_time_limit_preemption_node_oom_cancel_and_dependency(tmp_path):
+    rows = _acct_rows(tmp_path)
+    got = {jid: failures.classify(r.ends[jid], [], SLURM) for jid, r in rows.items()}
+    assert got["1523"].klass == "timeout" and "n[1-2]" in got["1523"].cause
+    assert (got["2915"].klass, got["2915"].source) == ("dependency", "scheduler")
+    assert got["46"].klass == "cancelled" and "uid 0" in got["46"].cause and "root" in got["46"].cause
+    assert got["3001"].klass == "node" and got["3001"].node == "g[07-08]" and "g[07-08]" in got["3001"].cause
+    assert got["3002"].klass == "preempted"
+    assert got["3003"].klass == "host_oom" and "OUT_OF_MEMORY" in got["3003"].cause
+    # FAILED with nothing in a log: unknown, with the exit code; the requeued job's newest attempt counts
+    assert got["2914"] == Failure("unknown", "FAILED, exit code 3, no error line in its log", "exit")
+    assert rows["2917"].states["2917"] == "FAILED" and rows["2917"].ends["2917"].reason == "BeginTime"
+    assert len(rows["2917"].attempts) == 2
+
+
+def test_the_log_names_device_oom_comm_data_and_the_exception_with_where(tmp_path):
+    failed = TaskEnd("FAILED", "1:0", "0:0", "None", "n1")
+    gloo = failures.classify(failed, (DATA / "gloo_timeout.log").read_text().splitlines(), SLURM)
+    assert gloo.klass == "comm" and "Timed out waiting 3000ms for recv" in gloo.cause
+    nccl = failures.classify(failed, (DATA / "nccl_watchdog.log").read_text().splitlines(), SLURM)
+    assert nccl.klass == "comm" and "WorkNCCL(SeqNum=812" in nccl.cause
+    hccl = failures.classify(failed, (DATA / "hccl_socket.log").read_text().splitlines(), SLURM)
+    assert hccl.klass == "comm" and "OPS function error: HcclAllreduce, error code is 6" in hccl.cause
+    store = ["torch.distributed.DistStoreError: Timed out after 4 seconds waiting for clients. 1/2 clients joined."]
+    assert failures.classify(failed, store, SLURM).klass == "comm"  # a rendezvous timeout (seen on this cluster)
+    oom = ["Traceback (most recent call last):", '  File "/x/core/engine.py", line 300, in step',
+           "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.15 GiB total capacity)"]
+    assert failures.classify(failed, oom, SLURM).klass == "device_oom"
+    data = ["Traceback (most recent call last):", '  File "/x/core/data/ctrg.py", line 88, in read_labels',
+            "core.errors.DatasetError: data.labels_csv: /d/labels.csv line 7: no label"]
+    assert failures.classify(failed, data, SLURM) == Failure(
+        "data", "core.errors.DatasetError: data.labels_csv: /d/labels.csv line 7: no label "
+                "(at /x/core/data/ctrg.py:88 in read_labels)", "log")
+    bug = ["Traceback (most recent call last):", '  File "/x/a.py", line 3, in f', "    g()",
+           '  File "/x/b.py", line 9, in g', "    1 / 0", "ZeroDivisionError: division by zero",
+           "srun: error: n1: task 0: Exited with exit code 1"]
+    assert failures.classify(failed, bug, SLURM).cause == "ZeroDivisionError: division by zero (at /x/b.py:9 in g)"
+
+
+def test_the_tasks_own_mark_wins_over_the_text_and_only_the_last_attempt_counts():
+    failed = TaskEnd("FAILED", "1:0", "0:0", "None", "n[1-2]")
+    log = ["submitit INFO (2026-12-05 10:00:00,000) - Starting with JobEnvironment(job_id=7)",
+           "[medhpc] failure hang: an old attempt's hang",
+           "submitit INFO (2026-12-05 11:00:00,000) - Starting with JobEnvironment(job_id=7)",
+           "RuntimeError: [../third_party/gloo/transport/tcp/pair.cc:534] Connection closed by peer",
+           "[rank1]:[medhpc] failure node: n2: rendezvous 10.0.0.1:29500 unreachable after 30 s",
+           "RuntimeError: something after the mark"]
+    got = failures.classify(failed, log, SLURM)
+    assert got == Failure("node", "n2: rendezvous 10.0.0.1:29500 unreachable after 30 s", "mark", "n2")
+    assert failures.classify(failed, log[:4], SLURM).klass == "comm"  # the old attempt's hang mark is history
+    # what the scheduler ended from outside beats the mark: the task could not know its time limit
+    assert failures.classify(TaskEnd("TIMEOUT", nodes="n1"), log, SLURM).klass == "timeout"
+
+
+def test_policy_never_retries_a_bug_bounds_retries_and_stops_a_loop(tmp_path):
+    policy = retry.policy_of({"retry": {"max_retries": 2, "comm": "requeue", "host_oom": "stop"}})
+    comm, node = Failure("comm", "gloo timeout", "log"), Failure("node", "n2: bad", "mark", "n2")
+    assert retry.decide(policy, Failure("exception", "x", "log"), [], 5)[0] == "stop"
+    assert retry.decide(policy, Failure("data", "x", "mark"), [], 5)[0] == "stop"
+    assert retry.decide(policy, Failure("host_oom", "x", "scheduler"), [], 5) == \
+        ("stop", "the profile's retry.host_oom is stop")
+    assert retry.decide(policy, Failure("brand_new", "x", "mark"), [], 5)[0] == "stop"
+    assert retry.decide(policy, comm, [], 100) == ("requeue", "the profile's retry.comm is requeue")
+    first = {"class": "comm", "step": 100, "action": "requeue", "attempt": 1}
+    action, why = retry.decide(policy, comm, [first], 100)
+    assert action == "stop" and why.startswith("loop guard: comm again at step 100")
+    assert retry.decide(policy, comm, [first], 200)[0] == "requeue"  # progress since: a retry may help
+    two = [first, {"class": "node", "step": 200, "action": "requeue", "attempt": 2}]
+    assert retry.decide(policy, node, two, 300) == ("stop", "retry bound reached: 2 of retry.max_retries=2")
+    # decisions are recorded one file each and read back in order
+    retry.record(tmp_path, "12_3", comm, "requeue", "x", 100, by="task")
+    retry.record(tmp_path, "12_3", comm, "stop", "loop guard", 100, by="wait")
+    got = retry.decisions(tmp_path, "12_3")
+    assert [(d["attempt"], d["action"], d["step"], d["by"]) for d in got] == [(1, "requeue", 100, "task"),
+                                                                              (2, "stop", 100, "wait")]
+    assert sorted(p.name for p in (tmp_path / "retries").iterdir()) == ["12_3.001.json", "12_3.002.json"]
+
+
+def test_a_profile_that_retries_a_bug_is_refused_naming_the_field(tmp_path):
+    for klass in ("exception", "data"):
+        bad = tmp_path / f"{klass}.yaml"
+        bad.write_text(f"name: x\nexecutor: slurm\nretry:\n  {klass}: requeue\n")
+        with pytest.raises(SpecError, match=rf"retry.{klass}: 'requeue': .* always 'stop'"):
+            load_cluster(str(bad))
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("name: x\nexecutor: slurm\nretry:\n  node: reboot\n")
+    with pytest.raises(SpecError, match="retry.node"):
+        load_cluster(str(typo))
+    for name in ("local", "local_slurm", "cuda_a100", "ascend_910b"):
+        policy = load_cluster(name).retry
+        assert policy.exception == policy.data == "stop" and policy.node == "requeue" and policy.max_retries >= 1
+
+
+def test_one_array_fails_each_task_a_different_way_and_each_is_classified_and_decided_once(slurm, tmp_path):
+    """9 tasks of one smoke array, each failing its own way (and one fine), plus the merge that can never run:
+    `submit.py --wait` prints each task's class and the policy's action; status --json carries both; the
+    requeue the policy asks for is refused by Slurm (smoke jobs are --no-requeue): recorded, no second run."""
+    from conftest import cli, log_tails
+
+    faults = {0: "exception", 1: "data", 2: "device_oom", 3: "comm", 4: "host_oom", 5: "node", 6: "hang",
+              7: "cancel"}  # item 8 runs fine
+    env = {"MEDHPC_FAULT": ";".join(f"{f}@item:{i}" for i, f in faults.items())}
+    tag = f"failx{uuid.uuid4().hex[:8]}"
+    res = cli("submit", "jobs/tiny/smoke_array.yaml", "-c", "local_slurm", "--wait", "--no-preflight",
+              "--set", f"name={tag}", "--set", f"outputs.logs_dir={tmp_path}", "--set", "resources.array.items=9", "--set", "resources.array.parallelism=9",
+              env=env, timeout=400)
+    out = res.stdout
+    assert res.returncode != 0, out + res.stderr
+    run_dir = Path(next(ln for ln in out.splitlines() if ln.startswith("run folder: ")).split(": ", 1)[1])
+
+    lines = [ln for ln in out.splitlines() if ": task " in ln]
+    got = {ln.split(": task ", 1)[1].split()[0]: ln.split(": ", 2)[2] for ln in lines}
+    arr = next(t for t in got if "_" in t).split("_")[0]
+    want = {0: "exception", 1: "data", 2: "device_oom", 3: "comm", 4: "host_oom", 5: "node", 6: "hang", 7: "cancelled"}
+    for i, klass in want.items():
+        assert got.get(f"{arr}_{i}", "").startswith(f"{klass}: "), (i, out, log_tails(run_dir))
+    assert f"{arr}_8" not in got
+    merge = [t for t in got if "_" not in t]
+    assert len(merge) == 1 and got[merge[0]].startswith("dependency: "), out
+    assert "ValueError: [fault] injected exception at item 0 (at core/fault_inject.py:" in got[f"{arr}_0"]
+    assert got[f"{arr}_5"].startswith("node: n") and "injected health-check failure" in got[f"{arr}_5"]
+    decided = {d["task"]: d for d in retry.decisions(run_dir)}
+    assert len(retry.decisions(run_dir)) == 9  # one decision per failed task: nothing decided twice
+    for i in (0, 1, 2, 4, 7):
+        assert decided[f"{arr}_{i}"]["action"] == "stop", decided[f"{arr}_{i}"]
+    for i in (3, 5, 6):  # the policy says requeue; Slurm refuses a --no-requeue job: recorded as a stop
+        d = decided[f"{arr}_{i}"]
+        assert d["action"] == "stop" and d["why"].startswith("the scheduler refused the requeue"), d
+    assert decided[f"{arr}_5"]["node"] and decided[merge[0]]["class"] == "dependency"
+    assert [p.name for p in (run_dir / "tasks").glob("main*.json")] == ["main-000008.rank0.json"]  # item 8 only
+    data = json.loads(cli("status", "--name", tag, "--json").stdout)
+    run = next(r for r in data if r.get("run_dir") == str(run_dir))
+    job = next(j for j in run["jobs"] if j["job_id"] == arr)
+    assert {t: f["class"] for t, f in job["failures"].items()} == {f"{arr}_{i}": k for i, k in want.items()}
+    assert run["failure"]["class"] == "exception" and len(run["retries"]) == 9
+    text = cli("status", "--name", tag, "--all").stdout
+    assert f"{arr}_1 FAILED: data: DatasetError: data.path: [fault]" in text and "retries: " in text
+    assert monitor.retries_text(str(run_dir)).count("->") == 4  # the folded line names the newest four
