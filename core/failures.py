@@ -57,6 +57,7 @@ _COMM = re.compile(r"\bNCCL error|\bHccl[A-Z]\w*.*error|nccl(System|Internal|Rem
                    r"|DistBackendError|DistNetworkError|DistStoreError|RendezvousTimeoutError"
                    r"|RendezvousConnectionError", re.I)
 _EXC = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt|Failure|Fault|Exit)|([a-z_]\w*\.)+[A-Z]\w*)(:\s|$)")
+_PREEMPTED = re.compile(r"^([\w.]*\.)?Preempted(:|$)")  # core.engine: the stop signal came, no requeue left
 _DATA_EXC = re.compile(r"^([\w.]*\.)?(DatasetError|FieldError)(:|$)")
 _FRAME = re.compile(r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<fn>\S+)')
 
@@ -132,6 +133,9 @@ def from_log(lines: list[str]) -> Optional[Failure]:
     for ln in lines:  # the first one: later ranks' and layers' lines are its fallout
         if _COMM.search(ln):
             return Failure("comm", _RANK.sub("", ln).strip()[:200], "log")
+    stopped = exception_at(lines, _PREEMPTED)
+    if stopped:  # the time-limit (or preemption) signal came, the checkpoint was saved, the requeues were spent
+        return Failure("timeout", stopped[0], "log")
     data = exception_at(lines, _DATA_EXC)
     if data:
         return Failure("data", data[0] + (f" (at {data[1]})" if data[1] else ""), "log")

@@ -304,3 +304,24 @@ def _resubmitter(job: PlannedJob, submission, steps: dict[str, list[str]], step:
             j for rec in new.record["steps"] for j in rec.get("job_ids") or [])
 
     return resubmit
+
+
+def study_failures(planned: PlannedStudy, outcome, states: dict[str, dict]) -> dict[str, str]:
+    """--wait of a study: each failed step's first failed task with its class and cause (core.failures), from one
+    accounting call over the failed steps' jobs; empty without a queue or when the scheduler does not answer."""
+    from core import monitor
+
+    failed = {n: outcome.record["steps"][n] for n, s in states.items() if s["state"] == "failed"
+              and outcome.record["steps"].get(n, {}).get("job_ids")}
+    if not failed or not planned.scheduler.has_queue:
+        return {}
+    try:
+        rows = planned.scheduler.accounting([j for st in failed.values() for j in st["job_ids"]])
+    except scheduler.SchedulerUnavailable:
+        return {}
+    out = {}
+    for name, st in failed.items():
+        line = monitor.run_error([r for r in rows if r.job_id in st["job_ids"]])
+        if line:
+            out[name] = line
+    return out

@@ -51,6 +51,9 @@ def test_the_log_names_device_oom_comm_data_and_the_exception_with_where(tmp_pat
     assert hccl.klass == "comm" and "OPS function error: HcclAllreduce, error code is 6" in hccl.cause
     store = ["torch.distributed.DistStoreError: Timed out after 4 seconds waiting for clients. 1/2 clients joined."]
     assert failures.classify(failed, store, SLURM).klass == "comm"  # a rendezvous timeout (seen on this cluster)
+    spent = ["core.engine.Preempted: SIGUSR2 received: checkpoint saved at step 300, not requeued (5 requeues used); "
+             "resume with --resume"]
+    assert failures.classify(failed, spent, SLURM).klass == "timeout"  # the in-task requeues ran out: resubmit
     oom = ["Traceback (most recent call last):", '  File "/x/core/engine.py", line 300, in step',
            "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.15 GiB total capacity)"]
     assert failures.classify(failed, oom, SLURM).klass == "device_oom"
@@ -164,3 +167,55 @@ def test_one_array_fails_each_task_a_different_way_and_each_is_classified_and_de
     text = cli("status", "--name", tag, "--all").stdout
     assert f"{arr}_1 FAILED: data: DatasetError: data.path: [fault]" in text and "retries: " in text
     assert monitor.retries_text(str(run_dir)).count("->") == 4  # the folded line names the newest four
+
+
+def test_a_node_failure_is_requeued_once_off_that_node_then_the_loop_guard_stops(slurm, tmp_path):
+    """The policy's requeue through the real scheduler: a failed `--requeue` job goes back to the queue with the
+    node it failed on excluded and runs again on the other one; the same class at the same step then stops (no
+    third run)."""
+    import subprocess
+    import time
+
+    from conftest import wait_terminal
+
+    jid = subprocess.run(["sbatch", "--parsable", "--requeue", "-p", "debug", "-t", "1", "-o", str(tmp_path / "o"),
+                          "-J", f"failrq{uuid.uuid4().hex[:6]}", "--wrap", "exit 3"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    wait_terminal([jid])
+    bad = SLURM.accounting([jid])[0].ends[jid].nodes
+    assert bad in ("n1", "n2")
+    policy = retry.policy_of({"retry": {"node": "requeue", "max_retries": 3}})
+    node = Failure("node", f"{bad}: all-reduce of 4 bytes took 31 s", "mark", bad)
+    first = retry.apply(SLURM, tmp_path, jid, node, policy, by="wait", step=40)
+    assert (first["action"], first["detail"], first["attempt"]) == ("requeue", f"requeued excluding {bad}", 1), first
+    shown = subprocess.run(["scontrol", "show", "job", jid], capture_output=True, text=True).stdout
+    assert f"ExcNodeList={bad}" in shown and "Restarts=1" in shown
+    t0 = time.time()
+    while True:
+        row = SLURM.accounting([jid])[0]
+        if len(row.attempts) >= 2 and row.states[jid].split()[0] in ("FAILED", "COMPLETED"):
+            break
+        assert time.time() - t0 < 120, row
+        time.sleep(1)
+    assert row.ends[jid].nodes == ({"n1", "n2"} - {bad}).pop()  # the retry ran off the failed node
+    second = retry.apply(SLURM, tmp_path, jid, node, policy, by="wait", step=40)
+    assert second["action"] == "stop" and second["why"].startswith("loop guard: node again at step 40"), second
+    assert len(SLURM.accounting([jid])[0].attempts) == 2  # no third run
+
+
+def test_a_task_that_knows_why_it_fails_marks_decides_and_records_in_its_run_folder(tmp_path, capsys):
+    """retry.in_task, what the hang watchdog and the node health check call: the mark in the log, the policy's
+    decision in the run folder (rank 0 only), and a scheduler that cannot requeue (local) recorded as a stop."""
+    from core.runtime import TaskContext
+    from core.scheduler import DistEnv
+
+    ctx = TaskContext(run_dir=tmp_path, step="main", job_id="4242", root_id="4242", executor="local",
+                      cluster={"executor": "local", "retry": {"hang": "requeue"}})
+    got = retry.in_task(ctx, "hang", "no step ended within 300 s\n(p95 step 1.2 s)", step=120)
+    assert capsys.readouterr().err == "[medhpc] failure hang: no step ended within 300 s (p95 step 1.2 s)\n"
+    assert got["action"] == "stop" and got["why"].startswith("the scheduler refused the requeue: the local scheduler")
+    assert [(d["class"], d["step"], d["by"]) for d in retry.decisions(tmp_path)] == [("hang", 120, "task")]
+    other = TaskContext(run_dir=tmp_path, step="main", job_id="4242", root_id="4242", executor="local",
+                        cluster={"executor": "local"}, dist=DistEnv(1, 2, 1, 2, 0, 1, "h", 1, "4242"))
+    assert retry.in_task(other, "hang", "x", step=120)["recorded"] is False
+    assert len(retry.decisions(tmp_path)) == 1  # rank 1 printed its mark, decided nothing on disk
