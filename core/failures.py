@@ -7,7 +7,9 @@ every finished task gets exactly one class, decided in this order (first match w
 
 1. what the scheduler ended from outside, which the task's log cannot know: time limit, preemption, node failure,
    host out of memory, a dependency that failed, a cancel (by whom). The scheduler reads its own accounting words
-   (core.scheduler: `classify_end`; Slurm's in core/scheduler/slurm/ends.py);
+   (core.scheduler: `classify_end`; Slurm's in core/scheduler/slurm/ends.py). A cancelled task whose log carries a
+   failure mark is the exception: a watchdog that stops every rank of a hung job cancels its own job after saying
+   why, so the mark wins there;
 2. the task's own failure mark (core.failure_mark: `[medhpc] failure <class>: <cause>`): a task that knows why it
    ends (hang watchdog, node health check, a data error) says so, and that beats any guess from the text;
 3. the log's text, most specific first: device out of memory (CUDA / NPU), communication failure or timeout
@@ -150,6 +152,10 @@ def classify(end: TaskEnd, lines: list[str], sched=None) -> Failure:
     log lines (every rank's), `sched` the scheduler that ran it (it reads its own accounting words)."""
     lines = last_attempt(lines)
     said = sched.classify_end(end, lines) if sched is not None else None
+    if said and said[0] == "cancelled":
+        marked = from_log(lines)  # a task that marked its end and then cancelled its own job (a watchdog ending
+        if marked is not None and marked.source == "mark":  # every rank of a hung job): its mark says why
+            return marked
     if said:
         klass, cause = said
         return Failure(klass, cause, "scheduler", end.nodes if klass == "node" else "")

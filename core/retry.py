@@ -141,4 +141,5 @@ def in_task(ctx, klass: str, cause: str, step: Optional[int] = None, node: str =
         step = step if step is not None else checkpoint_step(ctx.run_dir)
         action, why = decide(policy, failure, decisions(ctx.run_dir, ctx.job_id), step)
         return {"task": ctx.job_id, "class": klass, "action": action, "why": why, "step": step, "recorded": False}
-    return apply(scheduler.by_name(ctx.executor), ctx.run_dir, ctx.job_id, failure, policy, by="task", step=step)
+    decision = apply(scheduler.by_name(ctx.executor), ctx.run_dir, ctx.job_id, failure, policy, by="task", step=step)
+    return {**decision, "recorded": True}

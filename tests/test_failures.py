@@ -81,6 +81,9 @@ def test_the_tasks_own_mark_wins_over_the_text_and_only_the_last_attempt_counts(
     assert failures.classify(failed, log[:4], SLURM).klass == "comm"  # the old attempt's hang mark is history
     # what the scheduler ended from outside beats the mark: the task could not know its time limit
     assert failures.classify(TaskEnd("TIMEOUT", nodes="n1"), log, SLURM).klass == "timeout"
+    # but a job cancelled after its mark (a watchdog stopping every rank with a cancel) is what the mark says
+    assert failures.classify(TaskEnd("CANCELLED by 1000", nodes="n1"), log, SLURM).klass == "node"
+    assert failures.classify(TaskEnd("CANCELLED by 0", nodes="n1"), log[:4], SLURM).klass == "cancelled"
 
 
 def test_policy_never_retries_a_bug_bounds_retries_and_stops_a_loop(tmp_path):
