@@ -20,8 +20,11 @@ Where the decision runs, so that it works without the user's terminal open:
   the profile's `max_requeues` lasts), and Slurm requeues a NODE_FAIL of a `--requeue` job by itself;
 - `submit.py --wait` (core.submission.follow_job) decides for every task that ended failed while it watches:
   requeue through the scheduler, resubmit from the checkpoint with `--resume`, or stop.
-Decisions live in `<run_dir>/retries/<task>.<attempt>.json`, one file per decision: tasks on different nodes and the
-watcher write them at the same time, and one file each needs no lock (run.json is the submission's record).
+Decisions live in `<run_dir>/retries/<unit>.<attempt>.json`, one file per decision: tasks on different nodes and the
+watcher write them at the same time, and one file each needs no lock (run.json is the submission's record). The
+bound and the loop guard count per UNIT, the logical task that survives a retry: the step (`main`) of a plain job,
+the step and global array index (`main[7]`) of an array task. A resubmission gets new job ids, so counting per job
+id would let a resubmitted job retry for ever.
 """
 from __future__ import annotations
 
@@ -57,8 +60,13 @@ def checkpoint_step(run_dir: Path) -> Optional[int]:
     return max(steps) if steps else None
 
 
+def unit(step: str, task_index: Optional[int] = None) -> str:
+    """The logical task the bound and the loop guard count for: 'main', or 'main[7]' for array index 7."""
+    return step if task_index is None else f"{step}[{task_index}]"
+
+
 def decisions(run_dir: Path, task: Optional[str] = None) -> list[dict]:
-    """The retry decisions recorded in a run folder (of one task when given), oldest first."""
+    """The retry decisions recorded in a run folder (of one unit when given: `unit()`), oldest first."""
     folder = Path(run_dir) / FOLDER
     out = []
     for p in folder.glob("*.json") if folder.is_dir() else []:
@@ -93,10 +101,11 @@ def decide(policy: dict, failure: Failure, history: list[dict], step: Optional[i
 
 
 def record(run_dir: Path, task: str, failure: Failure, action: str, why: str, step: Optional[int],
-           by: str, detail: str = "") -> dict:
-    """Write one decision to the run folder; returns it."""
+           by: str, detail: str = "", job_id: str = "") -> dict:
+    """Write one decision of unit `task` (`unit()`) about scheduler job `job_id` to the run folder; returns it."""
     attempt = len(decisions(run_dir, task)) + 1
-    entry = {"task": task, "attempt": attempt, "class": failure.klass, "cause": failure.cause,
+    entry = {"task": task, "job_id": job_id or None, "attempt": attempt, "class": failure.klass,
+             "cause": failure.cause,
              "node": failure.node or None, "action": action, "why": why, "step": step, "by": by,
              "detail": detail, "at": round(time.time(), 3)}
     safe = re.sub(r"[^\w.\-]", "_", task)
@@ -104,12 +113,13 @@ def record(run_dir: Path, task: str, failure: Failure, action: str, why: str, st
     return entry
 
 
-def apply(sched, run_dir: Path, task: str, failure: Failure, policy: dict, by: str, step: Optional[int] = None,
-          resubmit=None) -> dict:
+def apply(sched, run_dir: Path, task: str, job_id: str, failure: Failure, policy: dict, by: str,
+          step: Optional[int] = None, resubmit=None) -> dict:
     """Decide for one failed task, act on it and record it: `requeue` through the scheduler (the failing node
     excluded), `resubmit` through the callable given (the watcher's `--resume`; without one it requeues, which on
     a resumable workload also continues from the checkpoint), `stop` does nothing. What the scheduler refused is
-    recorded as a stop with its words. Returns the recorded decision."""
+    recorded as a stop with its words. `task` is the unit (`unit()`), `job_id` the scheduler's id of the job or
+    array task that failed. Returns the recorded decision."""
     step = step if step is not None else checkpoint_step(run_dir)
     action, why = decide(policy, failure, decisions(run_dir, task), step)
     detail = ""
@@ -118,13 +128,13 @@ def apply(sched, run_dir: Path, task: str, failure: Failure, policy: dict, by: s
         if not ok:
             action, why = "stop", f"resubmission failed: {detail}"
     elif action in ("requeue", "resubmit"):
-        ok, detail = sched.requeue_excluding(task, failure.node if failure.klass == "node" else "")
+        ok, detail = sched.requeue_excluding(job_id, failure.node if failure.klass == "node" else "")
         if not ok:
             action, why = "stop", f"the scheduler refused the requeue: {' '.join(detail.split())[:200]}"
             detail = ""
         else:
             action = "requeue"
-    return record(run_dir, task, failure, action, why, step, by, detail)
+    return record(run_dir, task, failure, action, why, step, by, detail, job_id)
 
 
 def in_task(ctx, klass: str, cause: str, step: Optional[int] = None, node: str = "") -> dict:
@@ -137,9 +147,12 @@ def in_task(ctx, klass: str, cause: str, step: Optional[int] = None, node: str =
     failure_mark.report(klass, cause)
     failure = Failure(klass, " ".join(cause.split()), "mark", node if klass == "node" else "")
     policy = policy_of(ctx.cluster)
+    me = unit(ctx.step, ctx.task_index)
     if ctx.rank != 0:
         step = step if step is not None else checkpoint_step(ctx.run_dir)
-        action, why = decide(policy, failure, decisions(ctx.run_dir, ctx.job_id), step)
-        return {"task": ctx.job_id, "class": klass, "action": action, "why": why, "step": step, "recorded": False}
-    decision = apply(scheduler.by_name(ctx.executor), ctx.run_dir, ctx.job_id, failure, policy, by="task", step=step)
+        action, why = decide(policy, failure, decisions(ctx.run_dir, me), step)
+        return {"task": me, "job_id": ctx.job_id, "class": klass, "action": action, "why": why, "step": step,
+                "recorded": False}
+    decision = apply(scheduler.by_name(ctx.executor), ctx.run_dir, me, ctx.job_id, failure, policy, by="task",
+                     step=step)
     return {**decision, "recorded": True}

@@ -263,6 +263,7 @@ def failed_and_decided(job: PlannedJob, submission, steps: dict[str, list[str]],
 
     retried = False
     step_of = {j: name for name, ids in steps.items() for j in ids}
+    first_index = {c["job_id"]: c["tasks"][0] for rec in submission.record["steps"] for c in rec.get("chunks") or []}
     for row in rows:
         for task in monitor.failed_tasks(row):
             tries = sum(1 for a in row.attempts if a.task_id == task)
@@ -273,9 +274,10 @@ def failed_and_decided(job: PlannedJob, submission, steps: dict[str, list[str]],
             name = step_of.get(row.job_id, "?")
             out.write(f"{time.strftime('%H:%M:%S')} step {name}: task {task} {row.states[task].split()[0]}: "
                       f"{failure.line()}\n")
+            index = first_index.get(row.job_id, 0) + int(task.split("_")[1]) if "_" in task else None
             resubmit = None if row.is_array else _resubmitter(job, submission, steps, name)
-            decision = retry.apply(job.scheduler, Path(submission.run_dir), task, failure, policy, by="wait",
-                                   resubmit=resubmit)
+            decision = retry.apply(job.scheduler, Path(submission.run_dir), retry.unit(name, index), task, failure,
+                                   policy, by="wait", resubmit=resubmit)
             out.write(f"         -> {decision['action']} ({decision['why']}"
                       + (f"; {decision['detail']}" if decision["detail"] else "") + ")\n")
             out.flush()
@@ -300,7 +302,7 @@ def _resubmitter(job: PlannedJob, submission, steps: dict[str, list[str]], step:
         for rec in new.record["steps"]:
             if rec.get("job_ids"):
                 steps[rec["name"]] = list(rec["job_ids"])
-        return True, "resubmitted from the newest checkpoint as job(s) " + ", ".join(
+        return True, "resubmitted with --resume (from the newest complete checkpoint, if any) as job(s) " + ", ".join(
             j for rec in new.record["steps"] for j in rec.get("job_ids") or [])
 
     return resubmit

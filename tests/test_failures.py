@@ -136,7 +136,8 @@ def test_one_array_fails_each_task_a_different_way_and_each_is_classified_and_de
     env = {"MEDHPC_FAULT": ";".join(f"{f}@item:{i}" for i, f in faults.items())}
     tag = f"failx{uuid.uuid4().hex[:8]}"
     res = cli("submit", "jobs/tiny/smoke_array.yaml", "-c", "local_slurm", "--wait", "--no-preflight",
-              "--set", f"name={tag}", "--set", f"outputs.logs_dir={tmp_path}", "--set", "resources.array.items=9", "--set", "resources.array.parallelism=9",
+              "--set", f"name={tag}", "--set", f"outputs.logs_dir={tmp_path}", "--set", "resources.array.items=9",
+              "--set", "resources.array.parallelism=9",
               env=env, timeout=400)
     out = res.stdout
     assert res.returncode != 0, out + res.stderr
@@ -153,8 +154,9 @@ def test_one_array_fails_each_task_a_different_way_and_each_is_classified_and_de
     assert len(merge) == 1 and got[merge[0]].startswith("dependency: "), out
     assert "ValueError: [fault] injected exception at item 0 (at core/fault_inject.py:" in got[f"{arr}_0"]
     assert got[f"{arr}_5"].startswith("node: n") and "injected health-check failure" in got[f"{arr}_5"]
-    decided = {d["task"]: d for d in retry.decisions(run_dir)}
+    decided = {d["job_id"]: d for d in retry.decisions(run_dir)}
     assert len(retry.decisions(run_dir)) == 9  # one decision per failed task: nothing decided twice
+    assert {d["task"] for d in decided.values()} == {f"main[{i}]" for i in range(8)} | {"merge"}
     for i in (0, 1, 2, 4, 7):
         assert decided[f"{arr}_{i}"]["action"] == "stop", decided[f"{arr}_{i}"]
     for i in (3, 5, 6):  # the policy says requeue; Slurm refuses a --no-requeue job: recorded as a stop
@@ -189,7 +191,7 @@ def test_a_node_failure_is_requeued_once_off_that_node_then_the_loop_guard_stops
     assert bad in ("n1", "n2")
     policy = retry.policy_of({"retry": {"node": "requeue", "max_retries": 3}})
     node = Failure("node", f"{bad}: all-reduce of 4 bytes took 31 s", "mark", bad)
-    first = retry.apply(SLURM, tmp_path, jid, node, policy, by="wait", step=40)
+    first = retry.apply(SLURM, tmp_path, "main", jid, node, policy, by="wait", step=40)
     assert (first["action"], first["detail"], first["attempt"]) == ("requeue", f"requeued excluding {bad}", 1), first
     shown = subprocess.run(["scontrol", "show", "job", jid], capture_output=True, text=True).stdout
     assert f"ExcNodeList={bad}" in shown and "Restarts=1" in shown
@@ -201,7 +203,7 @@ def test_a_node_failure_is_requeued_once_off_that_node_then_the_loop_guard_stops
         assert time.time() - t0 < 120, row
         time.sleep(1)
     assert row.ends[jid].nodes == ({"n1", "n2"} - {bad}).pop()  # the retry ran off the failed node
-    second = retry.apply(SLURM, tmp_path, jid, node, policy, by="wait", step=40)
+    second = retry.apply(SLURM, tmp_path, "main", jid, node, policy, by="wait", step=40)
     assert second["action"] == "stop" and second["why"].startswith("loop guard: node again at step 40"), second
     assert len(SLURM.accounting([jid])[0].attempts) == 2  # no third run
 
@@ -217,8 +219,35 @@ def test_a_task_that_knows_why_it_fails_marks_decides_and_records_in_its_run_fol
     got = retry.in_task(ctx, "hang", "no step ended within 300 s\n(p95 step 1.2 s)", step=120)
     assert capsys.readouterr().err == "[medhpc] failure hang: no step ended within 300 s (p95 step 1.2 s)\n"
     assert got["action"] == "stop" and got["why"].startswith("the scheduler refused the requeue: the local scheduler")
-    assert [(d["class"], d["step"], d["by"]) for d in retry.decisions(tmp_path)] == [("hang", 120, "task")]
+    assert [(d["task"], d["job_id"], d["class"], d["step"], d["by"]) for d in retry.decisions(tmp_path)] == \
+        [("main", "4242", "hang", 120, "task")]
     other = TaskContext(run_dir=tmp_path, step="main", job_id="4242", root_id="4242", executor="local",
                         cluster={"executor": "local"}, dist=DistEnv(1, 2, 1, 2, 0, 1, "h", 1, "4242"))
     assert retry.in_task(other, "hang", "x", step=120)["recorded"] is False
     assert len(retry.decisions(tmp_path)) == 1  # rank 1 printed its mark, decided nothing on disk
+
+
+def test_wait_resubmits_a_failed_job_in_its_run_folder_once_then_the_loop_guard_stops(slurm, tmp_path):
+    """The policy's resubmit through `submit.py --wait`: a plain job that ends with a hang mark is submitted again
+    with --resume in the same run folder; its second hang at the same point (no checkpoint) stops: two jobs, not
+    more, and both decisions count for the same unit ('main') although the job ids differ."""
+    import yaml
+
+    from conftest import cli
+
+    profile = yaml.safe_load((Path(__file__).parent.parent / "cluster_configs" / "local_slurm.yaml").read_text())
+    profile["retry"] = {"max_retries": 3, "hang": "resubmit"}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(profile))
+    tag = f"failrs{uuid.uuid4().hex[:6]}"
+    res = cli("submit", "jobs/tiny/smoke.yaml", "-c", str(tmp_path / "p.yaml"), "--wait", "--no-preflight",
+              "--set", f"name={tag}", "--set", f"outputs.logs_dir={tmp_path / 'logs'}",
+              env={"MEDHPC_FAULT": "hang@step:main"}, timeout=300)
+    assert res.returncode == 1, res.stdout + res.stderr
+    run_dir = Path(next(ln for ln in res.stdout.splitlines() if ln.startswith("run folder: ")).split(": ", 1)[1])
+    got = [(d["task"], d["class"], d["action"]) for d in retry.decisions(run_dir)]
+    assert got == [("main", "hang", "resubmit"), ("main", "hang", "stop")], res.stdout
+    first, second = retry.decisions(run_dir)
+    assert second["why"].startswith("loop guard: hang again") and second["job_id"] != first["job_id"]
+    jobs = [s["steps"][0]["job_ids"] for s in json.loads((run_dir / "run.json").read_text())["submissions"]]
+    assert len(jobs) == 2 and jobs[1] == [second["job_id"]]  # resubmitted once, in the same run folder
+    assert res.stdout.count(": hang: [fault] injected at step main") == 2

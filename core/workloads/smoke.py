@@ -34,7 +34,9 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
     cfg = spec.smoke
     if cfg.sleep_s:
         time.sleep(cfg.sleep_s)
-    for item in ctx.items or []:  # MEDHPC_FAULT=<fault>@item:<item>;...: the failure-class tests (core.fault_inject)
+    # MEDHPC_FAULT=<fault>@step:<step> or <fault>@item:<item>;...: the failure-class tests (core.fault_inject)
+    fault_inject.inject("step", ctx.step, node=ctx.hostname, job_ref=ctx.job_id)
+    for item in ctx.items or []:
         fault_inject.inject("item", item, node=ctx.hostname, job_ref=ctx.job_id)
     bad = [i for i in (ctx.items or []) if i in cfg.fail_items]
     if bad:
