@@ -253,6 +253,9 @@ def follow_job(job: PlannedJob, submission, out, poll_s: float = 5.0) -> None:
         out.write(f"device-hours: {used}\n")
 
 
+SHOWN_FAILURES = 20  # failed tasks --wait prints per round (all are decided and recorded)
+
+
 def failed_and_decided(job: PlannedJob, submission, steps: dict[str, list[str]], rows, policy: dict, handled: set,
                        out) -> bool:
     """--wait, once every job has ended: each failed task's class and cause (core.failures), then the profile's
@@ -261,7 +264,7 @@ def failed_and_decided(job: PlannedJob, submission, steps: dict[str, list[str]],
 
     from core import monitor, retry
 
-    retried = False
+    retried, shown = False, 0
     step_of = {j: name for name, ids in steps.items() for j in ids}
     first_index = {c["job_id"]: c["tasks"][0] for rec in submission.record["steps"] for c in rec.get("chunks") or []}
     for row in rows:
@@ -272,16 +275,21 @@ def failed_and_decided(job: PlannedJob, submission, steps: dict[str, list[str]],
             handled.add((task, tries))
             failure = monitor.task_failure(row, task)
             name = step_of.get(row.job_id, "?")
-            out.write(f"{time.strftime('%H:%M:%S')} step {name}: task {task} {row.states[task].split()[0]}: "
-                      f"{failure.line()}\n")
             index = first_index.get(row.job_id, 0) + int(task.split("_")[1]) if "_" in task else None
             resubmit = None if row.is_array else _resubmitter(job, submission, steps, name)
             decision = retry.apply(job.scheduler, Path(submission.run_dir), retry.unit(name, index), task, failure,
                                    policy, by="wait", resubmit=resubmit)
-            out.write(f"         -> {decision['action']} ({decision['why']}"
+            retried = retried or decision["action"] != "stop"
+            shown += 1
+            if shown > SHOWN_FAILURES:  # a big array failing at once: every decision is recorded, 20 are printed
+                continue
+            out.write(f"{time.strftime('%H:%M:%S')} step {name}: task {task} {row.states[task].split()[0]}: "
+                      f"{failure.line()}\n         -> {decision['action']} ({decision['why']}"
                       + (f"; {decision['detail']}" if decision["detail"] else "") + ")\n")
             out.flush()
-            retried = retried or decision["action"] != "stop"
+    if shown > SHOWN_FAILURES:
+        out.write(f"         ... and {shown - SHOWN_FAILURES} more failed tasks: each class and decision is in "
+                  f"{Path(submission.run_dir) / retry.FOLDER} (python launchers/status.py --json)\n")
     return retried
 
 
