@@ -30,6 +30,7 @@ from typing import Optional
 
 from core import failure_mark
 from core.scheduler import TaskEnd
+from core.secrets_guard import redact
 
 CLASSES = {  # class -> what it means for the person (docs/failures.md has the detail)
     "timeout": "reached its time limit",
@@ -72,6 +73,9 @@ class Failure:
     cause: str
     source: str
     node: str = ""
+
+    def __post_init__(self):  # log text is untrusted: one line, token shapes hidden, control characters escaped
+        object.__setattr__(self, "cause", redact(" ".join(str(self.cause).split()), 300))
 
     def line(self) -> str:
         return f"{self.klass}: {self.cause}"

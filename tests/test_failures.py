@@ -66,6 +66,9 @@ def test_the_log_names_device_oom_comm_data_and_the_exception_with_where(tmp_pat
            '  File "/x/b.py", line 9, in g', "    1 / 0", "ZeroDivisionError: division by zero",
            "srun: error: n1: task 0: Exited with exit code 1"]
     assert failures.classify(failed, bug, SLURM).cause == "ZeroDivisionError: division by zero (at /x/b.py:9 in g)"
+    hostile = ["ValueError: bad token hf_" + "a" * 34 + " \x1b[2J\x07"]  # a log is untrusted text
+    cause = failures.classify(failed, hostile, SLURM).cause
+    assert "hf_aaaa" not in cause and "\x1b" not in cause and "\x07" not in cause and cause.startswith("ValueError")
 
 
 def test_the_tasks_own_mark_wins_over_the_text_and_only_the_last_attempt_counts():
