@@ -102,39 +102,49 @@ def decide(policy: dict, failure: Failure, history: list[dict], step: Optional[i
 
 def record(run_dir: Path, task: str, failure: Failure, action: str, why: str, step: Optional[int],
            by: str, detail: str = "", job_id: str = "") -> dict:
-    """Write one decision of unit `task` (`unit()`) about scheduler job `job_id` to the run folder; returns it."""
+    """Write one decision of unit `task` (`unit()`) about scheduler job `job_id` to the run folder; returns it
+    (its file in `_path`, so `amend` can say how acting on it went)."""
     attempt = len(decisions(run_dir, task)) + 1
     entry = {"task": task, "job_id": job_id or None, "attempt": attempt, "class": failure.klass,
-             "cause": failure.cause,
-             "node": failure.node or None, "action": action, "why": why, "step": step, "by": by,
-             "detail": detail, "at": round(time.time(), 3)}
+             "cause": failure.cause, "node": failure.node or None, "action": action, "why": why, "step": step,
+             "by": by, "detail": detail, "at": round(time.time(), 3)}
     safe = re.sub(r"[^\w.\-]", "_", task)
-    write_json_atomic(Path(run_dir) / FOLDER / f"{safe}.{attempt:03d}.json", entry)
-    return entry
+    path = Path(run_dir) / FOLDER / f"{safe}.{attempt:03d}.json"
+    write_json_atomic(path, entry)
+    return {**entry, "_path": str(path)}
+
+
+def amend(entry: dict, **changes) -> dict:
+    """The same decision file, rewritten with what acting on it gave (the scheduler's answer)."""
+    path = entry["_path"]
+    entry = {k: v for k, v in {**entry, **changes}.items() if k != "_path"}
+    write_json_atomic(Path(path), entry)
+    return {**entry, "_path": path}
 
 
 def apply(sched, run_dir: Path, task: str, job_id: str, failure: Failure, policy: dict, by: str,
           step: Optional[int] = None, resubmit=None) -> dict:
-    """Decide for one failed task, act on it and record it: `requeue` through the scheduler (the failing node
+    """Decide for one failed task, record it, then act on it: `requeue` through the scheduler (the failing node
     excluded), `resubmit` through the callable given (the watcher's `--resume`; without one it requeues, which on
-    a resumable workload also continues from the checkpoint), `stop` does nothing. What the scheduler refused is
-    recorded as a stop with its words. `task` is the unit (`unit()`), `job_id` the scheduler's id of the job or
+    a resumable workload also continues from the checkpoint), `stop` does nothing. The decision is written BEFORE
+    acting (a task that requeues itself is killed by that requeue) and amended with the outcome: what the scheduler
+    refused becomes a stop with its words. `task` is the unit (`unit()`), `job_id` the scheduler's id of the job or
     array task that failed. Returns the recorded decision."""
     step = step if step is not None else checkpoint_step(run_dir)
     action, why = decide(policy, failure, decisions(run_dir, task), step)
-    detail = ""
-    if action == "resubmit" and resubmit is not None:
+    if action == "resubmit" and resubmit is None:  # an array task, or a task deciding for itself
+        action, why = "requeue", why + " (here: a requeue, which resumes from the checkpoint too)"
+    entry = record(run_dir, task, failure, action, why, step, by, "asked the scheduler" if action != "stop" else "",
+                   job_id)
+    if action == "resubmit":
         ok, detail = resubmit()
-        if not ok:
-            action, why = "stop", f"resubmission failed: {detail}"
-    elif action in ("requeue", "resubmit"):
+        return amend(entry, detail=detail) if ok else amend(entry, action="stop", detail="",
+                                                            why=f"resubmission failed: {detail}")
+    if action == "requeue":
         ok, detail = sched.requeue_excluding(job_id, failure.node if failure.klass == "node" else "")
-        if not ok:
-            action, why = "stop", f"the scheduler refused the requeue: {' '.join(detail.split())[:200]}"
-            detail = ""
-        else:
-            action = "requeue"
-    return record(run_dir, task, failure, action, why, step, by, detail, job_id)
+        return amend(entry, detail=detail) if ok else amend(
+            entry, action="stop", detail="", why=f"the scheduler refused the requeue: {' '.join(detail.split())[:200]}")
+    return entry
 
 
 def in_task(ctx, klass: str, cause: str, step: Optional[int] = None, node: str = "") -> dict:
@@ -156,3 +166,22 @@ def in_task(ctx, klass: str, cause: str, step: Optional[int] = None, node: str =
     decision = apply(scheduler.by_name(ctx.executor), ctx.run_dir, me, ctx.job_id, failure, policy, by="task",
                      step=step)
     return {**decision, "recorded": True}
+
+
+def caught(ctx, exc: BaseException) -> Optional[dict]:
+    """core.runtime.TaskEntry, for the exception that ends a task: a communication failure (class comm from the
+    exception's own text: NCCL, HCCL, gloo, a rendezvous timeout) is decided right here by `in_task`, so a retry does
+    not wait for someone's `--wait`; only where the scheduler requeues. Anything else, or a failure while deciding,
+    returns None and leaves the exception as it is (the log's traceback classifies it)."""
+    if not getattr(ctx, "requeues", False):
+        return None
+    from core.failures import from_log
+
+    found = from_log(f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}".splitlines())
+    if found is None or found.klass != "comm":
+        return None
+    try:
+        return in_task(ctx, "comm", found.cause)
+    except Exception as e:  # deciding must never hide why the task failed
+        print(f"[retry] could not decide in the task: {type(e).__name__}: {e}", flush=True)
+        return None

@@ -191,6 +191,11 @@ class TaskEntry:
 
             failure_mark.report("data", f"{type(e).__name__}: {e}")
             raise
+        except Exception as e:  # a communication failure: the profile's retry policy decides in the task
+            from core import retry
+
+            retry.caught(ctx, e)
+            raise
         finally:
             ignore_preemption_signals()
         record = {"step": self.step, "task_index": task_index, "items": items, "rank": ctx.rank,

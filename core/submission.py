@@ -276,9 +276,15 @@ def failed_and_decided(job: PlannedJob, submission, steps: dict[str, list[str]],
             failure = monitor.task_failure(row, task)
             name = step_of.get(row.job_id, "?")
             index = first_index.get(row.job_id, 0) + int(task.split("_")[1]) if "_" in task else None
-            resubmit = None if row.is_array else _resubmitter(job, submission, steps, name)
-            decision = retry.apply(job.scheduler, Path(submission.run_dir), retry.unit(name, index), task, failure,
-                                   policy, by="wait", resubmit=resubmit)
+            began = max((a.start for a in row.attempts if a.task_id == task), default=0.0)
+            own = [d for d in retry.decisions(Path(submission.run_dir), retry.unit(name, index))
+                   if d.get("job_id") == task and d.get("by") == "task" and d.get("at", 0) >= began - 1]
+            if own:  # the task decided for itself (retry.in_task): shown, not decided twice
+                decision = {**own[-1], "why": f"decided in the task: {own[-1]['why']}"}
+            else:
+                resubmit = None if row.is_array else _resubmitter(job, submission, steps, name)
+                decision = retry.apply(job.scheduler, Path(submission.run_dir), retry.unit(name, index), task,
+                                       failure, policy, by="wait", resubmit=resubmit)
             retried = retried or decision["action"] != "stop"
             shown += 1
             if shown > SHOWN_FAILURES:  # a big array failing at once: every decision is recorded, 20 are printed

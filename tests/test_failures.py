@@ -165,6 +165,8 @@ def test_one_array_fails_each_task_a_different_way_and_each_is_classified_and_de
     for i in (3, 5, 6):  # the policy says requeue; Slurm refuses a --no-requeue job: recorded as a stop
         d = decided[f"{arr}_{i}"]
         assert d["action"] == "stop" and d["why"].startswith("the scheduler refused the requeue"), d
+    assert decided[f"{arr}_3"]["by"] == "task" and decided[f"{arr}_5"]["by"] == "wait"  # comm: decided in-task
+    assert "decided in the task: the scheduler refused" in out
     assert decided[f"{arr}_5"]["node"] and decided[merge[0]]["class"] == "dependency"
     assert [p.name for p in (run_dir / "tasks").glob("main*.json")] == ["main-000008.rank0.json"]  # item 8 only
     data = json.loads(cli("status", "--name", tag, "--json").stdout)
