@@ -141,7 +141,10 @@ def apply(sched, run_dir: Path, task: str, job_id: str, failure: Failure, policy
         return amend(entry, detail=detail) if ok else amend(entry, action="stop", detail="",
                                                             why=f"resubmission failed: {detail}")
     if action == "requeue":
-        ok, detail = sched.requeue_excluding(job_id, failure.node if failure.klass == "node" else "")
+        keep_off = failure.node if failure.klass == "node" else ""
+        if keep_off and failure.source == "scheduler":  # NODE_FAIL names the whole allocation: only the sick ones
+            keep_off = sched.unhealthy(keep_off)
+        ok, detail = sched.requeue_excluding(job_id, keep_off)
         return amend(entry, detail=detail) if ok else amend(
             entry, action="stop", detail="", why=f"the scheduler refused the requeue: {' '.join(detail.split())[:200]}")
     return entry

@@ -303,6 +303,11 @@ class Scheduler:
         """'exit code 3' / 'killed by signal 9' of a finished task, '' when unknown or 0."""
         return ""
 
+    def unhealthy(self, nodes: str) -> str:
+        """Those of these nodes the scheduler holds down or draining now ('' when none or unknown): after a node
+        failure of a multi-node job, which node to keep the retry off."""
+        return ""
+
     def requeue_excluding(self, job_id: str, nodes: str) -> tuple[bool, str]:
         """Put a job (running or finished) back in the queue, kept off `nodes` (the node that failed) when given:
         the retry policy's `requeue` (core.retry). Returns (accepted, the scheduler's message)."""

@@ -119,6 +119,11 @@ class Slurm(Scheduler):
 
         return exit_text(end)
 
+    def unhealthy(self, nodes: str) -> str:
+        from core.scheduler.slurm.ends import unhealthy
+
+        return unhealthy(nodes)
+
     def requeue_excluding(self, job_id: str, nodes: str) -> tuple[bool, str]:
         """`scontrol requeue` (a finished or running batch job goes back to pending, same id), then, when a node
         failed, `scontrol update ExcNodeList=<node>` on the pending job so the retry does not land on it again."""

@@ -60,8 +60,10 @@ def classify(end: TaskEnd, lines: list[str]) -> Optional[tuple[str, str]]:
         return "timeout", f"reached its time limit{where} (Slurm TIMEOUT)"
     if state == "PREEMPTED":
         return "preempted", f"preempted by a higher-priority job{where} (Slurm PREEMPTED)"
-    if state == "NODE_FAIL":
-        return "node", f"node {end.nodes or '?'} failed (Slurm NODE_FAIL)"
+    if state == "NODE_FAIL":  # NodeList is the whole allocation: which node failed, the node states say (unhealthy)
+        one = end.nodes and not re.search(r"[\[,]", end.nodes)
+        return "node", (f"node {end.nodes} failed" if one else f"a node of {end.nodes or '?'} failed") + \
+            " (Slurm NODE_FAIL)"
     if state == "OUT_OF_MEMORY":
         return "host_oom", f"host memory exhausted{where} (Slurm OUT_OF_MEMORY: the job's --mem was too small)"
     oom = [m for ln in lines for m in [_OOM_KILL.search(ln)] if m]
@@ -69,7 +71,9 @@ def classify(end: TaskEnd, lines: list[str]) -> Optional[tuple[str, str]]:
         return "host_oom", f"killed by the out-of-memory handler{where} ({oom[-1].group(1)} oom-kill event(s))"
     if state == "CANCELLED":
         by = _BY.match(end.state)
-        if not end.started and end.reason in ("Dependency", "DependencyNeverSatisfied") and not by:
+        # kill_on_invalid_dep: slurmctld cancels it (no 'by' on this Slurm; sacct keeps Reason 'Dependency') or the
+        # reason says so outright; a person cancelling a job that waited for its dependency says 'by <uid>'
+        if not end.started and (end.reason == "DependencyNeverSatisfied" or (end.reason == "Dependency" and not by)):
             return "dependency", "never ran: a job it depends on (afterok) failed (DependencyNeverSatisfied)"
         stepd = [m for ln in lines for m in [_STEPD_END.search(ln)] if m]
         if stepd:  # slurmstepd's own word beats a plain CANCELLED (a time limit during the grace time)
@@ -79,3 +83,17 @@ def classify(end: TaskEnd, lines: list[str]) -> Optional[tuple[str, str]]:
         ran = "" if end.started else " while pending"
         return "cancelled", f"cancelled by {who}{ran}{where}"
     return None
+
+
+def unhealthy(nodes: str) -> str:
+    """Those of `nodes` (a hostlist) that Slurm holds down, drained, failing or not responding now, as a hostlist
+    ('' when none, or when sinfo does not answer): what a requeue after NODE_FAIL keeps off."""
+    from core.scheduler.slurm.commands import call
+
+    if not nodes:
+        return ""
+    code, out = call(["sinfo", "-h", "-N", "-n", nodes, "-t", "down,drain,draining,fail,failing,no_respond",
+                      "-o", "%N"], timeout=30)
+    if code != 0:
+        return ""
+    return ",".join(dict.fromkeys(ln.strip() for ln in out.splitlines() if ln.strip()))
