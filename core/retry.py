@@ -39,6 +39,7 @@ from core.failures import WORKLOAD_FAULTS, Failure
 from core.run_folder import write_json_atomic
 
 FOLDER = "retries"
+_DECIDED: dict = {}  # set once this process has decided in the task: the exception that follows is not decided again
 ACTIONS = ("requeue", "resubmit", "stop")
 
 
@@ -157,6 +158,7 @@ def in_task(ctx, klass: str, cause: str, step: Optional[int] = None, node: str =
     ranks end with the job. Returns the decision (every rank: what rank 0 decides is in the run folder)."""
     from core import scheduler
 
+    _DECIDED["in_task"] = True
     failure_mark.report(klass, cause)
     failure = Failure(klass, " ".join(cause.split()), "mark", node if klass == "node" else "")
     policy = policy_of(ctx.cluster)
@@ -176,7 +178,7 @@ def caught(ctx, exc: BaseException) -> Optional[dict]:
     exception's own text: NCCL, HCCL, gloo, a rendezvous timeout) is decided right here by `in_task`, so a retry does
     not wait for someone's `--wait`; only where the scheduler requeues. Anything else, or a failure while deciding,
     returns None and leaves the exception as it is (the log's traceback classifies it)."""
-    if not getattr(ctx, "requeues", False):
+    if not getattr(ctx, "requeues", False) or _DECIDED.get("in_task"):  # the watchdog / health check already did
         return None
     from core.failures import from_log
 

@@ -218,12 +218,13 @@ def test_a_node_failure_is_requeued_once_off_that_node_then_the_loop_guard_stops
     assert len(SLURM.accounting([jid])[0].attempts) == 2  # no third run
 
 
-def test_a_task_that_knows_why_it_fails_marks_decides_and_records_in_its_run_folder(tmp_path, capsys):
+def test_a_task_that_knows_why_it_fails_marks_decides_and_records_in_its_run_folder(tmp_path, capsys, monkeypatch):
     """retry.in_task, what the hang watchdog and the node health check call: the mark in the log, the policy's
     decision in the run folder (rank 0 only), and a scheduler that cannot requeue (local) recorded as a stop."""
     from core.runtime import TaskContext
     from core.scheduler import DistEnv
 
+    monkeypatch.setattr(retry, "_DECIDED", {})  # this process's "decided in the task" flag, fresh for the test
     ctx = TaskContext(run_dir=tmp_path, step="main", job_id="4242", root_id="4242", executor="local",
                       cluster={"executor": "local", "retry": {"hang": "requeue"}})
     got = retry.in_task(ctx, "hang", "no step ended within 300 s\n(p95 step 1.2 s)", step=120)
@@ -235,6 +236,11 @@ def test_a_task_that_knows_why_it_fails_marks_decides_and_records_in_its_run_fol
                         cluster={"executor": "local"}, dist=DistEnv(1, 2, 1, 2, 0, 1, "h", 1, "4242"))
     assert retry.in_task(other, "hang", "x", step=120)["recorded"] is False
     assert len(retry.decisions(tmp_path)) == 1  # rank 1 printed its mark, decided nothing on disk
+    # the collective the watchdog timed out then raises a gloo error into the task's entry: not decided again
+    slurm_ctx = TaskContext(run_dir=tmp_path, step="main", job_id="4242", root_id="4242", executor="slurm",
+                            cluster={"executor": "slurm"})
+    gloo = RuntimeError("[../third_party/gloo/transport/tcp/pair.cc:534] Connection closed by peer")
+    assert retry.caught(slurm_ctx, gloo) is None and len(retry.decisions(tmp_path)) == 1
 
 
 def test_wait_resubmits_a_failed_job_in_its_run_folder_once_then_the_loop_guard_stops(slurm, tmp_path):
