@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from core import device_hours, scheduler
+from core import device_hours, failures, scheduler
 from core.run_folder import record_if_any
-from core.scheduler import JobRow, SchedulerUnavailable, category, job_key  # noqa: F401 (launchers catch it)
+from core.scheduler import JobRow, SchedulerUnavailable, TaskEnd, category, job_key  # noqa: F401 (launchers catch it)
 
 DEFAULT_SINCE = "2d"
 _SINCE = re.compile(r"(\d+)\s*([mhdw])")
@@ -99,6 +99,15 @@ def task_error(row: JobRow, task_id: str) -> str:
     return error_line([ln for p in _logs(row, task_id) for ln in _tail(p)])
 
 
+def task_failure(row: JobRow, task_id: str) -> failures.Failure:
+    """The class and one-line cause of a failed task (core.failures): the scheduler's accounting of it (fields of
+    the same sacct call) and its own logs (local file reads, no scheduler call)."""
+    end = row.ends.get(task_id) or TaskEnd(state=row.states.get(task_id, ""), nodes=row.nodes)
+    lines = [ln for p in _logs(row, task_id) for ln in _tail(p)]
+    queued = scheduler.with_queue()
+    return failures.classify(end, lines, queued[0] if queued else None)
+
+
 def last_log_line(row: JobRow) -> str:
     """For a failed job: its first failed task's own error line; otherwise the last line of its newest log that
     is not submitit's bookkeeping (local file reads, no scheduler call)."""
@@ -110,6 +119,11 @@ def last_log_line(row: JobRow) -> str:
         return ""
     lines = [ln for ln in _tail(logs[-1], 4096) if not _BOILERPLATE.match(ln.strip())]
     return lines[-1][:100] if lines else ""
+
+
+def failed_tasks(row: JobRow) -> list[str]:
+    """Every task of a job that ended failed (cancelled ones too), in id order."""
+    return sorted((t for t, s in row.states.items() if category(s) == "failed"), key=job_key)
 
 
 def _failed_tasks(row: JobRow) -> list[str]:
@@ -215,14 +229,35 @@ def _tasks(jobs: list[JobRow]) -> str:
     return f"tasks {tasks['done']}/{tasks['running']}/{tasks['pending']}/{tasks['failed']} of {total}"
 
 
-def run_error(jobs: list[JobRow]) -> str:
-    """'<task id>: <its own error line>' of a run's first failed task; '' when none failed."""
+def first_failure(jobs: list[JobRow]) -> Optional[tuple[JobRow, str, failures.Failure]]:
+    """(job, task id, its failure) of a run's first failed task (one that failed on its own before a cancelled
+    one); None when none failed."""
     for r in sorted(jobs, key=lambda r: job_key(r.job_id)):
         failed = _failed_tasks(r)
         if failed:
-            line = task_error(r, failed[0])
-            return f"{failed[0]} {r.states[failed[0]].split()[0]}" + (f": {line}" if line else "")
-    return ""
+            return r, failed[0], task_failure(r, failed[0])
+    return None
+
+
+def run_error(jobs: list[JobRow]) -> str:
+    """'<task id> <STATE>: <class>: <cause>' of a run's first failed task (core.failures); '' when none failed."""
+    found = first_failure(jobs)
+    if found is None:
+        return ""
+    r, task, failure = found
+    return f"{task} {r.states[task].split()[0]}: {failure.line()}"
+
+
+def retries_text(run_dir: str) -> str:
+    """'retries: <attempt> <class> -> <action>, ...' of the retry decisions recorded in a run folder (core.retry);
+    '' when none was taken."""
+    from core import retry
+
+    decisions = retry.decisions(Path(run_dir)) if run_dir else []
+    if not decisions:
+        return ""
+    return "retries: " + ", ".join(f"{d['task']} #{d['attempt']} {d['class']} -> {d['action']}"
+                                   + (f" ({d['detail']})" if d.get("detail") else "") for d in decisions[-4:])
 
 
 def _usage_text(jobs: list[JobRow], run_dir: str) -> str:
@@ -234,8 +269,9 @@ def _folded_run(run_dir: str, jobs: list[JobRow], with_log: bool) -> str:
     label = _short(run_dir) if run_dir else f"{jobs[0].name} (not submitted by medhpc: no run folder)"
     state = _run_state(jobs)
     err = run_error(jobs) if with_log and state != "COMPLETED" else ""
+    tried = retries_text(run_dir) if with_log else ""
     return (f"run {label}: {state}, {_tasks(jobs)}, {_when(jobs)}{_usage_text(jobs, run_dir)}"
-            + (f"; {err}" if err else ""))
+            + (f"; {err}" if err else "") + (f"; {tried}" if tried else ""))
 
 
 def _folded_study(study: tuple[str, str], runs, with_log: bool) -> str:
@@ -273,6 +309,15 @@ def _run_block(table: list, run_dir: str, jobs: list[JobRow], with_log: bool, st
     label = _short(run_dir) if run_dir else f"{jobs[0].name} (not submitted by medhpc: no run folder)"
     table.append(f"run {label}{step_label}: {_run_state(jobs)}, {len(jobs)} job{'s' if len(jobs) > 1 else ''}, "
                  f"{_tasks(jobs)}{_usage_text(jobs, run_dir)}")
+    for r in sorted(jobs, key=lambda r: job_key(r.job_id)) if with_log else []:  # each failed task's class
+        failed = _failed_tasks(r)
+        for t in failed[:3]:
+            table.append(f"        {t} {r.states[t].split()[0]}: {task_failure(r, t).line()}"[:220])
+        if len(failed) > 3:
+            table.append(f"        ... and {len(failed) - 3} more failed tasks (status.py --json has each)")
+    tried = retries_text(run_dir) if with_log else ""
+    if tried:
+        table.append(f"        {tried}")
     for r in sorted(jobs, key=lambda r: job_key(r.job_id)):
         if only_active and not (r.active or r.progress["failed"]):
             continue
@@ -350,13 +395,21 @@ def _run_json(run_dir: str, jobs: list[JobRow]) -> dict:
     out = {"run_dir": run_dir or None, "name": jobs[0].name if jobs else "", "state": _run_state(jobs),
            "tasks": {k: sum(r.progress[k] for r in jobs) for k in ("done", "running", "pending", "failed")},
            "device_hours": device_hours.usage(jobs, run_dir), "error": run_error(jobs) or None,
-           "jobs": []}
+           "failure": None, "retries": [], "jobs": []}
+    found = first_failure(jobs)
+    if found is not None:
+        out["failure"] = {"task": found[1], **found[2].as_dict()}
+    if run_dir:
+        from core import retry
+
+        out["retries"] = retry.decisions(Path(run_dir))
     for r in sorted(jobs, key=lambda r: job_key(r.job_id)):
         failed = _failed_tasks(r)[:20]  # the logs of at most 20 failed tasks per job are read
         out["jobs"].append({
             "job_id": r.job_id, "name": r.name, "state": r.state, "elapsed_s": r.seconds, "nodes": r.nodes,
             "reason": r.reason, "why": r.why, "expected_start": r.expected_start or None, "tasks": dict(r.states),
             "errors": {t: task_error(r, t) for t in failed},
+            "failures": {t: task_failure(r, t).as_dict() for t in failed_tasks(r)[:20]},
             "device_hours": device_hours.usage([r], run_dir),
             "attempts": [{"task": a.task_id, "state": a.state, "elapsed_s": a.elapsed_s, "unit": a.unit,
                           "count": a.count, "start": a.start or None, "end": a.end or None} for a in r.attempts]})
@@ -375,7 +428,10 @@ def as_json(rows: list[JobRow]) -> list[dict]:
             continue
         state, failed = study_state(runs)
         objs = [{**_run_json(run_dir, jobs), "step": step} for run_dir, step, jobs in runs]
+        newest = {o["step"]: o for o in objs}  # each step's newest run (runs are in submission order)
+        classes = {step: (newest[step]["failure"] or {}).get("class") for step in failed if step in newest}
         out.append({"study_dir": study[0], "study": study[1], "state": state, "failed_steps": failed,
+                    "failed_classes": classes,
                     "active": _active(runs), "device_hours": device_hours.add(*(o["device_hours"] for o in objs)),
                     "runs": objs})
     return out

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from core import run_folder, scheduler
+from core.errors import FieldError
 from core.scheduler import DistEnv, DistEnvError, master_port_for, single_process  # noqa: F401 (the task's names)
 
 log = logging.getLogger("runtime")
@@ -188,7 +189,17 @@ class TaskEntry:
         try:
             with watchdog.in_task():  # a hang watchdog the step starts (core.watchdog) ends with it
                 result = fn(spec, ctx)
-        except BaseException:
+        except FieldError as e:  # bad input (DatasetError too): the failure mark says so (core.failures: class data)
+            from core import failure_mark
+
+            failure_mark.report("data", f"{type(e).__name__}: {e}")
+            _finish_tracking(ctx.run_dir, failed=True)
+            raise
+        except BaseException as e:
+            if isinstance(e, Exception):  # a communication failure: the profile's retry policy decides in the task
+                from core import retry
+
+                retry.caught(ctx, e)
             _finish_tracking(ctx.run_dir, failed=True)
             raise
         finally:

@@ -230,8 +230,18 @@ def follow_job(job: PlannedJob, submission, out, poll_s: float = 5.0) -> None:
     jobs, one query per round) until every job of the submission has ended."""
     from core.monitor import follow
 
+    from core import retry
+
     steps = {rec["name"]: list(rec.get("job_ids") or []) for rec in submission.record["steps"] if rec.get("job_ids")}
-    follow(job.scheduler, steps, out, poll_s)
+    policy, handled = retry.policy_of(job.cluster), set()
+    while True:  # ends: every retry is bounded (retry.max_retries) and loop-guarded (core.retry)
+        follow(job.scheduler, steps, out, poll_s)
+        try:
+            rows = job.scheduler.accounting([j for ids in steps.values() for j in ids])
+        except scheduler.SchedulerUnavailable:
+            return
+        if not failed_and_decided(job, submission, steps, rows, policy, handled, out):
+            break
     from core import device_hours
 
     try:
@@ -241,3 +251,93 @@ def follow_job(job: PlannedJob, submission, out, poll_s: float = 5.0) -> None:
     used = device_hours.describe(device_hours.usage(rows, str(submission.run_dir)))
     if used:
         out.write(f"device-hours: {used}\n")
+
+
+SHOWN_FAILURES = 20  # failed tasks --wait prints per round (all are decided and recorded)
+
+
+def failed_and_decided(job: PlannedJob, submission, steps: dict[str, list[str]], rows, policy: dict, handled: set,
+                       out) -> bool:
+    """--wait, once every job has ended: each failed task's class and cause (core.failures), then the profile's
+    retry policy decided, acted on and recorded (core.retry). True when something was retried (follow again)."""
+    import time
+
+    from core import monitor, retry
+
+    retried, shown = False, 0
+    step_of = {j: name for name, ids in steps.items() for j in ids}
+    first_index = {c["job_id"]: c["tasks"][0] for rec in submission.record["steps"] for c in rec.get("chunks") or []}
+    for row in rows:
+        for task in monitor.failed_tasks(row):
+            tries = sum(1 for a in row.attempts if a.task_id == task)
+            if (task, tries) in handled:
+                continue
+            handled.add((task, tries))
+            failure = monitor.task_failure(row, task)
+            name = step_of.get(row.job_id, "?")
+            index = first_index.get(row.job_id, 0) + int(task.split("_")[1]) if "_" in task else None
+            began = max((a.start for a in row.attempts if a.task_id == task), default=0.0)
+            own = [d for d in retry.decisions(Path(submission.run_dir), retry.unit(name, index))
+                   if d.get("job_id") == task and d.get("by") == "task" and d.get("at", 0) >= began - 1]
+            if own:  # the task decided for itself (retry.in_task): shown, not decided twice
+                decision = {**own[-1], "why": f"decided in the task: {own[-1]['why']}"}
+            else:
+                resubmit = None if row.is_array else _resubmitter(job, submission, steps, name)
+                decision = retry.apply(job.scheduler, Path(submission.run_dir), retry.unit(name, index), task,
+                                       failure, policy, by="wait", resubmit=resubmit)
+            retried = retried or decision["action"] != "stop"
+            shown += 1
+            if shown > SHOWN_FAILURES:  # a big array failing at once: every decision is recorded, 20 are printed
+                continue
+            out.write(f"{time.strftime('%H:%M:%S')} step {name}: task {task} {row.states[task].split()[0]}: "
+                      f"{failure.line()}\n         -> {decision['action']} ({decision['why']}"
+                      + (f"; {decision['detail']}" if decision["detail"] else "") + ")\n")
+            out.flush()
+    if shown > SHOWN_FAILURES:
+        out.write(f"         ... and {shown - SHOWN_FAILURES} more failed tasks: each class and decision is in "
+                  f"{Path(submission.run_dir) / retry.FOLDER} (python launchers/status.py --json)\n")
+    return retried
+
+
+def _resubmitter(job: PlannedJob, submission, steps: dict[str, list[str]], step: str):
+    """For the policy's `resubmit`: submit the spec again in the same run folder (`--resume`: every step, from the
+    newest complete checkpoint); the new jobs replace the old ones in `steps`. Returns a callable -> (ok, what)."""
+    from dataclasses import replace
+
+    def resubmit() -> tuple[bool, str]:
+        try:
+            again = plan_job(replace(job.request, resume=str(submission.run_dir), resume_missing=None, fresh=False,
+                                     dry_run=False, preflight=False))
+            if again.problems:
+                return False, "; ".join(f"{f}: {m}" for f, m in again.problems)[:300]
+            new = submit_job(again)
+        except Exception as e:  # the scheduler's or the planner's own words, recorded with the decision
+            return False, " ".join(str(e).split())[:300]
+        for rec in new.record["steps"]:
+            if rec.get("job_ids"):
+                steps[rec["name"]] = list(rec["job_ids"])
+        return True, "resubmitted with --resume (from the newest complete checkpoint, if any) as job(s) " + ", ".join(
+            j for rec in new.record["steps"] for j in rec.get("job_ids") or [])
+
+    return resubmit
+
+
+def study_failures(planned: PlannedStudy, outcome, states: dict[str, dict]) -> dict[str, str]:
+    """--wait of a study: each failed step's first failed task with its class and cause (core.failures), from one
+    accounting call over the failed steps' jobs; empty without a queue or when the scheduler does not answer."""
+    from core import monitor
+
+    failed = {n: outcome.record["steps"][n] for n, s in states.items() if s["state"] == "failed"
+              and outcome.record["steps"].get(n, {}).get("job_ids")}
+    if not failed or not planned.scheduler.has_queue:
+        return {}
+    try:
+        rows = planned.scheduler.accounting([j for st in failed.values() for j in st["job_ids"]])
+    except scheduler.SchedulerUnavailable:
+        return {}
+    out = {}
+    for name, st in failed.items():
+        line = monitor.run_error([r for r in rows if r.job_id in st["job_ids"]])
+        if line:
+            out[name] = line
+    return out

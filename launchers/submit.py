@@ -110,6 +110,8 @@ def study_main(args) -> int:
     states = service.study_states(planned, outcome, wait=True, out=sys.stdout)
     for name, s in states.items():
         print(f"  {name}: {s['state']}" + (f" ({s['detail']})" if s["detail"] else ""))
+    for name, why in service.study_failures(planned, outcome, states).items():  # class and cause (core.failures)
+        print(f"  {name} failed: {why}")
     print(f"study {planned.study.spec.study}: {st.summary_line(outcome.record, states)}")
     if all(s["state"] in ("done", "existing") for s in states.values()):
         table = st.final_table(outcome.record)

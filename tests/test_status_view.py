@@ -18,7 +18,8 @@ from core.scheduler.slurm.queue import charged, merge_rows
 from core.scheduler.slurm.reasons import explain
 
 # squeue -h -r -o '%i|%j|%T|%M|%D|%R|%S|%k' and sacct -X -D -n -P -o JobID,JobName,State,ExitCode,Elapsed,NNodes,
-# NodeList,ElapsedRaw,AllocTRES,Start,End,Comment as the local cluster printed them (run folders replaced by {...})
+# NodeList,ElapsedRaw,AllocTRES,Start,End,Reason,DerivedExitCode,Comment as the local cluster printed them (run
+# folders replaced by {...})
 SQUEUE = """\
 205_[2-3]|arr|PENDING|0:00|1|(JobArrayTaskLimit)|N/A|run={arr}
 205_1|arr|RUNNING|0:05|1|n1|2026-12-06T10:00:00|run={arr}
@@ -26,13 +27,13 @@ SQUEUE = """\
 207|big|PENDING|0:00|2|(Resources)|2026-12-06T11:30:00|(null)
 """
 SACCT = """\
-100|train|REQUEUED|0:0|00:10:00|1|g1|600|billing=8,cpu=64,gres/gpu=8,node=1|2026-12-05T08:00:00|2026-12-05T08:10:00|run={train}
-100|train|COMPLETED|0:0|01:00:00|1|g1|3600|cpu=64,gres/gpu=8,gres/gpu:a100=8,node=1|2026-12-05T08:11:00|2026-12-05T09:11:00|run={train}
-150_0|bad|COMPLETED|0:0|00:00:10|1|n1|10|billing=1,cpu=1,node=1|2026-12-05T10:00:00|2026-12-05T10:00:10|run={bad}
-150_1|bad|FAILED|1:0|00:00:20|1|n1|20|billing=1,cpu=1,node=1|2026-12-05T10:00:00|2026-12-05T10:00:20|run={bad}
-150_2|bad|COMPLETED|0:0|00:00:30|1|n2|30|billing=1,cpu=1,node=1|2026-12-05T10:00:00|2026-12-05T10:00:30|run={bad}
-205_0|arr|COMPLETED|0:0|00:00:10|1|n1|10|billing=1,cpu=1,node=1|2026-12-06T09:59:00|2026-12-06T09:59:10|run={arr}
-205_1|arr|RUNNING|0:0|00:00:05|1|n1|5|billing=1,cpu=1,node=1|2026-12-06T10:00:00|Unknown|run={arr}
+100|train|REQUEUED|0:0|00:10:00|1|g1|600|billing=8,cpu=64,gres/gpu=8,node=1|2026-12-05T08:00:00|2026-12-05T08:10:00|None|0:0|run={train}
+100|train|COMPLETED|0:0|01:00:00|1|g1|3600|cpu=64,gres/gpu=8,gres/gpu:a100=8,node=1|2026-12-05T08:11:00|2026-12-05T09:11:00|None|0:0|run={train}
+150_0|bad|COMPLETED|0:0|00:00:10|1|n1|10|billing=1,cpu=1,node=1|2026-12-05T10:00:00|2026-12-05T10:00:10|None|0:0|run={bad}
+150_1|bad|FAILED|1:0|00:00:20|1|n1|20|billing=1,cpu=1,node=1|2026-12-05T10:00:00|2026-12-05T10:00:20|None|1:0|run={bad}
+150_2|bad|COMPLETED|0:0|00:00:30|1|n2|30|billing=1,cpu=1,node=1|2026-12-05T10:00:00|2026-12-05T10:00:30|None|0:0|run={bad}
+205_0|arr|COMPLETED|0:0|00:00:10|1|n1|10|billing=1,cpu=1,node=1|2026-12-06T09:59:00|2026-12-06T09:59:10|None|0:0|run={arr}
+205_1|arr|RUNNING|0:0|00:00:05|1|n1|5|billing=1,cpu=1,node=1|2026-12-06T10:00:00|Unknown|None|0:0|run={arr}
 """
 
 LOG_OK = ("submitit INFO (2026-12-05 10:00:00,000) - Starting with JobEnvironment(job_id={t})\n[smoke] array item\n"
@@ -136,7 +137,8 @@ def test_the_view_puts_active_first_newest_first_and_folds_finished(recorded, tm
     finished = lines[active_end + 1:]
     assert len(finished) == 2  # one line per finished run, newest (150) first
     assert finished[0].startswith(f"  run {folders['bad']}: FAILED, tasks 2/0/0/1 of 3")
-    assert finished[0].endswith("150_1 FAILED: RuntimeError: smoke: items [1] are listed in smoke.fail_items")
+    assert finished[0].endswith("150_1 FAILED: exception: RuntimeError: smoke: items [1] are listed in "
+                                "smoke.fail_items (at core/workloads/smoke.py:39 in run)")
     assert finished[1].startswith(f"  run {folders['train']}: COMPLETED") and "9.33 GPU-h (0.53 lost)" in finished[1]
     active = "\n".join(lines[:active_end])
     assert active.index(str(folders["arr"])) < active.index("207")  # our newest active run first, others' last
@@ -177,8 +179,9 @@ def test_a_study_folds_to_one_line_with_its_steps_and_the_failed_steps_error(tmp
                    attempts=[Attempt("301", "FAILED", 18, "cpu", 2, 40.0, 58.0)]),
             JobRow("302", "c", {"302": "CANCELLED by 0"}, run_dir=str(c))]
     text = monitor.format_view(rows)
-    assert text.splitlines()[1] == (f"  study st {tmp_path / 'st' / '1'}: FAILED at step b (301 FAILED: RuntimeError: "
-                                    f"smoke: items [1] are listed in smoke.fail_items); steps: a COMPLETED, "
+    assert text.splitlines()[1] == (f"  study st {tmp_path / 'st' / '1'}: FAILED at step b (301 FAILED: exception: "
+                                    f"RuntimeError: smoke: items [1] are listed in smoke.fail_items (at "
+                                    f"core/workloads/smoke.py:39 in run)); steps: a COMPLETED, "
                                     f"b FAILED, c CANCELLED; 0.030 CPU-h (0.010 lost)")
     assert len(text.splitlines()) == 2
 
@@ -293,8 +296,8 @@ def test_status_shows_the_active_study_first_explains_waiting_and_folds_the_fini
     second = next(i for i, ln in enumerate(lines) if ln.startswith(f"  {busy['second']} "))
     assert lines[second + 1] == "        pending: starts when the jobs it depends on have completed (afterok)"
     assert lines[fin + 1].startswith(f"  run {busy['bad']}: FAILED, tasks 2/0/0/1 of 3")
-    assert lines[fin + 1].endswith(f"{busy['bad_id']}_1 FAILED: RuntimeError: smoke: items [1] are listed in "
-                                   f"smoke.fail_items")
+    assert f"{busy['bad_id']}_1 FAILED: exception: RuntimeError: smoke: items [1] are listed in smoke.fail_items " \
+           f"(at core/workloads/smoke.py:" in lines[fin + 1]
     assert len(lines) == fin + 2  # the finished run folded to one line
     everything = cli("status", "--name", busy["tag"], "--all").stdout
     assert all(f"  {j} " in everything for j in (busy["bad_id"], busy["first"], busy["second"]))

@@ -47,6 +47,45 @@ class TrackingDefaults(Strict):
     wandb_reachable: bool = Field(False, description="compute nodes reach the W&B server (else online is refused)")
 
 
+RetryAction = Literal["requeue", "resubmit", "stop"]
+
+
+class RetryPolicy(Strict):
+    """What to do when a job or array task fails, per failure class (core.failures, docs/failures.md): `requeue`
+    (the same job back in the queue, kept off the node that failed), `resubmit` (a new job in the same run folder,
+    continuing from its newest complete checkpoint) or `stop`. A workload bug (`exception`) or bad data (`data`)
+    fails the same way every time: they always stop, and a profile that says otherwise is refused. Retries are
+    bounded per job (`max_retries`), and the same class at the same training step twice stops (loop guard)."""
+    max_retries: int = Field(2, ge=0, le=20, description="retries per job or array task, all classes together")
+    timeout: RetryAction = Field("resubmit", description="time limit: a new job continues from the checkpoint "
+                                                         "(the in-task requeue on Slurm's warning signal comes first)")
+    preempted: RetryAction = Field("requeue", description="preempted by a higher-priority job")
+    node: RetryAction = Field("requeue", description="node failure or failed health check: requeue, that node "
+                                                     "excluded")
+    comm: RetryAction = Field("requeue", description="NCCL / HCCL / gloo failure or timeout (often one bad node or "
+                                                     "link; the loop guard stops a second one at the same step)")
+    hang: RetryAction = Field("requeue", description="stopped by the hang watchdog")
+    host_oom: RetryAction = Field("stop", description="host memory: the same job runs out again (raise mem_gb)")
+    device_oom: RetryAction = Field("stop", description="device memory: the same job runs out again (smaller "
+                                                        "micro-batch, ZeRO stage, more devices)")
+    cancelled: RetryAction = Field("stop", description="a person cancelled it: never undone")
+    dependency: RetryAction = Field("stop", description="a step it waits for failed: retrying that step brings it")
+    unknown: RetryAction = Field("stop", description="nothing says why: a person looks first")
+    exception: Literal["stop"] = Field("stop", description="a Python exception in the workload: always stop")
+    data: Literal["stop"] = Field("stop", description="bad input data (DatasetError / FieldError): always stop")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _never_retry_a_bug(cls, data):
+        if isinstance(data, dict):
+            for klass in ("exception", "data"):
+                if klass in data and data[klass] != "stop":
+                    what = "a workload bug" if klass == "exception" else "bad input data"
+                    raise ValueError(f"retry.{klass}: {data[klass]!r}: {what} fails the same way on every retry; "
+                                     f"it is always 'stop' (remove retry.{klass} or set it to stop)")
+        return data
+
+
 class Cluster(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
     executor: Literal["slurm", "local"]
@@ -81,6 +120,8 @@ class Cluster(Strict):
                                                          "planners size tasks with it (scan.layers_per_task: auto)")
     signal_s_before_timeout: PositiveInt = 120
     max_requeues: int = Field(3, ge=0)
+    retry: RetryPolicy = Field(default_factory=lambda: RetryPolicy(),
+                               description="what happens when a job fails, per failure class (docs/failures.md)")
     python: Optional[str] = Field(None, description="python command on the nodes; default: this interpreter")
     tracking: TrackingDefaults = Field(default_factory=lambda: TrackingDefaults(),
                                        description="defaults of the specs' tracking: section (docs/tracking.md)")

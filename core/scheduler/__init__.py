@@ -11,7 +11,7 @@ import os
 from typing import Optional
 
 from core.scheduler.base import (Attempt, JobRow, Preflight, QueuedJob, QueueEntry, Scheduler,  # noqa: F401
-                                 SchedulerUnavailable, cancellable, category, job_key)
+                                 SchedulerUnavailable, TaskEnd, cancellable, category, job_key)
 from core.scheduler.task_env import DistEnv, DistEnvError, master_port_for, single_process  # noqa: F401
 
 BACKENDS: dict[str, str] = {

@@ -85,6 +85,18 @@ class Attempt:
 
 
 @dataclass
+class TaskEnd:
+    """How one job or array task ended, as accounting tells it (its newest attempt): what the failure classifier
+    (core.failures) reads besides the task's own log. Fields are the scheduler's words, '' when unknown."""
+    state: str = ""              # with the scheduler's detail: 'CANCELLED by 1000', 'TIMEOUT', 'NODE_FAIL', ...
+    exit_code: str = ""          # 'code:signal' of the job's script ('1:0', '0:9')
+    derived_exit_code: str = ""  # the highest exit code of the job's steps ('code:signal')
+    reason: str = ""             # the scheduler's reason ('DependencyNeverSatisfied', 'None', ...)
+    nodes: str = ""              # the nodes it ran on ('n[1-2]'; '' or 'None assigned' when it never ran)
+    started: bool = True         # it ever ran (False: cancelled while pending)
+
+
+@dataclass
 class JobRow:
     """One job of the queue or the accounting: a plain job, or an array job with its tasks."""
     job_id: str                  # the job id (the array job id for arrays)
@@ -97,6 +109,7 @@ class JobRow:
     why: str = ""                # the reason in plain words (the scheduler's explain_reason)
     expected_start: str = ""     # when the scheduler expects a pending job to start (ISO time), '' when unknown
     attempts: list[Attempt] = field(default_factory=list)  # every run of every task, oldest first (accounting)
+    ends: dict[str, TaskEnd] = field(default_factory=dict)  # task id -> how its newest attempt ended (accounting)
 
     @property
     def is_array(self) -> bool:
@@ -279,6 +292,26 @@ class Scheduler:
     def explain_reason(self, reason: str) -> str:
         """Why a job waits, in plain words (the scheduler's own code when it has no words for it)."""
         return reason
+
+    def classify_end(self, end: TaskEnd, lines: list[str]) -> Optional[tuple[str, str]]:
+        """(failure class, cause) of a finished task as the scheduler's own record says it (time limit, preempted,
+        node failure, host out of memory, cancelled by whom, dependency never satisfied), from its accounting and
+        the lines the scheduler wrote into the task's log; None when it only says 'failed' (core.failures)."""
+        return None
+
+    def exit_text(self, end: TaskEnd) -> str:
+        """'exit code 3' / 'killed by signal 9' of a finished task, '' when unknown or 0."""
+        return ""
+
+    def unhealthy(self, nodes: str) -> str:
+        """Those of these nodes the scheduler holds down or draining now ('' when none or unknown): after a node
+        failure of a multi-node job, which node to keep the retry off."""
+        return ""
+
+    def requeue_excluding(self, job_id: str, nodes: str) -> tuple[bool, str]:
+        """Put a job (running or finished) back in the queue, kept off `nodes` (the node that failed) when given:
+        the retry policy's `requeue` (core.retry). Returns (accepted, the scheduler's message)."""
+        return False, f"the {self.name} scheduler cannot requeue"
 
     # ---------------------------------------------------------------- inside a task
     @classmethod

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import Field
 
-from core import scheduler
+from core import fault_inject, scheduler
 from core.run_folder import write_json_atomic
 from core.runtime import TaskContext, context_dict
 from core.config import JobSpec, Strict
@@ -38,6 +38,10 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
         end = time.monotonic() + cfg.sleep_s
         while time.monotonic() < end and not (cfg.release_file and os.path.exists(cfg.release_file)):
             time.sleep(min(0.5, max(end - time.monotonic(), 0)) if cfg.release_file else cfg.sleep_s)
+    # MEDHPC_FAULT=<fault>@step:<step> or <fault>@item:<item>;...: the failure-class tests (core.fault_inject)
+    fault_inject.inject("step", ctx.step, node=ctx.hostname, job_ref=ctx.job_id)
+    for item in ctx.items or []:
+        fault_inject.inject("item", item, node=ctx.hostname, job_ref=ctx.job_id)
     bad = [i for i in (ctx.items or []) if i in cfg.fail_items]
     if bad:
         raise RuntimeError(f"smoke: items {bad} are listed in smoke.fail_items")

@@ -109,6 +109,36 @@ class Slurm(Scheduler):
 
         return explain(reason)
 
+    def classify_end(self, end, lines: list[str]):
+        from core.scheduler.slurm.ends import classify
+
+        return classify(end, lines)
+
+    def exit_text(self, end) -> str:
+        from core.scheduler.slurm.ends import exit_text
+
+        return exit_text(end)
+
+    def unhealthy(self, nodes: str) -> str:
+        from core.scheduler.slurm.ends import unhealthy
+
+        return unhealthy(nodes)
+
+    def requeue_excluding(self, job_id: str, nodes: str) -> tuple[bool, str]:
+        """`scontrol requeue` (a finished or running batch job goes back to pending, same id), then, when a node
+        failed, `scontrol update ExcNodeList=<node>` on the pending job so the retry does not land on it again."""
+        from core.scheduler.slurm.commands import call
+
+        code, said = call(["scontrol", "requeue", job_id], timeout=60)
+        if code != 0:
+            return False, said
+        if nodes:
+            code, said2 = call(["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={nodes}"], timeout=60)
+            if code != 0:
+                return True, f"requeued, but excluding {nodes} failed: {said2}"
+            return True, f"requeued excluding {nodes}"
+        return True, "requeued"
+
     # ---------------------------------------------------------------- inside a task
     @classmethod
     def detect(cls, environ: dict) -> bool:

@@ -8,14 +8,17 @@ import time
 from typing import Optional
 
 from core.scheduler.base import (PENDING, RUNNING, Attempt, JobRow, QueuedJob, QueueEntry, SchedulerUnavailable,
-                                 category, parse_elapsed)
+                                 TaskEnd, category, parse_elapsed)
 from core.scheduler.slurm.commands import run
 from core.scheduler.slurm.names import expand_task_ids
 from core.scheduler.slurm.reasons import explain, start_time
 
-# the comment (free text: run=<folder>) comes last in both; %S is the (expected) start time, in the same call
+# the comment (free text: run=<folder>) comes last in both; %S is the (expected) start time, in the same call.
+# Reason and DerivedExitCode ride in the same sacct call for the failure classes (core.failures): no extra call
 SQUEUE_FMT = "%i|%j|%T|%M|%D|%R|%S|%k"
-SACCT_FIELDS = "JobID,JobName,State,ExitCode,Elapsed,NNodes,NodeList,ElapsedRaw,AllocTRES,Start,End,Comment"
+SACCT_FIELDS = ("JobID,JobName,State,ExitCode,Elapsed,NNodes,NodeList,ElapsedRaw,AllocTRES,Start,End,Reason,"
+                "DerivedExitCode,Comment")
+_N_ACCT = SACCT_FIELDS.count(",") + 1
 DEVICE_GRES = ("gpu", "npu")  # generic resources counted as devices (device-hours); otherwise CPU-hours
 
 
@@ -118,10 +121,10 @@ def merge_rows(live: str, acct: str) -> list[JobRow]:
             r.run_dir = r.run_dir or _folder(comment)
     newest: dict[str, tuple[float, str]] = {}   # task -> (start, state) of its newest accounted attempt
     for line in acct.splitlines():
-        parts = line.split("|", 11)
-        if len(parts) < 12:
+        parts = line.split("|", _N_ACCT - 1)
+        if len(parts) < _N_ACCT:
             continue
-        jid, name, state, _exit, elapsed, nnodes, nodelist, raw, tres, start, end, comment = parts
+        jid, name, state, exit_code, elapsed, nnodes, nodelist, raw, tres, start, end, reason, derived, comment = parts
         unit, count = charged(tres)
         began = _epoch(start)
         # an attempt that has not started (a requeued job waiting again: Start=Unknown) is the newest one
@@ -136,6 +139,9 @@ def merge_rows(live: str, acct: str) -> list[JobRow]:
                                       _epoch(end)))
             if task not in newest or order >= newest[task][0]:
                 newest[task] = (order, state)
+                r.ends[task] = TaskEnd(state.strip(), exit_code.strip(), derived.strip(), reason.strip(),
+                                       "" if nodelist.strip() in ("", "None assigned") else nodelist.strip(),
+                                       started=bool(began))
     for task, (_, state) in newest.items():
         r = row(task)
         # the newest attempt's end is the newest news (squeue was asked first); otherwise the live view stands
