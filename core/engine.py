@@ -512,20 +512,13 @@ def plot_losses(metrics_csv: Path, png: Path) -> None:
     if not metrics_csv.is_file():
         return
     from core.run_folder import atomic_path
-    from core.plotting import pyplot
+    from core.plotting import loss_figure, pyplot
 
     rows = list(csv.DictReader(metrics_csv.open()))
     if not rows:
         return
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    steps = [int(r["step"]) for r in rows]
-    for key in [k for k in rows[0] if k == "loss" or k.endswith("_loss")]:
-        ax.plot(steps, [float(r[key]) for r in rows], label=key, lw=1.5 if key == "loss" else 1)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (mean over ranks)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig = loss_figure(rows, "loss (mean over ranks)")
     png.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(png) as tmp:
         fig.savefig(tmp, dpi=100, format="png")

@@ -106,19 +106,11 @@ def loss_plot(metrics_csv: Path) -> Optional[bytes]:
     _, rows = _csv(metrics_csv)
     if not rows:
         return None
-    from core.plotting import pyplot
+    from core.plotting import loss_figure, pyplot
 
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.4))
-    steps = [int(r["step"]) for r in rows]
-    for key in [k for k in rows[0] if k == "loss" or k.endswith("_loss")]:
-        ax.plot(steps, [float(r[key]) for r in rows], label=key, lw=1.5 if key == "loss" else 1)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig = loss_figure(rows, "loss", size=(7, 3.4))
     data = _figure_png(fig)
-    plt.close(fig)
+    pyplot().close(fig)
     return data
 
 
