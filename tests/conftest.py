@@ -272,3 +272,15 @@ def html_tables(dom: str) -> dict[str, list[list[str]]]:
 
     Reader().feed(dom)
     return tables
+
+
+def write_snapshot(root, table, names: list[str], row_group: int = 5):
+    """A hub-style MedTrinity snapshot (what `huggingface_hub.snapshot_download` leaves): <root>/25M_demo/<shard>
+    for each name, the table's rows split evenly, small row groups."""
+    import pyarrow.parquet as pq
+
+    (root / "25M_demo").mkdir(parents=True)
+    per = -(-table.num_rows // len(names))
+    for k, name in enumerate(names):
+        pq.write_table(table.slice(k * per, per), str(root / "25M_demo" / name), row_group_size=row_group)
+    return root

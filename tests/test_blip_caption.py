@@ -206,14 +206,39 @@ def test_zero3_two_ranks_train_and_caption(slurm, workdir):
     assert got == expected
 
 
-@pytest.mark.parametrize("bits", ["4bit", "8bit"])
-def test_qlora_runs_on_the_cpu_with_bitsandbytes(workdir, bits):
+def lab_download(workdir, layout: str) -> tuple[str, str]:
+    """The synthetic rows as the lab's `load_dataset("UCSC-VLAA/MedTrinity-25M", "25M_demo")` leaves them: a hub
+    snapshot (a config folder of parquet shards) or a datasets cache folder. (data.path, data.hf_config)"""
+    import pyarrow.parquet as pq
+
+    from conftest import write_snapshot
+
+    table = pq.read_table(str(workdir["data"] / "rows.parquet"))
+    root = workdir["root"] / layout
+    if not root.exists():
+        write_snapshot(root, table, ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"])
+    if layout == "snapshot":
+        return str(root), "25M_demo"
+    from datasets import load_dataset
+
+    ds = load_dataset("parquet", data_dir=str(root / "25M_demo"), cache_dir=str(root / "cache"))
+    return str(root / "cache"), getattr(ds["train"], "config_name", None) or "default"
+
+
+@pytest.mark.parametrize("bits,layout", [("4bit", "snapshot"), ("8bit", "cache")])
+def test_qlora_runs_on_the_cpu_with_bitsandbytes_on_the_labs_download(workdir, bits, layout):
     """bitsandbytes 0.50 has a CPU backend: a 4-bit (NF4, double quant, bf16 compute on fp32 training, ZeRO-2: the
     combination that used to fail in a LayerNorm) or 8-bit frozen base trains its adapters through bitsandbytes
-    layers (every linear layer but the LM head and the modules_to_save)."""
+    layers (every linear layer but the LM head and the modules_to_save). The data are read as the lab has them: a
+    hub snapshot of parquet shards (4bit) or a datasets cache folder (8bit), images one row group at a time."""
+    path, config = lab_download(workdir, layout)
     run_dir, _ = submit_run(*args(workdir, f"blip_{bits}", "--set", f"peft.quantize={bits}",
                                   "--set", "deepspeed.stage=2", "--set", "train.steps=20",
-                                  "--set", "train.checkpoint_every=0", "--set", "caption.evaluate=false"), timeout=600)
+                                  "--set", "train.checkpoint_every=0", "--set", "caption.evaluate=false",
+                                  "--set", f"data.hf_config={config}", data=path), timeout=600)
+    split = json.loads((run_dir / "split.json").read_text())
+    assert len(split["train"]) + len(split["test"]) == 48      # every row of the shards / the cache
+    assert set(split["skipped_images"]) <= {"syn00047"}        # its truncated PNG, counted if the loop met it
     got = losses(run_dir)
     assert len(got) == 20 and sum(v for _, v in got[-5:]) < sum(v for _, v in got[:5])
     # 2 vision layers x (qkv, projection, fc1, fc2) + 2 text layers x (query, key, value and output dense of the self-

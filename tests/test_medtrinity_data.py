@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import write_snapshot
+
 
 @pytest.fixture(scope="module")
 def rows_table(tmp_path_factory):
@@ -15,17 +17,6 @@ def rows_table(tmp_path_factory):
 
     folder = write_synthetic(tmp_path_factory.mktemp("medtrinity"))
     return pq.read_table(str(folder / "rows.parquet"))
-
-
-def write_snapshot(root, table, names: list[str], row_group: int = 5):
-    """A hub-style snapshot: <root>/25M_demo/<shard> for each name, rows split evenly, small row groups."""
-    import pyarrow.parquet as pq
-
-    (root / "25M_demo").mkdir(parents=True)
-    per = -(-table.num_rows // len(names))
-    for k, name in enumerate(names):
-        pq.write_table(table.slice(k * per, per), str(root / "25M_demo" / name), row_group_size=row_group)
-    return root
 
 
 @pytest.mark.parametrize("names", [["train-00000-of-00003.parquet", "train-00001-of-00003.parquet",
