@@ -55,6 +55,12 @@ def test_no_java_is_refused_before_a_local_run_not_after_training():
     off = cli("submit", SPEC, "--dry-run", "--no-preflight", "--set", "caption.evaluate=false",
               env={"PATH": str(Path(sys.executable).parent)})
     assert off.returncode == 0, off.stderr
+    # a Slurm profile: the login node's missing java is said in the plan (the nodes may have it; each task checks)
+    slurm = cli("submit", SPEC, "-c", "local_slurm", "--dry-run", "--no-preflight",
+                env={"PATH": str(Path(sys.executable).parent)})
+    assert slurm.returncode == 0, slurm.stderr
+    assert "java: not on this machine; the evaluation's METEOR needs it on the compute nodes" in slurm.stdout
+    assert "java:" not in cli("submit", SPEC, "-c", "local_slurm", "--dry-run", "--no-preflight").stdout
 
 
 @pytest.fixture(scope="module")

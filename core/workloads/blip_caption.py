@@ -23,7 +23,7 @@ from core.data.medtrinity import ImageRows, open_rows, split, synthetic_captions
 from core.errors import DatasetError
 from core.runtime import TaskContext
 from core.config import DataSpec, FieldError, JobSpec, Strict
-from core.workloads import Workload
+from core.workloads import Shape, Workload
 
 log = logging.getLogger("blip_caption")
 PRESET = "blip-captioning-base"
@@ -123,8 +123,13 @@ def plan(spec: JobSpec, resume_dir: Optional[Path] = None, cluster=None) -> None
     if spec.caption.evaluate and cluster is not None:
         from core import scheduler
 
-        if scheduler.for_cluster(cluster).single_host and java_problem("this machine"):
-            raise FieldError("caption.evaluate", java_problem("this machine"))
+        if java_problem("this machine"):
+            if scheduler.for_cluster(cluster).single_host:
+                raise FieldError("caption.evaluate", java_problem("this machine"))
+            # the nodes may have what the login node lacks: say so now, and every task checks before it trains
+            return Shape(items=None, merge=False, notes=[
+                "java: not on this machine; the evaluation's METEOR needs it on the compute nodes: each task checks "
+                "before training starts and stops at once without it (caption.evaluate: false skips the evaluation)"])
     return None
 
 
