@@ -292,6 +292,10 @@ def _open_wandb(folder: Path, ids: dict, s: dict, name: str, prov: dict, start_s
                      ("WANDB_DATA_DIR", "wandb-data")):
         os.environ[var] = str(folder / sub)   # nothing in the user's home from a compute node
     os.environ["WANDB_SILENT"] = "true"
+    # WANDB_SERVICE is a token of the W&B service of the process that set it: inherited from the submitter (whose
+    # own wandb.init put it in its environment; sbatch exports it), every attempt of the task would join that
+    # stranger's service, where a killed attempt's run keeps the id "in use" and the requeued one cannot resume it
+    os.environ.pop("WANDB_SERVICE", None)
     kwargs = dict(mode="offline" if offline else "online", x_disable_stats=True, console="off", save_code=False)
     if not offline:
         from core.config import resolve_refs

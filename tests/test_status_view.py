@@ -84,8 +84,8 @@ def test_pending_reasons_in_plain_words_with_the_expected_start(recorded):
     # requeued after a node failure and waiting again: the old attempt's NODE_FAIL is history, not its state
     again = merge_rows("300|again|PENDING|0:00|1|(BeginTime)|N/A|(null)\n",
                        "300|again|NODE_FAIL|0:0|00:05:00|1|n2|300|billing=1,cpu=1,node=1|2026-12-06T09:00:00|"
-                       "2026-12-06T09:05:00|(null)\n300|again|PENDING|0:0|00:00:00|1|None assigned|0|billing=1,"
-                       "cpu=1,node=1|Unknown|Unknown|(null)\n")[0]
+                       "2026-12-06T09:05:00|NodeDown|0:0|(null)\n300|again|PENDING|0:0|00:00:00|1|None assigned|0|"
+                       "billing=1,cpu=1,node=1|Unknown|Unknown|BeginTime|0:0|(null)\n")[0]
     assert again.state == "PENDING" and [a.state for a in again.attempts] == ["NODE_FAIL", "PENDING"]
     for code in ("Priority", "Resources", "Dependency", "DependencyNeverSatisfied", "QOSMaxGRESPerUser",
                  "ReqNodeNotAvail", "AssocGrpGRES", "BeginTime", "JobHeldUser", "PartitionDown"):

@@ -52,7 +52,8 @@ def single_process() -> DistEnv:
 # What torchrun habits or an earlier in-process run leave in the submitter's environment. A submitted task inherits
 # that environment (sbatch exports it; the local executor's processes copy it), and both backends' dist_env honour
 # MASTER_PORT: a leftover would put every job of a node on one port.
-RANK_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK")
+RANK_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK",
+                  "WANDB_SERVICE")   # (the submitter's own W&B service token: another process's, never the task's)
 
 
 @contextmanager
