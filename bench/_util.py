@@ -14,6 +14,15 @@ PY = sys.executable
 LOCAL_CLUSTER = REPO / "slurm/local_cluster.sh"
 
 
+def rss_mb() -> float:
+    """This process's resident memory now, in MiB (/proc/self/status VmRSS)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def as_users_run() -> dict:
     """The environment a user's processes have: Python writes and reuses its bytecode cache. Some shells (this
     project's sandbox among them) export PYTHONDONTWRITEBYTECODE=1, which makes every process compile our ~60

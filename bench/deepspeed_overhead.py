@@ -24,6 +24,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+from _util import rss_mb  # noqa: E402
 
 SHAPES = {  # PanguEmbedded-style configs (q/k/v/o biases, GQA, untied embeddings)
     "tiny": dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -39,13 +41,6 @@ def cfg_of(shape: str) -> dict:
     return {**SHAPES[shape], "bias": True, "tie_word_embeddings": False, "max_position_embeddings": 512,
             "rope_theta": 16000000.0, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def worker(rank: int, world: int, port: int, mode: str, shape: str, steps: int, seq: int, micro: int, out: str,
