@@ -228,14 +228,17 @@ def test_truncated_complete_checkpoint_is_a_clear_error(slurm, tiny_pangu, logs)
 
 
 def test_real_time_limit_signal_requeues_and_finishes_every_step_once(slurm, tiny_pangu, logs, tmp_path):
-    """1-minute runs of a training far longer than that: Slurm's own --signal=USR2@30 before the time limit makes
+    """1-minute runs of a training far longer than that: Slurm's own --signal=USR2@45 before the time limit makes
     every rank save, the job requeues itself once (the profile allows one), the second run resumes from that
     checkpoint and makes progress, and at its own time limit saves again and stops with the --resume command.
     Each step is trained exactly once. Nothing here depends on how many steps this machine manages per minute."""
     import yaml
 
     profile = yaml.safe_load((Path("cluster_configs") / "local_slurm.yaml").read_text())
-    (tmp_path / "one_requeue.yaml").write_text(yaml.safe_dump({**profile, "max_requeues": 1}))
+    # Slurm checks time limits about every 30 s, so a signal asked for 30 s ahead can come too late to act on (seen:
+    # TIMEOUT, no signal): 45 s ahead leaves 15 s or more at whatever moment the check runs
+    (tmp_path / "one_requeue.yaml").write_text(yaml.safe_dump({**profile, "max_requeues": 1,
+                                                              "signal_s_before_timeout": 45}))
     run_dir, job = submit_run(SPEC, "-c", str(tmp_path / "one_requeue.yaml"), "--set", "name=timelimit",
                           "--set", f"model.path={tiny_pangu}", "--set", f"outputs.logs_dir={logs}",
                           "--set", "resources.nodes=2", "--set", "train.steps=1000000",
