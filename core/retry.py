@@ -29,6 +29,7 @@ id would let a resubmitted job retry for ever.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -105,12 +106,20 @@ def record(run_dir: Path, task: str, failure: Failure, action: str, why: str, st
            by: str, detail: str = "", job_id: str = "") -> dict:
     """Write one decision of unit `task` (`unit()`) about scheduler job `job_id` to the run folder; returns it
     (its file in `_path`, so `amend` can say how acting on it went)."""
+    safe = re.sub(r"[^\w.\-]", "_", task)
+    folder = Path(run_dir) / FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
     attempt = len(decisions(run_dir, task)) + 1
+    while True:   # the task and a --wait watcher may decide at once: claim the number, never overwrite
+        path = folder / f"{safe}.{attempt:03d}.json"
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            break
+        except FileExistsError:
+            attempt += 1
     entry = {"task": task, "job_id": job_id or None, "attempt": attempt, "class": failure.klass,
              "cause": failure.cause, "node": failure.node or None, "action": action, "why": why, "step": step,
              "by": by, "detail": detail, "at": round(time.time(), 3)}
-    safe = re.sub(r"[^\w.\-]", "_", task)
-    path = Path(run_dir) / FOLDER / f"{safe}.{attempt:03d}.json"
     write_json_atomic(path, entry)
     return {**entry, "_path": str(path)}
 

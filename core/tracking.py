@@ -33,6 +33,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
+from core.run_folder import write_text_atomic
+
 log = logging.getLogger("tracking")
 
 IDS = "ids.json"
@@ -352,9 +354,15 @@ def truncate_mlflow_metrics(run_path: Path, upto: int) -> None:
         if not f.is_file():
             continue
         lines = f.read_text().splitlines()
-        kept = [line for line in lines if len(line.split()) >= 3 and int(line.split()[2]) <= upto]
-        if len(kept) != len(lines):
-            f.write_text("".join(line + "\n" for line in kept))
+        kept = [line for line in lines if _point_step(line) is not None and _point_step(line) <= upto]
+        if len(kept) != len(lines):   # atomically: a kill now must not leave a cut-off metric file
+            write_text_atomic(f, "".join(line + "\n" for line in kept))
+
+
+def _point_step(line: str) -> Optional[int]:
+    """The step of a file-store metric line (`<ts> <value> <step>`); None for a damaged line (dropped)."""
+    parts = line.split()
+    return int(parts[2]) if len(parts) >= 3 and parts[2].lstrip("-").isdigit() else None
 
 
 # ---------------------------------------------------------------- reading the stores back (tests, sync, report)

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from core import failure_mark
+from core.run_folder import write_text_atomic
 
 log = logging.getLogger("watchdog")
 
@@ -405,9 +406,7 @@ class Watchdog:
                 with path.open("a") as f:
                     f.write("\n" + format_stacks("=== this rank's own stacks, taken when it ran again:\n" + header))
             else:
-                tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-                tmp.write_text(format_stacks(header))
-                os.replace(tmp, path)
+                write_text_atomic(path, format_stacks(header))
         except OSError as e:
             log.warning("stacks not written to %s: %s", path, e)
             faulthandler.dump_traceback(all_threads=True)

@@ -162,7 +162,8 @@ GIL_SCRIPT = textwrap.dedent("""
     for step in range(1, 4):
         time.sleep(0.05)
         wd.beat(step)
-    time.sleep(1)                                     # a poll arms the backstop
+    while not wd._armed:                              # until a poll has armed the backstop (however slow)
+        time.sleep(0.05)
     re.match(r"(a+)+$", "a" * 64 + "b")               # holds the GIL: the watchdog thread cannot run any more
 """)
 
