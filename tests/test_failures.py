@@ -210,7 +210,7 @@ def test_a_node_failure_is_requeued_once_off_that_node_then_the_loop_guard_stops
         row = SLURM.accounting([jid])[0]
         if len(row.attempts) >= 2 and row.states[jid].split()[0] in ("FAILED", "COMPLETED"):
             break
-        assert time.time() - t0 < 120, row
+        assert time.time() - t0 < 600, row   # a guard against a stuck test, not a speed target (Slurm delays a requeued start)
         time.sleep(1)
     assert row.ends[jid].nodes == ({"n1", "n2"} - {bad}).pop()  # the retry ran off the failed node
     second = retry.apply(SLURM, tmp_path, "main", jid, node, policy, by="wait", step=40)
