@@ -46,8 +46,8 @@ def wall(cmd, repeat: int = 5, **kw) -> float:
 def local_cluster_only() -> str:
     """Start the project's local Slurm, point this process's Slurm clients at it, and refuse to go on unless the
     controller answering is that cluster (ClusterName and slurm.conf of slurm/local_cluster.sh, controller on
-    127.0.0.1). Benches that set a partition DOWN or cancel jobs call this first: on a real cluster they would
-    stop a partition other people use. Returns the local cluster's slurm.conf path."""
+    127.0.0.1). Benches that submit and cancel jobs call this first: they are meant for the project's own test
+    cluster, never a real one. Returns the local cluster's slurm.conf path."""
     up = subprocess.run(["bash", str(LOCAL_CLUSTER), "up"], capture_output=True, text=True)
     conf = subprocess.run(["bash", str(LOCAL_CLUSTER), "conf"], capture_output=True, text=True).stdout.strip()
     if up.returncode != 0 or not conf:
@@ -70,20 +70,24 @@ def local_cluster_only() -> str:
     if "127.0.0.1" not in controller and "localhost" not in controller:
         problems.append(f"the controller is {controller!r}, not this machine")
     if problems:
-        sys.exit("bench: refusing to run: it sets a partition DOWN and cancels its jobs, which only the project's "
-                 "local cluster may see; " + "; ".join(problems))
+        sys.exit("bench: refusing to run: it submits and cancels jobs, which only the project's local cluster may "
+                 "see; " + "; ".join(problems))
     return conf
 
 
-def my_job_ids() -> set[str]:
-    """The ids of this user's jobs in the queue now (array tasks folded to their job)."""
-    out = subprocess.run(["squeue", "-h", "-u", getpass.getuser(), "-r", "-o", "%F"], capture_output=True,
+def held_env(env: dict | None = None) -> dict:
+    """The environment for a bench's submissions: sbatch holds every job it submits (SBATCH_HOLD, sbatch's own
+    input variable), so measured jobs stay PENDING without taking a partition DOWN under other people's jobs."""
+    return {**(env if env is not None else as_users_run()), "SBATCH_HOLD": "1"}
+
+
+def cancel_named(prefix: str) -> int:
+    """Cancel this user's jobs whose Slurm job name starts with `prefix` (a bench's own, nothing else); returns
+    how many were cancelled."""
+    out = subprocess.run(["squeue", "-h", "-u", getpass.getuser(), "-o", "%F|%j"], capture_output=True,
                          text=True).stdout
-    return {x.strip() for x in out.split() if x.strip()}
-
-
-def cancel_new_jobs(before: set[str]) -> None:
-    """Cancel the jobs this bench submitted (those not in the queue at `before`), nothing else of the user's."""
-    new = sorted(my_job_ids() - before)
-    if new:
-        subprocess.run(["scancel", *new], check=False, capture_output=True)
+    ids = sorted({line.split("|", 1)[0] for line in out.splitlines()
+                  if "|" in line and line.split("|", 1)[1].startswith(prefix)})
+    if ids:
+        subprocess.run(["scancel", *ids], check=False, capture_output=True)
+    return len(ids)

@@ -7,42 +7,41 @@ then `--dry-run` and a spec error (target < 0.5 s each, no torch import on that 
 """
 from __future__ import annotations
 
-import subprocess
+import os
 import tempfile
 
-from _util import PY, cancel_new_jobs, local_cluster_only, my_job_ids, wall
+from _util import PY, cancel_named, held_env, local_cluster_only, wall
 
 N = 9
+NAME = f"bench_submit_{os.getpid()}"
 
 
 def main():
-    local_cluster_only()  # sets the partition DOWN below: only ever on the project's own local cluster
+    local_cluster_only()  # it submits and cancels jobs: only ever on the project's own local cluster
     tmp = tempfile.mkdtemp(prefix="bench-submit-")
-    before = my_job_ids()
-    # partition DOWN: submitted jobs stay PENDING, so they do not compete for the CPU while we time submissions
-    subprocess.run(["scontrol", "update", "PartitionName=debug", "State=DOWN"], check=True)
     try:
         measure(tmp)
     finally:
-        cancel_new_jobs(before)
-        subprocess.run(["scontrol", "update", "PartitionName=debug", "State=UP"], check=True)
+        cancel_named(NAME)
 
 
 def measure(tmp):
-    bare = wall(["sbatch", "-o", "/dev/null", "--wrap", "true"], N)
+    # every submission is held (SBATCH_HOLD): the jobs stay PENDING and never compete for the CPU while we time
+    # submissions, and nobody else's jobs wait for a DOWN partition
+    env = held_env()
+    bare = wall(["sbatch", "-J", NAME, "-o", "/dev/null", "--wrap", "true"], N, env=env)
     minimal = wall([PY, "-c", (
-        "import submitit; ex = submitit.SlurmExecutor(folder=%r); ex.update_parameters(time=5);"
-        "ex.submit(print, 'hi')" % f"{tmp}/minimal/%j")], N)
+        "import submitit; ex = submitit.SlurmExecutor(folder=%r); ex.update_parameters(time=5, job_name=%r);"
+        "ex.submit(print, 'hi')" % (f"{tmp}/minimal/%j", NAME))], N, env=env)
     floor = wall([PY, "-c", "from pydantic import BaseModel; import yaml, submitit"], N)
-    # --no-preflight: the preflight rightly refuses the DOWN partition this bench holds its jobs in
-    ours = wall([PY, "launchers/submit.py", "jobs/tiny/smoke.yaml", "-c", "local_slurm", "--no-preflight",
-                 "--set", f"outputs.logs_dir={tmp}"], N)
+    ours = wall([PY, "launchers/submit.py", "jobs/tiny/smoke.yaml", "-c", "local_slurm", "--set", f"name={NAME}",
+                 "--set", f"outputs.logs_dir={tmp}"], N, env=env)
     dry = wall([PY, "launchers/submit.py", "jobs/tiny/smoke.yaml", "-c", "local_slurm", "--dry-run"], N)
     err = wall([PY, "launchers/submit.py", "jobs/tiny/smoke.yaml", "--set", "resources.nodes=-1"], N)
     print(f"bare sbatch --wrap true        {bare * 1000:7.0f} ms  (floor)")
     print(f"minimal submitit process       {minimal * 1000:7.0f} ms")
     print(f"import pydantic+yaml+submitit  {floor * 1000:7.0f} ms  (libraries alone: {floor / minimal:.2f}x of minimal)")
-    print(f"launchers/submit.py (slurm)    {ours * 1000:7.0f} ms  ratio vs minimal submitit: "
+    print(f"launchers/submit.py           {ours * 1000:7.0f} ms  ratio vs minimal submitit: "
           f"{ours / minimal:.2f}x (target <= 1.3x)")
     print(f"launchers/submit.py --dry-run  {dry * 1000:7.0f} ms  (target < 500 ms)")
     print(f"spec error (exit 2)            {err * 1000:7.0f} ms  (target < 500 ms)")

@@ -20,7 +20,7 @@ from typing import Any, Optional
 from core import run_folder, scheduler
 from core.plan import Plan, Step
 from core.runtime import TaskEntry
-from core.tracking import git_commit, package_versions
+from core.tracking import git_commit, package_versions, start_git_status
 
 
 @dataclass
@@ -53,6 +53,7 @@ def submit(plan: Plan, raw_spec: dict, spec_file: str, resume_dir: Optional[Path
     With resume_dir, the jobs run in that existing run folder (and find its checkpoints). `after_ids`: Slurm job
     ids of other runs (a study's earlier steps) that the plan's first steps wait for (afterok); `extra_record`
     goes into run.json (a study's folder and step name)."""
+    git = start_git_status()  # the checkout's state, read while the jobs are submitted
     sched = scheduler.for_cluster(plan.cluster)
     local = not sched.has_queue  # no queue: each step runs to its end before the next, in this process
     root = run_folder.local_root_id(run_folder.logs_root(plan.spec)) if local else None
@@ -78,7 +79,7 @@ def submit(plan: Plan, raw_spec: dict, spec_file: str, resume_dir: Optional[Path
     record = {
         "name": plan.spec.name, "workload": plan.spec.workload, "spec_file": str(spec_file),
         "spec": raw_spec, "cluster": plan.cluster.model_dump(), "executor": plan.cluster.executor,
-        "git": git_commit(), "user": getpass.getuser(), "submit_host": socket.gethostname(),
+        "git": git_commit(git), "user": getpass.getuser(), "submit_host": socket.gethostname(),
         "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_dir": str(run_dir), "root_id": root,
         "plan": plan.describe(), "steps": steps_record, "python": sys.executable, **(extra_record or {}),
     }

@@ -18,18 +18,31 @@ group and cancel.py cancels a study by its name. `--resume-missing` reads study.
 completed (or are still queued) keep their runs; failed, cancelled, lost (jobs neither queued nor accounted)
 and never-run steps, and every step after them, are submitted again, waiting only for the steps still queued.
 """
-from core.study.plan import (PlannedStep, StepCheckError, describe, inference_memory, plan_all, plan_step,
-                             preflight)
-from core.study.spec import (STEP_NAME, STEP_REF, Step, Study, StudySpec, StudyStep, choose_study_cluster, is_study,
-                             load_study)
-from core.study.state import (FAILED_STATES, RECORD, REDO_STATES, Selection, device_hours_line, final_table,
-                              find_study, read_record, select_steps, step_states, study_root, summary_line, wait)
-from core.study.submit import Outcome, StudySubmitError, cancel_jobs, make_study_dir, submit_study
+# The names below load their submodule on first use (PEP 562): a submission of a plain job spec asks only
+# `is_study` and should not build the study's planner and submitter on every launch.
+_SUBMODULE = {
+    **dict.fromkeys(("PlannedStep", "StepCheckError", "describe", "inference_memory", "plan_all", "plan_step",
+                     "preflight"), "plan"),
+    **dict.fromkeys(("STEP_NAME", "STEP_REF", "Step", "Study", "StudySpec", "StudyStep", "choose_study_cluster",
+                     "is_study", "load_study"), "spec"),
+    **dict.fromkeys(("FAILED_STATES", "RECORD", "REDO_STATES", "Selection", "device_hours_line", "final_table",
+                     "find_study", "read_record", "select_steps", "step_states", "study_root", "summary_line",
+                     "wait"), "state"),
+    **dict.fromkeys(("Outcome", "StudySubmitError", "cancel_jobs", "make_study_dir", "submit_study"), "submit"),
+}
 
-__all__ = [
-    "FAILED_STATES", "RECORD", "REDO_STATES", "STEP_NAME", "STEP_REF", "Outcome", "PlannedStep", "Selection",
-    "Step", "StepCheckError", "Study", "StudySpec", "StudyStep", "StudySubmitError", "cancel_jobs", "device_hours_line",
-    "choose_study_cluster", "describe", "final_table", "find_study", "inference_memory", "is_study", "load_study",
-    "make_study_dir", "plan_all", "plan_step", "preflight", "read_record", "select_steps", "step_states",
-    "study_root", "submit_study", "summary_line", "wait",
-]
+__all__ = sorted(_SUBMODULE)
+
+
+def __getattr__(name: str):
+    if name not in _SUBMODULE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{_SUBMODULE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_SUBMODULE))
