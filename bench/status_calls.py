@@ -7,9 +7,9 @@ prints, measured in the same run:
   - a refresh in process (query + the view) / the Slurm calls it makes (target <= 1.3x)
   - the whole `status.py` process / a bare Python process that makes the same two calls (target <= 1.3x)
   - a --watch steady refresh (squeue only) / a bare squeue, and its own CPU time per refresh
-The partition is set DOWN while measuring so every task stays PENDING (submissions pass --no-preflight, which
-would rightly refuse a DOWN partition); only the project's local cluster is ever touched (bench/_util.py), and
-only this bench's own jobs are cancelled.
+Every submission is held (SBATCH_HOLD) so every task stays PENDING without taking the partition away from
+anybody; only the project's local cluster is ever touched (bench/_util.py), and only this bench's own jobs (by
+name) are cancelled. Other jobs of the same user in the queue are counted in what status shows, as they would be.
 """
 from __future__ import annotations
 
@@ -23,9 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from _util import PY, REPO, cancel_new_jobs, local_cluster_only, my_job_ids, wall
+from _util import PY, REPO, cancel_named, held_env, local_cluster_only, wall
 
 sys.path.insert(0, str(REPO))
+NAME = f"bench_status_{os.getpid()}"
 
 
 def shims(folder: Path, log: Path) -> dict:
@@ -40,10 +41,10 @@ def shims(folder: Path, log: Path) -> dict:
 def submit_tasks(total: int, logs: str) -> None:
     per = [total // 10 + (1 if i < total % 10 else 0) for i in range(10)]
     for i, n in enumerate(x for x in per if x):
-        subprocess.run([PY, "launchers/submit.py", "jobs/tiny/smoke_array.yaml", "-c", "local_slurm", "--no-preflight",
-                        "--set", f"name=bench_status_{i}", "--set", f"resources.array.items={n}",
+        subprocess.run([PY, "launchers/submit.py", "jobs/tiny/smoke_array.yaml", "-c", "local_slurm",
+                        "--set", f"name={NAME}_{i}", "--set", f"resources.array.items={n}",
                         "--set", "resources.array.merge=false", "--set", f"outputs.logs_dir={logs}"],
-                       check=True, capture_output=True, cwd=REPO)
+                       check=True, capture_output=True, cwd=REPO, env=held_env())
 
 
 def timed(fn, repeat: int = 5) -> tuple[float, float]:
@@ -65,11 +66,9 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="bench-status-"))
     log = tmp / "calls.log"
     env = shims(tmp, log)
-    before = my_job_ids()
-    subprocess.run(["scontrol", "update", "PartitionName=debug", "State=DOWN"], check=True)
     try:
         for total in (1, 100, 1000):
-            cancel_new_jobs(before)
+            cancel_named(NAME)
             submit_tasks(total, str(tmp / "logs"))
             log.write_text("")
             subprocess.run([PY, "launchers/status.py", "--no-log"], check=True, capture_output=True, cwd=REPO, env=env)
@@ -100,8 +99,7 @@ def main():
                   f"{steady / bare_squeue:.2f}x a bare squeue ({bare_squeue * 1000:.0f} ms); its own CPU "
                   f"{steady_cpu * 1000:.0f} ms per refresh")
     finally:
-        cancel_new_jobs(before)
-        subprocess.run(["scontrol", "update", "PartitionName=debug", "State=UP"], check=True)
+        cancel_named(NAME)
 
 
 if __name__ == "__main__":

@@ -107,11 +107,15 @@ def estimate(size: ModelSize, trainable: int, *, stage: int, precision: str, off
                 cpu_offload_params=offload_param)
         else:
             states = 0
-        if frozen_params:
-            # parameters only: the "optimizer offloaded, params on device" branch is 2*P/N + gathered largest layer
-            _, frozen, _ = estimate_zero3_model_states_mem_needs(
-                frozen_params, size.largest_module, n_dev, nodes, cpu_offload=True, cpu_offload_params=offload_param)
-            frozen = frozen * frozen_bytes / 2
+        if frozen_params and offload_param:
+            # the partitioned weights live in host memory; one module is gathered onto the device at a time
+            frozen = min(size.largest_module, frozen_params) * frozen_bytes
+        elif frozen_params:
+            # weights only, no gradients or optimizer state: each device's shard of them plus the one module that
+            # is gathered at a time (DeepSpeed's estimator counts 4 bytes per parameter of that module, weights and
+            # gradients in 16 bit: twice what a frozen module holds; measured in bench/dia_pangu_memory.py)
+            frozen = (frozen_params * frozen_bytes / (n_dev * nodes)
+                      + min(size.largest_module, frozen_params) * frozen_bytes)
         else:
             frozen = 0
     else:
