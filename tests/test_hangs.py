@@ -15,7 +15,7 @@ import pytest
 
 from conftest import PY, REPO, final_state, log_tails, losses, submit_run
 
-from core import failure_mark, retry, watchdog
+from core import failure_mark, monitor, retry, watchdog
 from core.scheduler import by_name
 from core.config import SpecError, load_cluster, load_spec
 from core.plan import make_plan
@@ -261,6 +261,7 @@ def test_a_one_node_job_whose_health_check_fails_requeues_itself_off_that_node_a
     assert bad in ("n1", "n2") and (decided["class"], decided["action"], decided["by"], decided["job_id"]) == \
         ("node", "requeue", "task", job), decided
     assert decided["detail"] == f"requeued excluding {bad}", decided
+    assert monitor.retries_text(str(run_dir)) == f"retries: main #1 node -> requeue (requeued excluding {bad})"
     row = SLURM.accounting([job])[0]
     assert len(row.attempts) == 2 and row.ends[job].nodes == ({"n1", "n2"} - {bad}).pop(), row
     assert [s for s, _ in losses(run_dir)] == [1, 2, 3, 4, 5]   # trained once, on the second run
