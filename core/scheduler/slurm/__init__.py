@@ -138,20 +138,22 @@ class Slurm(Scheduler):
         import time
 
         from core.scheduler.slurm.commands import call
+        from core.scheduler.slurm.nodes import excluded_with
 
+        keep_off = excluded_with(job_id, nodes) if nodes else ""  # an earlier retry's exclusion stays
         code, said = call(["scontrol", "requeue", job_id], timeout=60, ignore_term=True)
         if code != 0:
             return False, said
         if nodes:
             for _ in range(10):
-                code, said2 = call(["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={nodes}"], timeout=60,
+                code, said2 = call(["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={keep_off}"], timeout=60,
                                    ignore_term=True)
                 if code == 0 or "no longer pending" not in said2.lower():
                     break
                 time.sleep(0.3)
             if code != 0:
                 return True, f"requeued, but excluding {nodes} failed: {said2}"
-            return True, f"requeued excluding {nodes}"
+            return True, f"requeued excluding {nodes}" + (f" (excluded now: {keep_off})" if keep_off != nodes else "")
         return True, "requeued"
 
     # ---------------------------------------------------------------- inside a task
