@@ -183,14 +183,17 @@ def start(spec: JobSpec, ctx: TaskContext) -> Session:
     check_rendezvous(dist, ctx.cluster)
     acc = resolve_accelerator(ctx.accelerator, dist, ctx.cluster)
     if dist.num_nodes > 1:
-        device, found = health.before_rendezvous(dist, acc, ctx.hostname)
+        device, found = health.before_rendezvous(dist, acc, ctx.hostname, ctx)
     else:
+        health.fault_point(ctx.hostname, ctx)   # a test hook only (MEDHPC_FAULT=health@...): no check on one node
         device, found = activate(acc), None
     wd = watchdog.start(spec, ctx.run_dir, ctx.job_id, dist.rank, dist.world_size, ctx.hostname, restart_count(),
                         on_limit=watchdog.set_collective_timeout)
+    if ctx.requeues:  # the hang is decided in the task (the policy's requeue or stop), not left to a watcher
+        wd.on_end = lambda cause: retry_in_task(ctx, "hang", cause)
     init_distributed(dist, acc, timeout_s=wd.limits.collective_timeout_s())
     if found is not None:
-        health.after_rendezvous(dist, device, ctx.hostname, found, ctx.run_dir, ctx.job_id)
+        health.after_rendezvous(dist, device, ctx.hostname, found, ctx.run_dir, ctx.job_id, ctx)
     if dist.rank == 0:
         log.info("%d ranks on %d node(s), master %s:%d, %s", dist.world_size, dist.num_nodes, dist.master_addr,
                  dist.master_port, acc.describe())
@@ -204,6 +207,13 @@ def start(spec: JobSpec, ctx: TaskContext) -> Session:
     session.resume = session.ckpt.resume_point(fresh=fresh)
     session.ds_config = ds_config(spec, dist.world_size, universal=bool(session.resume and session.resume.universal))
     return session
+
+
+def retry_in_task(ctx: TaskContext, klass: str, cause: str) -> None:
+    """core.retry.in_task for the watchdog's end (imported late: the retry policy reads the profile's models)."""
+    from core import retry
+
+    retry.in_task(ctx, klass, cause)
 
 
 # the Hugging Face Trainer's rule (Trainer.get_decay_parameter_names): no weight decay inside a LayerNorm module or
@@ -490,19 +500,28 @@ class Trainer:
         import torch.distributed as tdist
 
         self._watchdog().stop()  # the ranks now wait for the scheduler, not for a step
+        from core import retry
+
         ok = 0
+        why = f"{restart_count()} requeues used" if self.ctx.requeues else f"the {self.ctx.executor} executor does not requeue"
         if self.session.rank == 0 and self.ctx.can_requeue():
+            # recorded in <run>/retries/ before acting (the requeue ends this process), amended if refused
+            entry = retry.signal_requeue(self.ctx, step, True, "asked the scheduler", PREEMPT["signal"])
             accepted, detail = requeue(self.ctx)
             ok = int(accepted)
             log.info("checkpointed at step %d; requeue %s (restart %d/%s): %s", step, self.ctx.job_id,
                      restart_count() + 1, self.ctx.cluster.get("max_requeues"), "ok" if ok else detail)
+            if entry is not None:
+                retry.amend(entry, detail="requeued") if ok else retry.amend(
+                    entry, action="stop", why=f"the scheduler refused the requeue: {' '.join(detail.split())[:200]}")
+        elif self.session.rank == 0:
+            retry.signal_requeue(self.ctx, step, False, why, PREEMPT["signal"])
         flag = torch.tensor([ok], dtype=torch.int32)
         if self.session.dist.world_size > 1:
             tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
         if flag.item():
             time.sleep(600)  # the scheduler stops this allocation and runs the job again; it resumes from the checkpoint
             raise Requeued(1)
-        why = f"{restart_count()} requeues used" if self.ctx.requeues else f"the {self.ctx.executor} executor does not requeue"
         raise Preempted(f"{PREEMPT['signal']} received: checkpoint saved at step {step}, not requeued ({why}); "
                         f"continue with: python launchers/submit.py SPEC --resume {self.ctx.run_dir}")
 

@@ -10,7 +10,13 @@ After the rendezvous, before the model loads: one small all-reduce, timed, in wh
 (so a rank whose contribution went missing or doubled is named), and the ranks' findings gathered; rank 0 writes
 them to `<run dir>/health/<job>.json`.
 
-Test hook, inert unless set: MEDHPC_FAULT=health@<node> makes the check fail on that node.
+A failing rank decides right there (core.retry.in_task, the first rank of the failing node): with the profile's
+`retry.node: requeue` it requeues its own job with the node excluded, or stops when the job's partition has no
+usable node left to replace it; the decision is in `<run dir>/retries/`.
+
+Test hook, inert unless set: MEDHPC_FAULT=health@<node> makes the check fail on that node; health@first-run on
+whatever node the job's first run (restart 0) lands on. Only the hook runs for a single-node job (`fault_point`):
+the checks themselves are for multi-node jobs.
 """
 from __future__ import annotations
 
@@ -32,11 +38,31 @@ class NodeUnhealthy(SystemExit):
     """Raised (exit code 1) after the node mark is printed."""
 
 
-def fail(host: str, what: str) -> None:
+def fail(host: str, what: str, ctx=None) -> None:
+    """Print the node mark and end this rank (exit 1). With the task's context on a scheduler that requeues, the
+    first rank of this node also decides with the retry policy (requeue off this node, or stop) first."""
     log.error("node %s failed its health check: %s", host, what)
-    failure_mark.report("node", f"{host}: {what}")
+    cause = f"{host}: {what}"
+    if ctx is not None and getattr(ctx, "requeues", False):
+        from core import retry
+
+        try:
+            retry.in_task(ctx, "node", cause, node=host, decides=ctx.dist.local_rank == 0)
+        except Exception as e:  # deciding must never hide why the task fails
+            print(f"[retry] could not decide in the task: {type(e).__name__}: {e}", flush=True)
+    else:
+        failure_mark.report("node", cause)
     sys.stdout.flush()
     raise NodeUnhealthy(1)
+
+
+def fault_point(host: str, ctx=None) -> None:
+    """The test hook (MEDHPC_FAULT=health@<host> or health@first-run): fail this node's check on purpose."""
+    from core.runtime import restart_count
+
+    for point in (f"health@{host}", "health@first-run"):
+        if point in faults() and (point != "health@first-run" or restart_count() == 0):
+            fail(host, f"health check failed (injected by MEDHPC_FAULT={point})", ctx)
 
 
 def reach(addr: str, port: int, timeout: float = CONNECT_TIMEOUT_S) -> tuple[bool, str]:
@@ -56,30 +82,28 @@ def reach(addr: str, port: int, timeout: float = CONNECT_TIMEOUT_S) -> tuple[boo
         return False, f"cannot reach the rendezvous address {addr}:{port}: {e.strerror or e}"
 
 
-def before_rendezvous(dist, acc, host: str) -> tuple[Any, dict]:
+def before_rendezvous(dist, acc, host: str, ctx=None) -> tuple[Any, dict]:
     """The device and the rendezvous address, checked on this rank; returns (the bound device, the findings).
-    Ends the process with the node mark when a check fails."""
+    Ends the process with the node mark (and the retry decision, given the task's context) when a check fails."""
     from core.runtime import activate, device_check
 
     found: dict = {"rank": dist.rank, "host": host}
-    injected = f"health@{host}"
-    if injected in faults():
-        fail(host, f"health check failed (injected by MEDHPC_FAULT={injected})")
+    fault_point(host, ctx)
     try:
         found["device"] = device_check(acc)
     except Exception as e:  # whatever the driver raises: the node is not usable
-        fail(host, f"device check of {acc.device} failed: {' '.join(str(e).split())[:300]}")
+        fail(host, f"device check of {acc.device} failed: {' '.join(str(e).split())[:300]}", ctx)
     if dist.node_rank == 0:
         found["rendezvous"] = "this node hosts it"
     else:
         ok, what = reach(dist.master_addr, dist.master_port)
         if not ok:
-            fail(host, what)
+            fail(host, what, ctx)
         found["rendezvous"] = what
     return activate(acc), found
 
 
-def after_rendezvous(dist, device, host: str, found: dict, run_dir, job_id: str) -> Optional[dict]:
+def after_rendezvous(dist, device, host: str, found: dict, run_dir, job_id: str, ctx=None) -> Optional[dict]:
     """One timed all-reduce of one-hot vectors, then the findings gathered (rank 0 writes and returns them)."""
     import torch
     import torch.distributed as tdist
@@ -99,7 +123,7 @@ def after_rendezvous(dist, device, host: str, found: dict, run_dir, job_id: str)
         hosts = {f["rank"]: f["host"] for f in everyone if f}
         names = sorted({hosts.get(r, "?") for r in bad})
         if host in names:
-            fail(host, f"all-reduce check: ranks {bad} contributed {[got[r] for r in bad]} instead of 1")
+            fail(host, f"all-reduce check: ranks {bad} contributed {[got[r] for r in bad]} instead of 1", ctx)
         raise NodeUnhealthy(1)
     if dist.rank != 0:
         return None

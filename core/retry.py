@@ -8,7 +8,8 @@ Why it is shaped like this (a demanding HPC user's rules):
 - a loop guard: a retry must make progress. When the same class comes back at the same training step (the newest
   complete checkpoint, or the step the task reported), the second one stops: a job that dies at step 1200 with a
   comm timeout twice will die there a third time, and each retry burns an allocation;
-- a node that failed is kept out of the retry (requeue with that node excluded);
+- a node that failed is kept out of the retry (requeue with that node excluded), unless too few usable nodes are
+  left in the job's partition without it: then it stops ("no node left to replace ..."), never pends for ever;
 - every decision (class, cause, action, attempt, step, who decided, what the scheduler said) is written to the run
   folder before it is acted on, so status shows it and the next decision can read it.
 
@@ -17,7 +18,8 @@ Where the decision runs, so that it works without the user's terminal open:
   error caught in-process): `in_task(ctx, klass, cause, step)` prints the failure mark, decides, records and asks
   the scheduler to requeue this job with the failing node excluded (the other ranks end with the job);
 - the time-limit and preemption signals keep their own in-task path (core.engine: checkpoint, then requeue while
-  the profile's `max_requeues` lasts), and Slurm requeues a NODE_FAIL of a `--requeue` job by itself;
+  the profile's `max_requeues` lasts; recorded here too, by `signal`), and Slurm requeues a NODE_FAIL of a
+  `--requeue` job by itself;
 - `submit.py --wait` (core.submission.follow_job) decides for every task that ended failed while it watches:
   requeue through the scheduler, resubmit from the checkpoint with `--resume`, or stop.
 Decisions live in `<run_dir>/retries/<unit>.<attempt>.json`, one file per decision: tasks on different nodes and the
@@ -92,6 +94,7 @@ def decide(policy: dict, failure: Failure, history: list[dict], step: Optional[i
     if action == "stop":
         return "stop", f"the profile's retry.{klass} is stop" if klass in policy else \
             f"class {klass} has no retry policy: stop"
+    history = [d for d in history if d.get("by") != "signal"]  # the engine's own signal requeues: max_requeues
     same = [d for d in history if d.get("class") == klass and d.get("step") == step]
     if same:
         where = f"step {step}" if step is not None else "the same point (no checkpoint yet)"
@@ -144,6 +147,14 @@ def apply(sched, run_dir: Path, task: str, job_id: str, failure: Failure, policy
     action, why = decide(policy, failure, decisions(run_dir, task), step)
     if action == "resubmit" and resubmit is None:  # an array task, or a task deciding for itself
         action, why = "requeue", why + " (here: a requeue, which resumes from the checkpoint too)"
+    keep_off = ""
+    if action == "requeue" and failure.klass == "node":
+        keep_off = failure.node
+        if keep_off and failure.source == "scheduler":  # NODE_FAIL names the whole allocation: only the sick ones
+            keep_off = sched.unhealthy(keep_off)
+        short = no_room(sched, job_id, keep_off)
+        if short:
+            action, why = "stop", short
     entry = record(run_dir, task, failure, action, why, step, by, "asked the scheduler" if action != "stop" else "",
                    job_id)
     if action == "resubmit":
@@ -151,20 +162,38 @@ def apply(sched, run_dir: Path, task: str, job_id: str, failure: Failure, policy
         return amend(entry, detail=detail) if ok else amend(entry, action="stop", detail="",
                                                             why=f"resubmission failed: {detail}")
     if action == "requeue":
-        keep_off = failure.node if failure.klass == "node" else ""
-        if keep_off and failure.source == "scheduler":  # NODE_FAIL names the whole allocation: only the sick ones
-            keep_off = sched.unhealthy(keep_off)
         ok, detail = sched.requeue_excluding(job_id, keep_off)
         return amend(entry, detail=detail) if ok else amend(
             entry, action="stop", detail="", why=f"the scheduler refused the requeue: {' '.join(detail.split())[:200]}")
     return entry
 
 
-def in_task(ctx, klass: str, cause: str, step: Optional[int] = None, node: str = "") -> dict:
+def no_room(sched, job_id: str, keep_off: str) -> str:
+    """Why a requeue kept off `keep_off` cannot run ('' when it can, or when the scheduler cannot say): fewer
+    usable nodes are left in the job's partition than the job needs, so the requeued job would pend for ever."""
+    if not keep_off:
+        return ""
+    try:
+        left = sched.nodes_left(job_id, keep_off)
+    except Exception:  # asking must never hide the decision
+        left = None
+    if left is None:
+        return ""
+    need, usable = left
+    if len(usable) >= need:
+        return ""
+    return (f"no node left to replace {keep_off}: the job needs {need} node{'s' if need != 1 else ''} and the "
+            f"partition has {len(usable)} usable ({', '.join(usable) or 'none'} besides it)")
+
+
+def in_task(ctx, klass: str, cause: str, step: Optional[int] = None, node: str = "",
+            decides: Optional[bool] = None) -> dict:
     """For a task that knows why it fails (hang watchdog, node health check, a caught communication error): print
-    the failure mark to its log, then on the task's first rank decide with the profile's policy, record it and, for
-    a retry, requeue this job (with `node` excluded for class node). The caller then exits non-zero; the other
-    ranks end with the job. Returns the decision (every rank: what rank 0 decides is in the run folder)."""
+    the failure mark to its log, then on the rank that `decides` (default: the task's first rank; the node health
+    check: the first rank of the failing node, since the others may never hear of it) decide with the profile's
+    policy, record it and, for a retry, requeue this job (with `node` excluded for class node, unless no node is
+    left to replace it). The caller then exits non-zero; the other ranks end with the job. Returns the decision
+    (every rank: what the deciding rank decides is in the run folder)."""
     from core import scheduler
 
     _DECIDED["in_task"] = True
@@ -172,7 +201,7 @@ def in_task(ctx, klass: str, cause: str, step: Optional[int] = None, node: str =
     failure = Failure(klass, " ".join(cause.split()), "mark", node if klass == "node" else "")
     policy = policy_of(ctx.cluster)
     me = unit(ctx.step, ctx.task_index)
-    if ctx.rank != 0:
+    if not (ctx.rank == 0 if decides is None else decides):
         step = step if step is not None else checkpoint_step(ctx.run_dir)
         action, why = decide(policy, failure, decisions(ctx.run_dir, me), step)
         return {"task": me, "job_id": ctx.job_id, "class": klass, "action": action, "why": why, "step": step,
@@ -198,4 +227,25 @@ def caught(ctx, exc: BaseException) -> Optional[dict]:
         return in_task(ctx, "comm", found.cause)
     except Exception as e:  # deciding must never hide why the task failed
         print(f"[retry] could not decide in the task: {type(e).__name__}: {e}", flush=True)
+        return None
+
+
+def signal_requeue(ctx, step: int, requeued: bool, detail: str, signal_name: str) -> Optional[dict]:
+    """The engine's own requeue on the scheduler's warning signal (core.engine: checkpoint at `step`, then requeue
+    while the profile's `max_requeues` lasts), recorded like the policy's decisions so status shows it: class
+    timeout, action requeue (or stop with the --resume hint once the requeues are used up), by `signal`. These
+    records count against `max_requeues`, not `retry.max_retries`, and the loop guard ignores them. Rank 0 only;
+    None where writing fails (the requeue goes on)."""
+    me = unit(ctx.step, ctx.task_index)
+    failure = Failure("timeout", f"{signal_name} received (the scheduler's warning before the time limit or a "
+                                 f"preemption): checkpoint saved at step {step}", "signal")
+    if requeued:
+        why = f"checkpointed at step {step}; requeue within max_requeues={ctx.cluster.get('max_requeues')}"
+    else:
+        why = f"checkpointed at step {step}; not requeued ({detail}): continue with submit.py --resume"
+    try:
+        return record(ctx.run_dir, me, failure, "requeue" if requeued else "stop", why, step, by="signal",
+                      detail=detail if requeued else "", job_id=ctx.job_id)
+    except OSError as e:
+        print(f"[retry] could not record the signal requeue: {e}", flush=True)
         return None

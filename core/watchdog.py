@@ -43,7 +43,7 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from core import failure_mark
 from core.run_folder import write_text_atomic
@@ -173,6 +173,7 @@ class Watchdog:
         self.run_dir, self.job_id, self.rank, self.world = Path(run_dir), str(job_id), int(rank), int(world_size)
         self.host, self.limits, self.restart, self.what = host, limits, int(restart), what
         self.on_limit = on_limit                 # called with the new collective timeout when the limit moves
+        self.on_end: Optional[Callable[[str], None]] = None  # prints the hang mark and decides (else: the mark)
         self.hb_dir = heartbeat_dir(run_dir, job_id, restart)
         self.hang_dir = hang_dir(run_dir, job_id, restart)
         self.started = time.time()
@@ -431,7 +432,17 @@ class Watchdog:
     def _end(self, cause: str) -> None:
         log.error("hang: %s", cause)
         sys.stderr.write("\n")  # a progress bar's unfinished line must not swallow the mark's start
-        failure_mark.report("hang", cause)
+        decided = False
+        if self.on_end is not None:  # the engine's: mark, retry decision (rank 0), requeue (core.retry.in_task)
+            faulthandler.dump_traceback_later(150, exit=True)  # the decision's scheduler calls get their own backstop
+            self._armed = True
+            try:
+                self.on_end(cause)
+                decided = True
+            except Exception as e:  # deciding must never keep the process from ending
+                log.error("hang: the retry decision failed: %s: %s", type(e).__name__, e)
+        if not decided:
+            failure_mark.report("hang", cause)
         sys.stdout.flush()
         os._exit(EXIT_CODE)
 

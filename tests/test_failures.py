@@ -216,6 +216,11 @@ def test_a_node_failure_is_requeued_once_off_that_node_then_the_loop_guard_stops
     second = retry.apply(SLURM, tmp_path, "main", jid, node, policy, by="wait", step=40)
     assert second["action"] == "stop" and second["why"].startswith("loop guard: node again at step 40"), second
     assert len(SLURM.accounting([jid])[0].attempts) == 2  # no third run
+    # the other node failing too would leave none: the job already excludes the first (Slurm's ExcNodeList)
+    other = ({"n1", "n2"} - {bad}).pop()
+    assert retry.no_room(SLURM, jid, other) == f"no node left to replace {other}: the job needs 1 node and the " \
+                                               f"partition has 0 usable (none besides it)"
+    assert retry.no_room(SLURM, jid, "") == ""
 
 
 def test_a_task_that_knows_why_it_fails_marks_decides_and_records_in_its_run_folder(tmp_path, capsys, monkeypatch):

@@ -13,13 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PY, REPO, final_state, log_tails, submit_run
+from conftest import PY, REPO, final_state, log_tails, losses, submit_run
 
-from core import failure_mark, watchdog
+from core import failure_mark, monitor, retry, watchdog
+from core.scheduler import by_name
 from core.config import SpecError, load_cluster, load_spec
 from core.plan import make_plan
 
 TINY_LM = REPO / "jobs" / "tiny" / "pangu_lm.yaml"
+SLURM = by_name("slurm")
 
 
 # ---------------------------------------------------------------- figures and the plan (no Slurm)
@@ -189,22 +191,36 @@ def _mark(run_dir: Path) -> list[tuple[str, str, str]]:
     return out
 
 
-def _lm(tiny_pangu, logs, name, *extra):
-    return (str(TINY_LM), "-c", "local_slurm", "--set", f"name={name}", "--set", f"model.path={tiny_pangu}",
-            "--set", f"outputs.logs_dir={logs}", "--set", "resources.nodes=2", *extra)
+def _lm(tiny_pangu, logs, name, *extra, profile="local_slurm", nodes=2):
+    return (str(TINY_LM), "-c", str(profile), "--set", f"name={name}", "--set", f"model.path={tiny_pangu}",
+            "--set", f"outputs.logs_dir={logs}", "--set", f"resources.nodes={nodes}", *extra)
+
+
+def _profile(tmp_path: Path, **retry_policy) -> Path:
+    """local_slurm with these retry classes changed (a test's own profile file)."""
+    import yaml
+
+    profile = yaml.safe_load((REPO / "cluster_configs" / "local_slurm.yaml").read_text())
+    profile["retry"] = {**profile.get("retry", {}), **retry_policy}
+    path = tmp_path / "profile.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    return path
 
 
 def test_a_rank_stopped_in_a_two_node_run_ends_the_job_as_a_hang_with_both_ranks_in_the_run_folder(
         slurm, tiny_pangu, tmp_path):
+    # the profile says stop for a hang (local_slurm's requeue would run the same fault again): decided in the task
     run_dir, job = submit_run(*_lm(tiny_pangu, tmp_path, "hangs", "--set", "train.steps=400",
                                    "--set", "train.checkpoint_every=0", "--set", "hang.floor_s=20",
-                                   "--set", "hang.first_step_s=900"),
+                                   "--set", "hang.first_step_s=900", profile=_profile(tmp_path, hang="stop")),
                               env={"MEDHPC_FAULT": "stop@rank1:step5"})
     assert final_state(job) == "FAILED", log_tails(run_dir)   # not TIMEOUT: the watchdog ended it
     marks = _mark(run_dir)
     assert marks and {k for _, k, _ in marks} == {"hang"}, log_tails(run_dir)
     cause = next(c for f, _, c in marks if f.startswith(f"{job}_0_"))
     assert "rank 1 (n2" in cause and "stopped reporting" in cause and "its last step 5 ended" in cause
+    assert [(d["task"], d["job_id"], d["class"], d["action"], d["why"], d["by"]) for d in retry.decisions(run_dir)] \
+        == [("main", job, "hang", "stop", "the profile's retry.hang is stop", "task")]   # rank 0 decided, once
     hang = run_dir / "hang" / job
     own = (hang / "rank0.txt").read_text()
     assert own.startswith("rank 0 of 2 on n1") and "in fit" in own and "_agree_preempt" in own
@@ -217,6 +233,8 @@ def test_a_rank_stopped_in_a_two_node_run_ends_the_job_as_a_hang_with_both_ranks
 
 
 def test_a_node_that_fails_its_health_check_is_named_and_ends_the_job_with_the_node_mark(slurm, tiny_pangu, tmp_path):
+    """A 2-node job on this 2-node cluster: the policy's requeue off n2 would leave one node for two, so the failing
+    node's own rank decides stop ("no node left") instead of a requeue that pends for ever."""
     run_dir, job = submit_run(*_lm(tiny_pangu, tmp_path, "sick", "--set", "train.steps=5"),
                               env={"MEDHPC_FAULT": "health@n2"})
     assert final_state(job) == "FAILED", log_tails(run_dir)
@@ -224,3 +242,26 @@ def test_a_node_that_fails_its_health_check_is_named_and_ends_the_job_with_the_n
     assert [(k, c) for _, k, c in marks] == [("node", "n2: health check failed (injected by MEDHPC_FAULT=health@n2)")], \
         log_tails(run_dir)
     assert not (run_dir / "metrics.csv").exists()   # no step was trained
+    [decided] = retry.decisions(run_dir)
+    assert (decided["class"], decided["node"], decided["action"], decided["by"]) == ("node", "n2", "stop", "task")
+    assert decided["why"] == "no node left to replace n2: the job needs 2 nodes and the partition has 1 usable " \
+                             "(n1 besides it)", decided
+    assert len(SLURM.accounting([job])[0].attempts) == 1   # not requeued
+
+
+def test_a_one_node_job_whose_health_check_fails_requeues_itself_off_that_node_and_completes_on_the_other(
+        slurm, tiny_pangu, tmp_path):
+    """The in-task decision without any watcher: the failing rank records `requeue`, requeues its own job with its
+    node excluded, and the second run lands on the other node and trains to the end."""
+    run_dir, job = submit_run(*_lm(tiny_pangu, tmp_path, "sick1", "--set", "train.steps=5", nodes=1),
+                              env={"MEDHPC_FAULT": "health@first-run"})
+    assert final_state(job, timeout=600) == "COMPLETED", log_tails(run_dir)
+    [decided] = retry.decisions(run_dir)
+    bad = decided["node"]
+    assert bad in ("n1", "n2") and (decided["class"], decided["action"], decided["by"], decided["job_id"]) == \
+        ("node", "requeue", "task", job), decided
+    assert decided["detail"] == f"requeued excluding {bad}", decided
+    assert monitor.retries_text(str(run_dir)) == f"retries: main #1 node -> requeue (requeued excluding {bad})"
+    row = SLURM.accounting([job])[0]
+    assert len(row.attempts) == 2 and row.ends[job].nodes == ({"n1", "n2"} - {bad}).pop(), row
+    assert [s for s, _ in losses(run_dir)] == [1, 2, 3, 4, 5]   # trained once, on the second run

@@ -54,6 +54,7 @@ def test_a_gpu_partition_gives_a_cuda_profile_with_its_devices(tmp_path):
     """What scontrol / sacctmgr print for a GPU partition (recorded lines, no such cluster here) -> a cuda profile:
     devices from the nodes' Gres, CPUs per device, the user's default account among several; it validates."""
     from core.config import load_cluster
+    from core.config.cluster import RetryPolicy
     from core.scheduler.slurm.profile_writer import _records, profile_entries, render_yaml
 
     facts = {
@@ -74,3 +75,11 @@ def test_a_gpu_partition_gives_a_cuda_profile_with_its_devices(tmp_path):
     lab = load_cluster(str(out))
     assert lab.slurm.partition == "gpu" and lab.slurm.gres == "gpu:{devices}" and lab.accelerator == "cuda"
     assert "# device_mem_gb:  # Slurm does not know a device's memory" in out.read_text()
+    # the retry policy is spelled out with a comment per class, and reads back as the defaults
+    text = out.read_text()
+    assert '\nretry:\n  max_retries: 2  # the project\'s default: retries per job or array task' in text
+    assert '  node: "requeue"  # the project\'s default: node failure or failed health check' in text
+    assert '  exception: "stop"  # the project\'s default: a Python exception in the workload: always stop' in text
+    assert lab.retry.model_dump() == RetryPolicy().model_dump() and lab.retry.node == "requeue"
+    for klass in RetryPolicy.model_fields:
+        assert f"\n  {klass}: " in text, klass

@@ -133,6 +133,11 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(reference, t
     rows = list(csv.DictReader((run_dir / "checkpoint_times.csv").open()))
     assert (res["start_step"], "sync") in [(int(r["step"]), r["mode"]) for r in rows]  # written before the requeue
     assert_same_losses(run_dir, reference[1])
+    from core import retry   # the engine's own requeue is recorded with the retry policy's decisions
+
+    assert [(d["task"], d["job_id"], d["class"], d["action"], d["step"], d["by"], d["detail"])
+            for d in retry.decisions(run_dir)] == [("main", job, "timeout", "requeue", res["start_step"], "signal",
+                                                    "requeued")]
 
 
 def test_sigkill_during_a_background_save_resumes_from_the_last_complete_checkpoint(reference, tiny_pangu, logs):
@@ -253,6 +258,11 @@ def test_real_time_limit_signal_requeues_and_finishes_every_step_once(slurm, tin
     assert "not requeued (1 requeues used)" in log and f"--resume {run_dir}" in log
     got = losses(run_dir)
     assert [s for s, _ in got] == list(range(1, saved[1] + 1))  # every step once, none lost, none repeated
+    from core import retry
+
+    assert [(d["class"], d["action"], d["step"], d["by"]) for d in retry.decisions(run_dir)] == \
+        [("timeout", "requeue", saved[0], "signal"), ("timeout", "stop", saved[1], "signal")]
+    assert "not requeued (1 requeues used)" in retry.decisions(run_dir)[1]["why"]
 
 
 def test_frozen_base_with_lora_trains_only_adapters_and_saves_only_them(tmp_path, tiny_pangu):

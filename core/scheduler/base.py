@@ -308,6 +308,11 @@ class Scheduler:
         failure of a multi-node job, which node to keep the retry off."""
         return ""
 
+    def nodes_left(self, job_id: str, exclude: str) -> Optional[tuple[int, list[str]]]:
+        """(how many nodes the job needs, the usable nodes of its partition other than `exclude`): whether a requeue
+        kept off `exclude` can still run. None when the scheduler cannot say (the requeue is then tried)."""
+        return None
+
     def requeue_excluding(self, job_id: str, nodes: str) -> tuple[bool, str]:
         """Put a job (running or finished) back in the queue, kept off `nodes` (the node that failed) when given:
         the retry policy's `requeue` (core.retry). Returns (accepted, the scheduler's message)."""

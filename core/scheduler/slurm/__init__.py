@@ -124,19 +124,36 @@ class Slurm(Scheduler):
 
         return unhealthy(nodes)
 
+    def nodes_left(self, job_id: str, exclude: str) -> Optional[tuple[int, list[str]]]:
+        from core.scheduler.slurm.nodes import nodes_left
+
+        return nodes_left(job_id, exclude)
+
     def requeue_excluding(self, job_id: str, nodes: str) -> tuple[bool, str]:
         """`scontrol requeue` (a finished or running batch job goes back to pending, same id), then, when a node
-        failed, `scontrol update ExcNodeList=<node>` on the pending job so the retry does not land on it again."""
-        from core.scheduler.slurm.commands import call
+        failed, `scontrol update ExcNodeList=<node>` on the pending job so the retry does not land on it again.
+        A task may requeue its own job: the requeue sends the job SIGTERM (SIGKILL KillWait later), so both
+        commands run with SIGTERM ignored, and the update is tried again for a few seconds until Slurm has put the
+        job back to pending (it refuses to change a running job's ExcNodeList)."""
+        import time
 
-        code, said = call(["scontrol", "requeue", job_id], timeout=60)
+        from core.scheduler.slurm.commands import call
+        from core.scheduler.slurm.nodes import excluded_with
+
+        keep_off = excluded_with(job_id, nodes) if nodes else ""  # an earlier retry's exclusion stays
+        code, said = call(["scontrol", "requeue", job_id], timeout=60, ignore_term=True)
         if code != 0:
             return False, said
         if nodes:
-            code, said2 = call(["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={nodes}"], timeout=60)
+            for _ in range(10):
+                code, said2 = call(["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={keep_off}"], timeout=60,
+                                   ignore_term=True)
+                if code == 0 or "no longer pending" not in said2.lower():
+                    break
+                time.sleep(0.3)
             if code != 0:
                 return True, f"requeued, but excluding {nodes} failed: {said2}"
-            return True, f"requeued excluding {nodes}"
+            return True, f"requeued excluding {nodes}" + (f" (excluded now: {keep_off})" if keep_off != nodes else "")
         return True, "requeued"
 
     # ---------------------------------------------------------------- inside a task

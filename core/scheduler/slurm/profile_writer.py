@@ -180,6 +180,10 @@ def profile_entries(facts: dict[str, Any], name: Optional[str], repo: Path) -> l
     limit = minutes(part.get("MaxTime", ""))
     e.append(("# MaxTime", None, f"partition {pname} allows {limit} minutes per job" if limit else
               f"partition {pname} has no time limit"))
+    from core.config.cluster import RetryPolicy
+
+    for key, field in RetryPolicy.model_fields.items():  # the retry policy (docs/failures.md), spelled out
+        e.append((f"retry.{key}", field.default, f"the project's default: {field.description}"))
     if all(_loopback(n.get("NodeAddr") or n.get("NodeName", "")) for n in nodes):
         e.append(("loopback_rendezvous", True, "every node's NodeAddr is a loopback address: the nodes are this "
                                                "one host"))
