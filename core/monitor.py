@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from core import device_hours, failures, scheduler
-from core.run_folder import record_if_any
+from core.run_folder import RECORD, record_if_any
 from core.scheduler import JobRow, SchedulerUnavailable, TaskEnd, category, job_key  # noqa: F401 (launchers catch it)
 
 DEFAULT_SINCE = "2d"
@@ -157,14 +157,29 @@ def _run_state(rows: list[JobRow]) -> str:
     return (own or bad)[0] if bad else "COMPLETED"
 
 
+_STUDY_OF: dict[str, tuple[tuple[int, int], Optional[tuple[str, str, str]]]] = {}
+
+
 def study_of(run_dir: str) -> Optional[tuple[str, str, str]]:
-    """(study folder, study name, step) when the run is a step of a study (its run.json says so), else None."""
+    """(study folder, study name, step) when the run is a step of a study (its run.json says so), else None.
+    Remembered per run.json (its mtime and size): a --watch refresh reads only the records that changed."""
     if not run_dir:
         return None
+    path = Path(run_dir) / RECORD
+    try:
+        st = path.stat()
+        key = (st.st_mtime_ns, st.st_size)
+    except OSError:
+        key = (0, -1)
+    known = _STUDY_OF.get(run_dir)
+    if known is not None and known[0] == key and key[1] >= 0:
+        return known[1]
     rec = record_if_any(Path(run_dir))
-    if not rec or not rec.get("study"):
-        return None
-    return str(rec["study"]), str(rec.get("study_name") or ""), str(rec.get("study_step") or "")
+    found = None
+    if rec and rec.get("study"):
+        found = str(rec["study"]), str(rec.get("study_name") or ""), str(rec.get("study_step") or "")
+    _STUDY_OF[run_dir] = (key, found)
+    return found
 
 
 def _failed_for_real(jobs: list[JobRow]) -> bool:

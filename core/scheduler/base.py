@@ -9,6 +9,7 @@ outside core/scheduler/ knows which one it talks to.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +30,10 @@ class SchedulerUnavailable(RuntimeError):
     """The scheduler's clients are missing, hang or fail; the message is theirs plus what to check."""
 
 
+@functools.lru_cache(maxsize=1024)
 def category(state: str) -> str:
-    """A job state as done | running | pending | failed (how status counts tasks)."""
+    """A job state as done | running | pending | failed (how status counts tasks; remembered per state text: a
+    refresh of 1,000 tasks asks tens of thousands of times about a handful of states)."""
     state = state.split()[0].rstrip("+") if state else "UNKNOWN"
     if state in DONE:
         return "done"
