@@ -15,7 +15,7 @@
    inference stack (torch, transformers' Llama, safetensors) that baseline / scan / merge / prune import, and
    whether DeepSpeed was imported.
 
-  .venv/bin/python bench/sensitivity_scan.py [--skip-300m] [--only 300m] [--per-task 1] [--skip-count]
+  .venv/bin/python bench/sensitivity_scan.py [--skip-300m] [--only 300m] [--per-task 1|auto] [--skip-count]
                                             [--prompts 64] [--prompt-tokens 128]
 --prompts N scans N prompts of --prompt-tokens tokens (the lab's scan has a few hundred of 128); the
 default is the tiny spec's 8 prompts of 32 tokens.
@@ -140,7 +140,7 @@ def write_prompts(path: Path, n: int, tokens: int) -> Path:
     return path
 
 
-def wall_array_vs_inprocess(tmp: Path, label: str, folder: Path, per_task: int, prompts: tuple = ()) -> None:
+def wall_array_vs_inprocess(tmp: Path, label: str, folder: Path, per_task, prompts: tuple = ()) -> None:
     import resource
 
     from core.config import load_spec
@@ -169,6 +169,8 @@ def wall_array_vs_inprocess(tmp: Path, label: str, folder: Path, per_task: int, 
     reads: list = []
     shares = task_overheads(arr_dir, reads)
     array_cpu = array_cpu_seconds(arr_dir)
+    if per_task == "auto":
+        per_task = f"auto ({-(-n_layers // max(len(shares), 1))} layers in each of {len(shares)} tasks)"
     print(f"{label} ({n_layers} layers), layers_per_task={per_task}: array on n1+n2 {array:.1f} s vs one process "
           f"{inproc:.1f} s = {array / inproc:.2f}x (target <= 0.65x); per-task overhead "
           f"{100 * sum(shares) / max(len(shares), 1):.0f}% of task wall time ({len(shares)} tasks; target <= 30%); "
@@ -227,8 +229,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-300m", action="store_true")
     ap.add_argument("--only", choices=["tiny", "300m"], help="scan only this shape")
-    ap.add_argument("--per-task", type=int, action="append", help="layers per task (default: tiny 1 and 3, 300M 1 "
-                                                                   "and 4)")
+    ap.add_argument("--per-task", type=lambda v: v if v == "auto" else int(v), action="append",
+                    help="layers per task, or auto (the planner sizes the tasks; default: tiny 1 and 3, 300M 1 and 4)")
     ap.add_argument("--skip-count", action="store_true", help="skip the decoder-layer evaluation count")
     ap.add_argument("--prompts", type=int, help="scan this many prompts (default: the tiny spec's 8)")
     ap.add_argument("--prompt-tokens", type=int, default=128, help="tokens per prompt with --prompts")
