@@ -8,7 +8,8 @@ one), the loss curve and the training summary from metrics.csv, every metrics*.j
 (untrained beside trained where the workload scored both), a study table the run wrote, and its PNG plots.
 
 A study's page (`write_study_report(study_dir, table_csv)`, written by the study's table step): its steps with
-their run folders and job ids, the final table cell for cell as study_table.csv has it, and one plot per metric
+their job ids, each step's state as the scheduler reports it (its jobs' states from the scheduler's accounting
+and queue, the record's on the local executor) and the failure classes its tasks printed (core.failure_mark), their run pages, the final table cell for cell as study_table.csv has it, and one plot per metric
 against the pruning ratio.
 
 Values in tables are the files' own text (no rounding), so a reader can compare them with the CSV / JSON.
@@ -249,21 +250,75 @@ def study_plots(columns: list[str], rows: list[dict]) -> Optional[bytes]:
     return data
 
 
+def step_failures(run_dir: Path) -> list[tuple[str, str]]:
+    """(class, cause) of each failure a step's tasks printed (core.failure_mark lines in its submitit logs)."""
+    from core.failure_mark import find
+
+    sub = Path(run_dir) / "submitit"
+    found = []
+    for log in sorted(sub.glob("*_log.err"))[:200] if sub.is_dir() else []:
+        hit = find(log.read_text(errors="replace")[-20000:])
+        if hit and hit not in found:
+            found.append(hit)
+    return found
+
+
+def _step_states(rec: dict) -> tuple[dict, str]:
+    """Per step, the scheduler's word on its jobs: {'state': 'COMPLETED' / 'FAILED (12_1)' / 'RUNNING x2, ...',
+    'detail': the tasks' states}. One states() call of the study's scheduler over every job (its accounting and
+    queue); a scheduler without a queue (local) keeps the record's state. Never fails the page."""
+    from core import scheduler
+
+    steps = rec.get("steps") or {}
+    try:
+        sched = scheduler.by_name(str(rec.get("executor")))
+        if not sched.has_queue:
+            return {}, ""
+        ids = sorted({j for s in steps.values() for j in s.get("job_ids") or []})
+        states, _ = sched.states(ids) if ids else ({}, True)
+    except Exception as e:  # the page is drawn without the scheduler's word
+        return {}, f"scheduler states not available ({type(e).__name__}: {e}); the record's states shown"
+    out = {}
+    for name, s in steps.items():
+        mine = {t: st for t, st in states.items() if t.split("_")[0] in (s.get("job_ids") or [])}
+        if not mine:
+            continue
+        counts: dict[str, list[str]] = {}
+        for t, st in sorted(mine.items()):
+            counts.setdefault(st.split()[0], []).append(t)
+        bad = [f"{st} ({' '.join(ts[:5])})" for st, ts in counts.items() if scheduler.category(st) == "failed"]
+        out[name] = {"state": ", ".join(bad) or ", ".join(f"{st} x{len(ts)}" if len(ts) > 1 else st
+                                                          for st, ts in counts.items()),
+                     "detail": " ".join(f"{t} {st}" for t, st in sorted(mine.items()))[:300]}
+    return out, ""
+
+
 def study_report(study_dir: Path, table_csv: Optional[Path] = None, title: str = "") -> str:
+    import time
+
     study_dir = Path(study_dir)
     try:
         rec = json.loads((study_dir / "study.json").read_text())
     except (OSError, ValueError):
         rec = {}
     steps = rec.get("steps") or {}
+    states, note = _step_states(rec) if steps else ({}, "")
     step_rows = []
     for name, s in steps.items():
         run_dir = Path(s.get("run_dir") or "")
         done = bool(s.get("run_dir")) and bool(task_records(run_dir, "main") or task_records(run_dir, "merge"))
         link = f"{s.get('run_dir')}/{NAME}" if s.get("run_dir") else ""
+        st = states.get(name) or {"state": s.get("state") or "not run", "detail": s.get("detail", "")}
+        failures = step_failures(run_dir) if s.get("run_dir") else []
         step_rows.append([name, " ".join(s.get("job_ids") or []), " ".join(s.get("dependency") or []),
-                          "results written" if done else "no results when this page was written", link])
-    sections = [("Steps", table(["step", "jobs", "waited for", "state", "run page"], step_rows, "steps"))]
+                          st["state"], st.get("detail", ""), " ".join(k for k, _ in failures),
+                          "; ".join(f"{k}: {c}" for k, c in failures),
+                          "written" if done else "none yet", link])
+    when = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    sections = [("Steps", f"<p>states when this page was written ({esc(when)}; the step that writes it, the table, "
+                          f"is still running then){esc(' ' + note) if note else ''}</p>"
+                 + table(["step", "jobs", "waited for", "state", "detail", "failure class", "failure cause",
+                          "results", "run page"], step_rows, "steps"))]
     if table_csv is not None and Path(table_csv).is_file():
         cols, rows = _csv(Path(table_csv))
         sections.append(("Final table", f"<p>{esc(table_csv)}</p>"

@@ -163,6 +163,7 @@ class TaskEntry:
     entry: str
     step: str
     run_dir_template: str
+    last_step: bool = False  # no later step of the plan waits for this one (e.g. an array without a merge)
 
     def context(self, task_index: Optional[int], items: Optional[list]) -> TaskContext:
         run_dir = run_folder.resolve_run_dir(self.run_dir_template)
@@ -209,8 +210,8 @@ class TaskEntry:
                   "world_size": ctx.world_size, "job_id": ctx.job_id, "host": ctx.hostname,
                   "started": started, "seconds": round(time.time() - started, 3), "result": result}
         run_folder.write_task_record(ctx.run_dir, record)
-        if ctx.rank == 0 and task_index is None:  # an array's page comes from its merge step
-            _write_report(ctx.run_dir)
+        if ctx.rank == 0 and (task_index is None or self.last_step):
+            _write_report(ctx.run_dir)  # an array's page comes from its merge step, or without one from each task
         return result
 
 

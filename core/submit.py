@@ -32,7 +32,8 @@ class Submission:
 
 def _entry(plan: Plan, raw_spec: dict, step: Step, run_dir_template: str) -> TaskEntry:
     return TaskEntry(spec_data=raw_spec, cluster_data=plan.cluster.model_dump(), workload=plan.spec.workload,
-                     entry=step.entry, step=step.name, run_dir_template=run_dir_template)
+                     entry=step.entry, step=step.name, run_dir_template=run_dir_template,
+                     last_step=not any(step.name in s.after for s in plan.steps))
 
 
 def sbatch_texts(plan: Plan) -> dict[str, list[str]]:
@@ -90,6 +91,13 @@ def submit(plan: Plan, raw_spec: dict, spec_file: str, resume_dir: Optional[Path
                                                              if k in previous}])
         record["submissions"].append({"submitted_at": record["submitted_at"], "steps": steps_record})
     run_folder.write_record(run_dir, record)
+    if local and run_dir.is_dir():  # the tasks drew the page before run.json existed: again, with the plan
+        from core.report import write_run_report
+
+        try:
+            write_run_report(run_dir)
+        except Exception as e:  # a page that cannot be drawn never fails a finished run
+            print(f"warning: {run_dir}/report.html not written: {type(e).__name__}: {e}", file=sys.stderr)
     for link in run_dir.parent.glob(".submission_file_*.sh"):  # submitit leaves a link next to the run folder
         if link.is_symlink() and run_dir.resolve() in link.resolve().parents:
             link.unlink()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 from core.data.ctrg import CONDITIONS, Case, diagnosis_text, load_volume
@@ -123,43 +124,106 @@ def save_frozen_vision(model, run_dir: Path) -> None:
         save_file({k: v.detach().contiguous().cpu() for k, v in frozen_vision(model).items()}, str(tmp))
 
 
+LAYER_KEY = re.compile(r"^(llm\.(?:.+\.)?layers\.)(\d+)(\..+)$")  # a decoder layer's tensor (LoRA or not)
+
+
+def kept_layers(llm_folder: Path) -> tuple[list[int], int] | None:
+    """(the original indices of the layers this LLM folder kept, the original layer count) from the pruning.json
+    that core.workloads.prune.write_pruned writes beside a pruned model; None for an unpruned folder."""
+    path = Path(llm_folder) / "pruning.json"
+    if not path.is_file():
+        return None
+    rec = json.loads(path.read_text())
+    return list(rec["kept_original_layers"]), int(rec["original_layers"])
+
+
+def remap_layers(state: dict, kept: list[int] | None, original_layers: int | None, want: set[str],
+                 source: str = "checkpoint") -> tuple[dict, list[str]]:
+    """A trained run's tensors (names of the unpruned model) for a model whose LLM kept only the original layers
+    `kept` (pruning.json, renumbered 0..len(kept)-1 in that order; None: unpruned). Tensors of a removed layer are
+    dropped, those of a kept layer renamed to its new index. Strict: every tensor of `state` must land on a name in
+    `want` (the model's state_dict names) or belong to a removed layer, else a ValueError naming it. Returns
+    (the renamed state, the dropped names)."""
+    new_index = {old: new for new, old in enumerate(kept)} if kept is not None else None
+    out, dropped, unknown = {}, [], []
+    for name, value in state.items():
+        m = LAYER_KEY.match(name)
+        if m and new_index is not None:
+            old = int(m.group(2))
+            if original_layers is not None and old >= original_layers:
+                unknown.append(f"{name} (layer {old} of a {original_layers}-layer original)")
+                continue
+            if old not in new_index:
+                dropped.append(name)
+                continue
+            name = f"{m.group(1)}{new_index[old]}{m.group(3)}"
+        if name in want:
+            out[name] = value
+        else:
+            unknown.append(name if not m or new_index is None else f"{name} (from {m.group(0)})")
+    if unknown:
+        raise ValueError(f"{source}: {len(unknown)} tensors fit no tensor of this model and no removed layer: "
+                         f"{unknown[:5]}")
+    return out, dropped
+
+
 def load_trained(dia_run: Path, llm_folder: Path, device, dtype):
     """A trained Dia-Pangu from its run folder (spec, frozen vision tensors, newest complete checkpoint of the
-    trainable tensors), on top of the LLM in `llm_folder` (e.g. a pruned openPangu). Returns (model, prompts, spec)."""
-    import torch
+    trainable tensors), on top of the LLM in `llm_folder` (e.g. a pruned openPangu). A stage-2 run gets its LoRA
+    adapters (and modules_to_save) back on the LLM: on a pruned LLM (pruning.json beside it) the adapters of the
+    removed layers are dropped and those of the kept layers renamed to their new indices (remap_layers). Returns
+    (model, prompts, spec)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import load_file
 
     from core.checkpoint import CheckpointManager
-    from core.models.dia_pangu import DiaPangu, vision_configs
-    from core.models.pangu import load_pangu, load_tokenizer
 
     dia_run = Path(dia_run)
     spec = parse_spec(read_record(dia_run)["spec"], str(dia_run / "run.json"))
-    if spec.dia.stage == 2:
-        raise ValueError(f"{dia_run}: a stage-2 (LoRA) run's adapters are tied to the unpruned layers; evaluate a "
-                         f"stage-1 run with pruned models")
     done = CheckpointManager(dia_run / "checkpoints", 0, 1).complete()
     if not done or not (dia_run / FROZEN_VISION).is_file():
         raise FileNotFoundError(f"{dia_run}: no complete checkpoint or no {FROZEN_VISION}: not a finished Dia-Pangu run")
+    tag = done[-1][1]
+    state = get_fp32_state_dict_from_zero_checkpoint(str(dia_run / "checkpoints"), tag=tag)
+    model, tok = assemble(spec, llm_folder, load_file(str(dia_run / FROZEN_VISION)), state, dtype,
+                          source=f"{dia_run} checkpoint {tag}")
+    return model.to(device, dtype).eval(), Prompts(tok, model, spec), spec
+
+
+def assemble(spec, llm_folder: Path, frozen: dict, state: dict, dtype, source: str = "checkpoint"):
+    """The Dia-Pangu of a trained run's `spec` on the LLM in `llm_folder`: the frozen vision tensors `frozen`, the
+    stage-2 adapters added as training adds them, then the trained tensors `state` (named for the unpruned model)
+    remapped onto this LLM's layers (remap_layers with the folder's pruning.json). Returns (model, tokenizer)."""
+    import torch
+
+    from core.models.dia_pangu import DiaPangu, vision_configs
+    from core.models.pangu import HEAD, load_pangu, load_tokenizer
+
     tok = load_tokenizer(llm_folder)
     vit_cfg, per_cfg = vision_configs(spec.dia.size)
     model = DiaPangu(load_pangu(llm_folder, dtype=dtype), tok, vit_cfg, per_cfg, spec.dia.contrastive_weight,
                      train_head=spec.dia.train_head)
-    frozen = load_file(str(dia_run / FROZEN_VISION))
     want = frozen_vision(model)
     if set(frozen) != set(want):
-        raise ValueError(f"{dia_run}: {FROZEN_VISION} holds {sorted(set(frozen) ^ set(want))[:5]} unlike this "
+        raise ValueError(f"{source}: {FROZEN_VISION} holds {sorted(set(frozen) ^ set(want))[:5]} unlike this "
                          f"model's frozen vision tensors (a run of an older Dia-Pangu layout?)")
     with torch.no_grad():
         for name, value in frozen.items():
             want[name].copy_(value)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(dia_run / "checkpoints"), tag=done[-1][1])
+    if spec.dia.stage == 2:  # the adapters as the training workload adds them (unquantized: evaluation only)
+        from core.models.peft import apply_peft
+
+        model.llm = apply_peft(model.llm, spec.peft, HEAD)
+    pruned = kept_layers(llm_folder)
+    state, dropped = remap_layers(state, *(pruned or (None, None)), set(model.state_dict()), source=source)
     missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in state]
     if missing:
-        raise ValueError(f"{dia_run}: checkpoint {done[-1][1]} lacks trainable tensors {missing[:5]}")
+        raise ValueError(f"{source}: lacks trainable tensors {missing[:5]}")
     model.load_state_dict(state, strict=False)
-    return model.to(device, dtype).eval(), Prompts(tok, model, spec), spec
+    if pruned:
+        log.info("%s on %s: %d tensors of the removed layers dropped, the kept layers' renumbered (kept original "
+                 "layers %s)", source, llm_folder, len(dropped), pruned[0])
+    return model, tok
 
 
 CSV_COLUMNS = ["ID", "Question", "Ground Truth", "Pred", "GT_labels", "Pred_labels"]

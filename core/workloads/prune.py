@@ -37,8 +37,9 @@ class PruneSection(Strict):
     max_tokens: PositiveInt = 128
     dtype: Literal["bf16", "fp32"] = "bf16"
     max_shard_gb: float = Field(2.0, gt=0, description="size of the pruned folder's safetensors shards")
-    dia_run: Optional[str] = Field(None, description="a finished Dia-Pangu (stage 1) run folder: also evaluate "
-                                                     "report generation with each pruned LLM")
+    dia_run: Optional[str] = Field(None, description="a finished Dia-Pangu run folder (stage 1, or stage 2: its "
+                                                     "LoRA adapters follow the kept layers): also evaluate report "
+                                                     "generation with each pruned LLM")
     dia_eval_limit: Optional[PositiveInt] = Field(None, description="evaluate only the first N test cases")
 
     @field_validator("ratios")
