@@ -7,7 +7,7 @@ CheckpointManager.save() held the training loop over a few checkpoints, then the
 (target <= 0.1). Between checkpoints the bench "trains" (sleeps) 1.5x a synchronous save, so a background save
 never waits for the previous one (on CPU the host copy is a memcpy bound by memory bandwidth, on a device a DMA into pinned memory).
 
-  .venv/bin/python bench/checkpoint_stall.py [--width 4096] [--layers 4] [--saves 3]
+  .venv/bin/python bench/checkpoint_stall.py [--width 4096] [--layers 4] [--saves 3] [--device cuda] [--json F]
 """
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ def main():
     p.add_argument("--width", type=int, default=4096)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--saves", type=int, default=3)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: the model and its optimizer "
+                   "state on the GPU, so the background save's stall is the copy into pinned host memory")
+    p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29655", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     import deepspeed
@@ -37,9 +40,14 @@ def main():
 
     from core.checkpoint import CheckpointManager
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.set_device(0)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(args.width, args.width) for _ in range(args.layers)])
+    if cuda:
+        model = model.cuda()
     n = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, model_parameters=model.parameters(),
@@ -51,7 +59,7 @@ def main():
             ck = CheckpointManager(tmp / mode, 0, 1, keep_last=1)
             times, copies = [], []
             for step in range(1, args.saves + 1):
-                loss = engine(torch.randn(2, args.width)).square().mean()
+                loss = engine(torch.randn(2, args.width, device=engine.device)).square().mean()
                 engine.backward(loss)
                 engine.step()
                 t0 = time.perf_counter()
@@ -70,6 +78,13 @@ def main():
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"{n:,} parameters: background / sync stall = {held['background'] / held['sync']:.3f} (target <= 0.1)")
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps({
+            "device": torch.cuda.get_device_name(0) if cuda else "cpu", "params": n,
+            "sync_stall_s": round(held["sync"], 4), "background_stall_s": round(held["background"], 4),
+            "ratio": round(held["background"] / held["sync"], 4)}, indent=1))
 
 
 if __name__ == "__main__":
