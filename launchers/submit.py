@@ -174,6 +174,11 @@ def main(argv=None) -> int:
 
         if job.scheduler.has_queue:  # a line per step that starts or ends, instead of silence until the end
             service.follow_job(job, submission, sys.stdout)
+        elif spec.train is not None and submission.jobs:  # the local executor trains in a child process
+            from core.results.progress import follow_training
+
+            follow_training(submission.run_dir, list(submission.jobs.values())[-1], sys.stdout,
+                            total_steps=spec.train.steps)
 
         return report_results(submission)
     return 0

@@ -3,6 +3,7 @@ preflight against the real local Slurm, the options jobs carry themselves, and t
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -139,6 +140,10 @@ def test_readme_main_job_learns_real_sentences_and_beats_the_untrained_model(tmp
     assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-3000:]
     table = {line.split()[0]: line.split()[1:] for line in res.stdout.splitlines() if line.startswith("  ")}
     assert "untrained" in res.stdout and len(table["BLEU-4"]) == 2 and len(table["ROUGE-L"]) == 2
+    # progress while it trained (core.results.progress): the steps shown rise to the last one, and the page is named
+    shown = [int(m) for m in re.findall(r"^  step (\d+)/120: loss [0-9.]+ \(\d+ s\)$", res.stdout, re.M)]
+    assert shown and shown == sorted(shown) and shown[-1] == 120, res.stdout[:3000]
+    assert f"the run's page: {run_folder(res.stdout) / 'report.html'}" in res.stdout
     results = run_folder(res.stdout) / "results"
     trained = json.loads((results / "metrics.json").read_text())
     untrained = json.loads((results / "untrained" / "metrics.json").read_text())

@@ -41,7 +41,9 @@ def report_results(submission: "Submission", out=None) -> int:
                   f"(job {', '.join(dict.fromkeys(j.job_id.split('_')[0] for j in jobs))})\n")
         for line in summary_lines([TaskResult.from_dict(r) for r in results], run_dir):
             out.write(f"  {line}\n")
-    out.write(f"full results and logs under {run_dir}\n")
+    page = run_dir / "report.html"
+    out.write(f"full results and logs under {run_dir}" + (f"; the run's page: {page}" if page.is_file() else "")
+              + "\n")
     return 1 if failed else 0
 
 
