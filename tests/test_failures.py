@@ -32,7 +32,7 @@ def test_accounting_alone_names_time_limit_preemption_node_oom_cancel_and_depend
     assert got["1523"].klass == "timeout" and "n[1-2]" in got["1523"].cause
     assert (got["2915"].klass, got["2915"].source) == ("dependency", "scheduler")
     assert got["46"].klass == "cancelled" and "uid 0" in got["46"].cause and "root" in got["46"].cause
-    assert got["3001"] == Failure("node", "a node of g[07-08] failed (Slurm NODE_FAIL)", "scheduler", "g[07-08]")
+    assert got["6028"] == Failure("node", "a node of n[1-2] failed (Slurm NODE_FAIL)", "scheduler", "n[1-2]")
     # a person who cancels a job that waited for its dependency is a cancel, not a dependency
     waited = TaskEnd("CANCELLED by 1000", reason="Dependency", started=False)
     assert failures.classify(waited, [], SLURM).klass == "cancelled"

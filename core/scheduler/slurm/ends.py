@@ -87,12 +87,13 @@ def classify(end: TaskEnd, lines: list[str]) -> Optional[tuple[str, str]]:
 
 def unhealthy(nodes: str) -> str:
     """Those of `nodes` (a hostlist) that Slurm holds down, drained, failing or not responding now, as a hostlist
-    ('' when none, or when sinfo does not answer): what a requeue after NODE_FAIL keeps off."""
+    ('' when none, or when sinfo does not answer): what a requeue after NODE_FAIL keeps off. (sinfo -t knows `fail`,
+    which also matches a FAILING node, and refuses the word `failing`: asking for it made every call fail.)"""
     from core.scheduler.slurm.commands import call
 
     if not nodes:
         return ""
-    code, out = call(["sinfo", "-h", "-N", "-n", nodes, "-t", "down,drain,draining,fail,failing,no_respond",
+    code, out = call(["sinfo", "-h", "-N", "-n", nodes, "-t", "down,drain,draining,fail,no_respond",
                       "-o", "%N"], timeout=30)
     if code != 0:
         return ""
