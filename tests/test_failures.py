@@ -33,6 +33,11 @@ def test_accounting_alone_names_time_limit_preemption_node_oom_cancel_and_depend
     assert (got["2915"].klass, got["2915"].source) == ("dependency", "scheduler")
     assert got["46"].klass == "cancelled" and "uid 0" in got["46"].cause and "root" in got["46"].cause
     assert got["6028"] == Failure("node", "a node of n[1-2] failed (Slurm NODE_FAIL)", "scheduler", "n[1-2]")
+    # srun's own line in the batch rank's log names the node that failed, even after another rank's attempt lines
+    srun = (DATA / "node_fail.log").read_text().splitlines()
+    rank1 = ["submitit INFO (2026-12-06 17:52:03,285) - Starting with JobEnvironment(job_id=6028, hostname=vm)"]
+    assert failures.classify(rows["6028"].ends["6028"], srun + rank1, SLURM) == Failure(
+        "node", "node n2 failed (Slurm NODE_FAIL on n[1-2]; srun: Node failure on n2)", "scheduler", "n2")
     # a person who cancels a job that waited for its dependency is a cancel, not a dependency
     waited = TaskEnd("CANCELLED by 1000", reason="Dependency", started=False)
     assert failures.classify(waited, [], SLURM).klass == "cancelled"
@@ -285,7 +290,7 @@ def test_a_slurmd_killed_during_a_two_node_run_is_a_node_failure_and_no_node_is_
     import subprocess
     import time
 
-    from conftest import cli, submit_run
+    from conftest import cli, log_tails, submit_run
 
     tag = f"failnf{uuid.uuid4().hex[:6]}"
     run_dir, jid = submit_run("jobs/tiny/smoke.yaml", "-c", "local_slurm", "--no-preflight", "--set", f"name={tag}",
@@ -296,17 +301,30 @@ def test_a_slurmd_killed_during_a_two_node_run_is_a_node_failure_and_no_node_is_
             != "RUNNING":
         assert time.time() - t0 < 900, "the 2-node job did not start"  # a guard against a stuck queue, not a target
         time.sleep(1)
+    # mid-run: both ranks' processes started (submitit's first log line on each node). A slurmd killed while the
+    # job is still launching gives a NODE_FAIL whose first accounted NodeList is the survivor alone (seen: 'n1')
+    while sum("Starting with JobEnvironment" in p.read_text(errors="replace")
+              for p in run_dir.rglob("*_log.out")) < 2:
+        assert time.time() - t0 < 900, log_tails(run_dir)
+        time.sleep(0.5)
     os.kill(_slurmd_pid("n2"), signal.SIGKILL)
     subprocess.run(["scontrol", "update", "NodeName=n2", "State=DOWN", "Reason=medhpc-test"], check=True,
                    capture_output=True, timeout=30)
     from conftest import wait_terminal
 
     assert wait_terminal([jid], timeout=120)[jid] == "NODE_FAIL"
+    # read accounting once the job has left the queue (no longer COMPLETING), as --wait does: while the survivors
+    # end, sacct may list only them (NodeList n1 was seen here), the final record lists the whole allocation
+    t0 = time.time()
+    while subprocess.run(["squeue", "-h", "-j", jid, "-o", "%T"], capture_output=True, text=True).stdout.strip():
+        assert time.time() - t0 < 120, "the NODE_FAIL job did not leave the queue"
+        time.sleep(0.5)
     row = SLURM.accounting([jid])[0]
     end = row.ends[jid]
     assert (end.state, end.nodes) == ("NODE_FAIL", "n[1-2]"), end
-    failure = monitor.task_failure(row, jid)
-    assert failure == Failure("node", "a node of n[1-2] failed (Slurm NODE_FAIL)", "scheduler", "n[1-2]")
+    failure = monitor.task_failure(row, jid)   # srun's own 'error: Node failure on n2' in the job's log names it
+    assert failure == Failure("node", "node n2 failed (Slurm NODE_FAIL on n[1-2]; srun: Node failure on n2)",
+                              "scheduler", "n2"), log_tails(run_dir)
     decision = retry.apply(SLURM, run_dir, "main", jid, failure, retry.policy_of(load_cluster("local_slurm")),
                            by="wait")
     assert (decision["class"], decision["node"], decision["action"]) == ("node", "n2", "stop"), decision
