@@ -154,15 +154,19 @@ def from_log(lines: list[str]) -> Optional[Failure]:
 def classify(end: TaskEnd, lines: list[str], sched=None) -> Failure:
     """The class and cause of one finished, failed task: `end` is how the scheduler accounted it, `lines` its own
     log lines (every rank's), `sched` the scheduler that ran it (it reads its own accounting words)."""
-    lines = last_attempt(lines)
+    every, lines = lines, last_attempt(lines)
     said = sched.classify_end(end, lines) if sched is not None else None
+    if said and said[0] == "node" and len(said) == 2:  # srun's 'Node failure on n2' is in the batch rank's log,
+        named = sched.classify_end(end, every)         # which the other ranks' attempt lines may follow
+        said = named if named and len(named) > 2 else said
     if said and said[0] == "cancelled":
         marked = from_log(lines)  # a task that marked its end and then cancelled its own job (a watchdog ending
         if marked is not None and marked.source == "mark":  # every rank of a hung job): its mark says why
             return marked
     if said:
-        klass, cause = said
-        return Failure(klass, cause, "scheduler", end.nodes if klass == "node" else "")
+        klass, cause = said[:2]
+        node = (said[2] if len(said) > 2 else end.nodes) if klass == "node" else ""  # the failed node, when known
+        return Failure(klass, cause, "scheduler", node)
     found = from_log(lines)
     if found:
         return found

@@ -34,6 +34,7 @@ import json
 import os
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -152,6 +153,8 @@ def apply(sched, run_dir: Path, task: str, job_id: str, failure: Failure, policy
         keep_off = failure.node
         if keep_off and failure.source == "scheduler":  # NODE_FAIL names the whole allocation: only the sick ones
             keep_off = sched.unhealthy(keep_off)
+            if keep_off:  # the record names the node that failed, not the allocation
+                failure = replace(failure, node=keep_off)
         short = no_room(sched, job_id, keep_off)
         if short:
             action, why = "stop", short

@@ -240,8 +240,11 @@ def follow_job(job: PlannedJob, submission, out, poll_s: float = 5.0) -> None:
             rows = job.scheduler.accounting([j for ids in steps.values() for j in ids])
         except scheduler.SchedulerUnavailable:
             return
-        if not failed_and_decided(job, submission, steps, rows, policy, handled, out):
+        if failed_and_decided(job, submission, steps, rows, policy, handled, out):
+            continue
+        if "merge" in handled or not merge_back(job, submission, steps, rows, out):
             break
+        handled.add("merge")  # brought back once: follow the new merge to its end
     from core import device_hours
 
     try:
@@ -302,17 +305,10 @@ def failed_and_decided(job: PlannedJob, submission, steps: dict[str, list[str]],
 def _resubmitter(job: PlannedJob, submission, steps: dict[str, list[str]], step: str):
     """For the policy's `resubmit`: submit the spec again in the same run folder (`--resume`: every step, from the
     newest complete checkpoint); the new jobs replace the old ones in `steps`. Returns a callable -> (ok, what)."""
-    from dataclasses import replace
-
     def resubmit() -> tuple[bool, str]:
-        try:
-            again = plan_job(replace(job.request, resume=str(submission.run_dir), resume_missing=None, fresh=False,
-                                     dry_run=False, preflight=False))
-            if again.problems:
-                return False, "; ".join(f"{f}: {m}" for f, m in again.problems)[:300]
-            new = submit_job(again)
-        except Exception as e:  # the scheduler's or the planner's own words, recorded with the decision
-            return False, " ".join(str(e).split())[:300]
+        ok, new = submit_again(job, submission.run_dir)
+        if not ok:
+            return False, new
         for rec in new.record["steps"]:
             if rec.get("job_ids"):
                 steps[rec["name"]] = list(rec["job_ids"])
@@ -320,6 +316,87 @@ def _resubmitter(job: PlannedJob, submission, steps: dict[str, list[str]], step:
             j for rec in new.record["steps"] for j in rec.get("job_ids") or [])
 
     return resubmit
+
+
+def submit_again(job: PlannedJob, run_dir: Path, only: Optional[str] = None):
+    """Plan the spec again and submit it into its existing run folder, the way `--resume` and `--resume-missing`
+    do (plan_job with the run folder, then submit_job: run.json keeps every submission in `submissions`). With
+    `only`, that one step of the plan alone, with nothing to wait for (the merge brought back by --wait). Returns
+    (True, the Submission) or (False, the planner's or the scheduler's own words)."""
+    from dataclasses import replace
+
+    try:
+        again = plan_job(replace(job.request, resume=str(run_dir), resume_missing=None, fresh=False, dry_run=False,
+                                 preflight=False))
+        if again.problems:
+            return False, "; ".join(f"{f}: {m}" for f, m in again.problems)[:300]
+        if only is not None:
+            again.plan.steps = [replace(st, after=[]) for st in again.plan.steps if st.name == only]
+            if not again.plan.steps:
+                return False, f"the plan has no step {only}"
+        return True, submit_job(again)
+    except Exception as e:  # the scheduler's or the planner's own words, recorded with the decision
+        return False, " ".join(str(e).split())[:300]
+
+
+def merge_pending_back(steps: dict[str, list[str]], rows, n_tasks: int, retried: bool) -> Optional[str]:
+    """The merge job Slurm cancelled that --wait should submit again, or None: only when a task of the array was
+    retried (so the merge's afterok failed on a failure that is gone), every one of the array's `n_tasks` tasks
+    has now completed, and every merge job ended without starting, cancelled for its dependency."""
+    from core import monitor
+
+    if not retried or not steps.get("merge") or not steps.get("main"):
+        return None
+    main = [r for r in rows if r.job_id in steps["main"]]
+    states = [s for r in main for s in r.states.values()]
+    if len(states) < n_tasks or any(scheduler.category(s) != "done" for s in states):
+        return None
+    merges = [r for r in rows if r.job_id in steps["merge"]]
+    if not merges:
+        return None
+    for row in merges:
+        for task in row.states:
+            if scheduler.category(row.states[task]) != "failed" or monitor.task_failure(row, task).klass != "dependency":
+                return None
+    return merges[0].job_id
+
+
+def merge_back(job: PlannedJob, submission, steps: dict[str, list[str]], rows, out) -> bool:
+    """--wait, once nothing more is retried: when the array's retried tasks have all completed but Slurm already
+    cancelled the merge (its afterok could not be met when a task failed), submit the merge again into the run
+    folder (`submit_again`, the --resume-missing way), record it (run.json's submissions, and a decision for unit
+    `merge` in retries/), say it, and follow it. True when a merge was submitted."""
+    import time
+
+    from core import retry
+    from core.failures import Failure
+
+    run_dir = Path(submission.run_dir)
+    main = next((r for r in submission.record["steps"] if r.get("name") == "main"), {})
+    retried = any(d.get("action") in ("requeue", "resubmit") and str(d.get("task", "")).startswith("main[")
+                  for d in retry.decisions(run_dir))
+    old = merge_pending_back(steps, rows, int(main.get("n_tasks") or 0), retried)
+    if old is None:
+        return False
+    failure = Failure("dependency", f"merge {old} was cancelled: its afterok failed before the array's retried "
+                                    f"tasks completed", "scheduler")
+    entry = retry.record(run_dir, "merge", failure, "resubmit", "the array's retried tasks all completed: the merge "
+                         "is submitted again (as --resume-missing would)", None, by="wait",
+                         detail="asked the scheduler", job_id=old)
+    ok, new = submit_again(job, run_dir, only="merge")
+    if not ok:
+        retry.amend(entry, action="stop", detail="", why=f"submitting the merge again failed: {new}")
+        out.write(f"{time.strftime('%H:%M:%S')} step merge: could not be brought back ({new}); finish with "
+                  f"python launchers/submit.py {job.request.spec_file} --resume-missing {run_dir}\n")
+        return False
+    ids = [j for rec in new.record["steps"] for j in rec.get("job_ids") or []]
+    retry.amend(entry, detail="merge submitted again as job(s) " + ", ".join(ids))
+    steps["merge"] = ids
+    submission.jobs["merge"] = new.jobs.get("merge", [])
+    out.write(f"{time.strftime('%H:%M:%S')} step merge: brought back as job {', '.join(ids)} (the array's retried "
+              f"tasks all completed; Slurm had cancelled merge {old}: its afterok could not be met)\n")
+    out.flush()
+    return True
 
 
 def study_failures(planned: PlannedStudy, outcome, states: dict[str, dict]) -> dict[str, str]:

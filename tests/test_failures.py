@@ -32,7 +32,12 @@ def test_accounting_alone_names_time_limit_preemption_node_oom_cancel_and_depend
     assert got["1523"].klass == "timeout" and "n[1-2]" in got["1523"].cause
     assert (got["2915"].klass, got["2915"].source) == ("dependency", "scheduler")
     assert got["46"].klass == "cancelled" and "uid 0" in got["46"].cause and "root" in got["46"].cause
-    assert got["3001"] == Failure("node", "a node of g[07-08] failed (Slurm NODE_FAIL)", "scheduler", "g[07-08]")
+    assert got["6028"] == Failure("node", "a node of n[1-2] failed (Slurm NODE_FAIL)", "scheduler", "n[1-2]")
+    # srun's own line in the batch rank's log names the node that failed, even after another rank's attempt lines
+    srun = (DATA / "node_fail.log").read_text().splitlines()
+    rank1 = ["submitit INFO (2026-12-06 17:52:03,285) - Starting with JobEnvironment(job_id=6028, hostname=vm)"]
+    assert failures.classify(rows["6028"].ends["6028"], srun + rank1, SLURM) == Failure(
+        "node", "node n2 failed (Slurm NODE_FAIL on n[1-2]; srun: Node failure on n2)", "scheduler", "n2")
     # a person who cancels a job that waited for its dependency is a cancel, not a dependency
     waited = TaskEnd("CANCELLED by 1000", reason="Dependency", started=False)
     assert failures.classify(waited, [], SLURM).klass == "cancelled"
@@ -182,6 +187,8 @@ def test_one_array_fails_each_task_a_different_way_and_each_is_classified_and_de
     text = cli("status", "--name", tag, "--all").stdout
     assert f"{arr}_1 FAILED: data: DatasetError: data.path: [fault]" in text and "retries: " in text
     assert monitor.retries_text(str(run_dir)).count("->") == 4  # the folded line names the newest four
+    # no retry went through (all refused or stopped), so the cancelled merge is not brought back
+    assert "step merge: brought back" not in out and not (run_dir / "merged.json").exists()
 
 
 def test_a_node_failure_is_requeued_once_off_that_node_then_the_loop_guard_stops(slurm, tmp_path):
@@ -223,6 +230,112 @@ def test_a_node_failure_is_requeued_once_off_that_node_then_the_loop_guard_stops
     assert retry.no_room(SLURM, jid, "") == ""
 
 
+def _sinfo_state(node: str) -> str:
+    import subprocess
+
+    return subprocess.run(["sinfo", "-h", "-N", "-n", node, "-o", "%t"], capture_output=True, text=True,
+                          timeout=30).stdout.split("\n")[0].strip()
+
+
+def _slurmd_pid(node: str) -> int:
+    """The pid of `node`'s slurmd from the local cluster's own pid file (SlurmdPidFile, %n = the node), checked to
+    be that node's slurmd (`slurmd -f ... -N node`) before anything is sent to it."""
+    import re
+    import subprocess
+
+    conf = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
+    pid_file = Path(re.search(r"^SlurmdPidFile\s*=\s*(\S+)", conf, re.M).group(1).replace("%n", node))
+    pid = int(pid_file.read_text().strip())
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+    assert Path(argv[0].decode()).name == "slurmd" and argv[-2:] == [b"-N", node.encode()], (pid_file, argv)
+    return pid
+
+
+@pytest.fixture
+def n2_restored(slurm, tmp_path):
+    """For the test that takes n2 down: whatever happens in it, n2 comes back. The finalizer ends the test job's
+    leftover process (its release file), restarts n2's slurmd the way slurm/local_cluster.sh starts it (`up` starts
+    the daemons whose pid file names no live process and leaves the others), resumes n2 if Slurm still holds it
+    down, and waits until sinfo shows it idle (or in use), so no later test sees a DOWN node."""
+    import subprocess
+    import time
+
+    from conftest import LOCAL_CLUSTER
+
+    release = tmp_path / "release"
+    yield release
+    release.touch()
+    up = subprocess.run(["bash", str(LOCAL_CLUSTER), "up"], capture_output=True, text=True, timeout=300)
+    t0 = time.time()
+    while True:
+        state = _sinfo_state("n2")
+        if state in ("idle", "mix", "alloc"):
+            break
+        if state.startswith(("down", "drain", "drng", "fail")):
+            subprocess.run(["scontrol", "update", "NodeName=n2", "State=RESUME"], capture_output=True, timeout=30)
+        assert time.time() - t0 < 120, f"n2 is still {state!r} after restoring it; local_cluster.sh up said: " \
+                                       f"{up.returncode} {up.stderr[-1500:]}"
+        time.sleep(1)
+
+
+def test_a_slurmd_killed_during_a_two_node_run_is_a_node_failure_and_no_node_is_left_to_replace_it(
+        slurm, n2_restored, tmp_path):
+    """A REAL node failure from this Slurm: a 2-node job runs, n2's slurmd is killed (SIGKILL, its own pid file)
+    and n2 is set DOWN, which is what slurmctld does itself once SlurmdTimeout (300 s) passes without an answer; the
+    job ends NODE_FAIL in sacct. The classifier says class node from accounting, the retry policy keeps the
+    requeue off n2 (the node Slurm holds down, not the whole allocation) and, as the partition has only n1 left for
+    a 2-node job, stops with 'no node left' instead of queueing a job that can never start."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import cli, log_tails, submit_run
+
+    tag = f"failnf{uuid.uuid4().hex[:6]}"
+    run_dir, jid = submit_run("jobs/tiny/smoke.yaml", "-c", "local_slurm", "--no-preflight", "--set", f"name={tag}",
+                              "--set", f"outputs.logs_dir={tmp_path / 'logs'}", "--set", "resources.nodes=2",
+                              "--set", "smoke.sleep_s=300", "--set", f"smoke.release_file={n2_restored}")
+    t0 = time.time()
+    while subprocess.run(["squeue", "-h", "-j", jid, "-o", "%T"], capture_output=True, text=True).stdout.strip() \
+            != "RUNNING":
+        assert time.time() - t0 < 900, "the 2-node job did not start"  # a guard against a stuck queue, not a target
+        time.sleep(1)
+    # mid-run: both ranks' processes started (submitit's first log line on each node). A slurmd killed while the
+    # job is still launching gives a NODE_FAIL whose first accounted NodeList is the survivor alone (seen: 'n1')
+    while sum("Starting with JobEnvironment" in p.read_text(errors="replace")
+              for p in run_dir.rglob("*_log.out")) < 2:
+        assert time.time() - t0 < 900, log_tails(run_dir)
+        time.sleep(0.5)
+    os.kill(_slurmd_pid("n2"), signal.SIGKILL)
+    subprocess.run(["scontrol", "update", "NodeName=n2", "State=DOWN", "Reason=medhpc-test"], check=True,
+                   capture_output=True, timeout=30)
+    from conftest import wait_terminal
+
+    assert wait_terminal([jid], timeout=120)[jid] == "NODE_FAIL"
+    # read accounting once the job has left the queue (no longer COMPLETING), as --wait does: while the survivors
+    # end, sacct may list only them (NodeList n1 was seen here), the final record lists the whole allocation
+    t0 = time.time()
+    while subprocess.run(["squeue", "-h", "-j", jid, "-o", "%T"], capture_output=True, text=True).stdout.strip():
+        assert time.time() - t0 < 120, "the NODE_FAIL job did not leave the queue"
+        time.sleep(0.5)
+    row = SLURM.accounting([jid])[0]
+    end = row.ends[jid]
+    assert (end.state, end.nodes) == ("NODE_FAIL", "n[1-2]"), end
+    failure = monitor.task_failure(row, jid)   # srun's own 'error: Node failure on n2' in the job's log names it
+    assert failure == Failure("node", "node n2 failed (Slurm NODE_FAIL on n[1-2]; srun: Node failure on n2)",
+                              "scheduler", "n2"), log_tails(run_dir)
+    decision = retry.apply(SLURM, run_dir, "main", jid, failure, retry.policy_of(load_cluster("local_slurm")),
+                           by="wait")
+    assert (decision["class"], decision["node"], decision["action"]) == ("node", "n2", "stop"), decision
+    assert decision["why"] == "no node left to replace n2: the job needs 2 nodes and the partition has 1 usable " \
+                              "(n1 besides it)"
+    data = json.loads(cli("status", "--name", tag, "--json").stdout)
+    run = next(r for r in data if r.get("run_dir") == str(run_dir))
+    assert (run["failure"]["class"], run["failure"]["source"]) == ("node", "scheduler")
+    assert [(d["class"], d["node"], d["action"]) for d in run["retries"]] == [("node", "n2", "stop")]
+
+
 def test_a_task_that_knows_why_it_fails_marks_decides_and_records_in_its_run_folder(tmp_path, capsys, monkeypatch):
     """retry.in_task, what the hang watchdog and the node health check call: the mark in the log, the policy's
     decision in the run folder (rank 0 only), and a scheduler that cannot requeue (local) recorded as a stop."""
@@ -246,6 +359,56 @@ def test_a_task_that_knows_why_it_fails_marks_decides_and_records_in_its_run_fol
                             cluster={"executor": "slurm"})
     gloo = RuntimeError("[../third_party/gloo/transport/tcp/pair.cc:534] Connection closed by peer")
     assert retry.caught(slurm_ctx, gloo) is None and len(retry.decisions(tmp_path)) == 1
+
+
+def test_wait_brings_the_merge_back_only_when_the_arrays_retried_tasks_all_completed(tmp_path):
+    """What `submit.py --wait` reads (core.submission.merge_pending_back) before it submits the merge Slurm cancelled
+    again: accounting lines in the project's sacct format (task 1 of the array requeued once, then completed; the
+    merge cancelled for its afterok while the task had failed)."""
+    from core.submission import merge_pending_back
+
+    head = "|t-main|{state}|{code}|00:00:05|1|{node}|5|billing=1,cpu=1,node=1|2026-12-06T14:00:0{s}|" \
+           "2026-12-06T14:00:1{s}|None|0:0|run={{run}}"
+    merge = "5001|t-merge|CANCELLED|0:0|00:00:00|1|None assigned|0||None|2026-12-06T14:00:12|Dependency|0:0|run={run}"
+
+    def rows(*lines):
+        text = "\n".join(lines).replace("{run}", str(tmp_path))
+        return list(merge_rows("", text))
+
+    ok = ("5000_0" + head.format(state="COMPLETED", code="0:0", node="n1", s=0),
+          "5000_1" + head.format(state="REQUEUED", code="0:0", node="n2", s=1),
+          "5000_1" + head.format(state="COMPLETED", code="0:0", node="n1", s=5))
+    steps = {"main": ["5000"], "merge": ["5001"]}
+    assert merge_pending_back(steps, rows(*ok, merge), 2, retried=True) == "5001"
+    assert merge_pending_back(steps, rows(*ok, merge), 2, retried=False) is None   # nothing retried: afterok said it
+    assert merge_pending_back(steps, rows(*ok, merge), 3, retried=True) is None    # a task not accounted yet
+    failed = ok[:2] + ("5000_1" + head.format(state="FAILED", code="1:0", node="n1", s=5),)
+    assert merge_pending_back(steps, rows(*failed, merge), 2, retried=True) is None  # its retry failed too
+    ran = "5001" + head.format(state="FAILED", code="1:0", node="n1", s=6).replace("t-main", "t-merge")
+    assert merge_pending_back(steps, rows(*ok, ran), 2, retried=True) is None   # the merge's own failure: policy's
+    assert merge_pending_back({"main": ["5000"]}, rows(*ok), 2, retried=True) is None   # no merge step
+
+
+def test_the_merge_brought_back_runs_alone_in_the_same_run_folder_and_writes_the_merged_result(tmp_path):
+    """What `--wait` submits once the array's retried tasks completed (core.submission.submit_again, the --resume /
+    --resume-missing path with only the merge step): on the local executor (real processes), a run's merged.json
+    removed, the merge alone is submitted again in the same folder, reads the tasks' records and writes it again;
+    run.json keeps both submissions."""
+    from conftest import run_folder, submit
+
+    from core.submission import Request, plan_job, submit_again
+
+    sets = ("resources.array.items=2", f"outputs.logs_dir={tmp_path}")
+    run_dir = run_folder(submit("jobs/tiny/smoke_array.yaml", "-c", "local",
+                                *[a for s in sets for a in ("--set", s)]).stdout)
+    (run_dir / "merged.json").unlink()
+    ok, again = submit_again(plan_job(Request("jobs/tiny/smoke_array.yaml", "local", sets)), run_dir, only="merge")
+    assert ok, again
+    assert again.run_dir == run_dir and [s["name"] for s in again.record["steps"]] == ["merge"]
+    assert [j.results()[0]["items"] for j in again.jobs["merge"]] == [2]
+    assert json.loads((run_dir / "merged.json").read_text())["items"] == 2
+    assert [[s["name"] for s in sub["steps"]] for sub in json.loads((run_dir / "run.json").read_text())["submissions"]] \
+        == [["main", "merge"], ["merge"]]
 
 
 def test_wait_resubmits_a_failed_job_in_its_run_folder_once_then_the_loop_guard_stops(slurm, tmp_path):

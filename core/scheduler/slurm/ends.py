@@ -5,7 +5,8 @@ writes into a task's log (slurmstepd's `*** ... CANCELLED ... DUE TO TIME LIMIT 
 Slurm's words, as the local cluster (Slurm 23+) and the sacct / squeue man pages show them:
   TIMEOUT                                  -> timeout
   PREEMPTED                                -> preempted
-  NODE_FAIL                                -> node (NodeList names the node(s))
+  NODE_FAIL                                -> node (NodeList names the allocation; srun's 'error: Node failure on
+                                              n2' in the task's log names the node that failed)
   OUT_OF_MEMORY, 'Detected N oom-kill'     -> host_oom
   CANCELLED by <uid>                       -> cancelled (by that user)
   CANCELLED, never started, Reason Dependency / DependencyNeverSatisfied (kill_on_invalid_dep: slurmctld cancels
@@ -23,6 +24,7 @@ from core.scheduler.base import TaskEnd
 _BY = re.compile(r"^CANCELLED by (\d+)")
 _STEPD_END = re.compile(r"\*\*\* (JOB|STEP) \S+ ON (\S+) CANCELLED AT \S+ DUE TO (TIME LIMIT|PREEMPTION|NODE FAILURE)")
 _OOM_KILL = re.compile(r"Detected (\d+) oom[-_]kill event")
+_SRUN_NODE_FAIL = re.compile(r"srun: error: Node failure on (\S+)")  # srun names the node that failed
 
 
 def _user(uid: str) -> str:
@@ -51,16 +53,22 @@ def exit_text(end: TaskEnd) -> str:
     return ""
 
 
-def classify(end: TaskEnd, lines: list[str]) -> Optional[tuple[str, str]]:
+def classify(end: TaskEnd, lines: list[str]) -> Optional[tuple]:
     """(class, cause) that Slurm's own record of the task says, or None when it only says 'failed' (the task's log
-    then tells why). `lines` are the task's log lines (for slurmstepd's own end line and the oom-kill notice)."""
+    then tells why). `lines` are the task's log lines (for slurmstepd's own end line, the oom-kill notice and srun's
+    `Node failure on <node>`). A NODE_FAIL whose failed node srun named gives (class, cause, that node)."""
     state = end.state.split()[0].rstrip("+") if end.state else ""
     where = f" on {end.nodes}" if end.nodes else ""
     if state == "TIMEOUT":
         return "timeout", f"reached its time limit{where} (Slurm TIMEOUT)"
     if state == "PREEMPTED":
         return "preempted", f"preempted by a higher-priority job{where} (Slurm PREEMPTED)"
-    if state == "NODE_FAIL":  # NodeList is the whole allocation: which node failed, the node states say (unhealthy)
+    if state == "NODE_FAIL":  # NodeList is the whole allocation: which node failed, srun's own line says (or, for
+        # the retry, the node states: unhealthy)
+        named = [m.group(1) for ln in lines for m in [_SRUN_NODE_FAIL.search(ln)] if m]
+        if named:  # the last one: the attempt that ended NODE_FAIL
+            return "node", f"node {named[-1]} failed (Slurm NODE_FAIL on {end.nodes or '?'}; srun: Node failure " \
+                           f"on {named[-1]})", named[-1]
         one = end.nodes and not re.search(r"[\[,]", end.nodes)
         return "node", (f"node {end.nodes} failed" if one else f"a node of {end.nodes or '?'} failed") + \
             " (Slurm NODE_FAIL)"
@@ -87,12 +95,13 @@ def classify(end: TaskEnd, lines: list[str]) -> Optional[tuple[str, str]]:
 
 def unhealthy(nodes: str) -> str:
     """Those of `nodes` (a hostlist) that Slurm holds down, drained, failing or not responding now, as a hostlist
-    ('' when none, or when sinfo does not answer): what a requeue after NODE_FAIL keeps off."""
+    ('' when none, or when sinfo does not answer): what a requeue after NODE_FAIL keeps off. (sinfo -t knows `fail`,
+    which also matches a FAILING node, and refuses the word `failing`: asking for it made every call fail.)"""
     from core.scheduler.slurm.commands import call
 
     if not nodes:
         return ""
-    code, out = call(["sinfo", "-h", "-N", "-n", nodes, "-t", "down,drain,draining,fail,failing,no_respond",
+    code, out = call(["sinfo", "-h", "-N", "-n", nodes, "-t", "down,drain,draining,fail,no_respond",
                       "-o", "%N"], timeout=30)
     if code != 0:
         return ""
