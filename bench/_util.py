@@ -1,6 +1,7 @@
 """Small helpers for the bench scripts: wall-time of whole processes, medians, the local-cluster guard."""
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import statistics
@@ -33,14 +34,25 @@ def as_users_run() -> dict:
 def wall(cmd, repeat: int = 5, **kw) -> float:
     """Median wall time in seconds of running `cmd` as a fresh process (after one untimed run that fills the
     bytecode cache, as a user's second submission finds it)."""
+    return wall_and_cpu(cmd, repeat, **kw)[0]
+
+
+def wall_and_cpu(cmd, repeat: int = 5, **kw) -> tuple[float, float]:
+    """(median wall seconds, median CPU seconds of the process and its children) of running `cmd` fresh, after one
+    untimed run. The CPU time is the steadier figure on a shared machine: it does not count waiting for a core."""
+    import resource
+
     kw.setdefault("env", as_users_run())
     subprocess.run(cmd, check=False, capture_output=True, cwd=REPO, **kw)
-    times = []
+    walls, cpus = [], []
     for _ in range(repeat):
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         subprocess.run(cmd, check=False, capture_output=True, cwd=REPO, **kw)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        walls.append(time.perf_counter() - t0)
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def local_cluster_only() -> str:
@@ -75,10 +87,41 @@ def local_cluster_only() -> str:
     return conf
 
 
-def held_env(env: dict | None = None) -> dict:
-    """The environment for a bench's submissions: sbatch holds every job it submits (SBATCH_HOLD, sbatch's own
-    input variable), so measured jobs stay PENDING without taking a partition DOWN under other people's jobs."""
-    return {**(env if env is not None else as_users_run()), "SBATCH_HOLD": "1"}
+HOLD_PARTITION = "bench_hold"
+
+
+@contextlib.contextmanager
+def hold_partition(profile_src: Path = REPO / "cluster_configs" / "local_slurm.yaml"):
+    """A partition of the bench's own, created DOWN on the local cluster's nodes (`scontrol create`), that the
+    measured jobs are submitted to: they stay PENDING (PartitionDown) and never run, while the `debug` partition
+    and everybody's jobs in it go on. Yields a copy of the local_slurm profile that submits there; the bench's jobs
+    are cancelled and the partition deleted on the way out. (sbatch 22.05 honours no SBATCH_HOLD / SBATCH_BEGIN.)"""
+    import tempfile
+
+    import yaml
+
+    nodes = subprocess.run(["sinfo", "-h", "-p", "debug", "-o", "%N"], capture_output=True, text=True).stdout.strip()
+    subprocess.run(["scontrol", "delete", f"PartitionName={HOLD_PARTITION}"], capture_output=True)
+    subprocess.run(["scontrol", "create", f"PartitionName={HOLD_PARTITION}", f"Nodes={nodes or 'ALL'}", "State=DOWN",
+                    "MaxTime=60"], check=True, capture_output=True)
+    folder = Path(tempfile.mkdtemp(prefix="bench-profile-"))
+    data = yaml.safe_load(profile_src.read_text())
+    data["name"] = "local_slurm_bench_hold"
+    data.setdefault("slurm", {})["partition"] = HOLD_PARTITION
+    profile = folder / "local_slurm_bench_hold.yaml"
+    profile.write_text(yaml.safe_dump(data))
+    try:
+        yield profile
+    finally:
+        out = subprocess.run(["squeue", "-h", "-p", HOLD_PARTITION, "-u", getpass.getuser(), "-o", "%F"],
+                             capture_output=True, text=True).stdout.split()
+        if out:
+            subprocess.run(["scancel", *sorted(set(out))], capture_output=True)
+        for _ in range(50):   # a partition with jobs in it cannot be deleted
+            if subprocess.run(["scontrol", "delete", f"PartitionName={HOLD_PARTITION}"],
+                              capture_output=True).returncode == 0:
+                break
+            time.sleep(0.2)
 
 
 def cancel_named(prefix: str) -> int:

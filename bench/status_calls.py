@@ -7,14 +7,15 @@ prints, measured in the same run:
   - a refresh in process (query + the view) / the Slurm calls it makes (target <= 1.3x)
   - the whole `status.py` process / a bare Python process that makes the same two calls (target <= 1.3x)
   - a --watch steady refresh (squeue only) / a bare squeue, and its own CPU time per refresh
-Every submission is held (SBATCH_HOLD) so every task stays PENDING without taking the partition away from
-anybody; only the project's local cluster is ever touched (bench/_util.py), and only this bench's own jobs (by
+Every submission goes to the bench's own partition, created DOWN for the run (bench/_util.py hold_partition), so
+every task stays PENDING without taking the `debug` partition away from anybody; only the project's local cluster is ever touched (bench/_util.py), and only this bench's own jobs (by
 name) are cancelled. Other jobs of the same user in the queue are counted in what status shows, as they would be.
 """
 from __future__ import annotations
 
 import getpass
 import os
+import shlex
 import shutil
 import stat
 import subprocess
@@ -23,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _util import PY, REPO, cancel_named, held_env, local_cluster_only, wall
+from _util import PY, REPO, cancel_named, hold_partition, local_cluster_only, wall
 
 sys.path.insert(0, str(REPO))
 NAME = f"bench_status_{os.getpid()}"
@@ -38,13 +39,13 @@ def shims(folder: Path, log: Path) -> dict:
     return {**os.environ, "PATH": f"{folder}:{os.environ['PATH']}"}
 
 
-def submit_tasks(total: int, logs: str) -> None:
+def submit_tasks(total: int, logs: str, profile) -> None:
     per = [total // 10 + (1 if i < total % 10 else 0) for i in range(10)]
     for i, n in enumerate(x for x in per if x):
-        subprocess.run([PY, "launchers/submit.py", "jobs/tiny/smoke_array.yaml", "-c", "local_slurm",
+        subprocess.run([PY, "launchers/submit.py", "jobs/tiny/smoke_array.yaml", "-c", str(profile), "--no-preflight",
                         "--set", f"name={NAME}_{i}", "--set", f"resources.array.items={n}",
                         "--set", "resources.array.merge=false", "--set", f"outputs.logs_dir={logs}"],
-                       check=True, capture_output=True, cwd=REPO, env=held_env())
+                       check=True, capture_output=True, cwd=REPO)
 
 
 def timed(fn, repeat: int = 5) -> tuple[float, float]:
@@ -66,18 +67,22 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="bench-status-"))
     log = tmp / "calls.log"
     env = shims(tmp, log)
-    try:
+    from core.scheduler.slurm.queue import SACCT_FIELDS, SQUEUE_FMT
+
+    with hold_partition() as profile:
         for total in (1, 100, 1000):
             cancel_named(NAME)
-            submit_tasks(total, str(tmp / "logs"))
+            submit_tasks(total, str(tmp / "logs"), profile)
             log.write_text("")
             subprocess.run([PY, "launchers/status.py", "--no-log"], check=True, capture_output=True, cwd=REPO, env=env)
             calls = log.read_text().split()
             since = monitor.since_arg(monitor.DEFAULT_SINCE)
-            squeue = ["squeue", "-u", user]
-            sacct = ["sacct", "-X", "-u", user, "-S", since]
+            # the very calls status makes (core/scheduler/slurm/queue.py), not cheaper ones
+            squeue = ["squeue", "-h", "-r", "-u", user, "-o", SQUEUE_FMT]
+            sacct = ["sacct", "-X", "-D", "-n", "-P", "-u", user, "-S", since, "-o", SACCT_FIELDS]
             bare_squeue = wall(squeue, 5)
-            both = wall(["sh", "-c", " ".join(squeue) + "; " + " ".join(sacct)], 5)
+            both = wall(["sh", "-c", " ".join(shlex.quote(a) for a in squeue) + "; "
+                         + " ".join(shlex.quote(a) for a in sacct)], 5)
             bare_py = wall([PY, "-c", "import subprocess as s; s.run(%r, capture_output=True); "
                                       "s.run(%r, capture_output=True)" % (squeue, sacct)], 5)
             process = wall([PY, "launchers/status.py", "--no-log"], 5)
@@ -98,7 +103,6 @@ def main():
                   f"x{steady_calls.count('sacct')} in 5 refreshes, {steady * 1000:.0f} ms = "
                   f"{steady / bare_squeue:.2f}x a bare squeue ({bare_squeue * 1000:.0f} ms); its own CPU "
                   f"{steady_cpu * 1000:.0f} ms per refresh")
-    finally:
         cancel_named(NAME)
 
 
