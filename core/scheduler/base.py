@@ -49,6 +49,7 @@ def cancellable(state: str) -> bool:
     return category(state) in ("pending", "running") and not state.startswith("COMPLETING")
 
 
+@functools.lru_cache(maxsize=8192)
 def parse_elapsed(text: str) -> int:
     """'1-02:03:04', '02:03:04', '03:04' -> seconds (0 when unreadable)."""
     text = text.strip()

@@ -49,6 +49,8 @@ def minutes(text: str) -> Optional[int]:
 
 def expand_task_ids(job_id: str) -> list[str]:
     """'12_[3-5,9%2]' -> ['12_3', '12_4', '12_5', '12_9']; plain ids come back unchanged."""
+    if "[" not in job_id:   # most ids of a refresh: no pattern to match
+        return [job_id]
     m = re.fullmatch(r"(\d+)_\[([^\]]+)\]", job_id)
     if not m:
         return [job_id]

@@ -24,6 +24,7 @@ _N_ACCT = SACCT_FIELDS.count(",") + 1
 DEVICE_GRES = ("gpu", "npu")  # generic resources counted as devices (device-hours); otherwise CPU-hours
 
 
+@functools.lru_cache(maxsize=65536)
 def _root(task_id: str) -> str:
     return task_id.split("_")[0].split(".")[0]
 
