@@ -24,6 +24,39 @@ def rss_mb() -> float:
     return 0.0
 
 
+def one_rank() -> None:
+    """This process as rank 0 of a world of 1 for deepspeed.init_distributed (the memory benches)."""
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(20000 + os.getpid() % 20000),
+                      OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+
+
+def peak_rss_mb() -> float:
+    """The larger of the resident memory now and the peak so far, in MiB: the base a measured growth starts from."""
+    import resource
+
+    return max(rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def growth_gib(base_mb: float) -> float:
+    """Peak resident memory since `base_mb` (peak_rss_mb() before the model existed), in GiB."""
+    import resource
+
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_mb) / 1024
+
+
+def print_estimate(est, measured_gib: float, what: str = "peak RSS growth") -> float:
+    """The plan's estimate in parts, the measured figure and their ratio (target 0.75 .. 1.25); returns the
+    estimate in GiB."""
+    gib = 2 ** 30
+    total = est.total / gib
+    print(f"estimate: model states {est.model_states / gib:.3f} GiB + frozen {est.frozen / gib:.3f} GiB + activations "
+          f"{est.activations / gib:.3f} GiB = {total:.3f} GiB")
+    print(f"measured {what}: {measured_gib:.3f} GiB")
+    print(f"estimate / measured = {total / measured_gib:.2f} (target 0.75 .. 1.25)")
+    return total
+
+
 def as_users_run() -> dict:
     """The environment a user's processes have: Python writes and reuses its bytecode cache. Some shells (this
     project's sandbox among them) export PYTHONDONTWRITEBYTECODE=1, which makes every process compile our ~60

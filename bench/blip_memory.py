@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import resource
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
-from _util import rss_mb  # noqa: E402
+from _util import growth_gib, one_rank, peak_rss_mb, print_estimate  # noqa: E402
 SPEC = REPO / "jobs" / "blip_medtrinity.yaml"
 
 
@@ -44,15 +42,14 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2, help="layers per tower (the real model has 12 each)")
     p.add_argument("--steps", type=int, default=3)
     args = p.parse_args()
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(20000 + os.getpid() % 20000), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    one_rank()
     from core.config import load_spec
 
     spec, _ = load_spec(SPEC, ("deepspeed.precision=fp32", "model.path=null", "model.preset=blip-captioning-base",
                                "data.path=null"))
     ds, cfg = spec.deepspeed, reduced(args.layers)
 
-    from core.memory import GiB, estimate
+    from core.memory import estimate
     from core.models.blip import meta_size
     from core.workloads.blip_caption import HEAD
 
@@ -70,7 +67,7 @@ def main() -> None:
 
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)
-    base = max(rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    base = peak_rss_mb()
     model = apply_peft(BlipForConditionalGeneration(blip_config(cfg)), spec.peft, HEAD)
     config = {"train_micro_batch_size_per_gpu": ds.micro_batch, "gradient_accumulation_steps": 1,
               "zero_optimization": {"stage": ds.stage}, "zero_allow_untested_optimizer": True,
@@ -85,15 +82,11 @@ def main() -> None:
         loss = engine(pixel_values=pixels, input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
         engine.backward(loss)
         engine.step()
-    measured = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base) / 1024   # GiB
-    total = est.total / GiB
+    measured = growth_gib(base)
     print(f"BLIP captioning-base widths, {args.layers} layer(s) per tower, {size.total:,} parameters "
           f"({size.trainable:,} trainable with the spec's LoRA), ZeRO-{ds.stage}, micro-batch {ds.micro_batch}, "
           f"seq_len {spec.model.seq_len}, fp32, {args.steps} steps on CPU")
-    print(f"estimate: model states {est.model_states / GiB:.3f} GiB + frozen {est.frozen / GiB:.3f} GiB + activations "
-          f"{est.activations / GiB:.3f} GiB = {total:.3f} GiB")
-    print(f"measured peak RSS growth: {measured:.3f} GiB")
-    print(f"estimate / measured = {total / measured:.2f} (target 0.75 .. 1.25)")
+    print_estimate(est, measured)
 
 
 if __name__ == "__main__":

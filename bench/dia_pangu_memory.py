@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import resource
 import sys
 import tempfile
 from pathlib import Path
@@ -35,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
-from _util import rss_mb  # noqa: E402
+from _util import growth_gib, one_rank, peak_rss_mb, print_estimate  # noqa: E402
 
 SPEC = REPO / "jobs" / "dia_pangu.yaml"
 
@@ -48,8 +46,7 @@ def main() -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args()
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(20000 + os.getpid() % 20000), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    one_rank()
     from core.model_sizes import PRESETS
 
     cfg = copy.deepcopy(PRESETS["openpangu-7b"])
@@ -85,7 +82,7 @@ def main() -> None:
         torch.cuda.set_device(0)
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     torch.manual_seed(0)
-    base = max(rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    base = peak_rss_mb()
     base_dev = torch.cuda.memory_allocated() if cuda else 0
     vit_cfg, per_cfg = vision_configs(spec.dia.size)
     model = DiaPangu(LlamaForCausalLM(llama_config(cfg)), None, vit_cfg, per_cfg, spec.dia.contrastive_weight,
@@ -119,15 +116,12 @@ def main() -> None:
     if cuda:
         measured = (torch.cuda.max_memory_allocated() - base_dev) / 2 ** 30
     else:
-        measured = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base) / 1024   # GiB
+        measured = growth_gib(base)
     total = est.total / GiB
     print(f"Dia-Pangu stage 1, openPangu-7B widths with {args.layers} decoder layer(s), {size.total:,} parameters "
           f"({size.trainable:,} trainable), ZeRO-{ds.stage} on one rank, micro-batch {b}, seq_len {seq}, LLM "
           f"activation checkpointing {ckpt}, fp32, {args.steps} steps on CPU")
-    print(f"estimate: model states {est.model_states / GiB:.3f} GiB + frozen {est.frozen / GiB:.3f} GiB + activations "
-          f"{est.activations / GiB:.3f} GiB = {total:.3f} GiB")
-    print(f"measured peak RSS growth: {measured:.3f} GiB")
-    print(f"estimate / measured = {total / measured:.2f} (target 0.75 .. 1.25)")
+    print_estimate(est, measured, "peak device memory" if getattr(args, "device", "cpu") == "cuda" else "peak RSS growth")
     step_s = sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else times[0]
     llm_body = sum(p.numel() for n, p in model.llm.named_parameters() if "embed_tokens" not in n)
     vit = sum(p.numel() for p in model.vit.parameters())

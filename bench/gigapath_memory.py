@@ -18,15 +18,13 @@ Prints the estimate's parts, the measured growth and their ratio (target 0.75 ..
 from __future__ import annotations
 
 import argparse
-import os
-import resource
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
-from _util import rss_mb  # noqa: E402
+from _util import growth_gib, one_rank, peak_rss_mb, print_estimate  # noqa: E402
 
 SPEC = REPO / "jobs" / "gigapath_distill.yaml"
 
@@ -37,10 +35,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--tiles", type=int, default=None, help="tiles per micro-step (default: the spec's micro_batch)")
     args = p.parse_args()
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(20000 + os.getpid() % 20000), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    one_rank()
     from core.config import load_spec
-    from core.memory import GiB, estimate
+    from core.memory import estimate
     from core.plan import checkpointing
     from core.workloads.gigapath_distill import distance, model_size
 
@@ -62,14 +59,13 @@ def main() -> None:
 
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)
-    base = max(rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    base = peak_rss_mb()
     cfg = gp.teacher_config(spec.models["teacher"])
     model = gp.build_student(s, cfg)
     if ds.activation_checkpointing:
         model.tile.set_grad_checkpointing(True)
-    teacher_slide = gp.build_teacher(cfg)[1].eval() if s.slide_target == "subset" else None
-    if teacher_slide is not None:
-        teacher_slide.requires_grad_(False)
+    # the workload's own loader: the teacher's slide encoder alone (the ViT-giant tile encoder is not on this path)
+    teacher_slide = gp.load_teacher_slide(spec.models["teacher"], cfg) if s.slide_target == "subset" else None
     config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
               "zero_optimization": {"stage": ds.stage}, "zero_allow_untested_optimizer": True,
               "steps_per_print": 10 ** 9}
@@ -89,16 +85,12 @@ def main() -> None:
             (1 - s.beta) * distance(s.loss, out["slide_emb"], t_slide)
         engine.backward(loss)
         engine.step()
-    measured = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base) / 1024   # GiB
-    total = est.total / GiB
+    measured = growth_gib(base)
     print(f"GigaPath student {s.student_arch} with {args.depth} block(s) at real widths, {size.total:,} parameters "
           f"({size.trainable:,} trainable; the rest: the frozen teacher slide encoder), ZeRO-{ds.stage}, {n} tiles "
           f"per micro-step in chunks of {s.tile_chunk}, {spec.model.seq_len} tokens per tile, activation "
           f"checkpointing {checkpointing(spec)}, fp32, {args.steps} steps on CPU")
-    print(f"estimate: model states {est.model_states / GiB:.3f} GiB + frozen {est.frozen / GiB:.3f} GiB + activations "
-          f"{est.activations / GiB:.3f} GiB = {total:.3f} GiB")
-    print(f"measured peak RSS growth: {measured:.3f} GiB")
-    print(f"estimate / measured = {total / measured:.2f} (target 0.75 .. 1.25)")
+    print_estimate(est, measured)
 
 
 if __name__ == "__main__":

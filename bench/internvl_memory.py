@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import resource
 import sys
 import tempfile
 from pathlib import Path
@@ -29,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
-from _util import rss_mb  # noqa: E402
+from _util import growth_gib, one_rank, peak_rss_mb, print_estimate  # noqa: E402
 
 SPEC = REPO / "jobs" / "vitp_lung.yaml"
 
@@ -41,8 +39,7 @@ def main() -> None:
     p.add_argument("--tiles", type=int, default=None, help="448-px tiles per slice (default: the spec's "
                                                             "max_dynamic_patch + thumbnail)")
     args = p.parse_args()
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(20000 + os.getpid() % 20000), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    one_rank()
     from core.models import internvl as iv
 
     cfg = copy.deepcopy(iv.INTERNVL2_5_1B)
@@ -52,7 +49,7 @@ def main() -> None:
     (folder / "config.json").write_text(json.dumps(cfg))
 
     from core.config import load_spec
-    from core.memory import GiB, estimate
+    from core.memory import estimate
     from core.plan import checkpointing
     from core.workloads.vitp_lung import internvl_tiles, model_size
 
@@ -72,7 +69,7 @@ def main() -> None:
 
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)
-    base = max(rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    base = peak_rss_mb()
     model = iv.build(iv.native_config(cfg))
     if ds.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -99,16 +96,12 @@ def main() -> None:
                                    spec.vitp.label_smoothing)
         engine.backward(lm + cls)
         engine.step()
-    measured = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base) / 1024   # GiB
-    total = est.total / GiB
+    measured = growth_gib(base)
     print(f"InternVL2.5-1B widths, {args.layers} layer(s) per tower, {size.total:,} parameters ({trainable:,} "
           f"trainable), ZeRO-{ds.stage}, micro-batch {b}, {tiles} tiles x {per_tile} tokens, {seq} LLM tokens "
           f"(model.seq_len {spec.model.seq_len}), activation checkpointing {checkpointing(spec)}, fp32, "
           f"{args.steps} steps on CPU")
-    print(f"estimate: model states {est.model_states / GiB:.3f} GiB + frozen {est.frozen / GiB:.3f} GiB + activations "
-          f"{est.activations / GiB:.3f} GiB = {total:.3f} GiB")
-    print(f"measured peak RSS growth: {measured:.3f} GiB")
-    print(f"estimate / measured = {total / measured:.2f} (target 0.75 .. 1.25)")
+    print_estimate(est, measured)
 
 
 if __name__ == "__main__":

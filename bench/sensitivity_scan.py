@@ -98,9 +98,10 @@ def task_overheads(run_dir: Path, reads: list | None = None) -> list[float]:
                          text=True).stdout
     elapsed = {ln.split("|")[0]: int(ln.split("|")[1]) for ln in out.split()}
     shares = []
-    for p in (run_dir / "tasks").glob("main-*.json"):
+    for p in (run_dir / "tasks").glob("main*.json"):   # main-<index>.json; main.json when auto made one task
         t = json.loads(p.read_text())
-        jid = next((k for k in elapsed if k.endswith(f"_{t['task_index']}")), None)
+        jid = next((k for k in elapsed if k.endswith(f"_{t.get('task_index')}")), None) or \
+            (next(iter(elapsed)) if len(elapsed) == 1 else None)
         if jid and elapsed[jid] > 0:
             shares.append(max(0.0, 1 - t["result"]["scan_s"] / elapsed[jid]))
         if reads is not None:

@@ -43,7 +43,10 @@ def activation_bytes(size: ModelSize, seq: int, micro_batch: int, checkpointing:
     s, b, h, a = seq, micro_batch, size.hidden, size.heads
     full_layer = s * b * h * (34 + 5 * a * s / h)
     per_layer = 2 * s * b * h if checkpointing else full_layer
-    acts = size.layers * per_layer + (full_layer if checkpointing else 0)
+    # with checkpointing every layer keeps its input for the whole micro-batch, and one layer at a time recomputes
+    # its full working set: for the samples one forward holds (a workload's chunk, e.g. GigaPath's tile_chunk)
+    chunk = min(b, getattr(size, "chunk", None) or b)
+    acts = size.layers * per_layer + (full_layer * chunk / b if checkpointing else 0)
     if not half:
         acts *= 2
     logits = s * b * size.vocab * 6  # 16-bit logits + their fp32 copy in the loss

@@ -32,6 +32,8 @@ class ModelSize:
     weight_bytes: Optional[float] = None  # bytes per frozen weight when the base is quantized (4bit 0.5, 8bit 1)
     param_names: tuple[str, ...] = ()     # what train.lr_groups may name: the adapters' parameters with a peft:
     #                                       section, else every parameter (the workload freezes its own parts later)
+    chunk: Optional[int] = None   # samples one forward holds at once when the workload splits a micro-batch
+    #                               (GigaPath's distill.tile_chunk): the one-layer working set of checkpointing
 
 
 QUANTIZED_BYTES = {"4bit": 0.5, "8bit": 1.0}

@@ -423,13 +423,17 @@ def model_size(spec: JobSpec):
                                           f"over {tokens} tokens per tile; set model.seq_len: {tokens} (the memory "
                                           f"estimate counts deepspeed.micro_batch tiles of that many tokens)")
     net = student.tile
+    from dataclasses import replace
+
+    # "vocab": the output width per token, as an LM's logits: the adaptor maps every token to the teacher's width
+    # and the loss holds it beside the cached target (bench/gigapath_memory.py: 0.77 of measured without it)
     size = size_of(student, layers=len(net.blocks), hidden=int(net.embed_dim),
-                   heads=int(net.blocks[0].attn.num_heads), vocab=0)
+                   heads=int(net.blocks[0].attn.num_heads),
+                   vocab=gp.teacher_width(cfg) if spec.distill.hidden_tokens == "all" else 0)
+    size = replace(size, chunk=spec.distill.tile_chunk)   # the tile encoder sees tile_chunk tiles per forward
     if spec.distill.slide_target != "subset":
         return size
     # the frozen teacher slide encoder computes the slide target on every rank: frozen weights on the device
-    from dataclasses import replace
-
     slide = sum(p.numel() for p in gp.build_teacher(cfg, meta=True)[1].parameters())
     return replace(size, total=size.total + slide, trainable=size.total)
 
