@@ -297,10 +297,11 @@ class Scheduler:
         """Why a job waits, in plain words (the scheduler's own code when it has no words for it)."""
         return reason
 
-    def classify_end(self, end: TaskEnd, lines: list[str]) -> Optional[tuple[str, str]]:
+    def classify_end(self, end: TaskEnd, lines: list[str]) -> Optional[tuple]:
         """(failure class, cause) of a finished task as the scheduler's own record says it (time limit, preempted,
         node failure, host out of memory, cancelled by whom, dependency never satisfied), from its accounting and
-        the lines the scheduler wrote into the task's log; None when it only says 'failed' (core.failures)."""
+        the lines the scheduler wrote into the task's log, plus a third item, the failed node, where the scheduler
+        names one within a multi-node allocation; None when it only says 'failed' (core.failures)."""
         return None
 
     def exit_text(self, end: TaskEnd) -> str:
