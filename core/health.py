@@ -43,7 +43,7 @@ def fail(host: str, what: str, ctx=None) -> None:
     first rank of this node also decides with the retry policy (requeue off this node, or stop) first."""
     log.error("node %s failed its health check: %s", host, what)
     cause = f"{host}: {what}"
-    if ctx is not None and getattr(ctx, "requeues", False):
+    if ctx is not None and ctx.requeues:
         from core import retry
 
         try:
@@ -98,7 +98,9 @@ def before_rendezvous(dist, acc, host: str, ctx=None) -> tuple[Any, dict]:
     else:
         ok, what = reach(dist.master_addr, dist.master_port)
         if not ok:
-            fail(host, what, ctx)
+            # this node or the rendezvous host may be the sick one: named with the mark, not decided here (every
+            # node that cannot reach the host would otherwise requeue the job with itself excluded)
+            fail(host, what)
         found["rendezvous"] = what
     return activate(acc), found
 

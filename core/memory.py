@@ -45,7 +45,7 @@ def activation_bytes(size: ModelSize, seq: int, micro_batch: int, checkpointing:
     per_layer = 2 * s * b * h if checkpointing else full_layer
     # with checkpointing every layer keeps its input for the whole micro-batch, and one layer at a time recomputes
     # its full working set: for the samples one forward holds (a workload's chunk, e.g. GigaPath's tile_chunk)
-    chunk = min(b, getattr(size, "chunk", None) or b)
+    chunk = min(b, size.chunk or b)
     acts = size.layers * per_layer + (full_layer * chunk / b if checkpointing else 0)
     if not half:
         acts *= 2

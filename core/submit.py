@@ -91,7 +91,9 @@ def submit(plan: Plan, raw_spec: dict, spec_file: str, resume_dir: Optional[Path
                                                              if k in previous}])
         record["submissions"].append({"submitted_at": record["submitted_at"], "steps": steps_record})
     run_folder.write_record(run_dir, record)
-    if local and run_dir.is_dir():  # the tasks drew the page before run.json existed: again, with the plan
+    if local and run_dir.is_dir() and all(j.done() for js in jobs.values() for j in js):
+        # the tasks ended (and drew the page) before run.json existed: again, with the plan. A task still running
+        # draws its own page at its end, when run.json is there; drawing here too could replace that newer page
         from core.report import write_run_report
 
         try:

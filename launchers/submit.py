@@ -177,8 +177,8 @@ def main(argv=None) -> int:
         elif spec.train is not None and submission.jobs:  # the local executor trains in a child process
             from core.results.progress import follow_training
 
-            follow_training(submission.run_dir, list(submission.jobs.values())[-1], sys.stdout,
-                            total_steps=spec.train.steps)
+            jobs = submission.jobs.get("main") or list(submission.jobs.values())[-1]   # the step that trains
+            follow_training(submission.run_dir, jobs, sys.stdout, total_steps=spec.train.steps)
 
         return report_results(submission)
     return 0

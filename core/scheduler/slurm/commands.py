@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 
 from core.scheduler.base import SchedulerUnavailable
@@ -37,16 +36,14 @@ def run(cmd: list[str], timeout: int = 60) -> str:
     return proc.stdout
 
 
-def _ignore_term() -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 def call(cmd: list[str], timeout: int = 30, ignore_term: bool = False) -> tuple[int, str]:
     """(exit code, stdout + stderr) of one Slurm client command; never raises. `ignore_term`: the command ignores
     SIGTERM (a task acting on its own job, which that action sends SIGTERM)."""
+    name = cmd[0]
+    if ignore_term:  # through sh: an ignored signal stays ignored across exec (no preexec_fn in a threaded task)
+        cmd = ["sh", "-c", 'trap "" TERM; exec "$@"', "sh", *cmd]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              preexec_fn=_ignore_term if ignore_term else None)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as e:
-        return 1, f"{cmd[0]}: {type(e).__name__}"
+        return 1, f"{name}: {type(e).__name__}"
     return proc.returncode, (proc.stdout + proc.stderr).strip()
