@@ -12,7 +12,8 @@ them to `<run dir>/health/<job>.json`.
 
 A failing rank decides right there (core.retry.in_task, the first rank of the failing node): with the profile's
 `retry.node: requeue` it requeues its own job with the node excluded, or stops when the job's partition has no
-usable node left to replace it; the decision is in `<run dir>/retries/`.
+usable node left to replace it; the decision is in `<run dir>/retries/`. A node that cannot reach the rendezvous
+host is named with the mark but does not decide: the host may be the sick one (the `--wait` watcher decides).
 
 Test hook, inert unless set: MEDHPC_FAULT=health@<node> makes the check fail on that node; health@first-run on
 whatever node the job's first run (restart 0) lands on. Only the hook runs for a single-node job (`fault_point`):
