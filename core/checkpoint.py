@@ -27,12 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from core.run_folder import fsync_path, write_text_atomic
+from core.run_folder import CHECKPOINT_MARKER, fsync_path, write_text_atomic
 from core.runtime import fault_point
 
 log = logging.getLogger("checkpoint")
 
-MARKER = "COMPLETE"
+MARKER = CHECKPOINT_MARKER
 
 
 class CheckpointError(RuntimeError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Optional
 
+from core.run_folder import CHECKPOINT_MARKER as MARKER
 from core.scheduler import Attempt, JobRow, category
 
 UNIT_NAMES = {"gpu": "GPU-h", "npu": "NPU-h", "cpu": "CPU-h"}
@@ -18,8 +19,6 @@ def checkpoint_times(run_dir: str) -> list[float]:
     """When each complete checkpoint of a run was finished (epoch seconds, sorted); empty without any."""
     if not run_dir:
         return []
-    from core.checkpoint import MARKER
-
     try:
         return sorted(p.stat().st_mtime for p in (Path(run_dir) / "checkpoints").glob(f"*/{MARKER}"))
     except OSError:

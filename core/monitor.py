@@ -9,6 +9,7 @@ Cancelling is core.cancel.
 """
 from __future__ import annotations
 
+import os
 import re
 import time
 from pathlib import Path
@@ -157,29 +158,39 @@ def _run_state(rows: list[JobRow]) -> str:
     return (own or bad)[0] if bad else "COMPLETED"
 
 
-_STUDY_OF: dict[str, tuple[tuple[int, int], Optional[tuple[str, str, str]]]] = {}
+_STUDY_OF: dict[str, tuple[Optional[tuple[int, int]], Optional[tuple[str, str, str]]]] = {}
 
 
 def study_of(run_dir: str) -> Optional[tuple[str, str, str]]:
     """(study folder, study name, step) when the run is a step of a study (its run.json says so), else None.
-    Remembered per run.json (its mtime and size): a --watch refresh reads only the records that changed."""
+    Remembered per run.json (its mtime and size, or its absence): a --watch refresh reads only the records that
+    changed or appeared."""
     if not run_dir:
         return None
-    path = Path(run_dir) / RECORD
     try:
-        st = path.stat()
-        key = (st.st_mtime_ns, st.st_size)
+        st = os.stat(os.path.join(run_dir, RECORD))
+        key: Optional[tuple[int, int]] = (st.st_mtime_ns, st.st_size)
     except OSError:
-        key = (0, -1)
+        key = None
     known = _STUDY_OF.get(run_dir)
-    if known is not None and known[0] == key and key[1] >= 0:
+    if known is not None and known[0] == key:
         return known[1]
-    rec = record_if_any(Path(run_dir))
-    found = None
-    if rec and rec.get("study"):
-        found = str(rec["study"]), str(rec.get("study_name") or ""), str(rec.get("study_step") or "")
+    found = _read_study(run_dir) if key is not None else None
     _STUDY_OF[run_dir] = (key, found)
     return found
+
+
+def _read_study(run_dir: str) -> Optional[tuple[str, str, str]]:
+    """study_of's read of run.json: parsed only when it mentions a study (most runs are no study's step)."""
+    try:
+        if b'"study"' not in Path(run_dir, RECORD).read_bytes():
+            return None
+    except OSError:
+        return None
+    rec = record_if_any(Path(run_dir))
+    if rec and rec.get("study"):
+        return str(rec["study"]), str(rec.get("study_name") or ""), str(rec.get("study_step") or "")
+    return None
 
 
 def _failed_for_real(jobs: list[JobRow]) -> bool:

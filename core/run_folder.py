@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 RECORD = "run.json"
+CHECKPOINT_MARKER = "COMPLETE"   # checkpoints/<tag>/COMPLETE: written last, when every rank's files are on disk
 ROOT_TEMPLATE = "%A"   # Slurm's array job id (the job id for a single job) in the first step's paths
 
 

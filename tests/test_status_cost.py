@@ -27,11 +27,64 @@ def test_a_runs_study_is_read_again_only_when_its_record_changed(tmp_path, monke
     run.mkdir()
     (run / "run.json").write_text(json.dumps({"name": "x"}))
     reads = []
-    real = monitor.record_if_any
-    monkeypatch.setattr(monitor, "record_if_any", lambda p: (reads.append(p), real(p))[1])
+    real = monitor._read_study
+    monkeypatch.setattr(monitor, "_read_study", lambda p: (reads.append(p), real(p))[1])
     assert monitor.study_of(str(run)) is None and monitor.study_of(str(run)) is None and len(reads) == 1
     (run / "run.json").write_text(json.dumps({"name": "x", "study": "/s/1", "study_name": "s", "study_step": "scan"}))
     assert monitor.study_of(str(run)) == ("/s/1", "s", "scan") and len(reads) == 2
     assert monitor.study_of(str(run)) == ("/s/1", "s", "scan") and len(reads) == 2
-    (run / "run.json").unlink()
-    assert monitor.study_of(str(run)) is None and len(reads) == 3
+    (run / "run.json").unlink()   # gone: nothing to read, and its absence is remembered too
+    assert monitor.study_of(str(run)) is None and monitor.study_of(str(run)) is None and len(reads) == 2
+    (run / "run.json").write_text(json.dumps({"name": "x", "study": "/s/2", "study_name": "s", "study_step": "prune"}))
+    assert monitor.study_of(str(run)) == ("/s/2", "s", "prune") and len(reads) == 3   # a record written later
+
+
+# sacct -X -D -n -P lines as the local cluster printed them: an array of 1,000 tasks cancelled before any started
+# is ONE accounting line; one task that did run has its own line
+CANCELLED_ARRAY = (
+    "500_[1-999]|scan|CANCELLED by 0|0:0|00:00:00|1|None assigned|0|billing=1,cpu=1,node=1|Unknown|"
+    "2026-12-06T20:00:00|None|0:0|run=/logs/scan/500\n"
+    "500_0|scan|COMPLETED|0:0|00:00:10|1|n1|10|billing=1,cpu=1,node=1|2026-12-06T19:59:00|2026-12-06T19:59:10|None|"
+    "0:0|run=/logs/scan/500\n")
+
+
+def test_an_array_accounted_in_one_line_is_one_attempt_and_every_task_keeps_its_state():
+    from core.scheduler.slurm.queue import merge_rows
+
+    (row,) = merge_rows("", CANCELLED_ARRAY)
+    assert len(row.states) == 1000 and row.progress == {"done": 1, "running": 0, "pending": 0, "failed": 999}
+    assert row.states["500_731"] == "CANCELLED by 0" and row.ends["500_731"].started is False
+    assert [(a.task_id, a.state, a.elapsed_s) for a in row.attempts] == [("500_[1-999]", "CANCELLED", 0),
+                                                                         ("500_0", "COMPLETED", 10)]
+    assert row.run_dir == "/logs/scan/500" and row.state == "CANCELLED"
+
+
+def test_a_watch_refresh_parses_saccts_answer_once_and_leaves_it_unchanged(monkeypatch):
+    """--watch: while sacct is not asked again its parsed answer is reused; squeue's live lines go on top of copies,
+    so the next refresh starts from accounting as it was."""
+    from core.scheduler.slurm import queue
+
+    acct = CANCELLED_ARRAY + ("600|train|RUNNING|0:0|00:00:04|1|n2|4|billing=1,cpu=1,node=1|2026-12-06T20:01:00|Unknown|"
+                              "None|0:0|run=/logs/train/600\n")
+    live = ["600|train|RUNNING|0:05|1|n2|2026-12-06T20:01:00|run=/logs/train/600\n",
+            "600|train|RUNNING|0:09|1|n2|2026-12-06T20:01:00|run=/logs/train/600\n"
+            "601|train|PENDING|0:00|1|(Dependency)|N/A|run=/logs/train/600\n"]
+    calls = {"squeue": 0, "sacct": 0, "parsed": 0}
+    real_parse = queue.accounted_rows
+
+    def squeue(user):
+        calls["squeue"] += 1
+        return live[min(calls["squeue"], 2) - 1]
+
+    monkeypatch.setattr(queue, "_squeue", squeue)
+    monkeypatch.setattr(queue, "_sacct", lambda user, since: (calls.__setitem__("sacct", calls["sacct"] + 1), acct)[1])
+    monkeypatch.setattr(queue, "accounted_rows", lambda text: (calls.__setitem__("parsed", calls["parsed"] + 1),
+                                                              real_parse(text))[1])
+    refresher = queue.Refresher("me", full_every_s=60, clock=lambda: 0.0)
+    first, second = refresher.query(), refresher.query()
+    assert calls == {"squeue": 2, "sacct": 1, "parsed": 1}   # no job left the queue: sacct neither asked nor parsed
+    assert [r.job_id for r in first] == ["600", "500"] and [r.job_id for r in second] == ["601", "600", "500"]
+    assert [r.seconds for r in (first[0], second[1])] == [5, 9] and second[1].nodes == "n2"
+    assert second[1].attempts == refresher.acct["600"].attempts and "depends on" in second[0].why
+    assert second[2] is refresher.acct["500"] and second[2].states["500_0"] == "COMPLETED"
+    assert refresher.acct["600"].seconds == 4 and refresher.acct["600"].states == {"600": "RUNNING"}  # as sacct said

@@ -66,8 +66,11 @@ def parse_elapsed(text: str) -> int:
     return secs + int(days or 0) * 86400
 
 
+@functools.lru_cache(maxsize=65536)
 def job_key(job_id: str) -> tuple:
-    """Sort key of a job or task id ('12', '12_3', '12_[0-4]')."""
+    """Sort key of a job or task id ('12', '12_3', '12_[0-4]'); remembered (a view sorts the same ids many times)."""
+    if job_id.isdigit():
+        return (int(job_id),)
     return tuple(int(x) if x.isdigit() else 0 for x in re.split(r"[_\[\]]", job_id) if x)
 
 

@@ -83,12 +83,13 @@ class Refresher:
     """For --watch: squeue on every refresh, sacct only when its answer can have changed: on the first refresh,
     when a job or task has left the queue since the last one (finished states only change then), and at least
     every `full_every_s` seconds (a job that came and went between two refreshes). Fewer controller and slurmdbd
-    calls than one of each per refresh, never more."""
+    calls than one of each per refresh, never more; sacct's answer is parsed once and reused until it is asked
+    again (a refresh then only reads squeue's lines)."""
 
     def __init__(self, user: Optional[str] = None, since: str = "now-2days", full_every_s: float = 60.0,
                  clock=time.time):
         self.user, self.since, self.full_every_s, self.clock = user or getpass.getuser(), since, full_every_s, clock
-        self.acct: Optional[str] = None
+        self.acct: Optional[dict[str, JobRow]] = None
         self.acct_at = 0.0
         self.live_ids: set[str] = set()
 
@@ -96,9 +97,9 @@ class Refresher:
         live = _squeue(self.user)
         ids = {t for line in live.splitlines() if "|" in line for t in expand_task_ids(line.split("|", 1)[0])}
         if self.acct is None or (self.live_ids - ids) or self.clock() - self.acct_at >= self.full_every_s:
-            self.acct, self.acct_at = _sacct(self.user, self.since), self.clock()
+            self.acct, self.acct_at = accounted_rows(_sacct(self.user, self.since)), self.clock()
         self.live_ids = ids
-        return merge_rows(live, self.acct)
+        return with_live(live, self.acct)
 
 
 def _folder(comment: str) -> str:
@@ -111,22 +112,66 @@ def merge_rows(live: str, acct: str) -> list[JobRow]:
     """Rows from squeue's live view and sacct's accounting (sacct's terminal states win: they are newer). A pending
     job's reason comes with plain words (reasons.explain) and squeue's expected start; every accounted attempt
     (sacct -D lists each run of a requeued job) with what it held, for device-hours."""
+    return with_live(live, accounted_rows(acct))
+
+
+def accounted_rows(acct: str) -> dict[str, JobRow]:
+    """Job id -> its row as sacct's answer tells it: every attempt, how each task's newest attempt ended, and that
+    attempt's state per task. Rows are not changed afterwards (with_live copies a row it adds to), so a --watch
+    refresh can reuse them while sacct is not asked again. Work per sacct line, not per task: a line that accounts
+    many array tasks together (pending, or cancelled before they started) is one Attempt named by its range."""
     rows: dict[str, JobRow] = {}
+    newest: dict[str, tuple[float, str, JobRow]] = {}   # task -> (start, state, row) of its newest attempt
+    for line in acct.splitlines():
+        parts = line.split("|", _N_ACCT - 1)
+        if len(parts) < _N_ACCT:
+            continue
+        jid, name, state, exit_code, elapsed, nnodes, nodelist, raw, tres, start, end, reason, derived, comment = parts
+        root = _root(jid)
+        r = rows.get(root)
+        if r is None:
+            r = rows[root] = JobRow(root)
+        r.name = r.name or name
+        secs = parse_elapsed(elapsed)
+        r.seconds, r.nodes = max(r.seconds, secs), r.nodes or nodelist
+        r.run_dir = r.run_dir or _folder(comment)
+        unit, count = charged(tres)
+        began = _epoch(start)
+        # an attempt that has not started (a requeued job waiting again: Start=Unknown) is the newest one
+        order = began if began else float("inf")
+        tasks = expand_task_ids(jid)
+        r.attempts.append(Attempt(tasks[0] if len(tasks) == 1 else jid, state.split()[0] if state else "UNKNOWN",
+                                  int(raw) if raw.strip().isdigit() else secs, unit, count, began, _epoch(end)))
+        node_text = nodelist.strip()
+        ending = TaskEnd(state.strip(), exit_code.strip(), derived.strip(), reason.strip(),
+                         "" if node_text in ("", "None assigned") else node_text, started=bool(began))
+        for task in tasks:
+            known = newest.get(task)
+            if known is None or order >= known[0]:
+                newest[task] = (order, state, r)
+                r.ends[task] = ending
+    for task, (_, state, r) in newest.items():
+        r.states[task] = state
+    for r in rows.values():  # the first step's comment names its folder with Slurm's %A (= its own id)
+        r.run_dir = r.run_dir.replace("%A", r.job_id)
+    return rows
 
-    def row(task: str) -> JobRow:
-        root = _root(task)
-        found = rows.get(root)
-        if found is None:
-            found = rows[root] = JobRow(root)
-        return found
 
+def with_live(live: str, accounted: dict[str, JobRow]) -> list[JobRow]:
+    """squeue's live lines over accounted_rows' answer (left unchanged), newest job first: a job squeue lists gets
+    a new row with its live states, reason in plain words and expected start, where its newest accounted attempt's
+    state wins only once that attempt has ended (squeue was asked first)."""
+    fresh: dict[str, JobRow] = {}
     for line in live.splitlines():
         parts = line.split("|", 7)
         if len(parts) < 8:
             continue
         jid, name, state, elapsed, nnodes, reason, start, comment = parts
         for task in expand_task_ids(jid):
-            r = row(task)
+            root = _root(task)
+            r = fresh.get(root)
+            if r is None:
+                r = fresh[root] = JobRow(root)
             r.states[task] = state
             r.name = r.name or name
             r.seconds = max(r.seconds, parse_elapsed(elapsed))
@@ -136,36 +181,18 @@ def merge_rows(live: str, acct: str) -> list[JobRow]:
             elif state in RUNNING and not r.why:
                 r.reason = reason
             r.run_dir = r.run_dir or _folder(comment)
-    newest: dict[str, tuple[float, str]] = {}   # task -> (start, state) of its newest accounted attempt
-    for line in acct.splitlines():
-        parts = line.split("|", _N_ACCT - 1)
-        if len(parts) < _N_ACCT:
+    for root, r in fresh.items():
+        r.run_dir = r.run_dir.replace("%A", root)
+        known = accounted.get(root)
+        if known is None:
             continue
-        jid, name, state, exit_code, elapsed, nnodes, nodelist, raw, tres, start, end, reason, derived, comment = parts
-        unit, count = charged(tres)
-        began = _epoch(start)
-        # an attempt that has not started (a requeued job waiting again: Start=Unknown) is the newest one
-        order = began if began else float("inf")
-        for task in expand_task_ids(jid):
-            r = row(task)
-            r.name = r.name or name
-            r.seconds, r.nodes = max(r.seconds, parse_elapsed(elapsed)), r.nodes or nodelist
-            r.run_dir = r.run_dir or _folder(comment)
-            secs = int(raw) if raw.strip().isdigit() else parse_elapsed(elapsed)
-            r.attempts.append(Attempt(task, state.split()[0] if state else "UNKNOWN", secs, unit, count, began,
-                                      _epoch(end)))
-            if task not in newest or order >= newest[task][0]:
-                newest[task] = (order, state)
-                r.ends[task] = TaskEnd(state.strip(), exit_code.strip(), derived.strip(), reason.strip(),
-                                       "" if nodelist.strip() in ("", "None assigned") else nodelist.strip(),
-                                       started=bool(began))
-    for task, (_, state) in newest.items():
-        r = row(task)
-        # the newest attempt's end is the newest news (squeue was asked first); otherwise the live view stands
-        if task not in r.states or category(state) in ("done", "failed"):
-            r.states[task] = state
-    for r in rows.values():  # the first step's comment names its folder with Slurm's %A (= its own id)
-        r.run_dir = r.run_dir.replace("%A", r.job_id)
+        r.name, r.seconds, r.nodes = r.name or known.name, max(r.seconds, known.seconds), known.nodes
+        r.run_dir = r.run_dir or known.run_dir
+        r.attempts, r.ends = known.attempts, known.ends   # shared with the accounted row: read, never changed
+        for task, state in known.states.items():
+            if task not in r.states or category(state) in ("done", "failed"):
+                r.states[task] = state
+    rows = {**accounted, **fresh}
     return sorted(rows.values(), key=lambda r: int(r.job_id) if r.job_id.isdigit() else 0, reverse=True)
 
 
