@@ -241,6 +241,7 @@ class Accelerator:
     backend: str           # nccl | hccl | gloo
     device: str            # e.g. "cuda:3", "npu:3", "cpu"
     env: dict              # variables to export before torch touches the device
+    port_wait_s: int = 0   # npu: seconds to wait for HCCL's host ports to be free before HCCL starts (core.hccl_ports)
 
     def describe(self) -> str:
         extra = " ".join(f"{k}={v}" for k, v in sorted(self.env.items()))
@@ -278,6 +279,7 @@ def resolve_accelerator(kind: str, dist: DistEnv, cluster: Optional[dict] = None
         base = int(cluster.get("hccl_if_base_port", 60000))
         slot = int(re.sub(r"\D", "", dist.job_id) or 0) % 16
         env["HCCL_IF_BASE_PORT"] = str(base + slot * 256)
+        return Accelerator(kind, BACKENDS[kind], f"{kind}:{index}", env, int(cluster.get("hccl_port_wait_s", 120)))
     return Accelerator(kind, BACKENDS[kind], f"{kind}:{index}", env)
 
 
@@ -362,7 +364,14 @@ def check_rendezvous(dist: DistEnv, cluster: Optional[dict] = None) -> None:
 
 
 def init_distributed(dist: DistEnv, acc: Accelerator, timeout_s: int = 600) -> None:
-    """Export the rendezvous variables and start the process group through DeepSpeed."""
+    """Export the rendezvous variables and start the process group through DeepSpeed. On Ascend, first wait (up to
+    the profile's hccl_port_wait_s) until HCCL's host ports on this node are free: a requeue on the same node keeps
+    the job id, so the same port window, which HCCP may still hold from the attempt that was killed."""
+    if acc.kind == "npu" and acc.port_wait_s > 0 and "HCCL_IF_BASE_PORT" in acc.env:
+        from core.hccl_ports import wait_for_ports
+
+        wait_for_ports(int(acc.env["HCCL_IF_BASE_PORT"]), 16, timeout_s=acc.port_wait_s,
+                       log=log.warning if dist.local_rank == 0 else (lambda line: None))
     import datetime
 
     import deepspeed

@@ -115,6 +115,10 @@ class Cluster(Strict):
     hccl_if_base_port: int = Field(60000, ge=1024, le=HCCL_BASE_PORT_MAX,
                                    description="HCCL_IF_BASE_PORT; each job gets one of 16 windows of 256 ports above "
                                                "it, so base + 16 x 256 must stay within 65535")
+    hccl_port_wait_s: int = Field(120, ge=0, description="seconds a task waits, before HCCL starts (npu), for its "
+                                                         "16 HCCL_IF_BASE_PORT host ports to be free on its node "
+                                                         "(a requeue on the same node: HCCP may still hold them); "
+                                                         "still busy then stops the task naming them; 0 = no wait")
     task_start_s: float = Field(20.0, gt=0, description="seconds one array task spends starting (scheduling, "
                                                          "imports, reading the model's config) before its work; "
                                                          "planners size tasks with it (scan.layers_per_task: auto)")
