@@ -134,6 +134,7 @@ def hold_partition(profile_src: Path = REPO / "cluster_configs" / "local_slurm.y
     import yaml
 
     nodes = subprocess.run(["sinfo", "-h", "-p", "debug", "-o", "%N"], capture_output=True, text=True).stdout.strip()
+    _cancel_held()   # an earlier bench that was killed may have left its partition with jobs in it
     subprocess.run(["scontrol", "delete", f"PartitionName={HOLD_PARTITION}"], capture_output=True)
     subprocess.run(["scontrol", "create", f"PartitionName={HOLD_PARTITION}", f"Nodes={nodes or 'ALL'}", "State=DOWN",
                     "MaxTime=60"], check=True, capture_output=True)
@@ -146,13 +147,23 @@ def hold_partition(profile_src: Path = REPO / "cluster_configs" / "local_slurm.y
     try:
         yield profile
     finally:
-        out = subprocess.run(["squeue", "-h", "-p", HOLD_PARTITION, "-u", getpass.getuser(), "-o", "%F"],
-                             capture_output=True, text=True).stdout.split()
-        if out:
-            subprocess.run(["scancel", *sorted(set(out))], capture_output=True)
+        _cancel_held()
         for _ in range(50):   # a partition with jobs in it cannot be deleted
             if subprocess.run(["scontrol", "delete", f"PartitionName={HOLD_PARTITION}"],
                               capture_output=True).returncode == 0:
+                break
+            time.sleep(0.2)
+
+
+def _cancel_held() -> None:
+    """Cancel this user's jobs in the bench's own partition (nothing else is ever there)."""
+    out = subprocess.run(["squeue", "-h", "-p", HOLD_PARTITION, "-u", getpass.getuser(), "-o", "%F"],
+                         capture_output=True, text=True).stdout.split()
+    if out:
+        subprocess.run(["scancel", *sorted(set(out))], capture_output=True)
+        for _ in range(50):   # wait until they have left: a partition with jobs in it cannot be deleted
+            if not subprocess.run(["squeue", "-h", "-p", HOLD_PARTITION, "-u", getpass.getuser(), "-o", "%F"],
+                                  capture_output=True, text=True).stdout.split():
                 break
             time.sleep(0.2)
 

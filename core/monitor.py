@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from core import device_hours, failures, scheduler
+from core.gc_pause import paused_collector
 from core.run_folder import RECORD, record_if_any
 from core.scheduler import JobRow, SchedulerUnavailable, TaskEnd, category, job_key  # noqa: F401 (launchers catch it)
 
@@ -145,7 +146,7 @@ def by_run(rows: list[JobRow]) -> list[tuple[str, list[JobRow]]]:
 
 
 def _newest(jobs: list[JobRow]) -> tuple:
-    return max(job_key(r.job_id) for r in jobs)
+    return job_key(jobs[0].job_id) if len(jobs) == 1 else max(job_key(r.job_id) for r in jobs)
 
 
 def _run_state(rows: list[JobRow]) -> str:
@@ -365,6 +366,7 @@ def _aligned(table: list, header: list[str]) -> str:
                      "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
 
 
+@paused_collector
 def format_table(rows: list[JobRow], with_log: bool = True) -> str:
     """Everything (status --all): one block per run, newest first, every job; the runs of a study together under
     a line naming the study, its state and the step that failed; a pending job's reason in plain words."""
@@ -380,6 +382,7 @@ def format_table(rows: list[JobRow], with_log: bool = True) -> str:
     return _aligned(table, header)
 
 
+@paused_collector
 def format_view(rows: list[JobRow], with_log: bool = True, since: str = DEFAULT_SINCE,
                 max_finished: int = 20) -> str:
     """The default status: what is active (runs and studies with a pending or running job) first, newest first,
@@ -389,8 +392,9 @@ def format_view(rows: list[JobRow], with_log: bool = True, since: str = DEFAULT_
     if not rows:
         return f"no jobs since {since}"
     groups = by_study(rows)
-    active = [g for g in groups if _active(g[1])]
-    done = [g for g in groups if not _active(g[1])]
+    is_active = [_active(g[1]) for g in groups]
+    active = [g for g, a in zip(groups, is_active) if a]
+    done = [g for g, a in zip(groups, is_active) if not a]
     header = _header(with_log)
     table: list = []
     if active:
@@ -442,6 +446,7 @@ def _run_json(run_dir: str, jobs: list[JobRow]) -> dict:
     return out
 
 
+@paused_collector
 def as_json(rows: list[JobRow]) -> list[dict]:
     """The same grouping for scripts, every field: one object per run with its state, task counts, device-hours,
     error line and jobs (reasons, expected start, each task's state and error line, every attempt); the runs of a

@@ -9,6 +9,7 @@ outside core/scheduler/ knows which one it talks to.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import re
 from dataclasses import dataclass, field
@@ -124,10 +125,16 @@ class JobRow:
 
     @property
     def progress(self) -> dict[str, int]:
+        """Tasks per category. Counted once per row (rows are built whole by the scheduler's query and not changed
+        after; a view asks many times), counted again should the number of tasks change."""
+        known = self.__dict__.get("_progress")
+        if known is not None and known[0] == len(self.states):
+            return dict(known[1])
         counts = {"done": 0, "running": 0, "pending": 0, "failed": 0}
-        for s in self.states.values():
-            counts[category(s)] += 1
-        return counts
+        for s, n in collections.Counter(self.states.values()).items():
+            counts[category(s)] += n
+        self.__dict__["_progress"] = (len(self.states), counts)
+        return dict(counts)
 
     @property
     def state(self) -> str:

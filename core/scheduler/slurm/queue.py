@@ -9,6 +9,7 @@ import getpass
 import time
 from typing import Optional
 
+from core.gc_pause import paused_collector
 from core.scheduler.base import (PENDING, RUNNING, Attempt, JobRow, QueuedJob, QueueEntry, SchedulerUnavailable,
                                  TaskEnd, category, parse_elapsed)
 from core.scheduler.slurm.commands import run
@@ -115,6 +116,7 @@ def merge_rows(live: str, acct: str) -> list[JobRow]:
     return with_live(live, accounted_rows(acct))
 
 
+@paused_collector
 def accounted_rows(acct: str) -> dict[str, JobRow]:
     """Job id -> its row as sacct's answer tells it: every attempt, how each task's newest attempt ended, and that
     attempt's state per task. Rows are not changed afterwards (with_live copies a row it adds to), so a --watch
@@ -145,6 +147,10 @@ def accounted_rows(acct: str) -> dict[str, JobRow]:
         node_text = nodelist.strip()
         ending = TaskEnd(state.strip(), exit_code.strip(), derived.strip(), reason.strip(),
                          "" if node_text in ("", "None assigned") else node_text, started=bool(began))
+        if len(tasks) > 1 and newest.keys().isdisjoint(tasks):   # a range's tasks, none seen before: in bulk
+            newest.update(dict.fromkeys(tasks, (order, state, r)))
+            r.ends.update(dict.fromkeys(tasks, ending))
+            continue
         for task in tasks:
             known = newest.get(task)
             if known is None or order >= known[0]:
