@@ -25,6 +25,7 @@ from core.runtime import (PREEMPT, Accelerator, DistEnv, TaskContext, activate, 
                           requeue, resolve_accelerator, restart_count, torch_dtype)
 from core.config import DeepSpeedSpec, JobSpec
 from core.model_sizes import lr_group_of
+from core.results.progress import note
 
 log = logging.getLogger("engine")
 T = TypeVar("T")
@@ -206,6 +207,7 @@ def start(spec: JobSpec, ctx: TaskContext) -> Session:
     fresh = train.fresh and restart_count() == 0
     session.resume = session.ckpt.resume_point(fresh=fresh)
     session.ds_config = ds_config(spec, dist.world_size, universal=bool(session.resume and session.resume.universal))
+    note(ctx.run_dir, f"{dist.world_size} rank(s) up: building the model", rank=dist.rank)
     return session
 
 
@@ -285,6 +287,8 @@ def initialize(session: Session, model, spec: JobSpec, steps: Optional[int] = No
     opt = torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train.scheduler, train.warmup_steps,
                                                              steps or train.steps))
+    stage = session.ds_config.get("zero_optimization", {}).get("stage", 0)
+    note(session.run_dir, f"starting DeepSpeed (ZeRO-{stage})", rank=session.rank)
     engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                                  model_parameters=params, config=session.ds_config)
     engine.group_layout = layout

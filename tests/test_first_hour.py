@@ -143,6 +143,12 @@ def test_readme_main_job_learns_real_sentences_and_beats_the_untrained_model(tmp
     # progress while it trained (core.results.progress): the steps shown rise to the last one, and the page is named
     shown = [int(m) for m in re.findall(r"^  step (\d+)/120: loss [0-9.]+ \(\d+ s\)$", res.stdout, re.M)]
     assert shown and shown == sorted(shown) and shown[-1] == 120, res.stdout[:3000]
+    # and the work around training: scoring the untrained model before the first step, the test reports after it
+    lines = res.stdout.splitlines()
+    ends = [lines.index(next(ln for ln in lines if re.fullmatch(rf"  {what}: 8/8 \(\d+ s\)", ln)))
+            for what in ("scoring the untrained model", "writing the test reports")]
+    first_step = next(i for i, ln in enumerate(lines) if ln.startswith("  step "))
+    assert ends[0] < first_step < ends[1], res.stdout[:3000]
     assert f"the run's page: {run_folder(res.stdout) / 'report.html'}" in res.stdout
     results = run_folder(res.stdout) / "results"
     trained = json.loads((results / "metrics.json").read_text())

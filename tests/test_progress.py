@@ -40,3 +40,50 @@ def test_no_metrics_yet_prints_nothing_and_a_torn_last_line_is_skipped(tmp_path)
     assert last_row(tmp_path / "metrics.csv") == {"step": "3", "loss": "0.5"}
     (tmp_path / "metrics.csv").write_text("step,loss\n")
     assert last_row(tmp_path / "metrics.csv") is None
+
+
+def test_other_long_work_shows_its_notes_a_new_piece_at_once_and_each_ones_end(tmp_path):
+    """Before training, scoring the untrained model (8 reports, one every 3 s), then 6 steps, then the test
+    reports: each piece's first note at once (after the last step not shown yet), then at most one line per
+    every_s, and its end always."""
+    from core.results.progress import NOTE, note, read_note
+
+    csv = tmp_path / "metrics.csv"
+    job, clock, out = Job(70), [0.0], io.StringIO()
+    events = {3 + 3 * i: ("scoring the untrained model", i, 8) for i in range(9)}        # seconds 3..27
+    events.update({29 + s: "step" for s in range(1, 7)})                                 # steps 1..6 at 30..35 s
+    events.update({38 + 3 * i: ("writing the test reports", i, 8) for i in range(9)})    # seconds 38..62
+
+    def sleep(s):
+        clock[0] += s
+        job.left -= 1
+        ev = events.get(int(clock[0]))
+        if ev == "step":
+            step = int(clock[0]) - 29
+            with csv.open("a") as f:
+                f.write(("step,loss\n" if step == 1 else "") + f"{step},{1.0 / step:.6f}\n")
+        elif ev is not None:
+            note(tmp_path, *ev, every_s=0)
+
+    note(tmp_path, "scoring the untrained model", 0, 8, rank=1)   # only rank 0 writes
+    assert not (tmp_path / NOTE).exists()
+    n = follow_training(tmp_path, [job], out, total_steps=6, every_s=10, poll_s=1, clock=lambda: clock[0],
+                        sleep=sleep)
+    lines = out.getvalue().splitlines()
+    assert lines == ["  scoring the untrained model: 0/8 (3 s)", "  scoring the untrained model: 3/8 (13 s)",
+                     "  scoring the untrained model: 6/8 (23 s)", "  scoring the untrained model: 8/8 (27 s)",
+                     "  step 1/6: loss 1.0000 (30 s)", "  step 6/6: loss 0.1667 (38 s)",   # before the reports
+                     "  writing the test reports: 0/8 (38 s)", "  writing the test reports: 3/8 (48 s)",
+                     "  writing the test reports: 6/8 (58 s)", "  writing the test reports: 8/8 (62 s)"], lines
+    assert n == len(lines) and read_note(tmp_path) == ("writing the test reports", 8, 8)
+
+
+def test_notes_are_written_at_most_every_few_seconds_but_the_first_and_last_always(tmp_path):
+    from core.results.progress import note, read_note
+
+    for i in range(5):
+        note(tmp_path, "writing the test reports", i, 4, every_s=3600)
+        if i in (0, 4):
+            assert read_note(tmp_path) == ("writing the test reports", i, 4)
+        else:   # within the hour after the first: not written
+            assert read_note(tmp_path) == ("writing the test reports", 0, 4)

@@ -281,22 +281,29 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
 
 
 def generate(model, batches: Batches, rows: ImageRows, index: list[int], spec: JobSpec, rank: int, world: int,
-             sync: bool) -> list[dict]:
-    """Captions for this rank's share of `index` (core.engine.padded_share)."""
+             sync: bool, progress: Optional[tuple[Path, str]] = None) -> list[dict]:
+    """Captions for this rank's share of `index` (core.engine.padded_share); `progress`: (run folder, what) for
+    rank 0's notes (core.results.progress)."""
     import torch
 
     from core.engine import padded_share
+    from core.results.progress import note
 
     model.eval()
     out_rows = []
+    share = padded_share(index, rank, world)
     with torch.no_grad():
-        for i, keep in padded_share(index, rank, world):
+        for n, (i, keep) in enumerate(share):
+            if progress is not None:
+                note(progress[0], progress[1], n, len(share), rank)
             pixels, prompt = batches.prompt([rows.image(i)])
             out = model.generate(pixel_values=pixels, input_ids=prompt, max_new_tokens=spec.caption.max_new_tokens,
                                  num_beams=spec.caption.num_beams, do_sample=False, synced_gpus=sync)
             if keep:
                 out_rows.append({"id": rows.ids[i], "reference": rows.captions[i],
                                  "prediction": batches.caption(out[0], prompt.shape[1])})
+    if progress is not None:
+        note(progress[0], progress[1], len(share), len(share), rank)
     model.train()
     return out_rows
 
@@ -308,7 +315,8 @@ def evaluate(spec: JobSpec, ctx: TaskContext, session, model, batches: Batches, 
     from core.results import ResultFolder
 
     mine = generate(model, batches, rows, index, spec, session.rank, session.dist.world_size,
-                    sync=session.dist.world_size > 1 and session.zero3)
+                    sync=session.dist.world_size > 1 and session.zero3,
+                    progress=(ctx.run_dir, f"captioning the held-out images ({label} model)"))
     ordered = session.gather_rows(mine, "id", [rows.ids[i] for i in index])
     if ordered is None:
         return {}

@@ -228,7 +228,7 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
         # before any step, on the same cases and decoding; its own RNG, so training draws what it would without it
         with torch.random.fork_rng(devices=[]):
             untrained = evaluate(spec, ctx, session, engine, prompts, cases[spec.dia.eval_split], dtype,
-                                 folder="results/untrained")
+                                 folder="results/untrained", what="scoring the untrained model")
         model.train()
     vit = model.vit.cfg
 

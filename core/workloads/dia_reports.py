@@ -13,6 +13,7 @@ import json
 import logging
 import re
 from pathlib import Path
+from typing import Optional
 
 from core.data.ctrg import CONDITIONS, Case, diagnosis_text, load_volume
 from core.models.pangu import bos_encode
@@ -51,13 +52,14 @@ class Prompts:
 
 
 def evaluate(spec, ctx, session, engine, prompts, cases: list[Case], dtype, folder: str = "results",
-             baseline: Path | None = None) -> dict:
+             baseline: Path | None = None, what: str = "writing the test reports") -> dict:
     """Each rank generates for its share; rank 0 gathers, writes the CSV and scores it into `folder`. `baseline`:
-    the metrics.json of an earlier evaluation (the untrained model) drawn next to these in the plot."""
+    the metrics.json of an earlier evaluation (the untrained model) drawn next to these in the plot; `what`: how
+    the run's progress notes name this work."""
     if spec.dia.eval_limit:
         cases = cases[: spec.dia.eval_limit]
     rows = generate_rows(engine.module, prompts, cases, spec, session.device, dtype, session.rank,
-                         session.dist.world_size)
+                         session.dist.world_size, progress=(ctx.run_dir, what))
     ordered = session.gather_rows(rows, "ID", [c.id for c in cases])
     if ordered is None:
         return {}
@@ -73,20 +75,27 @@ def generation_kwargs(spec) -> dict:
     return {"do_sample": True, "top_k": dia.top_k, "top_p": dia.top_p, "temperature": dia.temperature}
 
 
-def generate_rows(model, prompts, cases: list[Case], spec, device, dtype, rank: int = 0, world: int = 1) -> list[dict]:
+def generate_rows(model, prompts, cases: list[Case], spec, device, dtype, rank: int = 0, world: int = 1,
+                  progress: Optional[tuple[Path, str]] = None) -> list[dict]:
     """Reports for this rank's share of the cases (core.engine.padded_share: the same number of generations on
     every rank). With sampling, the generator is seeded with `dia.seed` + the case's position before each case, so
-    a report does not depend on the number of ranks."""
+    a report does not depend on the number of ranks. `progress`: (run folder, what) for rank 0's notes (how many
+    of its share are written: core.results.progress)."""
     import torch
 
     from core.engine import padded_share
+    from core.results.progress import note
+
+    share = list(padded_share(cases, rank, world))
+    if progress is not None:
+        note(progress[0], progress[1], 0, len(share), rank)
 
     model.eval()
     vit = model.vit.cfg
     gen = generation_kwargs(spec)
     rows = []
     with torch.no_grad():
-        for r, (case, keep) in enumerate(padded_share(cases, rank, world)):
+        for r, (case, keep) in enumerate(share):
             vol = load_volume(case.volume, vit.image_size, vit.frames, vit.design_size).unsqueeze(0).to(device, dtype)
             calls, latents = model.predict_diseases(vol)
             pred_labels = calls[0].tolist()
@@ -100,6 +109,8 @@ def generate_rows(model, prompts, cases: list[Case], spec, device, dtype, rank: 
             if keep:
                 rows.append({"ID": case.id, "Question": prompts.text(pred_labels), "Ground Truth": case.finding,
                              "Pred": text, "GT_labels": json.dumps(case.labels), "Pred_labels": json.dumps(pred_labels)})
+            if progress is not None:
+                note(progress[0], progress[1], r + 1, len(share), rank)
     return rows
 
 
