@@ -34,3 +34,15 @@ def find(text: str) -> Optional[tuple[str, str]]:
     for m in PATTERN.finditer(text):
         found = (m.group("klass"), m.group("cause").strip())
     return found
+
+
+def find_in_file(path, tail_bytes: int = 20000) -> Optional[tuple[str, str]]:
+    """find() over the last `tail_bytes` of a log file (a mark is among a task's last lines; a long log is not
+    read whole); None when the file cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - tail_bytes))
+            return find(f.read().decode(errors="replace"))
+    except OSError:
+        return None

@@ -155,8 +155,6 @@ def _metrics_section(run_dir: Path) -> str:
 
 
 def _tasks_section(run_dir: Path, record: dict) -> str:
-    from core.failure_mark import find
-
     steps = [s.get("name") for s in record.get("steps", [])] or ["main"]
     rows = []
     for step in dict.fromkeys(steps + sorted({p.name.split(".")[0].split("-")[0]
@@ -165,12 +163,7 @@ def _tasks_section(run_dir: Path, record: dict) -> str:
         for t in task_records(run_dir, step):
             rows.append([t.get("step"), "" if t.get("task_index") is None else t["task_index"], t.get("rank"),
                          t.get("host"), t.get("job_id"), t.get("seconds"), "done"])
-    failures = []
-    sub = run_dir / "submitit"
-    for log in sorted(sub.glob("*_log.err"))[:200] if sub.is_dir() else []:
-        found = find(log.read_text(errors="replace")[-20000:])
-        if found:
-            failures.append([log.name, found[0], found[1]])
+    failures = [[log, klass, cause] for log, (klass, cause) in _log_marks(run_dir)]
     text = table(["step", "task", "rank", "node", "job", "seconds", "state"], rows, "tasks") if rows else \
         "<p>no task has finished yet</p>"
     if failures:
@@ -250,17 +243,23 @@ def study_plots(columns: list[str], rows: list[dict]) -> Optional[bytes]:
     return data
 
 
-def step_failures(run_dir: Path) -> list[tuple[str, str]]:
-    """(class, cause) of each failure a step's tasks printed (core.failure_mark lines in its submitit logs)."""
-    from core.failure_mark import find
+def _log_marks(run_dir: Path) -> list[tuple[str, tuple[str, str]]]:
+    """(log name, (class, cause)) of each of a run's task logs (the first 200) whose tail carries a failure mark
+    (core.failure_mark)."""
+    from core.failure_mark import find_in_file
 
     sub = Path(run_dir) / "submitit"
     found = []
     for log in sorted(sub.glob("*_log.err"))[:200] if sub.is_dir() else []:
-        hit = find(log.read_text(errors="replace")[-20000:])
-        if hit and hit not in found:
-            found.append(hit)
+        hit = find_in_file(log)
+        if hit:
+            found.append((log.name, hit))
     return found
+
+
+def step_failures(run_dir: Path) -> list[tuple[str, str]]:
+    """(class, cause) of each failure a step's tasks printed, each once (core.failure_mark lines in its logs)."""
+    return list(dict.fromkeys(hit for _, hit in _log_marks(run_dir)))
 
 
 def _step_states(rec: dict) -> tuple[dict, str]:

@@ -67,3 +67,18 @@ def test_an_array_without_a_merge_step_gets_a_page_from_its_tasks(tmp_path):
     tasks = html_tables((run_dir / "report.html").read_text())["tasks"]
     assert tasks[0][:2] == ["step", "task"]
     assert sorted((r[0], r[1]) for r in tasks[1:]) == [("main", "0"), ("main", "1")]
+
+
+def test_failure_marks_are_read_from_the_logs_tail_only(tmp_path):
+    """A task's failure mark is found in the last 20 kB of its log; a long log is not read whole (a mark buried
+    before that is an earlier attempt's, and reading gigabytes of a chatty log would stall the page)."""
+    from core.failure_mark import mark_line
+    from core.report import step_failures
+
+    sub = tmp_path / "submitit"
+    sub.mkdir()
+    (sub / "7_0_log.err").write_text(mark_line("hang", "old attempt") + "\n" + "x" * 50_000 + "\n"
+                                     + mark_line("node", "n2: device check failed") + "\n")
+    (sub / "7_1_log.err").write_text(mark_line("node", "n2: device check failed") + "\n")
+    (sub / "8_0_log.err").write_text(mark_line("hang", "buried") + "\n" + "y" * 30_000 + "\n")
+    assert step_failures(tmp_path) == [("node", "n2: device check failed")]
