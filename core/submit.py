@@ -55,6 +55,16 @@ def submit(plan: Plan, raw_spec: dict, spec_file: str, resume_dir: Optional[Path
     ids of other runs (a study's earlier steps) that the plan's first steps wait for (afterok); `extra_record`
     goes into run.json (a study's folder and step name)."""
     git = start_git_status()  # the checkout's state, read while the jobs are submitted
+    try:
+        return _submit(plan, raw_spec, spec_file, resume_dir, after_ids, extra_record, git)
+    finally:
+        if git is not None and git.poll() is None:   # a submission that failed: the git process is not left behind
+            git.kill()
+            git.communicate()
+
+
+def _submit(plan: Plan, raw_spec: dict, spec_file: str, resume_dir: Optional[Path], after_ids: tuple[str, ...],
+            extra_record: Optional[dict], git) -> Submission:
     sched = scheduler.for_cluster(plan.cluster)
     local = not sched.has_queue  # no queue: each step runs to its end before the next, in this process
     root = run_folder.local_root_id(run_folder.logs_root(plan.spec)) if local else None
