@@ -508,15 +508,17 @@ def step_phase(states: dict[str, str]) -> str:
 LOST_AFTER_ROUNDS = 6   # --wait polls every 5 s: half a minute unknown to squeue and sacct alike
 
 
-def follow(sched, steps: dict[str, list[str]], out, poll_s: float = 5.0, sleep=time.sleep) -> dict[str, str]:
+def follow(sched, steps: dict[str, list[str]], out, poll_s: float = 5.0, sleep=time.sleep,
+           progress=None) -> dict[str, str]:
     """Wait for the jobs of each step (step -> job ids) to end, writing a line each time a step starts or ends;
-    one scheduler query (states) per round. Returns each step's end state."""
+    one scheduler query (states) per round. `progress(ended) -> lines`: what the run did meanwhile (local file
+    reads, core.results.progress.RunProgress), written each round. Returns each step's end state."""
     seen: dict[str, str] = {}
     unseen = {name: 0 for name in steps}
     ids = [j for js in steps.values() for j in js]
     while True:
         states, answered = sched.states(ids)
-        phases = {}
+        phases, said = {}, []   # (ended?, line) in step order
         for name, js in steps.items():
             mine = {t: s for t, s in states.items() if t.split("_")[0] in js}
             # neither the queue nor accounting knows the jobs (purged, or accounting lost them): after a few rounds
@@ -527,9 +529,16 @@ def follow(sched, steps: dict[str, list[str]], out, poll_s: float = 5.0, sleep=t
                 tasks = f" ({len(mine)} tasks)" if len(mine) > 1 else ""
                 word = "started" if phases[name] == "running" else f"ended {phases[name]}" \
                     if phases[name] != "pending" else "pending again (requeued)"
-                out.write(f"{time.strftime('%H:%M:%S')} step {name}: {word}{tasks} (job {','.join(js)})\n")
-                out.flush()
+                said.append((word.startswith("ended"),
+                             f"{time.strftime('%H:%M:%S')} step {name}: {word}{tasks} (job {','.join(js)})"))
             seen[name] = phases[name]
-        if all(p not in ("pending", "running") for p in phases.values()):
+        over = all(p not in ("pending", "running") for p in phases.values())
+        # what the run did since the last round goes before the first step that ended in it
+        cut = next((i for i, (ended, _) in enumerate(said) if ended), len(said))
+        lines = [line for _, line in said]
+        for line in lines[:cut] + (progress(over) if progress is not None else []) + lines[cut:]:
+            out.write(line + "\n")
+            out.flush()
+        if over:
             return phases
         sleep(poll_s)

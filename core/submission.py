@@ -232,10 +232,14 @@ def follow_job(job: PlannedJob, submission, out, poll_s: float = 5.0) -> None:
 
     from core import retry
 
+    from core.results.progress import RunProgress
+
     steps = {rec["name"]: list(rec.get("job_ids") or []) for rec in submission.record["steps"] if rec.get("job_ids")}
     policy, handled = retry.policy_of(job.cluster), set()
+    train = job.spec.train
+    progress = RunProgress(submission.run_dir, train.steps if train is not None else None)
     while True:  # ends: every retry is bounded (retry.max_retries) and loop-guarded (core.retry)
-        follow(job.scheduler, steps, out, poll_s)
+        follow(job.scheduler, steps, out, poll_s, progress=progress.lines)
         try:
             rows = job.scheduler.accounting([j for ids in steps.values() for j in ids])
         except scheduler.SchedulerUnavailable:

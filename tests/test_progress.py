@@ -87,3 +87,19 @@ def test_notes_are_written_at_most_every_few_seconds_but_the_first_and_last_alwa
             assert read_note(tmp_path) == ("writing the test reports", i, 4)
         else:   # within the hour after the first: not written
             assert read_note(tmp_path) == ("writing the test reports", 0, 4)
+
+
+def test_a_note_and_steps_seen_in_one_look_are_shown_in_the_order_they_were_written(tmp_path):
+    import os
+
+    from core.results.progress import NOTE, RunProgress, note
+
+    note(tmp_path, "starting DeepSpeed (ZeRO-2)")
+    (tmp_path / "metrics.csv").write_text("step,loss\n1,2.0\n2,1.5\n")
+    os.utime(tmp_path / NOTE, ns=(1_000_000_000, 1_000_000_000))          # written before the steps
+    progress = RunProgress(tmp_path, total_steps=4, clock=lambda: 3.0)
+    assert progress.lines() == ["  starting DeepSpeed (ZeRO-2) (0 s)", "  step 2/4: loss 1.5000 (0 s)"]
+    (tmp_path / "metrics.csv").write_text("step,loss\n1,2.0\n2,1.5\n3,1.0\n4,0.5\n")
+    note(tmp_path, "writing the test reports", 0, 2)
+    os.utime(tmp_path / "metrics.csv", ns=(2_000_000_000, 2_000_000_000))  # the last step, then the reports
+    assert progress.lines(ended=True) == ["  step 4/4: loss 0.5000 (0 s)", "  writing the test reports: 0/2 (0 s)"]

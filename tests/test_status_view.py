@@ -368,3 +368,33 @@ def test_device_hours_of_the_finished_study_and_a_failed_attempt_equal_sacct(bus
     line = device_hours_line(json.loads((busy["study_dir"] / "study.json").read_text()))
     total = device_hours.describe(study["device_hours"])
     assert line.startswith(f"device-hours: {total}; first ") and ", second " in line
+
+
+def test_wait_shows_what_the_run_did_between_a_steps_start_and_end(tmp_path):
+    """--wait on a queue: the run's training steps and notes (its metrics.csv and progress.json, written by the job
+    on the shared file system) between 'started' and 'ended', the last step and the last note before the end."""
+    from core.results.progress import RunProgress, note
+
+    metrics = tmp_path / "metrics.csv"
+    writes = iter([lambda: None,
+                   lambda: note(tmp_path, "starting DeepSpeed (ZeRO-2)"),
+                   lambda: metrics.write_text("step,loss\n1,2.0\n2,1.5\n"),
+                   lambda: (metrics.write_text("step,loss\n1,2.0\n2,1.5\n3,1.0\n4,0.5\n"),
+                            note(tmp_path, "writing the test reports", 2, 2, every_s=0))])
+    rounds = iter([{"7": "PENDING"}, {"7": "RUNNING"}, {"7": "RUNNING"}, {"7": "COMPLETED"}])
+    clock = [0.0]
+
+    class Recorded:  # the scheduler's answers; the job writes its files between two rounds
+        def states(self, ids):
+            next(writes)()
+            clock[0] += 5
+            return next(rounds), True
+
+    out = io.StringIO()
+    progress = RunProgress(tmp_path, total_steps=4, every_s=10, clock=lambda: clock[0])
+    assert monitor.follow(Recorded(), {"main": ["7"]}, out, sleep=lambda s: None, progress=progress.lines) == \
+        {"main": "COMPLETED"}
+    said = [ln.split(" ", 1)[1] if ln[:2].isdigit() else ln for ln in out.getvalue().splitlines()]
+    assert said == ["step main: started (job 7)", "  starting DeepSpeed (ZeRO-2) (10 s)",
+                    "  step 2/4: loss 1.5000 (15 s)", "  step 4/4: loss 0.5000 (20 s)",
+                    "  writing the test reports: 2/2 (20 s)", "step main: ended COMPLETED (job 7)"], said

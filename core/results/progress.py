@@ -63,43 +63,64 @@ def last_row(metrics_csv: Path) -> Optional[dict]:
     return rows[0] if rows and rows[0].get("step", "").isdigit() else None
 
 
-def follow_training(run_dir: Path, jobs: list, out, total_steps: Optional[int] = None, every_s: float = 10.0,
-                    poll_s: float = 1.0, clock=time.monotonic, sleep=time.sleep) -> int:
-    """Print 'step N/T: loss L (S s)' as the run trains and '<what>: D/T (S s)' as its other long work advances
-    (`note`), until every job is done; returns the lines printed. A new piece of work is shown at once; the last
-    step, and the end of each piece, always."""
-    start, printed = clock(), 0
-    of = f"/{total_steps}" if total_steps else ""
-    shown_step, step_at = None, -every_s
-    shown_note: Optional[tuple[str, int, int]] = None
-    note_at = -every_s
+class RunProgress:
+    """What a run has done since the last look, as lines to print: 'step N/T: loss L (S s)' as it trains (its
+    metrics.csv) and '<what>: D/T (S s)' as its other long work advances (`note`). At most one step line and one
+    note line every `every_s` seconds; a new piece of work at once (after the last step not shown yet); when the
+    run has ended, its last step and its last note."""
 
-    def say(text: str, now: float) -> None:
-        nonlocal printed
-        out.write(f"  {text} ({now - start:.0f} s)\n")
-        out.flush()
-        printed += 1
+    def __init__(self, run_dir: Path, total_steps: Optional[int] = None, every_s: float = 10.0,
+                 clock=time.monotonic):
+        self.run_dir, self.every_s, self.clock = Path(run_dir), every_s, clock
+        self.of = f"/{total_steps}" if total_steps else ""
+        self.start = clock()
+        self.shown_step: Optional[str] = None
+        self.step_at = -every_s
+        self.shown_note: Optional[tuple[str, int, int]] = None
+        self.note_at = -every_s
 
-    ended = False
-    while not ended:
-        ended = all(j.done() for j in jobs)
-        if not ended:
-            sleep(poll_s)
-        now = clock()
-        row = last_row(Path(run_dir) / "metrics.csv")
-        found = read_note(run_dir)
-        new_piece = found is not None and (shown_note is None or found[0] != shown_note[0])
-        # a step not shown yet goes first when the jobs end or other work starts (the last step before evaluation)
-        if row is not None and row["step"] != shown_step and (ended or new_piece or now - step_at >= every_s):
+    def lines(self, ended: bool = False) -> list[str]:
+        now = self.clock()
+        step_line = note_line = None
+        row = last_row(self.run_dir / "metrics.csv")
+        found = read_note(self.run_dir)
+        new_piece = found is not None and (self.shown_note is None or found[0] != self.shown_note[0])
+        if row is not None and row["step"] != self.shown_step and (ended or new_piece
+                                                                   or now - self.step_at >= self.every_s):
             loss = row.get("loss", "")
             try:
                 loss = f"{float(loss):.4f}"
             except ValueError:
                 pass
-            say(f"step {row['step']}{of}: loss {loss}", now)
-            shown_step, step_at = row["step"], now
-        if found is not None and found != shown_note:
-            if new_piece or ended or found[1] >= found[2] or now - note_at >= every_s:
-                say(f"{found[0]}: {found[1]}/{found[2]}" if found[2] else found[0], now)
-                shown_note, note_at = found, now
+            step_line = f"  step {row['step']}{self.of}: loss {loss} ({now - self.start:.0f} s)"
+            self.shown_step, self.step_at = row["step"], now
+        if found is not None and found != self.shown_note:
+            if new_piece or ended or found[1] >= found[2] or now - self.note_at >= self.every_s:
+                text = f"{found[0]}: {found[1]}/{found[2]}" if found[2] else found[0]
+                note_line = f"  {text} ({now - self.start:.0f} s)"
+                self.shown_note, self.note_at = found, now
+        if step_line and note_line and _mtime(self.run_dir / NOTE) < _mtime(self.run_dir / "metrics.csv"):
+            return [note_line, step_line]   # the note came first (starting DeepSpeed, then the steps)
+        return [line for line in (step_line, note_line) if line]
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def follow_training(run_dir: Path, jobs: list, out, total_steps: Optional[int] = None, every_s: float = 10.0,
+                    poll_s: float = 1.0, clock=time.monotonic, sleep=time.sleep) -> int:
+    """RunProgress's lines for a run on the local executor until every job is done; returns the lines printed."""
+    progress, printed, ended = RunProgress(run_dir, total_steps, every_s, clock), 0, False
+    while not ended:
+        ended = all(j.done() for j in jobs)
+        if not ended:
+            sleep(poll_s)
+        for line in progress.lines(ended):
+            out.write(line + "\n")
+            out.flush()
+            printed += 1
     return printed
