@@ -147,7 +147,7 @@ def test_readme_main_job_learns_real_sentences_and_beats_the_untrained_model(tmp
     lines = res.stdout.splitlines()
     ends = [lines.index(next(ln for ln in lines if re.fullmatch(rf"  {what}: 8/8 \(\d+ s\)", ln)))
             for what in ("scoring the untrained model", "writing the test reports")]
-    first_step = next(i for i, ln in enumerate(lines) if ln.startswith("  step "))
+    first_step = next(i for i, ln in enumerate(lines) if re.match(r"  step \d+/120: ", ln))
     assert ends[0] < first_step < ends[1], res.stdout[:3000]
     assert f"the run's page: {run_folder(res.stdout) / 'report.html'}" in res.stdout
     results = run_folder(res.stdout) / "results"

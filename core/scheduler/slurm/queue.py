@@ -120,8 +120,8 @@ def merge_rows(live: str, acct: str) -> list[JobRow]:
 def accounted_rows(acct: str) -> dict[str, JobRow]:
     """Job id -> its row as sacct's answer tells it: every attempt, how each task's newest attempt ended, and that
     attempt's state per task. Rows are not changed afterwards (with_live copies a row it adds to), so a --watch
-    refresh can reuse them while sacct is not asked again. Work per sacct line, not per task: a line that accounts
-    many array tasks together (pending, or cancelled before they started) is one Attempt named by its range."""
+    refresh can reuse them while sacct is not asked again. A line that accounts many array tasks together (pending,
+    or cancelled before they started) is parsed once: its tasks share one TaskEnd and get their states in bulk."""
     rows: dict[str, JobRow] = {}
     newest: dict[str, tuple[float, str, JobRow]] = {}   # task -> (start, state, row) of its newest attempt
     for line in acct.splitlines():
@@ -142,8 +142,9 @@ def accounted_rows(acct: str) -> dict[str, JobRow]:
         # an attempt that has not started (a requeued job waiting again: Start=Unknown) is the newest one
         order = began if began else float("inf")
         tasks = expand_task_ids(jid)
-        r.attempts.append(Attempt(tasks[0] if len(tasks) == 1 else jid, state.split()[0] if state else "UNKNOWN",
-                                  int(raw) if raw.strip().isdigit() else secs, unit, count, began, _epoch(end)))
+        word, held, ended_at = state.split()[0] if state else "UNKNOWN", int(raw) if raw.strip().isdigit() else secs, \
+            _epoch(end)
+        r.attempts.extend(Attempt(t, word, held, unit, count, began, ended_at) for t in tasks)
         node_text = nodelist.strip()
         ending = TaskEnd(state.strip(), exit_code.strip(), derived.strip(), reason.strip(),
                          "" if node_text in ("", "None assigned") else node_text, started=bool(began))
