@@ -43,6 +43,10 @@ def test_accounting_alone_names_time_limit_preemption_node_oom_cancel_and_depend
     assert failures.classify(waited, [], SLURM).klass == "cancelled"
     assert failures.classify(TaskEnd("CANCELLED by 0", reason="DependencyNeverSatisfied", started=False), [],
                              SLURM).klass == "dependency"
+    # the array it waited for failed within a second of its submission: slurmctld cancelled it before a scheduling
+    # pass had set its pending reason (sacct: CANCELLED, Reason None, never started; seen in a full suite run)
+    assert failures.classify(TaskEnd("CANCELLED", reason="None", started=False), [], SLURM).klass == "dependency"
+    assert failures.classify(TaskEnd("CANCELLED by 0", reason="None", started=False), [], SLURM).klass == "cancelled"
     assert got["3002"].klass == "preempted"
     assert got["3003"].klass == "host_oom" and "OUT_OF_MEMORY" in got["3003"].cause
     # FAILED with nothing in a log: unknown, with the exit code; the requeued job's newest attempt counts

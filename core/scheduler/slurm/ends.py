@@ -79,9 +79,11 @@ def classify(end: TaskEnd, lines: list[str]) -> Optional[tuple]:
         return "host_oom", f"killed by the out-of-memory handler{where} ({oom[-1].group(1)} oom-kill event(s))"
     if state == "CANCELLED":
         by = _BY.match(end.state)
-        # kill_on_invalid_dep: slurmctld cancels it (no 'by' on this Slurm; sacct keeps Reason 'Dependency') or the
-        # reason says so outright; a person cancelling a job that waited for its dependency says 'by <uid>'
-        if not end.started and (end.reason == "DependencyNeverSatisfied" or (end.reason == "Dependency" and not by)):
+        # kill_on_invalid_dep: slurmctld cancels it (no 'by' on this Slurm; sacct keeps Reason 'Dependency', or
+        # 'None' when the dependency failed before a scheduling pass had set one) or the reason says so outright; a
+        # person cancelling a job that waited for its dependency says 'by <uid>'
+        if not end.started and (end.reason == "DependencyNeverSatisfied"
+                                or (end.reason in ("Dependency", "None", "") and not by)):
             return "dependency", "never ran: a job it depends on (afterok) failed (DependencyNeverSatisfied)"
         stepd = [m for ln in lines for m in [_STEPD_END.search(ln)] if m]
         if stepd:  # slurmstepd's own word beats a plain CANCELLED (a time limit during the grace time)
