@@ -9,6 +9,7 @@ Cancelling is core.cancel.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -17,7 +18,7 @@ from typing import Optional
 
 from core import device_hours, failures, scheduler
 from core.gc_pause import paused_collector
-from core.run_folder import RECORD, record_if_any
+from core.run_folder import RECORD
 from core.scheduler import JobRow, SchedulerUnavailable, TaskEnd, category, job_key  # noqa: F401 (launchers catch it)
 
 DEFAULT_SINCE = "2d"
@@ -184,12 +185,11 @@ def study_of(run_dir: str) -> Optional[tuple[str, str, str]]:
 def _read_study(run_dir: str) -> Optional[tuple[str, str, str]]:
     """study_of's read of run.json: parsed only when it mentions a study (most runs are no study's step)."""
     try:
-        if b'"study"' not in Path(run_dir, RECORD).read_bytes():
-            return None
-    except OSError:
+        data = Path(run_dir, RECORD).read_bytes()
+        rec = json.loads(data) if b'"study"' in data else None
+    except (OSError, ValueError):
         return None
-    rec = record_if_any(Path(run_dir))
-    if rec and rec.get("study"):
+    if isinstance(rec, dict) and rec.get("study"):
         return str(rec["study"]), str(rec.get("study_name") or ""), str(rec.get("study_step") or "")
     return None
 

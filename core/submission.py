@@ -231,7 +231,6 @@ def follow_job(job: PlannedJob, submission, out, poll_s: float = 5.0) -> None:
     from core.monitor import follow
 
     from core import retry
-
     from core.results.progress import RunProgress
 
     steps = {rec["name"]: list(rec.get("job_ids") or []) for rec in submission.record["steps"] if rec.get("job_ids")}

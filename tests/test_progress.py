@@ -103,3 +103,15 @@ def test_a_note_and_steps_seen_in_one_look_are_shown_in_the_order_they_were_writ
     note(tmp_path, "writing the test reports", 0, 2)
     os.utime(tmp_path / "metrics.csv", ns=(2_000_000_000, 2_000_000_000))  # the last step, then the reports
     assert progress.lines(ended=True) == ["  step 4/4: loss 0.5000 (0 s)", "  writing the test reports: 0/2 (0 s)"]
+
+
+def test_noted_items_say_how_many_are_done(tmp_path):
+    from core.results.progress import noted, read_note
+
+    seen = []
+    for item in noted(["a", "b", "c"], (tmp_path, "writing the test reports"), rank=0):
+        seen.append((item, read_note(tmp_path)))
+    assert [item for item, _ in seen] == ["a", "b", "c"] and seen[0][1] == ("writing the test reports", 0, 3)
+    assert all(got[1] <= i for i, (_, got) in enumerate(seen)), seen   # never ahead of the items handed out
+    assert read_note(tmp_path) == ("writing the test reports", 3, 3)
+    assert list(noted([1, 2], None)) == [1, 2] and read_note(tmp_path)[1] == 3   # no progress: no note

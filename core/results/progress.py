@@ -33,6 +33,17 @@ def note(run_dir: Path, what: str, done: int = 0, total: int = 0, rank: int = 0,
     write_json_atomic(Path(run_dir) / NOTE, {"what": what, "done": int(done), "total": int(total)})
 
 
+def noted(items: list, progress: Optional[tuple[Path, str]], rank: int = 0):
+    """The items, one by one, with rank 0's notes of how many are done (`progress`: (run folder, what); None: no
+    notes): 0 of N before the first, n of N after each."""
+    if progress is not None:
+        note(progress[0], progress[1], 0, len(items), rank)
+    for n, item in enumerate(items, 1):
+        yield item
+        if progress is not None:
+            note(progress[0], progress[1], n, len(items), rank)
+
+
 def read_note(run_dir: Path) -> Optional[tuple[str, int, int]]:
     """(what, done, total) of the run's latest note; None without one (or while it cannot be read)."""
     try:

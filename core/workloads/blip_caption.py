@@ -287,23 +287,18 @@ def generate(model, batches: Batches, rows: ImageRows, index: list[int], spec: J
     import torch
 
     from core.engine import padded_share
-    from core.results.progress import note
+    from core.results.progress import noted
 
     model.eval()
     out_rows = []
-    share = padded_share(index, rank, world)
     with torch.no_grad():
-        for n, (i, keep) in enumerate(share):
-            if progress is not None:
-                note(progress[0], progress[1], n, len(share), rank)
+        for i, keep in noted(padded_share(index, rank, world), progress, rank):
             pixels, prompt = batches.prompt([rows.image(i)])
             out = model.generate(pixel_values=pixels, input_ids=prompt, max_new_tokens=spec.caption.max_new_tokens,
                                  num_beams=spec.caption.num_beams, do_sample=False, synced_gpus=sync)
             if keep:
                 out_rows.append({"id": rows.ids[i], "reference": rows.captions[i],
                                  "prediction": batches.caption(out[0], prompt.shape[1])})
-    if progress is not None:
-        note(progress[0], progress[1], len(share), len(share), rank)
     model.train()
     return out_rows
 

@@ -84,18 +84,14 @@ def generate_rows(model, prompts, cases: list[Case], spec, device, dtype, rank: 
     import torch
 
     from core.engine import padded_share
-    from core.results.progress import note
-
-    share = list(padded_share(cases, rank, world))
-    if progress is not None:
-        note(progress[0], progress[1], 0, len(share), rank)
+    from core.results.progress import noted
 
     model.eval()
     vit = model.vit.cfg
     gen = generation_kwargs(spec)
     rows = []
     with torch.no_grad():
-        for r, (case, keep) in enumerate(share):
+        for r, (case, keep) in enumerate(noted(padded_share(cases, rank, world), progress, rank)):
             vol = load_volume(case.volume, vit.image_size, vit.frames, vit.design_size).unsqueeze(0).to(device, dtype)
             calls, latents = model.predict_diseases(vol)
             pred_labels = calls[0].tolist()
@@ -109,8 +105,6 @@ def generate_rows(model, prompts, cases: list[Case], spec, device, dtype, rank: 
             if keep:
                 rows.append({"ID": case.id, "Question": prompts.text(pred_labels), "Ground Truth": case.finding,
                              "Pred": text, "GT_labels": json.dumps(case.labels), "Pred_labels": json.dumps(pred_labels)})
-            if progress is not None:
-                note(progress[0], progress[1], r + 1, len(share), rank)
     return rows
 
 
