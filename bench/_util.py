@@ -70,6 +70,27 @@ def wall(cmd, repeat: int = 5, **kw) -> float:
     return wall_and_cpu(cmd, repeat, **kw)[0]
 
 
+def in_turns(*fns, rounds: int = 9) -> list[float]:
+    """Median wall seconds of each of `fns`, run in turns (a, b, a, b, ...) after one untimed call each: a change in
+    the machine's speed during the bench (another tenant, a CPU clock) then falls on every figure of a ratio alike,
+    where separate runs of medians would put it on one side only."""
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for spent, fn in zip(times, fns):
+            t0 = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def process(cmd, **kw):
+    """A function that runs `cmd` as a fresh process in the repository, as a user's shell would (in_turns)."""
+    kw.setdefault("env", as_users_run())
+    return lambda: subprocess.run(cmd, check=False, capture_output=True, cwd=REPO, **kw)
+
+
 def wall_and_cpu(cmd, repeat: int = 5, **kw) -> tuple[float, float]:
     """(median wall seconds, median CPU seconds of the process and its children) of running `cmd` fresh, after one
     untimed run. The CPU time is the steadier figure on a shared machine: it does not count waiting for a core."""

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _util import PY, REPO, cancel_named, hold_partition, local_cluster_only, wall
+from _util import PY, REPO, cancel_named, hold_partition, in_turns, local_cluster_only, process, wall
 
 sys.path.insert(0, str(REPO))
 NAME = f"bench_status_{os.getpid()}"
@@ -81,12 +81,15 @@ def main():
             squeue = ["squeue", "-h", "-r", "-u", user, "-o", SQUEUE_FMT]
             sacct = ["sacct", "-X", "-D", "-n", "-P", "-u", user, "-S", since, "-o", SACCT_FIELDS]
             bare_squeue = wall(squeue, 5)
-            both = wall(["sh", "-c", " ".join(shlex.quote(a) for a in squeue) + "; "
-                         + " ".join(shlex.quote(a) for a in sacct)], 5)
-            bare_py = wall([PY, "-c", "import subprocess as s; s.run(%r, capture_output=True); "
-                                      "s.run(%r, capture_output=True)" % (squeue, sacct)], 5)
-            process = wall([PY, "launchers/status.py", "--no-log"], 5)
-            refresh, _ = timed(lambda: monitor.format_view(monitor.query(user, since), with_log=True))
+            # each ratio's two sides measured in turns (bench/_util.py in_turns): the machine's drift hits both
+            both, refresh = in_turns(
+                process(["sh", "-c", " ".join(shlex.quote(a) for a in squeue) + "; "
+                         + " ".join(shlex.quote(a) for a in sacct)]),
+                lambda: monitor.format_view(monitor.query(user, since), with_log=True))
+            bare_py, whole = in_turns(
+                process([PY, "-c", "import subprocess as s; s.run(%r, capture_output=True); "
+                                   "s.run(%r, capture_output=True)" % (squeue, sacct)]),
+                process([PY, "launchers/status.py", "--no-log"]))
             refresher = monitor.Refresher(user, since)
             refresher.query()
             log.write_text("")
@@ -97,8 +100,8 @@ def main():
                   f"sacct x{calls.count('sacct')} (target 1 + 1)")
             print(f"      refresh in process {refresh * 1000:.0f} ms / its squeue+sacct {both * 1000:.0f} ms = "
                   f"{refresh / both:.2f}x (target <= 1.3x)")
-            print(f"      whole status.py {process * 1000:.0f} ms / bare Python making the same calls "
-                  f"{bare_py * 1000:.0f} ms = {process / bare_py:.2f}x (target <= 1.3x)")
+            print(f"      whole status.py {whole * 1000:.0f} ms / bare Python making the same calls "
+                  f"{bare_py * 1000:.0f} ms = {whole / bare_py:.2f}x (target <= 1.3x)")
             print(f"      --watch steady refresh: squeue x{steady_calls.count('squeue')}, sacct "
                   f"x{steady_calls.count('sacct')} in 5 refreshes, {steady * 1000:.0f} ms = "
                   f"{steady / bare_squeue:.2f}x a bare squeue ({bare_squeue * 1000:.0f} ms); its own CPU "

@@ -216,8 +216,8 @@ def by_study(rows: list[JobRow]) -> list[Group]:
             index[st[0]] = len(out)
             out.append(((st[0], st[1]), []))
         out[index[st[0]]][1].insert(0, (run_dir, st[2], jobs))
-    return sorted(out, key=lambda g: (any(rd for rd, _, _ in g[1]), max(_newest(jobs) for _, _, jobs in g[1])),
-                  reverse=True)
+    # already newest first: by_run's order, and a study stands where its newest run (the first one met) stood
+    return out
 
 
 def latest_runs(runs: list[tuple[str, str, list[JobRow]]]) -> list[tuple[str, str, list[JobRow]]]:

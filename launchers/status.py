@@ -14,6 +14,7 @@ finished ones of the window folded to one line each (state, device-hours, the fa
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 
 import _common  # noqa: F401
@@ -34,6 +35,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-log", action="store_true", help="leave out the last log line")
     p.add_argument("--json", action="store_true", help="print the runs and their jobs as JSON (for scripts)")
     args = p.parse_args(argv)
+    if not args.watch:
+        # one refresh, then exit: the rows of a long window (tens of thousands of objects, none in a cycle) are freed
+        # by their counts; the cyclic collector would only walk them, during the view and again at exit
+        gc.disable()
     from core import monitor
 
     label = args.since or monitor.DEFAULT_SINCE

@@ -81,10 +81,18 @@ def test_status_shows_completed_failed_pending_cancelled_and_cancel_by_id_and_na
     assert cli("cancel", "no_such_job_name").returncode != 0
 
 
+def counted_clients(monkeypatch) -> list[str]:
+    """The Slurm clients status runs, in order: both ways it runs one (its answer whole: run, or line by line while
+    the client writes: lines) are counted."""
+    calls: list[str] = []
+    for way in ("run", "lines"):
+        real = getattr(slurm_queue, way)
+        monkeypatch.setattr(slurm_queue, way, lambda cmd, real=real: (calls.append(cmd[0]), real(cmd))[1])
+    return calls
+
+
 def test_one_squeue_and_one_sacct_call_per_refresh(slurm, monkeypatch):
-    calls = []
-    real = slurm_queue.run
-    monkeypatch.setattr(slurm_queue, "run", lambda cmd: (calls.append(cmd[0]), real(cmd))[1])
+    calls = counted_clients(monkeypatch)
     monitor.query()
     monitor.query()
     assert calls == ["squeue", "sacct", "squeue", "sacct"]
@@ -104,9 +112,7 @@ def test_expand_task_ids():
 
 
 def test_watch_asks_sacct_only_when_a_job_left_the_queue(slurm, uname, tmp_path, monkeypatch):
-    calls = []
-    real = slurm_queue.run
-    monkeypatch.setattr(slurm_queue, "run", lambda cmd: (calls.append(cmd[0]), real(cmd))[1])
+    calls = counted_clients(monkeypatch)
     rec = submit_record("jobs/tiny/smoke.yaml", "-c", "local_slurm", "--set", f"name={uname}",
                         "--set", "smoke.sleep_s=120", "--set", f"outputs.logs_dir={tmp_path}")
     job = rec["steps"][0]["job_ids"][0]

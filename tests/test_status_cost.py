@@ -89,3 +89,48 @@ def test_a_watch_refresh_parses_saccts_answer_once_and_leaves_it_unchanged(monke
     assert second[1].attempts == refresher.acct["600"].attempts and "depends on" in second[0].why
     assert second[2] is refresher.acct["500"] and second[2].states["500_0"] == "COMPLETED"
     assert refresher.acct["600"].seconds == 4 and refresher.acct["600"].states == {"600": "RUNNING"}  # as sacct said
+
+
+def test_a_requeued_task_of_an_array_counts_its_newest_attempt_and_details_wait_until_read():
+    from core.scheduler.slurm.queue import accounted_rows
+
+    tres = "billing=1,cpu=1,node=1"
+    acct = (f"700_0|scan|COMPLETED|0:0|00:00:10|1|n1|10|{tres}|2026-12-06T19:00:00|2026-12-06T19:00:10|None|0:0|run=/l\n"
+            f"700_1|scan|COMPLETED|0:0|00:00:20|1|n2|20|{tres}|2026-12-06T19:10:00|2026-12-06T19:10:20|None|0:0|run=/l\n"
+            f"700_1|scan|NODE_FAIL|1:0|00:05:00|1|n1|300|{tres}|2026-12-06T19:00:00|2026-12-06T19:05:00|None|0:0|run=/l\n")
+    row = accounted_rows(iter(acct.splitlines()))["700"]   # lines as they come (commands.lines)
+    assert "attempts" not in row.__dict__ and "ends" not in row.__dict__   # built only when a view reads them
+    assert row.states == {"700_0": "COMPLETED", "700_1": "COMPLETED"} and row.seconds == 300
+    assert row.progress == {"done": 2, "running": 0, "pending": 0, "failed": 0} and row.state == "COMPLETED"
+    assert [(a.task_id, a.state) for a in row.attempts] == [("700_0", "COMPLETED"), ("700_1", "COMPLETED"),
+                                                            ("700_1", "NODE_FAIL")]
+    assert row.ends["700_1"].nodes == "n2" and row.ends["700_0"].nodes == "n1"   # the newest attempt's end
+
+
+def test_a_clients_lines_as_they_come_equal_its_whole_answer_and_errors_are_the_same():
+    """commands.lines (status reads sacct line by line while it writes) against commands.run: the same text across
+    read boundaries that split a character, the same errors, and a client killed when its reader stops early."""
+    import os
+    import sys
+
+    import pytest
+
+    from core.scheduler.base import SchedulerUnavailable
+    from core.scheduler.slurm.commands import lines, run
+
+    py = sys.executable
+    many = [py, "-c", "import sys\nfor i in range(30000): sys.stdout.write(f'{i}|é線|{\"x\" * (i % 97)}\\n')\n"
+                      "sys.stdout.write('last line without a newline')"]
+    whole = run(many)
+    assert list(lines(many)) == whole.split("\n") and len(whole) > 10 * 65536
+    with pytest.raises(SchedulerUnavailable, match="failed: no such partition"):
+        list(lines([py, "-c", "import sys; print('1|a'); sys.exit('no such partition')"]))
+    with pytest.raises(SchedulerUnavailable, match="not found"):
+        list(lines(["no-such-slurm-client-here"]))
+    with pytest.raises(SchedulerUnavailable, match="did not answer within 1 s"):
+        list(lines([py, "-c", "import time; time.sleep(60)"], timeout=1))
+    reader = lines([py, "-c", "import os, time; print(os.getpid(), flush=True); time.sleep(60)"])
+    pid = int(next(reader))
+    reader.close()   # the caller stopped reading: the client is killed and reaped, not left running
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)

@@ -125,22 +125,26 @@ class JobRow:
 
     @property
     def progress(self) -> dict[str, int]:
-        """Tasks per category. Counted once per row (rows are built whole by the scheduler's query and not changed
-        after; a view asks many times), counted again should the number of tasks change."""
+        """Tasks per category (a copy: the caller may change it)."""
+        return dict(self._counts())
+
+    def _counts(self) -> dict[str, int]:
+        """progress, counted once per row (rows are built whole by the scheduler's query and not changed after; a
+        view asks many times), counted again should the number of tasks change."""
         known = self.__dict__.get("_progress")
         if known is not None and known[0] == len(self.states):
-            return dict(known[1])
+            return known[1]
         counts = {"done": 0, "running": 0, "pending": 0, "failed": 0}
         for s, n in collections.Counter(self.states.values()).items():
             counts[category(s)] += n
         self.__dict__["_progress"] = (len(self.states), counts)
-        return dict(counts)
+        return counts
 
     @property
     def state(self) -> str:
         if not self.is_array:
             return next(iter(self.states.values()), "UNKNOWN").split()[0].rstrip("+")
-        p = self.progress
+        p = self._counts()
         if p["running"]:
             return "RUNNING"
         if p["pending"]:
@@ -152,7 +156,7 @@ class JobRow:
 
     @property
     def active(self) -> bool:
-        p = self.progress
+        p = self._counts()
         return bool(p["running"] or p["pending"])
 
 

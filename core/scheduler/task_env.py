@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -45,6 +44,8 @@ def master_port_for(job_id: str) -> int:
 
 def single_process() -> DistEnv:
     """One process, no scheduler: rank 0 of 1 on this host."""
+    import socket   # here, not at the top: status and cancel import this module and never need it
+
     return DistEnv(0, 1, 0, 1, 0, 1, "127.0.0.1", master_port_for(str(os.getpid())), str(os.getpid()),
                    (socket.gethostname(),))
 

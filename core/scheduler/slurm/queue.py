@@ -7,12 +7,12 @@ import datetime
 import functools
 import getpass
 import time
-from typing import Optional
+from typing import Iterable, Optional, Union
 
 from core.gc_pause import paused_collector
 from core.scheduler.base import (PENDING, RUNNING, Attempt, JobRow, QueuedJob, QueueEntry, SchedulerUnavailable,
                                  TaskEnd, category, parse_elapsed)
-from core.scheduler.slurm.commands import run
+from core.scheduler.slurm.commands import lines, run
 from core.scheduler.slurm.names import expand_task_ids
 from core.scheduler.slurm.reasons import explain, start_time
 
@@ -34,9 +34,10 @@ def _squeue(user: str) -> str:
     return run(["squeue", "-h", "-r", "-u", user, "-o", SQUEUE_FMT])
 
 
-def _sacct(user: str, since: str) -> str:
+def _sacct(user: str, since: str) -> Iterable[str]:
+    """This user's accounting of the window, line by line as sacct writes it (parsed meanwhile)."""
     # -D: every attempt of a requeued job too (its earlier runs are device time that was spent, maybe lost)
-    return run(["sacct", "-X", "-D", "-n", "-P", "-u", user, "-S", since, "-o", SACCT_FIELDS])
+    return lines(["sacct", "-X", "-D", "-n", "-P", "-u", user, "-S", since, "-o", SACCT_FIELDS])
 
 
 @functools.lru_cache(maxsize=4096)
@@ -109,59 +110,121 @@ def _folder(comment: str) -> str:
     return comment.removeprefix("run=") if comment.startswith("run=") else ""
 
 
-def merge_rows(live: str, acct: str) -> list[JobRow]:
+def merge_rows(live: str, acct: Union[str, Iterable[str]]) -> list[JobRow]:
     """Rows from squeue's live view and sacct's accounting (sacct's terminal states win: they are newer). A pending
     job's reason comes with plain words (reasons.explain) and squeue's expected start; every accounted attempt
     (sacct -D lists each run of a requeued job) with what it held, for device-hours."""
     return with_live(live, accounted_rows(acct))
 
 
+class AccountedRow(JobRow):
+    """A job as sacct's answer tells it, built line by line as the answer comes (add, then done). Its states, name,
+    run folder, longest elapsed time and first node list are read at once; its attempts and how each task ended
+    (`attempts`, `ends`) are built from its own accounting lines the first time they are read: a view reads them
+    only for the runs it shows, not for the thousands of finished jobs of a long window. Not changed after done()
+    (with_live copies what it adds to)."""
+
+    def __init__(self, job_id: str, parts: list[str]):
+        # the fields not set here keep JobRow's defaults; attempts and ends are built on first read (__getattr__)
+        tasks, state = expand_task_ids(parts[0]), parts[2]
+        counts = {"done": 0, "running": 0, "pending": 0, "failed": 0}
+        counts[category(state)] = len(tasks)
+        self.__dict__.update(job_id=job_id, name=parts[1], states=dict.fromkeys(tasks, state),
+                             seconds=parse_elapsed(parts[4]), nodes=parts[6], run_dir=_folder(parts[13]),
+                             _lines=[parts], _requeued=False, _progress=(len(tasks), counts))
+
+    def add(self, parts: list[str]) -> None:
+        """One more accounting line of this job: another array task, or another attempt of a requeued one."""
+        self._lines.append(parts)
+        if not self.name:
+            self.name = parts[1]
+        if not self.nodes:
+            self.nodes = parts[6]
+        if not self.run_dir:
+            self.run_dir = _folder(parts[13])
+        self.seconds = max(self.seconds, parse_elapsed(parts[4]))
+        if self._requeued:
+            return
+        tasks, states = expand_task_ids(parts[0]), self.states
+        if not states.keys().isdisjoint(tasks):   # a task seen before: which attempt is newest is decided in done()
+            self._requeued = True
+            return
+        states.update(dict.fromkeys(tasks, parts[2]))
+        n, counts = self._progress
+        counts[category(parts[2])] += len(tasks)
+        self._progress = (n + len(tasks), counts)
+
+    def done(self) -> None:
+        """Every line is in: each task of a requeued job gets its newest attempt's state; %A in the folder the
+        first step's comment names is Slurm's id of that job."""
+        if self._requeued:
+            self.states = {task: self._lines[i][2] for task, i in _newest_lines(self._lines).items()}
+            del self.__dict__["_progress"]   # counted again when asked (JobRow.progress)
+        if "%A" in self.run_dir:
+            self.run_dir = self.run_dir.replace("%A", self.job_id)
+
+    def __getattr__(self, name: str):
+        if name not in ("attempts", "ends"):   # called only for what the instance lacks
+            raise AttributeError(name)
+        lines = self.__dict__["_lines"]
+        newest = _newest_lines(lines) if self.__dict__["_requeued"] else \
+            {task: i for i, parts in enumerate(lines) for task in expand_task_ids(parts[0])}
+        self.__dict__["attempts"], self.__dict__["ends"] = _details(lines, newest)
+        return self.__dict__[name]
+
+
+def _details(lines: list[list[str]], newest: dict[str, int]) -> tuple[list[Attempt], dict[str, TaskEnd]]:
+    """Every attempt of a job's tasks (its accounting lines in sacct's order), and how each task's newest attempt
+    ended: one TaskEnd per line, shared by the tasks the line accounts together (a range of never-started tasks)."""
+    attempts: list[Attempt] = []
+    line_ends: list[TaskEnd] = []
+    for jid, _, state, exit_code, elapsed, _, nodelist, raw, tres, start, end, reason, derived, _ in lines:
+        unit, count = charged(tres)
+        began = _epoch(start)
+        held = int(raw) if raw.strip().isdigit() else parse_elapsed(elapsed)
+        word, ended_at = state.split()[0] if state else "UNKNOWN", _epoch(end)
+        attempts.extend(Attempt(t, word, held, unit, count, began, ended_at) for t in expand_task_ids(jid))
+        node_text = nodelist.strip()
+        line_ends.append(TaskEnd(state.strip(), exit_code.strip(), derived.strip(), reason.strip(),
+                                 "" if node_text in ("", "None assigned") else node_text, started=bool(began)))
+    return attempts, {task: line_ends[i] for task, i in newest.items()}
+
+
+def _newest_lines(lines: list[list[str]]) -> dict[str, int]:
+    """Task id -> the index of the line that accounts its newest attempt (sacct -D lists every run of a requeued
+    task: the one that started last, or one that has not started yet, is the newest; of equal ones the later
+    line)."""
+    newest: dict[str, int] = {}
+    order: dict[str, float] = {}
+    for i, parts in enumerate(lines):
+        began = _epoch(parts[9])
+        at = began if began else float("inf")   # an attempt that has not started (requeued, waiting) is newest
+        for task in expand_task_ids(parts[0]):
+            if task not in order or at >= order[task]:
+                order[task], newest[task] = at, i
+    return newest
+
+
 @paused_collector
-def accounted_rows(acct: str) -> dict[str, JobRow]:
-    """Job id -> its row as sacct's answer tells it: every attempt, how each task's newest attempt ended, and that
-    attempt's state per task. Rows are not changed afterwards (with_live copies a row it adds to), so a --watch
-    refresh can reuse them while sacct is not asked again. A line that accounts many array tasks together (pending,
-    or cancelled before they started) is parsed once: its tasks share one TaskEnd and get their states in bulk."""
-    rows: dict[str, JobRow] = {}
-    newest: dict[str, tuple[float, str, JobRow]] = {}   # task -> (start, state, row) of its newest attempt
-    for line in acct.splitlines():
+def accounted_rows(acct: Union[str, Iterable[str]]) -> dict[str, JobRow]:
+    """Job id -> its row as sacct's answer tells it (AccountedRow: states and what a view lists at once, the
+    attempts and task ends when first read). `acct`: the answer, or its lines as they come (commands.lines: read
+    while sacct still writes). Each line is split once; rows are not changed afterwards, so a --watch refresh can
+    reuse them while sacct is not asked again."""
+    rows: dict[str, AccountedRow] = {}
+    for line in acct.splitlines() if isinstance(acct, str) else acct:
         parts = line.split("|", _N_ACCT - 1)
         if len(parts) < _N_ACCT:
             continue
-        jid, name, state, exit_code, elapsed, nnodes, nodelist, raw, tres, start, end, reason, derived, comment = parts
-        root = _root(jid)
+        root = _root(parts[0])
         r = rows.get(root)
         if r is None:
-            r = rows[root] = JobRow(root)
-        r.name = r.name or name
-        secs = parse_elapsed(elapsed)
-        r.seconds, r.nodes = max(r.seconds, secs), r.nodes or nodelist
-        r.run_dir = r.run_dir or _folder(comment)
-        unit, count = charged(tres)
-        began = _epoch(start)
-        # an attempt that has not started (a requeued job waiting again: Start=Unknown) is the newest one
-        order = began if began else float("inf")
-        tasks = expand_task_ids(jid)
-        word, held, ended_at = state.split()[0] if state else "UNKNOWN", int(raw) if raw.strip().isdigit() else secs, \
-            _epoch(end)
-        r.attempts.extend(Attempt(t, word, held, unit, count, began, ended_at) for t in tasks)
-        node_text = nodelist.strip()
-        ending = TaskEnd(state.strip(), exit_code.strip(), derived.strip(), reason.strip(),
-                         "" if node_text in ("", "None assigned") else node_text, started=bool(began))
-        if len(tasks) > 1 and newest.keys().isdisjoint(tasks):   # a range's tasks, none seen before: in bulk
-            newest.update(dict.fromkeys(tasks, (order, state, r)))
-            r.ends.update(dict.fromkeys(tasks, ending))
-            continue
-        for task in tasks:
-            known = newest.get(task)
-            if known is None or order >= known[0]:
-                newest[task] = (order, state, r)
-                r.ends[task] = ending
-    for task, (_, state, r) in newest.items():
-        r.states[task] = state
-    for r in rows.values():  # the first step's comment names its folder with Slurm's %A (= its own id)
-        r.run_dir = r.run_dir.replace("%A", r.job_id)
-    return rows
+            rows[root] = AccountedRow(root, parts)
+        else:
+            r.add(parts)
+    for r in rows.values():
+        r.done()
+    return rows  # type: ignore[return-value]
 
 
 def with_live(live: str, accounted: dict[str, JobRow]) -> list[JobRow]:
