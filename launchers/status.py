@@ -14,11 +14,11 @@ finished ones of the window folded to one line each (state, device-hours, the fa
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 
 import _common  # noqa: F401
 from _common import fail
+from core.gc_pause import start_up
 
 
 def main(argv=None) -> int:
@@ -37,8 +37,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not args.watch:
         # one refresh, then exit: the rows of a long window (tens of thousands of objects, none in a cycle) are freed
-        # by their counts; the cyclic collector would only walk them, during the view and again at exit
-        gc.disable()
+        # by their counts; the cyclic collector would only walk them (core.gc_pause)
+        start_up()
     from core import monitor
 
     label = args.since or monitor.DEFAULT_SINCE

@@ -15,6 +15,7 @@ import sys
 
 import _common  # noqa: F401  (puts the repo on sys.path)
 from _common import fail, unexpected
+from core.gc_pause import settle, start_up
 
 
 def parse_args(argv=None):
@@ -97,6 +98,8 @@ def study_main(args) -> int:
         print(f"cancelled the queued jobs of the steps submitted again: {' '.join(stale)}"
               + (f" (the scheduler said: {why})" if why else ""))
     study_dir = service.study_folder(planned)
+    if not planned.scheduler.has_queue:
+        settle()   # without a queue the steps run to their end inside the submission: the collector runs again
     try:
         outcome = service.submit_study(planned, study_dir, sys.stdout)
     except st.StudySubmitError as e:
@@ -104,6 +107,7 @@ def study_main(args) -> int:
     except Exception as e:
         unexpected("submitting the study", e)
     print(f"study folder: {study_dir}")
+    settle()
     if planned.scheduler.has_queue and not args.wait:
         print("follow it with: python launchers/status.py   (the study is one group)")
         return 0
@@ -125,6 +129,14 @@ def study_main(args) -> int:
 
 
 def main(argv=None) -> int:
+    start_up()   # the imports, the spec's validation and the plan run without the cyclic collector
+    try:
+        return submit_main(argv)
+    finally:
+        settle()
+
+
+def submit_main(argv=None) -> int:
     args = parse_args(argv)
     from core.study import is_study
 
@@ -156,10 +168,13 @@ def main(argv=None) -> int:
 
     if job.resume_dir is not None:
         print(f"resuming in {job.resume_dir}")
+    if not job.scheduler.has_queue:
+        settle()   # without a queue the steps run to their end inside the submission: the collector runs again
     try:
         submission = service.submit_job(job)
     except Exception as e:  # the scheduler's own message (sbatch's, through submitit)
         fail(f"submission failed: {redact(str(e), 500)}", 1)
+    settle()   # what follows may run for hours (--wait, following a local run): the collector runs again
     for rec in submission.record["steps"]:
         if rec.get("skipped"):
             print(f"skipped {rec['name']}: {rec['skipped']}")
