@@ -771,6 +771,11 @@ def test_tiny_spec_runs_on_the_local_executor(tmp_path):
     assert m["after"]["tile_cos"] > m["before"]["tile_cos"] and m["after"]["slide_cos"] > m["before"]["slide_cos"]
     assert (teacher / "slide_encoder.pth").is_file() and (ds / "labels.csv").is_file()
     assert len(list((run_dir / "features").glob("*.safetensors"))) == SLIDES
+    # the evaluations said how far they got; the submitting terminal showed each one's end
+    done = f"scoring the slides against the teacher (trained student): {SLIDES}/{SLIDES}"
+    assert done in res.stdout and "(untrained student)" in res.stdout, res.stdout
+    from core.results.progress import read_note
+    assert read_note(run_dir) == ("scoring the slides against the teacher (trained student)", SLIDES, SLIDES)
 
 
 def test_cancel_by_name_finds_the_features_array_without_a_run_record(slurm, data, tmp_path, uname):

@@ -553,6 +553,8 @@ def test_two_rank_training_loss_falls_and_patient_accuracy_beats_chance(trained)
     metrics = json.loads((trained / "results" / "metrics.json").read_text())
     assert metrics["patients"] == 9 and metrics["chance_accuracy"] == pytest.approx(3 / 9)
     assert metrics["patient"]["accuracy"] >= 6 / 9        # chance: 1/4 guessing, 3/9 always the largest class
+    from core.results.progress import read_note           # rank 0's last note: its share of the test patients
+    assert read_note(trained) == ("scoring the test patients", 5, 5)   # 9 patients padded over 2 ranks
     res = rank0_result(trained)
     assert res["method"] == "internvl_cls" and res["trainable"] == 174_080         # the tiny InternVL, in full
     load = json.loads((trained / "model_load.json").read_text())                   # strict, from the original layout

@@ -591,7 +591,7 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
                   slides={"train": len(train), "heldout": len(held)},
                   trainable=sum(p.numel() for p in engine.module.parameters() if p.requires_grad))
     if s.evaluate:
-        after = evaluate(spec, ctx, session, engine, slides, index, keep_tiles=True)
+        after = evaluate(spec, ctx, session, engine, slides, index, keep_tiles=True, student="trained")
         if rank == 0:
             result["evaluation"] = write_results(spec, ctx.run_dir, index, before, after)
     if s.export:
@@ -602,20 +602,24 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict:
     return result
 
 
-def evaluate(spec, ctx, session, engine, slides: list[str], index: dict, keep_tiles: bool = False):
+def evaluate(spec, ctx, session, engine, slides: list[str], index: dict, keep_tiles: bool = False,
+             student: str = "untrained"):
     """Each rank its share of the slides (padded_share: equal forward passes on every rank, for ZeRO-3), all tiles of
     each, in chunks (evaluate_slide): per-slide cosine / MSE of student vs teacher; rank 0 gets every row (None
-    elsewhere)."""
+    elsewhere) and notes how far it got (core.results.progress; `student`: which student that is)."""
     import torch
 
     from core.engine import padded_share
+    from core.results.progress import noted
 
     model = engine.module
     model.eval()
     rows = []
     chunk = spec.distill.tile_chunk or (spec.deepspeed.micro_batch if spec.deepspeed else 64)
     with torch.no_grad():
-        for sid, keep in padded_share(slides, session.rank, session.dist.world_size):
+        what = f"scoring the slides against the teacher ({student} student)"
+        for sid, keep in noted(padded_share(slides, session.rank, session.dist.world_size), (ctx.run_dir, what),
+                               session.rank):
             row = evaluate_slide(spec, ctx.run_dir, sid, model, session.device, session.dtype, chunk, keep_tiles)
             if keep:
                 rows.append(row)

@@ -635,7 +635,8 @@ def run_internvl(spec: JobSpec, ctx: TaskContext) -> dict:
 
 def evaluate_internvl(spec, ctx, session, engine, patients, inputs, found, extra: Optional[dict] = None) -> dict:
     """Score the eval split's patients (score_internvl); rank 0 writes results/."""
-    ordered = score_internvl(spec, session, engine, patients, inputs)
+    ordered = score_internvl(spec, session, engine, patients, inputs,
+                             (ctx.run_dir, f"scoring the {spec.vitp.eval_split} patients"))
     if ordered is None:
         return {}
     return write_results(ctx.run_dir, ordered, spec, skipped=len(found.unreadable) + len(inputs.failed),
@@ -676,7 +677,8 @@ class CheckpointChooser:
         """Every rank: the val patients on the current weights; rank 0 gets {patient_accuracy, mean_logp}."""
         import numpy as np
 
-        ordered = score_internvl(self.spec, self.session, self.engine, self.patients, self.inputs)
+        ordered = score_internvl(self.spec, self.session, self.engine, self.patients, self.inputs,
+                                 (self.ctx.run_dir, "scoring the val patients (choosing the checkpoint)"))
         self.engine.module.train()
         if ordered is None:
             return None
@@ -747,14 +749,15 @@ class CheckpointChooser:
         return best["step"]
 
 
-def score_internvl(spec, session, engine, patients, inputs) -> Optional[list[dict]]:
+def score_internvl(spec, session, engine, patients, inputs, progress=None) -> Optional[list[dict]]:
     """Each rank scores its share of the patients: K uniformly spread slices each, the prompt without the answer,
     softmax over the choices' first-token logits at the answer position; rank 0 gets every patient's rows (in the
-    patients' order), the other ranks None."""
+    patients' order), the other ranks None. `progress`: (run folder, what) for rank 0's notes of how far it got."""
     import torch
 
     from core.data.lung_ct import eval_slices
     from core.engine import padded_share
+    from core.results.progress import noted
 
     K, micro = spec.data.slices_per_patient, (spec.deepspeed or DeepSpeedSpec()).micro_batch
     pick = padded_share(patients, session.rank, session.dist.world_size)
@@ -762,7 +765,7 @@ def score_internvl(spec, session, engine, patients, inputs) -> Optional[list[dic
     model.eval()
     rows = []
     with torch.no_grad():
-        for p, keep in pick:
+        for p, keep in noted(pick, progress, session.rank):
             indices = eval_slices(len(p.slices), K)
             probs = []
             for lo in range(0, K, micro):
@@ -845,6 +848,7 @@ def evaluate(spec, ctx, session, engine, patients, loader, found, extra: Optiona
     from core.data.prefetch import Prefetcher
     from core.data.lung_ct import eval_slices
     from core.engine import padded_share
+    from core.results.progress import noted
 
     K = spec.data.slices_per_patient
     pick = padded_share(patients, session.rank, session.dist.world_size)
@@ -854,7 +858,8 @@ def evaluate(spec, ctx, session, engine, patients, loader, found, extra: Optiona
     model.eval()
     rows = []
     with torch.no_grad():
-        for r, (p, keep) in enumerate(pick):
+        for r, (p, keep) in enumerate(noted(pick, (ctx.run_dir, f"scoring the {spec.vitp.eval_split} patients"),
+                                            session.rank)):
             pre.ahead(range(r + 1, min(r + 3, len(pick))))
             probs = torch.softmax(model(pre.get(r).to(session.device, session.dtype)).float(), dim=-1).cpu()
             if keep:
