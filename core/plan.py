@@ -83,7 +83,7 @@ class Plan:
                          + (f", {' and '.join(offload)} offloaded to the host" if offload else ""))
         if self.memory is not None:
             lines.append(f"  memory: {self.memory.describe()}")
-        lines += [f"  note: {n}" for n in self.notes]
+        lines += ["  note: " + n.replace("\n", "\n        ") for n in self.notes]   # a note's own lines, indented
         return "\n".join(lines)
 
 

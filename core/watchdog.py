@@ -102,11 +102,11 @@ def describe(spec, what: str = "step") -> str:
     lim = Limits.of(spec)
     if not lim.enabled:
         return "hang watchdog: off (hang.enabled: false): a hung job runs until its time limit"
-    return (f"hang watchdog: every rank reports each {what} under <run>/{HEARTBEAT_DIR}/; a {what} must end within "
-            f"max({lim.factor:g} x p95 {what} time, {lim.floor_s:g} s), the first (with loading) and checkpoint saves "
-            f"within {lim.first_step_s:g} s; collective timeout {lim.collective_timeout_s()} s at start, then the "
-            f"{what} limit + {lim.grace_s:g} s; a hang ends the job (class hang) with every live rank's stacks in "
-            f"<run>/{HANG_DIR}/<job>/rank<R>.txt")
+    return (f"hang watchdog: every rank reports each {what} under <run>/{HEARTBEAT_DIR}/\n"
+            f"a {what} must end within max({lim.factor:g} x p95 {what} time, {lim.floor_s:g} s), the first (with "
+            f"loading) and checkpoint saves within {lim.first_step_s:g} s\n"
+            f"collective timeout {lim.collective_timeout_s()} s at start, then the {what} limit + {lim.grace_s:g} s\n"
+            f"a hang ends the job (class hang) with every live rank's stacks in <run>/{HANG_DIR}/<job>/rank<R>.txt")
 
 
 def percentile(values, q: float) -> Optional[float]:
