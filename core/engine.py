@@ -192,6 +192,11 @@ def start(spec: JobSpec, ctx: TaskContext) -> Session:
                         on_limit=watchdog.set_collective_timeout)
     if ctx.requeues:  # the hang is decided in the task (the policy's requeue or stop), not left to a watcher
         wd.on_end = lambda cause: retry_in_task(ctx, "hang", cause)
+    # DeepSpeed's import and, on CPU, its shared-memory communication op (compiled on an environment's first run) are
+    # the slow part of start-up in a fresh environment: say so before, not after
+    note(ctx.run_dir, "joining the process group" + ("; an environment's first run compiles DeepSpeed's CPU "
+                                                     "communication op first, about half a minute"
+                                                     if acc.kind == "cpu" else ""), rank=dist.rank)
     init_distributed(dist, acc, timeout_s=wd.limits.collective_timeout_s())
     if found is not None:
         health.after_rendezvous(dist, device, ctx.hostname, found, ctx.run_dir, ctx.job_id, ctx)
