@@ -14,12 +14,15 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from core import device_hours, failures, scheduler
+from core import device_hours, scheduler
 from core.gc_pause import paused_collector
 from core.run_folder import RECORD
 from core.scheduler import JobRow, SchedulerUnavailable, TaskEnd, category, job_key  # noqa: F401 (launchers catch it)
+
+if TYPE_CHECKING:   # imported where a failure is classified: a view with no failed run shown never needs it
+    from core import failures
 
 DEFAULT_SINCE = "2d"
 _SINCE = re.compile(r"(\d+)\s*([mhdw])")
@@ -105,6 +108,8 @@ def task_error(row: JobRow, task_id: str) -> str:
 def task_failure(row: JobRow, task_id: str) -> failures.Failure:
     """The class and one-line cause of a failed task (core.failures): the scheduler's accounting of it (fields of
     the same sacct call) and its own logs (local file reads, no scheduler call)."""
+    from core import failures
+
     end = row.ends.get(task_id) or TaskEnd(state=row.states.get(task_id, ""), nodes=row.nodes)
     lines = [ln for p in _logs(row, task_id) for ln in _tail(p)]
     queued = scheduler.with_queue()

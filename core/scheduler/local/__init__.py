@@ -4,7 +4,6 @@ task, who it is comes from submitit's SUBMITIT_LOCAL_* variables."""
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from typing import Optional
 
@@ -55,6 +54,8 @@ class Local(Scheduler):
         rank = int(environ.get("SUBMITIT_LOCAL_GLOBALID", environ.get("SUBMITIT_LOCAL_LOCALID", "0")))
         job_id = environ.get("SUBMITIT_LOCAL_JOB_ID", str(os.getpid()))
         port = int(environ["MASTER_PORT"]) if environ.get("MASTER_PORT") else master_port_for(job_id)
+        import socket   # here: every launcher loads this backend (prepare_clients), few need a host name
+
         return DistEnv(rank, world, rank, world, 0, 1, "127.0.0.1", port, job_id, (socket.gethostname(),))
 
     def job_ref(self, environ: dict) -> str:
