@@ -122,11 +122,19 @@ def last_log_line(row: JobRow) -> str:
     failed = _failed_tasks(row)
     if failed:
         return task_error(row, failed[0])
+    if not _has_run(row):   # every task still waits for its first start: no log to look for (a big pending array)
+        return ""
     logs = _logs(row)
     if not logs:
         return ""
     lines = [ln for ln in _tail(logs[-1], 4096) if not _BOILERPLATE.match(ln.strip())]
     return lines[-1][:100] if lines else ""
+
+
+def _has_run(row: JobRow) -> bool:
+    """Some task of the job has started at some time: it is past pending, or accounting saw an attempt start (a
+    requeued task waiting again)."""
+    return any(category(s) != "pending" for s in row.states.values()) or any(a.start for a in row.attempts)
 
 
 def failed_tasks(row: JobRow) -> list[str]:

@@ -96,6 +96,25 @@ def test_pending_reasons_in_plain_words_with_the_expected_start(recorded):
     assert explain("SomethingNew") == "SomethingNew"
 
 
+def test_a_requeued_job_waiting_again_shows_its_last_log_line_and_one_never_started_is_not_searched(tmp_path,
+                                                                                                    monkeypatch):
+    run = _run_folder(tmp_path, "again", "300")
+    (run / "submitit" / "300_0_log.out").write_text("step 39: loss 1.3\nstep 40: loss 1.2\n")
+    squeue = (f"300|again|PENDING|0:00|1|(BeginTime)|N/A|run={run}\n"
+              f"301_[0-9]|wide|PENDING|0:00|1|(Priority)|N/A|run={run}\n")
+    sacct = (f"300|again|NODE_FAIL|0:0|00:05:00|1|n2|300|billing=1,cpu=1,node=1|2026-12-06T09:00:00|"
+             f"2026-12-06T09:05:00|NodeDown|0:0|run={run}\n300|again|PENDING|0:0|00:00:00|1|None assigned|0|"
+             f"billing=1,cpu=1,node=1|Unknown|Unknown|BeginTime|0:0|run={run}\n"
+             f"301_[0-9]|wide|PENDING|0:0|00:00:00|1|None assigned|0|billing=1,cpu=1,node=1|Unknown|Unknown|"
+             f"Priority|0:0|run={run}\n")
+    looked = []
+    real = monitor._logs
+    monkeypatch.setattr(monitor, "_logs", lambda row, task_id=None: (looked.append(row.job_id), real(row, task_id))[1])
+    rows = {r.job_id: r for r in merge_rows(squeue, sacct)}
+    assert monitor.last_log_line(rows["300"]) == "step 40: loss 1.2"   # its first attempt's log
+    assert monitor.last_log_line(rows["301"]) == "" and looked == ["300"]   # ten tasks, none ever started
+
+
 def test_a_failed_array_task_shows_its_own_error_line_not_another_tasks(recorded):
     rows, _ = recorded
     bad = rows["150"]
